@@ -1,0 +1,390 @@
+//! Types shared by sluice's kernel programs and user space: map names, key and
+//! value layouts, capacities and the verdict/reason vocabulary. One definition each.
+#![no_std]
+
+/// Names of every map, as declared in `sluice-ebpf/src/maps.rs` and pinned under
+/// `<pin root>/maps/`. Kernel map names are limited to 15 bytes.
+pub mod map_names {
+    pub const GENERATION: &str = "GENERATION";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const RULES: &str = "RULES";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const DENY_V4: &str = "DENY_V4";
+    pub const DENY_V6: &str = "DENY_V6";
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+}
+
+/// Name of the XDP entry point in the object file.
+pub const XDP_PROGRAM: &str = "sluice_xdp";
+
+/// Policy is double-buffered: every policy map holds two generations and the
+/// `GENERATION` word says which one packets use. A change is written into the
+/// inactive generation, the word is flipped, then the other generation is synced.
+pub const GENERATIONS: u32 = 2;
+
+/// L4 rules per generation. Rules are evaluated in order (first match wins), so
+/// their cost grows with their number; large address sets belong in the lists.
+pub const MAX_RULES: u32 = 256;
+
+/// Prefixes each allow/deny list holds (per generation; the LPM trie is sized
+/// for both generations).
+pub const LIST_CAPACITY: u32 = 1 << 20;
+
+/// Number of VLAN tags (802.1Q / 802.1ad) the parser walks through.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+/// Number of IPv6 extension headers the parser walks through.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// What happens to a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    Pass = 0,
+    Drop = 1,
+}
+
+impl Verdict {
+    pub const ALL: [Self; 2] = [Self::Pass, Self::Drop];
+
+    #[must_use]
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Pass),
+            1 => Some(Self::Drop),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Drop => "drop",
+        }
+    }
+}
+
+/// Why a packet got its verdict. Indexes the counters and tags flow records.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Nothing matched: the default action applied.
+    Default = 0,
+    /// The source matched the allow list.
+    AllowList = 1,
+    /// The source matched the deny list.
+    DenyList = 2,
+    /// An L4 rule matched.
+    Rule = 3,
+    /// The frame could not be parsed: the malformed-frame action applied.
+    Malformed = 4,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): always passed.
+    NotIp = 5,
+}
+
+/// Room in the counter layout for reasons added later without a map migration.
+pub const REASON_SLOTS: u32 = 16;
+
+impl Reason {
+    pub const ALL: [Self; 6] = [
+        Self::Default,
+        Self::AllowList,
+        Self::DenyList,
+        Self::Rule,
+        Self::Malformed,
+        Self::NotIp,
+    ];
+
+    #[must_use]
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Default),
+            1 => Some(Self::AllowList),
+            2 => Some(Self::DenyList),
+            3 => Some(Self::Rule),
+            4 => Some(Self::Malformed),
+            5 => Some(Self::NotIp),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::AllowList => "allow-list",
+            Self::DenyList => "deny-list",
+            Self::Rule => "rule",
+            Self::Malformed => "malformed",
+            Self::NotIp => "not-ip",
+        }
+    }
+}
+
+/// Network-layer family of a packet, as the counters see it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// Not IP, or an Ethernet/VLAN header too short to tell.
+    Other = 0,
+    V4 = 1,
+    V6 = 2,
+}
+
+pub const FAMILY_SLOTS: u32 = 3;
+
+impl Family {
+    pub const ALL: [Self; 3] = [Self::Other, Self::V4, Self::V6];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Other => "other",
+            Self::V4 => "ipv4",
+            Self::V6 => "ipv6",
+        }
+    }
+}
+
+/// Transport class of a packet, as the counters see it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum L4 {
+    /// No transport header known (not IP, or malformed before it).
+    None = 0,
+    Tcp = 1,
+    Udp = 2,
+    Icmp = 3,
+    Icmpv6 = 4,
+    /// Any other IP protocol (GRE, ESP, SCTP, no-next-header, ...).
+    Other = 5,
+    /// A non-first IP fragment: no transport header, matched on L3 only.
+    Fragment = 6,
+}
+
+pub const L4_SLOTS: u32 = 7;
+
+impl L4 {
+    pub const ALL: [Self; 7] = [
+        Self::None,
+        Self::Tcp,
+        Self::Udp,
+        Self::Icmp,
+        Self::Icmpv6,
+        Self::Other,
+        Self::Fragment,
+    ];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::Other => "other",
+            Self::Fragment => "fragment",
+        }
+    }
+}
+
+/// Slots in `COUNTERS`: one per (family, l4, verdict, reason), so each packet
+/// costs a single per-CPU increment and user space sums whichever view it shows.
+pub const COUNTER_SLOTS: u32 = FAMILY_SLOTS * L4_SLOTS * 2 * REASON_SLOTS;
+
+#[must_use]
+pub const fn counter_index(family: Family, l4: L4, verdict: Verdict, reason: Reason) -> u32 {
+    (((family as u32) * L4_SLOTS + l4 as u32) * 2 + verdict as u32) * REASON_SLOTS + reason as u32
+}
+
+/// Packets and bytes. Value of the per-CPU `COUNTERS` and `RULE_STATS` arrays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Value of the allow/deny LPM tries: hits on this prefix. Shared by all CPUs
+/// and updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds of the last hit; 0 = never.
+    pub last_seen_ns: u64,
+}
+
+/// LPM key data for IPv4 lists: generation byte, then the address.
+pub type KeyV4 = [u8; 5];
+/// LPM key data for IPv6 lists: generation byte, then the address.
+pub type KeyV6 = [u8; 17];
+
+/// LPM prefix length covering the generation byte plus `prefix_len` address bits.
+#[must_use]
+pub const fn lpm_prefix_len(prefix_len: u32) -> u32 {
+    8 + prefix_len
+}
+
+/// Per-generation settings (`SETTINGS[generation]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `Verdict` for IP traffic nothing matched.
+    pub default_action: u32,
+    /// `Verdict` for frames that cannot be parsed.
+    pub malformed_action: u32,
+    /// Rules in use in this generation (`RULES[gen * MAX_RULES ..][..rule_count]`).
+    pub rule_count: u32,
+    /// `SETTINGS_F_*` bits (control plane only; packets ignore them).
+    pub flags: u32,
+    /// Identifier the next added rule gets.
+    pub next_rule_id: u32,
+    pub _pad: u32,
+    /// Prefixes in each list in this generation, indexed by `ListId`. Kept by
+    /// the control plane so occupancy is known without walking the tries.
+    pub list_len: [u32; 4],
+}
+
+/// The control plane initialised this generation.
+pub const SETTINGS_F_INIT: u32 = 1 << 0;
+/// A change touched this generation and had not finished: the inactive
+/// generation must be resynchronised from the active one before the next change.
+pub const SETTINGS_F_DIRTY: u32 = 1 << 1;
+
+/// The four source-address lists.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListId {
+    DenyV4 = 0,
+    DenyV6 = 1,
+    AllowV4 = 2,
+    AllowV6 = 3,
+}
+
+impl ListId {
+    pub const ALL: [Self; 4] = [Self::DenyV4, Self::DenyV6, Self::AllowV4, Self::AllowV6];
+
+    /// "deny" or "allow".
+    #[must_use]
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Self::DenyV4 | Self::DenyV6 => "deny",
+            Self::AllowV4 | Self::AllowV6 => "allow",
+        }
+    }
+
+    #[must_use]
+    pub const fn map_name(self) -> &'static str {
+        match self {
+            Self::DenyV4 => map_names::DENY_V4,
+            Self::DenyV6 => map_names::DENY_V6,
+            Self::AllowV4 => map_names::ALLOW_V4,
+            Self::AllowV6 => map_names::ALLOW_V6,
+        }
+    }
+}
+
+/// Rule matches only packets of `Rule::family`.
+pub const RULE_F_FAMILY: u32 = 1 << 0;
+/// Rule matches only packets whose destination port is in `port_lo..=port_hi`
+/// (so only TCP/UDP packets that carry ports: not later fragments).
+pub const RULE_F_DPORT: u32 = 1 << 1;
+/// Rule matches only sources in `src_net/src_mask`.
+pub const RULE_F_SRC: u32 = 1 << 2;
+/// Rule matches only destinations in `dst_net/dst_mask`.
+pub const RULE_F_DST: u32 = 1 << 3;
+
+/// An L4 rule (`RULES[gen * MAX_RULES + position]`).
+///
+/// Addresses are stored as two native-endian words built from the address
+/// bytes with [`addr_words`] (IPv4 uses the first 4 bytes), so kernel and user
+/// space compare the same bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// `Verdict` when the rule matches.
+    pub action: u32,
+    /// IP protocol number; 0 = any.
+    pub proto: u32,
+    /// 4 or 6, used when `RULE_F_FAMILY` is set.
+    pub family: u32,
+    /// `RULE_F_*` bits.
+    pub flags: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Index into `RULE_STATS`; stable for the life of the rule.
+    pub stats_slot: u32,
+    /// User-visible identifier; stable for the life of the rule.
+    pub id: u32,
+    pub _pad: u32,
+    pub src_net: [u64; 2],
+    pub src_mask: [u64; 2],
+    pub dst_net: [u64; 2],
+    pub dst_mask: [u64; 2],
+}
+
+/// The words a rule compares for an address: IPv4 is zero-padded to 16 bytes.
+#[must_use]
+pub fn addr_words(addr: &[u8; 16]) -> [u64; 2] {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&addr[..8]);
+    lo.copy_from_slice(&addr[8..]);
+    [u64::from_ne_bytes(hi), u64::from_ne_bytes(lo)]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, made only of integers and have no
+    // implicit padding (explicit `_pad` fields fill the gaps).
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::EntryStats {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Rule {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_unique_and_in_range() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for f in Family::ALL {
+            for l in L4::ALL {
+                for v in Verdict::ALL {
+                    for r in Reason::ALL {
+                        let i = counter_index(f, l, v, r) as usize;
+                        assert!(i < seen.len());
+                        assert!(!seen[i], "duplicate index {i}");
+                        seen[i] = true;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<Rule>(), 4 * 4 + 2 * 2 + 3 * 4 + 4 * 16);
+        assert_eq!(core::mem::size_of::<Settings>(), 6 * 4 + 16);
+        assert_eq!(core::mem::size_of::<EntryStats>(), 24);
+    }
+
+    #[test]
+    fn reason_and_verdict_round_trip() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u32(r as u32), Some(r));
+        }
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::from_u32(v as u32), Some(v));
+        }
+        assert_eq!(Reason::from_u32(REASON_SLOTS), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! Bounded header parsing: Ethernet, up to two VLAN tags, IPv4 (options,
+//! fragments), IPv6 (extension chain) and the TCP/UDP/ICMP/ICMPv6 headers.
+//! Every read goes through `ptr_at`, which checks it against the frame's end.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+use sluice_common::{Family, L4, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// ICMP and ICMPv6 messages are at least 8 bytes (type, code, checksum, 4 more).
+const ICMP_MIN_LEN: usize = 8;
+
+/// What the pipeline needs to know about an IP packet.
+pub struct Packet {
+    pub family: Family,
+    pub l4: L4,
+    /// IPv4 protocol or the last IPv6 next-header value.
+    pub proto: u8,
+    /// Source and destination as `sluice_common::addr_words` words.
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
+    /// Destination port, valid when `has_ports`.
+    pub dport: u16,
+    pub has_ports: bool,
+}
+
+pub enum Parsed {
+    Ip(Packet),
+    /// Not IPv4/IPv6: passed untouched.
+    NotIp,
+    /// Cannot be parsed; the family is what the Ethernet header claimed.
+    Malformed(Family),
+}
+
+/// The one bounds-checked read of packet memory.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Frame length for the IP length-consistency checks. `data_end` is read
+/// volatile so the optimiser cannot use these checks to drop the `ptr_at`
+/// bounds checks that the verifier needs to see.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx.ctx is the xdp_md the kernel passed in.
+    let end = unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) };
+    (end as usize).wrapping_sub(ctx.data())
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that the whole T lies inside the frame.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = read::<EthHdr>(ctx, 0) else {
+        return Parsed::Malformed(Family::Other);
+    };
+    let mut ether_type = u16::from_be(eth.ether_type);
+    let mut off = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let Some(tag) = read::<VlanHdr>(ctx, off) else {
+            return Parsed::Malformed(Family::Other);
+        };
+        ether_type = u16::from_be(tag.ether_type);
+        off += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IP => match parse_ipv4(ctx, off) {
+            Some(p) => Parsed::Ip(p),
+            None => Parsed::Malformed(Family::V4),
+        },
+        ETH_P_IPV6 => match parse_ipv6(ctx, off) {
+            Some(p) => Parsed::Ip(p),
+            None => Parsed::Malformed(Family::V6),
+        },
+        // More tags than sluice walks through: the payload cannot be judged.
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::Malformed(Family::Other),
+        _ => Parsed::NotIp,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
+    let ip = read::<Ipv4Hdr>(ctx, off)?;
+    if ip.vihl >> 4 != 4 {
+        return None;
+    }
+    let hlen = usize::from(ip.vihl & 0x0f) * 4;
+    if hlen < Ipv4Hdr::LEN {
+        return None;
+    }
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let frame_len = frame_len(ctx);
+    if tot_len < hlen || off + tot_len > frame_len {
+        return None;
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let more_fragments = frags & 0x2000 != 0;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src_addr);
+    dst[..4].copy_from_slice(&ip.dst_addr);
+    let mut pkt = Packet {
+        family: Family::V4,
+        l4: L4::Fragment,
+        proto: ip.proto,
+        src: sluice_common::addr_words(&src),
+        dst: sluice_common::addr_words(&dst),
+        dport: 0,
+        has_ports: false,
+    };
+    if frags & 0x1fff != 0 {
+        // A later fragment carries no transport header.
+        return Some(pkt);
+    }
+    parse_l4(ctx, &mut pkt, off + hlen, tot_len - hlen, more_fragments)?;
+    Some(pkt)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
+    let ip = read::<Ipv6Hdr>(ctx, off)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    let frame_len = frame_len(ctx);
+    let end = off + Ipv6Hdr::LEN + payload_len;
+    if end > frame_len {
+        return None;
+    }
+    let mut pkt = Packet {
+        family: Family::V6,
+        l4: L4::Fragment,
+        proto: ip.next_hdr,
+        src: sluice_common::addr_words(&ip.src_addr),
+        dst: sluice_common::addr_words(&ip.dst_addr),
+        dport: 0,
+        has_ports: false,
+    };
+    let mut next = ip.next_hdr;
+    let mut cur = off + Ipv6Hdr::LEN;
+    let mut more_fragments = false;
+    for i in 0..MAX_IPV6_EXT_HEADERS {
+        let ext_len = match next {
+            // Hop-by-hop options are only valid straight after the IPv6 header.
+            IPPROTO_HOPOPTS if i != 0 => return None,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let h = read::<[u8; 2]>(ctx, cur)?;
+                next = h[0];
+                (usize::from(h[1]) + 1) * 8
+            }
+            IPPROTO_AH => {
+                let h = read::<[u8; 2]>(ctx, cur)?;
+                next = h[0];
+                (usize::from(h[1]) + 2) * 4
+            }
+            IPPROTO_FRAGMENT => {
+                let h = read::<[u8; 4]>(ctx, cur)?;
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                next = h[0];
+                more_fragments = offset_flags & 1 != 0;
+                if offset_flags & 0xfff8 != 0 {
+                    if cur + 8 > end {
+                        return None;
+                    }
+                    pkt.proto = next;
+                    return Some(pkt);
+                }
+                8
+            }
+            _ => break,
+        };
+        if cur + ext_len > end {
+            return None;
+        }
+        cur += ext_len;
+    }
+    if matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_DSTOPTS | IPPROTO_AH
+    ) {
+        // Longer extension chain than sluice walks through.
+        return None;
+    }
+    pkt.proto = next;
+    parse_l4(ctx, &mut pkt, cur, end - cur, more_fragments)?;
+    Some(pkt)
+}
+
+/// Fills the transport fields. `len` is what the IP header says follows
+/// (it is already known to lie inside the frame). `None` = malformed.
+#[inline(always)]
+fn parse_l4(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    off: usize,
+    len: usize,
+    more_fragments: bool,
+) -> Option<()> {
+    match pkt.proto {
+        IPPROTO_TCP => {
+            if len < TcpHdr::LEN {
+                return None;
+            }
+            let tcp = read::<TcpHdr>(ctx, off)?;
+            // Data offset in 32-bit words (read from the header already
+            // fetched: a second packet read would need its own bounds check).
+            let data_off = usize::from(tcp.doff()) * 4;
+            if data_off < TcpHdr::LEN || data_off > len {
+                return None;
+            }
+            pkt.l4 = L4::Tcp;
+            pkt.dport = u16::from_be_bytes(tcp.dest);
+            pkt.has_ports = true;
+        }
+        IPPROTO_UDP => {
+            if len < UdpHdr::LEN {
+                return None;
+            }
+            let udp = read::<UdpHdr>(ctx, off)?;
+            let udp_len = usize::from(u16::from_be_bytes(udp.len));
+            // A first fragment holds only part of the datagram udp.len describes.
+            if udp_len < UdpHdr::LEN || (!more_fragments && udp_len > len) {
+                return None;
+            }
+            pkt.l4 = L4::Udp;
+            pkt.dport = u16::from_be_bytes(udp.dst);
+            pkt.has_ports = true;
+        }
+        IPPROTO_ICMP if matches!(pkt.family, Family::V4) => {
+            if len < ICMP_MIN_LEN {
+                return None;
+            }
+            ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
+            pkt.l4 = L4::Icmp;
+        }
+        IPPROTO_ICMPV6 if matches!(pkt.family, Family::V6) => {
+            if len < ICMP_MIN_LEN {
+                return None;
+            }
+            ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
+            pkt.l4 = L4::Icmpv6;
+        }
+        _ => pkt.l4 = L4::Other,
+    }
+    Some(())
+}

@@ -1,0 +1,354 @@
+//! Rendering: aligned tables for people, JSON (`--json`) for programs.
+
+use serde_json::json;
+
+use crate::{
+    dataplane::{
+        self, AttachReport, DetachReport, ListEntry, RuleView, Status,
+        policy::ChangeReport,
+        stats::{Stats, Totals},
+    },
+    policy::RuleSpec,
+};
+
+pub struct Out {
+    pub json: bool,
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values always serialise")
+    );
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn ago(last_seen_ns: u64) -> String {
+    if last_seen_ns == 0 {
+        return "never".into();
+    }
+    let secs = dataplane::boottime_ns().saturating_sub(last_seen_ns) / 1_000_000_000;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+/// Seconds since the entry was last hit, for JSON consumers.
+fn age_secs(last_seen_ns: u64) -> Option<f64> {
+    (last_seen_ns != 0).then(|| dataplane::boottime_ns().saturating_sub(last_seen_ns) as f64 / 1e9)
+}
+
+impl Out {
+    pub fn attach(&self, r: &AttachReport) {
+        if self.json {
+            print_json(&serde_json::to_value(r).expect("serialisable"));
+        } else if r.readopted {
+            println!(
+                "{} (netns {}) already attached in {} mode: re-adopted program {} link {}",
+                r.interface,
+                r.netns,
+                r.mode.name(),
+                r.program_id,
+                r.link_id
+            );
+        } else {
+            let note = if r.fell_back {
+                " (native refused by the driver)"
+            } else {
+                ""
+            };
+            println!(
+                "attached to {} (netns {}) in {} mode{note}: program {} link {}",
+                r.interface,
+                r.netns,
+                r.mode.name(),
+                r.program_id,
+                r.link_id
+            );
+        }
+    }
+
+    pub fn detach(&self, r: &DetachReport) {
+        if self.json {
+            print_json(&serde_json::to_value(r).expect("serialisable"));
+        } else if r.removed_all {
+            println!(
+                "detached from {} (netns {}); that was the last attachment: program and maps removed",
+                r.interface, r.netns
+            );
+        } else {
+            println!("detached from {} (netns {})", r.interface, r.netns);
+        }
+    }
+
+    pub fn done(&self, message: &str, r: &ChangeReport) {
+        if self.json {
+            let mut v = serde_json::to_value(r).expect("serialisable");
+            v["message"] = json!(message);
+            print_json(&v);
+        } else {
+            if r.repaired {
+                println!("note: an interrupted earlier change was repaired first");
+            }
+            println!("{message}");
+        }
+    }
+
+    pub fn status(&self, s: &Status) {
+        if self.json {
+            print_json(&serde_json::to_value(s).expect("serialisable"));
+            return;
+        }
+        println!("pin root: {}", s.pin_root);
+        let Some(p) = &s.program else {
+            println!("not attached anywhere");
+            return;
+        };
+        println!(
+            "program:  {} id {} tag {} ({} bytes JITed{})",
+            p.name,
+            p.id,
+            p.tag,
+            p.jited_bytes,
+            p.verified_insns
+                .map(|n| format!(", {n} insns verified"))
+                .unwrap_or_default()
+        );
+        if p.bpf_stats_enabled {
+            let avg = if p.run_count > 0 {
+                p.run_time_ns as f64 / p.run_count as f64
+            } else {
+                0.0
+            };
+            println!(
+                "runs:     {} packets, {} ns total, {avg:.1} ns/packet",
+                p.run_count, p.run_time_ns
+            );
+        } else {
+            println!("runs:     not counted (enable with `sysctl kernel.bpf_stats_enabled=1`)");
+        }
+        println!(
+            "policy:   generation {}, default {}, malformed {}, {}/{} rules",
+            s.generation.unwrap_or(0),
+            s.default_action.unwrap_or("?"),
+            s.malformed_action.unwrap_or("?"),
+            s.rules.unwrap_or(0),
+            s.rule_capacity
+        );
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .attachments
+            .iter()
+            .map(|a| {
+                vec![
+                    a.interface.clone(),
+                    a.netns.clone(),
+                    a.mode.name().to_string(),
+                    a.program_id.to_string(),
+                    a.link_id.to_string(),
+                    if a.ifindex == 0 {
+                        "interface gone".into()
+                    } else {
+                        "attached".into()
+                    },
+                ]
+            })
+            .collect();
+        table(
+            &["INTERFACE", "NETNS", "MODE", "PROG", "LINK", "STATE"],
+            &rows,
+        );
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .lists
+            .iter()
+            .map(|l| {
+                vec![
+                    l.list.to_string(),
+                    l.family.to_string(),
+                    l.entries.to_string(),
+                    l.capacity.to_string(),
+                ]
+            })
+            .collect();
+        table(&["LIST", "FAMILY", "ENTRIES", "CAPACITY"], &rows);
+    }
+
+    pub fn stats(&self, s: &Stats) {
+        if self.json {
+            print_json(&serde_json::to_value(s).expect("serialisable"));
+            return;
+        }
+        let totals = |name: &str, t: &Totals| {
+            vec![
+                name.to_string(),
+                t.packets.to_string(),
+                human_bytes(t.bytes),
+            ]
+        };
+        println!(
+            "total: {} packets, {}",
+            s.total.packets,
+            human_bytes(s.total.bytes)
+        );
+        println!();
+        let rows: Vec<Vec<String>> = s.by_reason.iter().map(|(k, t)| totals(k, t)).collect();
+        table(&["VERDICT/REASON", "PACKETS", "BYTES"], &rows);
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .by_family
+            .iter()
+            .map(|(k, t)| totals(k, t))
+            .chain(s.by_protocol.iter().map(|(k, t)| totals(k, t)))
+            .collect();
+        table(&["FAMILY/PROTOCOL", "PACKETS", "BYTES"], &rows);
+        if !s.top_entries.is_empty() {
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .top_entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.list.to_string(),
+                        e.entry.prefix.to_string(),
+                        e.entry.packets.to_string(),
+                        human_bytes(e.entry.bytes),
+                        ago(e.entry.last_seen_ns),
+                    ]
+                })
+                .collect();
+            table(&["LIST", "PREFIX", "PACKETS", "BYTES", "LAST SEEN"], &rows);
+        }
+        if !s.top_rules.is_empty() {
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .top_rules
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.to_string(),
+                        r.position.to_string(),
+                        r.packets.to_string(),
+                        human_bytes(r.bytes),
+                    ]
+                })
+                .collect();
+            table(&["RULE", "POS", "PACKETS", "BYTES"], &rows);
+        }
+    }
+
+    pub fn list(&self, kind: &str, entries: &[ListEntry]) {
+        if self.json {
+            let v: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "prefix": e.prefix.to_string(),
+                        "packets": e.packets,
+                        "bytes": e.bytes,
+                        "last_seen_secs_ago": age_secs(e.last_seen_ns),
+                    })
+                })
+                .collect();
+            print_json(&json!({ "list": kind, "entries": v }));
+            return;
+        }
+        if entries.is_empty() {
+            println!("{kind} list is empty");
+            return;
+        }
+        let rows: Vec<Vec<String>> = entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.prefix.to_string(),
+                    e.packets.to_string(),
+                    human_bytes(e.bytes),
+                    ago(e.last_seen_ns),
+                ]
+            })
+            .collect();
+        table(&["PREFIX", "PACKETS", "BYTES", "LAST SEEN"], &rows);
+    }
+
+    pub fn rules(&self, rules: &[RuleView]) {
+        if self.json {
+            let v: Vec<serde_json::Value> = rules
+                .iter()
+                .map(|r| {
+                    let spec = RuleSpec::from_rule(&r.rule);
+                    json!({
+                        "id": r.rule.id,
+                        "position": r.position,
+                        "rule": spec.to_string(),
+                        "action": spec.action.name(),
+                        "proto": spec.proto,
+                        "dport": spec.dport.map(|(lo, hi)| json!([lo, hi])),
+                        "src": spec.src.map(|n| n.to_string()),
+                        "dst": spec.dst.map(|n| n.to_string()),
+                        "packets": r.packets,
+                        "bytes": r.bytes,
+                    })
+                })
+                .collect();
+            print_json(&json!({ "rules": v }));
+            return;
+        }
+        if rules.is_empty() {
+            println!("no rules");
+            return;
+        }
+        let rows: Vec<Vec<String>> = rules
+            .iter()
+            .map(|r| {
+                vec![
+                    r.rule.id.to_string(),
+                    r.position.to_string(),
+                    RuleSpec::from_rule(&r.rule).to_string(),
+                    r.packets.to_string(),
+                    human_bytes(r.bytes),
+                ]
+            })
+            .collect();
+        table(&["ID", "POS", "RULE", "PACKETS", "BYTES"], &rows);
+    }
+}

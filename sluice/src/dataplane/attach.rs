@@ -1,0 +1,515 @@
+//! Attaching the XDP program to interfaces, detaching it, and reporting what
+//! is attached where. Links are pinned so filtering outlives the command.
+
+use std::{ffi::CString, path::Path};
+
+use aya::{
+    EbpfLoader,
+    programs::{
+        ProgramInfo, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use aya_obj::programs::XdpAttachType;
+use sluice_common::{ListId, Verdict, XDP_PROGRAM};
+
+use super::{
+    DataplaneError, OBJECT,
+    pins::{self, PinRoot, RootLock},
+    policy::PolicyMaps,
+    sys,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// In the driver (fastest); refused by drivers without XDP support.
+    Native,
+    /// In the kernel's generic path; works on every interface.
+    Generic,
+    /// Native, falling back to generic when the driver refuses it.
+    Auto,
+}
+
+impl AttachMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Auto => "auto",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "native" => Some(Self::Native),
+            "generic" => Some(Self::Generic),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachReport {
+    pub interface: String,
+    pub netns: String,
+    pub mode: AttachMode,
+    /// The mode asked for was native and the driver refused it.
+    pub fell_back: bool,
+    /// Already attached: the pinned link was re-adopted, nothing changed.
+    pub readopted: bool,
+    pub program_id: u32,
+    pub link_id: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DetachReport {
+    pub interface: String,
+    pub netns: String,
+    /// This was the last attachment: the program and every map pin were removed.
+    pub removed_all: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub netns: String,
+    pub mode: AttachMode,
+    pub link_id: u32,
+    pub program_id: u32,
+    /// The interface index the link is attached to; 0 when the interface is gone.
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramStatus {
+    pub id: u32,
+    pub tag: String,
+    pub name: String,
+    /// Run count and total run time: only counted while
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub bpf_stats_enabled: bool,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    pub jited_bytes: u32,
+    pub verified_insns: Option<u32>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListStatus {
+    pub list: &'static str,
+    pub family: &'static str,
+    pub entries: u32,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub pin_root: String,
+    pub attachments: Vec<Attachment>,
+    pub program: Option<ProgramStatus>,
+    pub generation: Option<u32>,
+    pub default_action: Option<&'static str>,
+    pub malformed_action: Option<&'static str>,
+    pub rules: Option<u32>,
+    pub rule_capacity: u32,
+    pub lists: Vec<ListStatus>,
+}
+
+/// Pin name of a link: `<netns>:<ifname>:<mode>` (interface names cannot
+/// contain ':', so the last two fields split cleanly).
+fn link_pin_name(netns: &str, iface: &str, mode: AttachMode) -> String {
+    format!("{netns}:{iface}:{}", mode.name())
+}
+
+fn parse_link_pin_name(name: &str) -> Option<(String, String, AttachMode)> {
+    let mut parts = name.rsplitn(3, ':');
+    let mode = AttachMode::from_name(parts.next()?)?;
+    let iface = parts.next()?.to_string();
+    let netns = parts.next()?.to_string();
+    Some((netns, iface, mode))
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            DataplaneError::Permission { what }
+        } else {
+            DataplaneError::Io { what, source }
+        }
+    }
+}
+
+/// The pinned links of `root`, parsed from their pin names.
+fn pinned_links(
+    root: &PinRoot,
+) -> Result<Vec<(String, String, AttachMode, std::path::PathBuf)>, DataplaneError> {
+    let dir = root.links_dir();
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(format!("reading {}", dir.display()))(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io_err(format!("reading {}", dir.display())))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((netns, iface, mode)) = parse_link_pin_name(&name) {
+            out.push((netns, iface, mode, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Loads the program (creating or re-using the pinned maps) and pins it, or
+/// opens the program already pinned.
+fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
+    let specs = pins::expected_maps(OBJECT)?;
+    pins::check_pinned_maps(root, &specs)?;
+    if root.prog().exists() {
+        return Xdp::from_pin(root.prog(), XdpAttachType::Interface).map_err(|e| {
+            DataplaneError::PinnedMap {
+                path: root.prog(),
+                detail: e.to_string(),
+            }
+        });
+    }
+    let preexisting: Vec<bool> = specs.iter().map(|s| root.map(&s.name).exists()).collect();
+    let cleanup = |root: &PinRoot| {
+        for (spec, existed) in specs.iter().zip(&preexisting) {
+            if !existed {
+                let _ = std::fs::remove_file(root.map(&spec.name));
+            }
+        }
+    };
+    let result = (|| {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(String, std::path::PathBuf)> = specs
+            .iter()
+            .map(|s| (s.name.clone(), root.map(&s.name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            let detail = format!("{e:#}");
+            if super::is_permission(&format!("{e:?}")) {
+                DataplaneError::Permission {
+                    what: "loading the XDP program".into(),
+                }
+            } else {
+                DataplaneError::Load { detail }
+            }
+        })?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| DataplaneError::Load {
+                detail: format!("program {XDP_PROGRAM} missing from the object"),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
+                detail: e.to_string(),
+            })?;
+        prog.load().map_err(|e| DataplaneError::Load {
+            detail: verifier_detail(&e),
+        })?;
+        // Settings must be initialised before any interface sees the program.
+        PolicyMapsInit::run(root)?;
+        prog.pin(root.prog()).map_err(|e| DataplaneError::Io {
+            what: format!("pinning {}", root.prog().display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Xdp::from_pin(root.prog(), XdpAttachType::Interface).map_err(|e| {
+            DataplaneError::PinnedMap {
+                path: root.prog(),
+                detail: e.to_string(),
+            }
+        })
+    })();
+    if result.is_err() {
+        cleanup(root);
+        let _ = std::fs::remove_file(root.prog());
+    }
+    result
+}
+
+/// Initialises fresh settings without taking the root lock (the caller holds it).
+struct PolicyMapsInit;
+
+impl PolicyMapsInit {
+    fn run(root: &PinRoot) -> Result<(), DataplaneError> {
+        let mut maps = PolicyMaps::open_unlocked(root)?;
+        maps.initialise_if_needed()
+    }
+}
+
+fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "{io_error}\nverifier log (last lines):\n{}",
+                tail.join("\n")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Attaches sluice's XDP program to `iface` in the current network namespace.
+pub fn attach(
+    root: &PinRoot,
+    iface: &str,
+    mode: AttachMode,
+    netns: &str,
+) -> Result<AttachReport, DataplaneError> {
+    let index = ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface {
+        name: iface.to_string(),
+        netns: netns.to_string(),
+    })?;
+    pins::ensure_bpffs(&root.root)?;
+    for dir in [
+        root.root.clone(),
+        root.maps_dir(),
+        root.prog_dir(),
+        root.links_dir(),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let _lock = RootLock::acquire(&root.root)?;
+
+    // Already attached here? Re-adopt the pinned link if it is still live.
+    for (ns, name, pinned_mode, path) in pinned_links(root)? {
+        if ns != netns || name != iface {
+            continue;
+        }
+        let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
+        let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
+        if info.xdp_ifindex == index {
+            return Ok(AttachReport {
+                interface: iface.to_string(),
+                netns: netns.to_string(),
+                mode: pinned_mode,
+                fell_back: false,
+                readopted: true,
+                program_id: info.prog_id,
+                link_id: info.id,
+            });
+        }
+        // The interface it was attached to is gone (or was re-created): drop the stale pin.
+        std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+    }
+
+    let mut prog = pinned_program(root)?;
+    let try_mode = |prog: &mut Xdp, m: AttachMode| {
+        let xm = match m {
+            AttachMode::Native => XdpMode::Driver,
+            _ => XdpMode::Skb,
+        };
+        prog.attach_to_if_index(index, xm)
+    };
+    let (used, fell_back, link_id) = match mode {
+        AttachMode::Auto => match try_mode(&mut prog, AttachMode::Native) {
+            Ok(id) => (AttachMode::Native, false, id),
+            Err(native_err) => match try_mode(&mut prog, AttachMode::Generic) {
+                Ok(id) => (AttachMode::Generic, true, id),
+                Err(e) => {
+                    return Err(attach_error(iface, "native or generic", &native_err, &e));
+                }
+            },
+        },
+        m => match try_mode(&mut prog, m) {
+            Ok(id) => (m, false, id),
+            Err(e) => return Err(attach_error(iface, m.name(), &e, &e)),
+        },
+    };
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| DataplaneError::Attach {
+            iface: iface.to_string(),
+            mode: used.name(),
+            detail: e.to_string(),
+        })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| DataplaneError::Attach {
+        iface: iface.to_string(),
+        mode: used.name(),
+        detail: format!("the kernel did not give a bpf_link ({e}); sluice needs Linux 5.9+"),
+    })?;
+    let info = fd_link.info().map_err(|e| DataplaneError::Attach {
+        iface: iface.to_string(),
+        mode: used.name(),
+        detail: e.to_string(),
+    })?;
+    let pin = root.links_dir().join(link_pin_name(netns, iface, used));
+    fd_link.pin(&pin).map_err(|e| DataplaneError::Io {
+        what: format!("pinning {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(AttachReport {
+        interface: iface.to_string(),
+        netns: netns.to_string(),
+        mode: used,
+        fell_back,
+        readopted: false,
+        program_id: info.program_id(),
+        link_id: info.id(),
+    })
+}
+
+fn attach_error(
+    iface: &str,
+    mode: &'static str,
+    first: &aya::programs::ProgramError,
+    last: &aya::programs::ProgramError,
+) -> DataplaneError {
+    let text = format!("{first:?} {last:?}");
+    let detail = if text.contains("Device or resource busy")
+        || text.contains("EBUSY")
+        || text.contains("os error 16")
+    {
+        "another XDP program is already attached to it (not sluice's, or from another pin root)"
+            .to_string()
+    } else if super::is_permission(&text) {
+        return DataplaneError::Permission {
+            what: format!("attaching to {iface}"),
+        };
+    } else {
+        let s = last.to_string();
+        match std::error::Error::source(last) {
+            Some(src) => format!("{s}: {src}"),
+            None => s,
+        }
+    };
+    DataplaneError::Attach {
+        iface: iface.to_string(),
+        mode,
+        detail,
+    }
+}
+
+/// Detaches from `iface`; the last detach removes the program and every map pin.
+pub fn detach(root: &PinRoot, iface: &str, netns: &str) -> Result<DetachReport, DataplaneError> {
+    if !root.root.exists() {
+        return Err(DataplaneError::NotAttached {
+            root: root.root.clone(),
+        });
+    }
+    let lock = RootLock::acquire(&root.root)?;
+    let links = pinned_links(root)?;
+    let Some((_, _, _, path)) = links
+        .iter()
+        .find(|(ns, name, _, _)| ns == netns && name == iface)
+    else {
+        return Err(DataplaneError::NotAttachedTo {
+            iface: iface.to_string(),
+            netns: netns.to_string(),
+        });
+    };
+    // Dropping the last reference to the link detaches the program.
+    let link = PinnedLink::from_pin(path).map_err(|e| DataplaneError::Io {
+        what: format!("opening {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let fd_link = link
+        .unpin()
+        .map_err(io_err(format!("removing {}", path.display())))?;
+    drop(fd_link);
+    let removed_all = links.len() == 1;
+    if removed_all {
+        drop(lock);
+        pins::remove_tree(&root.root)
+            .map_err(io_err(format!("removing {}", root.root.display())))?;
+    }
+    Ok(DetachReport {
+        interface: iface.to_string(),
+        netns: netns.to_string(),
+        removed_all,
+    })
+}
+
+fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
+/// What is attached where, the program, and the policy in force.
+pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
+    let mut st = Status {
+        pin_root: root.root.display().to_string(),
+        attachments: Vec::new(),
+        program: None,
+        generation: None,
+        default_action: None,
+        malformed_action: None,
+        rules: None,
+        rule_capacity: sluice_common::MAX_RULES,
+        lists: Vec::new(),
+    };
+    if !root.root.exists() {
+        return Ok(st);
+    }
+    for (netns, iface, mode, path) in pinned_links(root)? {
+        let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
+        let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
+        st.attachments.push(Attachment {
+            interface: iface,
+            netns,
+            mode,
+            link_id: info.id,
+            program_id: info.prog_id,
+            ifindex: info.xdp_ifindex,
+        });
+    }
+    if root.prog().exists() {
+        let info = ProgramInfo::from_pin(root.prog()).map_err(|e| DataplaneError::PinnedMap {
+            path: root.prog(),
+            detail: e.to_string(),
+        })?;
+        st.program = Some(ProgramStatus {
+            id: info.id(),
+            tag: format!("{:016x}", info.tag()),
+            name: info.name_as_str().unwrap_or("").to_string(),
+            bpf_stats_enabled: bpf_stats_enabled(),
+            run_count: info.run_count(),
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            jited_bytes: info.size_jitted(),
+            verified_insns: info.verified_instruction_count(),
+        });
+        let maps = PolicyMaps::open(root)?;
+        let g = maps.active_generation()?;
+        let s = maps.settings(g)?;
+        st.generation = Some(g);
+        st.default_action = Verdict::from_u32(s.default_action).map(Verdict::name);
+        st.malformed_action = Verdict::from_u32(s.malformed_action).map(Verdict::name);
+        st.rules = Some(s.rule_count);
+        for list in ListId::ALL {
+            st.lists.push(ListStatus {
+                list: list.kind(),
+                family: match list {
+                    ListId::DenyV4 | ListId::AllowV4 => "ipv4",
+                    ListId::DenyV6 | ListId::AllowV6 => "ipv6",
+                },
+                entries: s.list_len[list as usize],
+                capacity: sluice_common::LIST_CAPACITY,
+            });
+        }
+    }
+    Ok(st)
+}
+
+/// True when `path` is an existing pin root with at least one attachment.
+pub fn has_attachments(root: &PinRoot) -> bool {
+    pinned_links(root).is_ok_and(|l| !l.is_empty()) && Path::new(&root.root).exists()
+}

@@ -1,0 +1,114 @@
+//! The only module that touches aya: loading, attaching and pinning the XDP
+//! program, and reading and writing its maps with generation flips.
+
+pub mod attach;
+pub mod pins;
+pub mod policy;
+pub mod stats;
+pub mod sys;
+
+use std::{io, path::PathBuf};
+
+pub use attach::{AttachMode, AttachReport, Attachment, DetachReport, ProgramStatus, Status};
+pub use pins::{DEFAULT_PIN_ROOT, PinRoot};
+pub use policy::{Change, ListEntry, PolicyMaps, RuleView};
+
+/// The kernel programs, built by build.rs from sluice-ebpf.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "permission denied {what}: sluice needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+    )]
+    Permission { what: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting bpffs at /sys/fs/bpf failed: {source}")]
+    MountBpffs {
+        #[source]
+        source: io::Error,
+    },
+    #[error("pin root {path} is not on a bpf filesystem")]
+    NotBpffs { path: PathBuf },
+    #[error("the embedded kernel program cannot be parsed: {detail}")]
+    Object { detail: String },
+    #[error("pinned map {path} cannot be opened: {detail}")]
+    PinnedMap { path: PathBuf, detail: String },
+    #[error(
+        "pinned map {path} does not match this build (expected {expected}, found {found}); \
+         it was made by another sluice version: detach with that version, or remove the pin"
+    )]
+    IncompatibleMap {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("no sluice dataplane at {root} (run `sluice attach IFACE` first)")]
+    NotAttached { root: PathBuf },
+    #[error("sluice is not attached to {iface} in netns {netns}")]
+    NotAttachedTo { iface: String, netns: String },
+    #[error("interface {name} does not exist in netns {netns}")]
+    UnknownInterface { name: String, netns: String },
+    #[error("the kernel refused the XDP program: {detail}")]
+    Load { detail: String },
+    #[error("attaching XDP to {iface} in {mode} mode failed: {detail}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        detail: String,
+    },
+    #[error(
+        "{list} list is full: it holds at most {capacity} prefixes ({current} now, {adding} more requested)"
+    )]
+    ListFull {
+        list: &'static str,
+        capacity: u32,
+        current: u32,
+        adding: usize,
+    },
+    #[error("{prefix} is not in the {list} list")]
+    NotInList { list: &'static str, prefix: String },
+    #[error("too many rules: sluice holds at most {max}")]
+    TooManyRules { max: u32 },
+    #[error("no rule with id {id}")]
+    NoSuchRule { id: u32 },
+    #[error("rule position {at} is out of range (there are {len} rules)")]
+    BadPosition { at: usize, len: usize },
+    #[error("{op} on map {map} failed: {detail}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        detail: String,
+    },
+}
+
+impl DataplaneError {
+    /// Wraps an aya/io failure, turning EPERM/EACCES into the clear
+    /// "needs privileges" error.
+    pub(crate) fn map_err(op: &'static str, map: &'static str, e: impl std::fmt::Display) -> Self {
+        let detail = e.to_string();
+        if is_permission(&detail) {
+            return Self::Permission {
+                what: format!("({op} {map})"),
+            };
+        }
+        Self::Map { op, map, detail }
+    }
+}
+
+pub(crate) fn is_permission(detail: &str) -> bool {
+    detail.contains("Operation not permitted") || detail.contains("Permission denied")
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock `last_seen_ns` uses.
+pub fn boottime_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}

@@ -1,0 +1,232 @@
+//! Where sluice keeps its kernel objects on bpffs, how the pin root is made
+//! ready (bpffs mounted, directories, a lock), and the compatibility check
+//! that refuses a pinned map this build cannot use.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+
+use super::DataplaneError;
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The layout of a pin root:
+/// `maps/<MAP>`, `prog/sluice_xdp`, `links/<netns>:<ifname>:<mode>`.
+#[derive(Debug, Clone)]
+pub struct PinRoot {
+    pub root: PathBuf,
+}
+
+impl PinRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn prog_dir(&self) -> PathBuf {
+        self.root.join("prog")
+    }
+
+    pub fn prog(&self) -> PathBuf {
+        self.prog_dir().join(sluice_common::XDP_PROGRAM)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// True when a dataplane has been set up here (the program is pinned).
+    pub fn is_set_up(&self) -> bool {
+        self.prog().exists()
+    }
+}
+
+/// Makes sure the filesystem holding `root` is a bpffs, mounting one at
+/// /sys/fs/bpf when that is where the root lives and nothing is mounted.
+pub fn ensure_bpffs(root: &Path) -> Result<(), DataplaneError> {
+    let mut probe = root.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe)? {
+        return Ok(());
+    }
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if root.starts_with(sys_bpf) {
+        std::fs::create_dir_all(sys_bpf).map_err(|source| DataplaneError::Io {
+            what: "creating /sys/fs/bpf".into(),
+            source,
+        })?;
+        if !is_bpffs(sys_bpf)? {
+            nix::mount::mount(
+                Some("bpf"),
+                sys_bpf,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| DataplaneError::MountBpffs {
+                source: io::Error::from(e),
+            })?;
+        }
+        return Ok(());
+    }
+    Err(DataplaneError::NotBpffs {
+        path: root.to_path_buf(),
+    })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, DataplaneError> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| DataplaneError::Io {
+        what: format!("statfs {}", path.display()),
+        source: io::Error::from(e),
+    })?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// An exclusive lock on the pin root, held while a command changes it, so two
+/// commands never interleave their generation flips.
+pub struct RootLock {
+    _file: File,
+}
+
+impl RootLock {
+    pub fn acquire(root: &Path) -> Result<Self, DataplaneError> {
+        let file = File::open(root).map_err(|source| DataplaneError::Io {
+            what: format!("opening {}", root.display()),
+            source,
+        })?;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(DataplaneError::Io {
+                what: format!("locking {}", root.display()),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// What this build expects of one map, read from the embedded object file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: String,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The specs of every map in the embedded object.
+pub fn expected_maps(object: &[u8]) -> Result<Vec<MapSpec>, DataplaneError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Object {
+        detail: e.to_string(),
+    })?;
+    let mut specs: Vec<MapSpec> = obj
+        .maps
+        .iter()
+        .filter(|(name, _)| !name.starts_with('.'))
+        .map(|(name, m)| MapSpec {
+            name: name.clone(),
+            map_type: m.map_type(),
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: m.max_entries(),
+            flags: m.map_flags(),
+        })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(specs)
+}
+
+/// Refuses a pinned map whose type, key size, value size, capacity or flags
+/// differ from what this build expects. Missing pins are fine (they will be
+/// created).
+pub fn check_pinned_maps(root: &PinRoot, specs: &[MapSpec]) -> Result<(), DataplaneError> {
+    for spec in specs {
+        let path = root.map(&spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::PinnedMap {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let found = MapSpec {
+            name: spec.name.clone(),
+            map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        // The kernel may report extra internal flag bits; compare the ones we set.
+        let flags_ok = found.flags & spec.flags == spec.flags;
+        if found.map_type != spec.map_type
+            || found.key_size != spec.key_size
+            || found.value_size != spec.value_size
+            || found.max_entries != spec.max_entries
+            || !flags_ok
+        {
+            return Err(DataplaneError::IncompatibleMap {
+                path,
+                expected: format!(
+                    "type {} key {} value {} entries {} flags {:#x}",
+                    spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
+                ),
+                found: format!(
+                    "type {} key {} value {} entries {} flags {:#x}",
+                    found.map_type,
+                    found.key_size,
+                    found.value_size,
+                    found.max_entries,
+                    found.flags
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes a pin root and everything under it, ignoring what is already gone.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match std::fs::read_dir(path) {
+        Ok(entries) => {
+            for e in entries {
+                let e = e?;
+                let p = e.path();
+                if e.file_type()?.is_dir() {
+                    remove_tree(&p)?;
+                } else {
+                    match std::fs::remove_file(&p) {
+                        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                        _ => {}
+                    }
+                }
+            }
+            match std::fs::remove_dir(path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,728 @@
+//! The policy maps, opened from their pins, and the generation protocol that
+//! makes every change all-or-nothing for packets (see docs/dataplane.md §4).
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, OwnedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    util::nr_cpus,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sluice_common::{
+    Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, Rule,
+    SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len, map_names,
+};
+
+use super::{
+    DataplaneError,
+    pins::{PinRoot, RootLock},
+    sys,
+};
+
+/// A stats slot not yet assigned (a rule being added).
+pub const UNASSIGNED: u32 = u32::MAX;
+
+/// The defaults a fresh dataplane starts with: pass what nothing matched,
+/// drop what cannot be parsed.
+pub const INITIAL_SETTINGS: Settings = Settings {
+    default_action: Verdict::Pass as u32,
+    malformed_action: Verdict::Drop as u32,
+    rule_count: 0,
+    flags: SETTINGS_F_INIT,
+    next_rule_id: 1,
+    _pad: 0,
+    list_len: [0; 4],
+};
+
+/// One change, applied as a whole or not at all.
+#[derive(Debug, Default, Clone)]
+pub struct Change {
+    pub add: Vec<(ListId, IpNet)>,
+    pub del: Vec<(ListId, IpNet)>,
+    /// The complete new rule list, in evaluation order (new rules carry
+    /// `stats_slot == UNASSIGNED`).
+    pub rules: Option<Vec<Rule>>,
+    pub default_action: Option<Verdict>,
+    pub malformed_action: Option<Verdict>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ChangeReport {
+    pub added: usize,
+    pub already_present: usize,
+    pub deleted: usize,
+    /// The generation now active.
+    pub generation: u32,
+    /// Ids given to rules this change added.
+    pub new_rule_ids: Vec<u32>,
+    /// A crash had left a change half-done; it was repaired first.
+    pub repaired: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListEntry {
+    pub prefix: IpNet,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `CLOCK_BOOTTIME` ns of the last hit, 0 = never.
+    pub last_seen_ns: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleView {
+    pub position: usize,
+    pub rule: Rule,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Address keys of the LPM tries: a generation byte, then the address.
+trait AddrKey: Pod {
+    fn encode(generation: u8, net: &IpNet) -> Option<Key<Self>>;
+    fn decode(key: &Key<Self>) -> Option<(u8, IpNet)>;
+}
+
+impl AddrKey for KeyV4 {
+    fn encode(generation: u8, net: &IpNet) -> Option<Key<Self>> {
+        let IpNet::V4(n) = net else { return None };
+        let o = n.network().octets();
+        Some(Key::new(
+            lpm_prefix_len(u32::from(n.prefix_len())),
+            [generation, o[0], o[1], o[2], o[3]],
+        ))
+    }
+
+    fn decode(key: &Key<Self>) -> Option<(u8, IpNet)> {
+        let d = key.data();
+        let plen = u8::try_from(key.prefix_len().checked_sub(8)?).ok()?;
+        let net = Ipv4Net::new(Ipv4Addr::new(d[1], d[2], d[3], d[4]), plen).ok()?;
+        Some((d[0], IpNet::V4(net)))
+    }
+}
+
+impl AddrKey for KeyV6 {
+    fn encode(generation: u8, net: &IpNet) -> Option<Key<Self>> {
+        let IpNet::V6(n) = net else { return None };
+        let mut d = [0u8; 17];
+        d[0] = generation;
+        d[1..].copy_from_slice(&n.network().octets());
+        Some(Key::new(lpm_prefix_len(u32::from(n.prefix_len())), d))
+    }
+
+    fn decode(key: &Key<Self>) -> Option<(u8, IpNet)> {
+        let d = key.data();
+        let plen = u8::try_from(key.prefix_len().checked_sub(8)?).ok()?;
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&d[1..]);
+        let net = Ipv6Net::new(Ipv6Addr::from(a), plen).ok()?;
+        Some((d[0], IpNet::V6(net)))
+    }
+}
+
+/// One LPM list plus a raw descriptor for batched syscalls.
+struct List<K: AddrKey> {
+    id: ListId,
+    trie: LpmTrie<MapData, K, EntryStats>,
+    fd: OwnedFd,
+}
+
+impl<K: AddrKey> List<K> {
+    fn name(&self) -> &'static str {
+        self.id.map_name()
+    }
+
+    fn key(&self, generation: u32, net: &IpNet) -> Key<K> {
+        // The caller routes each prefix to the list of its own family.
+        K::encode(generation as u8, net).expect("prefix family matches the list")
+    }
+
+    fn contains(&self, generation: u32, net: &IpNet) -> Result<bool, DataplaneError> {
+        match self.trie.get(&self.key(generation, net), 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(DataplaneError::map_err("lookup", self.name(), e)),
+        }
+    }
+
+    /// Inserts with zeroed stats. On failure returns how many went in.
+    fn insert_many(
+        &mut self,
+        generation: u32,
+        nets: &[IpNet],
+    ) -> Result<(), (usize, DataplaneError)> {
+        if nets.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Key<K>> = nets.iter().map(|n| self.key(generation, n)).collect();
+        let values = vec![EntryStats::default(); keys.len()];
+        // SAFETY: Key<K> and EntryStats are Pod; the byte views cover exactly the vectors.
+        let (kb, vb) = unsafe {
+            (
+                std::slice::from_raw_parts(
+                    keys.as_ptr().cast::<u8>(),
+                    size_of_val(keys.as_slice()),
+                ),
+                std::slice::from_raw_parts(
+                    values.as_ptr().cast::<u8>(),
+                    size_of_val(values.as_slice()),
+                ),
+            )
+        };
+        match sys::map_update_batch(self.fd.as_fd(), kb, vb, keys.len()) {
+            Ok(()) => Ok(()),
+            Err((0, e)) if batch_unsupported(&e) => {
+                for (n, k) in keys.iter().enumerate() {
+                    if let Err(e) = self.trie.insert(k, EntryStats::default(), 0) {
+                        return Err((n, self.full_or(e.to_string(), "insert")));
+                    }
+                }
+                Ok(())
+            }
+            Err((n, e)) => Err((n, self.full_or(e.to_string(), "batch insert"))),
+        }
+    }
+
+    fn full_or(&self, detail: String, op: &'static str) -> DataplaneError {
+        if detail.contains("Argument list too long") || detail.contains("No space left") {
+            DataplaneError::ListFull {
+                list: self.name(),
+                capacity: LIST_CAPACITY,
+                current: 0,
+                adding: 0,
+            }
+        } else {
+            DataplaneError::map_err(op, self.name(), detail)
+        }
+    }
+
+    fn delete_many(&mut self, generation: u32, nets: &[IpNet]) -> Result<(), DataplaneError> {
+        for n in nets {
+            match self.trie.remove(&self.key(generation, n)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DataplaneError::map_err("delete", self.name(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of both generations.
+    fn all(&self) -> Result<Vec<(u8, IpNet, EntryStats)>, DataplaneError> {
+        let mut out = Vec::new();
+        for item in self.trie.iter() {
+            let (k, v) = item.map_err(|e| DataplaneError::map_err("iterate", self.name(), e))?;
+            if let Some((g, net)) = K::decode(&k) {
+                out.push((g, net, v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524 /* ENOTSUPP */)
+    )
+}
+
+/// Runs `$body` with `$l` bound to the list `$id` (the two key types differ).
+macro_rules! with_list {
+    ($self:ident, $id:expr, |$l:ident| $body:expr) => {
+        match $id {
+            ListId::DenyV4 => {
+                let $l = &mut $self.deny_v4;
+                $body
+            }
+            ListId::AllowV4 => {
+                let $l = &mut $self.allow_v4;
+                $body
+            }
+            ListId::DenyV6 => {
+                let $l = &mut $self.deny_v6;
+                $body
+            }
+            ListId::AllowV6 => {
+                let $l = &mut $self.allow_v6;
+                $body
+            }
+        }
+    };
+}
+
+pub struct PolicyMaps {
+    generation: Array<MapData, u32>,
+    settings: Array<MapData, Settings>,
+    rules: Array<MapData, Rule>,
+    rule_stats: PerCpuArray<MapData, Counter>,
+    pub(crate) counters: PerCpuArray<MapData, Counter>,
+    deny_v4: List<KeyV4>,
+    deny_v6: List<KeyV6>,
+    allow_v4: List<KeyV4>,
+    allow_v6: List<KeyV6>,
+    _lock: Option<RootLock>,
+}
+
+fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, DataplaneError> {
+    let path = root.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        let detail = e.to_string();
+        if super::is_permission(&format!("{e:?}")) {
+            DataplaneError::Permission {
+                what: format!("opening {}", path.display()),
+            }
+        } else {
+            DataplaneError::PinnedMap {
+                path: path.clone(),
+                detail,
+            }
+        }
+    })?;
+    Map::from_map_data(data).map_err(|e| DataplaneError::PinnedMap {
+        path,
+        detail: e.to_string(),
+    })
+}
+
+macro_rules! typed {
+    ($root:expr, $name:expr) => {
+        open_map($root, $name)?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
+                path: $root.map($name),
+                detail: e.to_string(),
+            })?
+    };
+}
+
+fn open_list<K: AddrKey>(root: &PinRoot, id: ListId) -> Result<List<K>, DataplaneError> {
+    let name = id.map_name();
+    let trie: LpmTrie<MapData, K, EntryStats> = typed!(root, name);
+    let fd = sys::obj_get(&root.map(name)).map_err(|source| DataplaneError::Io {
+        what: format!("opening {}", root.map(name).display()),
+        source,
+    })?;
+    Ok(List { id, trie, fd })
+}
+
+impl PolicyMaps {
+    /// Opens the pinned policy maps under `root`, holding the root's lock
+    /// until dropped so concurrent commands never interleave.
+    pub fn open(root: &PinRoot) -> Result<Self, DataplaneError> {
+        if !root.is_set_up() {
+            return Err(DataplaneError::NotAttached {
+                root: root.root.clone(),
+            });
+        }
+        let lock = RootLock::acquire(&root.root)?;
+        let mut maps = Self::open_unlocked(root)?;
+        maps._lock = Some(lock);
+        Ok(maps)
+    }
+
+    /// Opens the maps for a caller that already holds the root's lock.
+    pub(crate) fn open_unlocked(root: &PinRoot) -> Result<Self, DataplaneError> {
+        super::pins::check_pinned_maps(root, &super::pins::expected_maps(super::OBJECT)?)?;
+        Ok(Self {
+            generation: typed!(root, map_names::GENERATION),
+            settings: typed!(root, map_names::SETTINGS),
+            rules: typed!(root, map_names::RULES),
+            rule_stats: typed!(root, map_names::RULE_STATS),
+            counters: typed!(root, map_names::COUNTERS),
+            deny_v4: open_list(root, ListId::DenyV4)?,
+            deny_v6: open_list(root, ListId::DenyV6)?,
+            allow_v4: open_list(root, ListId::AllowV4)?,
+            allow_v6: open_list(root, ListId::AllowV6)?,
+            _lock: None,
+        })
+    }
+
+    pub fn active_generation(&self) -> Result<u32, DataplaneError> {
+        self.generation
+            .get(&0, 0)
+            .map(|g| g & 1)
+            .map_err(|e| DataplaneError::map_err("read", map_names::GENERATION, e))
+    }
+
+    pub fn settings(&self, generation: u32) -> Result<Settings, DataplaneError> {
+        self.settings
+            .get(&generation, 0)
+            .map_err(|e| DataplaneError::map_err("read", map_names::SETTINGS, e))
+    }
+
+    /// The settings packets use now.
+    pub fn active_settings(&self) -> Result<Settings, DataplaneError> {
+        self.settings(self.active_generation()?)
+    }
+
+    fn set_settings(&mut self, generation: u32, s: &Settings) -> Result<(), DataplaneError> {
+        self.settings
+            .set(generation, s, 0)
+            .map_err(|e| DataplaneError::map_err("write", map_names::SETTINGS, e))
+    }
+
+    /// Writes the initial settings into both generations of fresh maps.
+    pub fn initialise_if_needed(&mut self) -> Result<(), DataplaneError> {
+        for g in 0..GENERATIONS {
+            if self.settings(g)?.flags & SETTINGS_F_INIT == 0 {
+                self.set_settings(g, &INITIAL_SETTINGS)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rules_of(&self, generation: u32, count: u32) -> Result<Vec<Rule>, DataplaneError> {
+        (0..count.min(MAX_RULES))
+            .map(|i| {
+                self.rules
+                    .get(&(generation * MAX_RULES + i), 0)
+                    .map_err(|e| DataplaneError::map_err("read", map_names::RULES, e))
+            })
+            .collect()
+    }
+
+    fn write_rules(&mut self, generation: u32, rules: &[Rule]) -> Result<(), DataplaneError> {
+        for (i, r) in rules.iter().enumerate() {
+            self.rules
+                .set(generation * MAX_RULES + i as u32, r, 0)
+                .map_err(|e| DataplaneError::map_err("write", map_names::RULES, e))?;
+        }
+        Ok(())
+    }
+
+    /// The active rules, in evaluation order, with their hit counters.
+    pub fn rules(&self) -> Result<Vec<RuleView>, DataplaneError> {
+        let g = self.active_generation()?;
+        let s = self.settings(g)?;
+        self.rules_of(g, s.rule_count)?
+            .into_iter()
+            .enumerate()
+            .map(|(position, rule)| {
+                let c = self.rule_counter(rule.stats_slot)?;
+                Ok(RuleView {
+                    position,
+                    rule,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+            })
+            .collect()
+    }
+
+    fn rule_counter(&self, slot: u32) -> Result<Counter, DataplaneError> {
+        let values = self
+            .rule_stats
+            .get(&slot, 0)
+            .map_err(|e| DataplaneError::map_err("read", map_names::RULE_STATS, e))?;
+        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+
+    fn zero_rule_counter(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let cpus = nr_cpus().map_err(|(what, source)| DataplaneError::Io {
+            what: what.to_string(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])
+            .map_err(|e| DataplaneError::map_err("write", map_names::RULE_STATS, e))?;
+        self.rule_stats
+            .set(slot, zeros, 0)
+            .map_err(|e| DataplaneError::map_err("write", map_names::RULE_STATS, e))
+    }
+
+    /// Entries of a list as packets see them (active generation), with hits
+    /// from both generations added up.
+    pub fn list_entries(&self, list: ListId) -> Result<Vec<ListEntry>, DataplaneError> {
+        let active = self.active_generation()? as u8;
+        let all = match list {
+            ListId::DenyV4 => self.deny_v4.all()?,
+            ListId::AllowV4 => self.allow_v4.all()?,
+            ListId::DenyV6 => self.deny_v6.all()?,
+            ListId::AllowV6 => self.allow_v6.all()?,
+        };
+        let mut by_prefix: std::collections::BTreeMap<IpNet, (bool, EntryStats)> =
+            std::collections::BTreeMap::new();
+        for (g, net, v) in all {
+            let e = by_prefix
+                .entry(net)
+                .or_insert((false, EntryStats::default()));
+            e.0 |= g == active;
+            e.1.packets += v.packets;
+            e.1.bytes += v.bytes;
+            e.1.last_seen_ns = e.1.last_seen_ns.max(v.last_seen_ns);
+        }
+        Ok(by_prefix
+            .into_iter()
+            .filter(|(_, (in_active, _))| *in_active)
+            .map(|(prefix, (_, s))| ListEntry {
+                prefix,
+                packets: s.packets,
+                bytes: s.bytes,
+                last_seen_ns: s.last_seen_ns,
+            })
+            .collect())
+    }
+
+    fn contains(&self, list: ListId, generation: u32, net: &IpNet) -> Result<bool, DataplaneError> {
+        match list {
+            ListId::DenyV4 => self.deny_v4.contains(generation, net),
+            ListId::AllowV4 => self.allow_v4.contains(generation, net),
+            ListId::DenyV6 => self.deny_v6.contains(generation, net),
+            ListId::AllowV6 => self.allow_v6.contains(generation, net),
+        }
+    }
+
+    /// Brings the inactive generation back in line with the active one after
+    /// an interrupted change. Returns whether anything needed repair.
+    fn recover_if_dirty(&mut self) -> Result<bool, DataplaneError> {
+        let a = self.active_generation()?;
+        let i = a ^ 1;
+        let sa = self.settings(a)?;
+        let si = self.settings(i)?;
+        if (sa.flags | si.flags) & SETTINGS_F_DIRTY == 0 {
+            return Ok(false);
+        }
+        for list in ListId::ALL {
+            with_list!(self, list, |l| {
+                let all = l.all()?;
+                let in_a: BTreeSet<IpNet> = all
+                    .iter()
+                    .filter(|e| u32::from(e.0) == a)
+                    .map(|e| e.1)
+                    .collect();
+                let in_i: BTreeSet<IpNet> = all
+                    .iter()
+                    .filter(|e| u32::from(e.0) == i)
+                    .map(|e| e.1)
+                    .collect();
+                let missing: Vec<IpNet> = in_a.difference(&in_i).copied().collect();
+                let extra: Vec<IpNet> = in_i.difference(&in_a).copied().collect();
+                l.insert_many(i, &missing).map_err(|(_, e)| e)?;
+                l.delete_many(i, &extra)?;
+            });
+        }
+        let rules = self.rules_of(a, sa.rule_count)?;
+        self.write_rules(i, &rules)?;
+        let clean = Settings {
+            flags: sa.flags & !SETTINGS_F_DIRTY,
+            ..sa
+        };
+        self.set_settings(i, &clean)?;
+        self.set_settings(a, &clean)?;
+        Ok(true)
+    }
+
+    /// Applies `change` with the generation protocol. Nothing changes when it
+    /// fails before the flip; see docs/dataplane.md §4.
+    pub fn commit(&mut self, change: Change) -> Result<ChangeReport, DataplaneError> {
+        let repaired = self.recover_if_dirty()?;
+        let a = self.active_generation()?;
+        let i = a ^ 1;
+        let sa = self.settings(a)?;
+        let mut report = ChangeReport {
+            repaired,
+            ..ChangeReport::default()
+        };
+
+        // What actually changes, per list.
+        let mut adds: [BTreeSet<IpNet>; 4] = Default::default();
+        let mut dels: [BTreeSet<IpNet>; 4] = Default::default();
+        for (list, net) in &change.add {
+            if self.contains(*list, a, net)? {
+                report.already_present += 1;
+            } else {
+                adds[*list as usize].insert(*net);
+            }
+        }
+        for (list, net) in &change.del {
+            if !self.contains(*list, a, net)? && !adds[*list as usize].contains(net) {
+                return Err(DataplaneError::NotInList {
+                    list: list.kind(),
+                    prefix: net.to_string(),
+                });
+            }
+            adds[*list as usize].remove(net);
+            dels[*list as usize].insert(*net);
+        }
+        let mut new = sa;
+        for list in ListId::ALL {
+            let l = list as usize;
+            let len = u64::from(sa.list_len[l]) + adds[l].len() as u64;
+            let len = len - dels[l].len() as u64;
+            if len > u64::from(LIST_CAPACITY) {
+                return Err(DataplaneError::ListFull {
+                    list: list.map_name(),
+                    capacity: LIST_CAPACITY,
+                    current: sa.list_len[l],
+                    adding: adds[l].len(),
+                });
+            }
+            new.list_len[l] = len as u32;
+            report.added += adds[l].len();
+            report.deleted += dels[l].len();
+        }
+        if let Some(v) = change.default_action {
+            new.default_action = v as u32;
+        }
+        if let Some(v) = change.malformed_action {
+            new.malformed_action = v as u32;
+        }
+        let rules = match change.rules {
+            Some(mut rules) => {
+                if rules.len() > MAX_RULES as usize {
+                    return Err(DataplaneError::TooManyRules { max: MAX_RULES });
+                }
+                let used: BTreeSet<u32> = rules
+                    .iter()
+                    .map(|r| r.stats_slot)
+                    .filter(|s| *s != UNASSIGNED)
+                    .collect();
+                let mut free = (0..MAX_RULES).filter(|s| !used.contains(s));
+                for r in &mut rules {
+                    if r.stats_slot == UNASSIGNED {
+                        r.stats_slot = free
+                            .next()
+                            .ok_or(DataplaneError::TooManyRules { max: MAX_RULES })?;
+                        r.id = new.next_rule_id;
+                        new.next_rule_id += 1;
+                        report.new_rule_ids.push(r.id);
+                    }
+                }
+                new.rule_count = rules.len() as u32;
+                Some(rules)
+            }
+            None => None,
+        };
+        let adds: [Vec<IpNet>; 4] = adds.map(|s| s.into_iter().collect());
+        let dels: [Vec<IpNet>; 4] = dels.map(|s| s.into_iter().collect());
+
+        // Phase 1: build the new policy in the inactive generation.
+        self.set_settings(
+            i,
+            &Settings {
+                flags: sa.flags | SETTINGS_F_DIRTY,
+                ..sa
+            },
+        )?;
+        if let Err(e) = self.apply_to(i, &adds, &dels, rules.as_deref()) {
+            // Undo what went in so the generation mirrors the active one again;
+            // if even that fails, the dirty mark makes the next change repair it.
+            if self.undo(i, &adds, &dels).is_ok() {
+                self.set_settings(i, &sa)?;
+            }
+            return Err(e);
+        }
+        for r in rules.iter().flatten() {
+            if report.new_rule_ids.contains(&r.id) {
+                self.zero_rule_counter(r.stats_slot)?;
+            }
+        }
+        self.set_settings(
+            i,
+            &Settings {
+                flags: new.flags | SETTINGS_F_DIRTY,
+                ..new
+            },
+        )?;
+
+        // The flip: one aligned word, read once per packet.
+        self.generation
+            .set(0, i, 0)
+            .map_err(|e| DataplaneError::map_err("write", map_names::GENERATION, e))?;
+        report.generation = i;
+
+        // Phase 2: bring the old generation up to date.
+        self.set_settings(
+            a,
+            &Settings {
+                flags: sa.flags | SETTINGS_F_DIRTY,
+                ..sa
+            },
+        )?;
+        self.apply_to(a, &adds, &dels, rules.as_deref())?;
+        let clean = Settings {
+            flags: new.flags & !SETTINGS_F_DIRTY,
+            ..new
+        };
+        self.set_settings(a, &clean)?;
+        self.set_settings(i, &clean)?;
+        Ok(report)
+    }
+
+    fn undo(
+        &mut self,
+        generation: u32,
+        adds: &[Vec<IpNet>; 4],
+        dels: &[Vec<IpNet>; 4],
+    ) -> Result<(), DataplaneError> {
+        for list in ListId::ALL {
+            let l = list as usize;
+            with_list!(self, list, |t| t.delete_many(generation, &adds[l]))?;
+            let mut missing = Vec::new();
+            for net in &dels[l] {
+                if !self.contains(list, generation, net)? {
+                    missing.push(*net);
+                }
+            }
+            with_list!(self, list, |t| t
+                .insert_many(generation, &missing)
+                .map_err(|(_, e)| e))?;
+        }
+        Ok(())
+    }
+
+    fn apply_to(
+        &mut self,
+        generation: u32,
+        adds: &[Vec<IpNet>; 4],
+        dels: &[Vec<IpNet>; 4],
+        rules: Option<&[Rule]>,
+    ) -> Result<(), DataplaneError> {
+        for list in ListId::ALL {
+            with_list!(self, list, |l| l
+                .insert_many(generation, &adds[list as usize])
+                .map_err(|(_, e)| e))?;
+        }
+        for list in ListId::ALL {
+            with_list!(self, list, |l| l
+                .delete_many(generation, &dels[list as usize]))?;
+        }
+        if let Some(rules) = rules {
+            self.write_rules(generation, rules)?;
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters of every slot.
+    pub fn counters(&self) -> Result<Vec<Counter>, DataplaneError> {
+        (0..sluice_common::COUNTER_SLOTS)
+            .map(|i| {
+                let v = self
+                    .counters
+                    .get(&i, 0)
+                    .map_err(|e| DataplaneError::map_err("read", map_names::COUNTERS, e))?;
+                Ok(v.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+}
+
+/// Which list a prefix belongs to.
+pub fn list_for(allow: bool, net: &IpNet) -> ListId {
+    match (allow, net.addr()) {
+        (false, IpAddr::V4(_)) => ListId::DenyV4,
+        (false, IpAddr::V6(_)) => ListId::DenyV6,
+        (true, IpAddr::V4(_)) => ListId::AllowV4,
+        (true, IpAddr::V6(_)) => ListId::AllowV6,
+    }
+}

@@ -1,0 +1,112 @@
+//! Turns the per-CPU counter slots into the views `sluice stats` shows: by
+//! protocol, by verdict and by reason, plus the busiest list entries and rules.
+
+use std::collections::BTreeMap;
+
+use sluice_common::{Counter, Family, L4, ListId, Reason, Verdict, counter_index};
+
+use super::{DataplaneError, PolicyMaps, policy::ListEntry};
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Totals {
+    fn add(&mut self, c: &Counter) {
+        self.packets += c.packets;
+        self.bytes += c.bytes;
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopEntry {
+    pub list: &'static str,
+    #[serde(flatten)]
+    pub entry: ListEntry,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopRule {
+    pub id: u32,
+    pub position: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub total: Totals,
+    pub by_verdict: BTreeMap<&'static str, Totals>,
+    /// `verdict/reason`, e.g. `drop/deny-list`.
+    pub by_reason: BTreeMap<String, Totals>,
+    pub by_family: BTreeMap<&'static str, Totals>,
+    pub by_protocol: BTreeMap<&'static str, Totals>,
+    pub top_entries: Vec<TopEntry>,
+    pub top_rules: Vec<TopRule>,
+}
+
+pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
+    let slots = maps.counters()?;
+    let mut st = Stats {
+        total: Totals::default(),
+        by_verdict: BTreeMap::new(),
+        by_reason: BTreeMap::new(),
+        by_family: BTreeMap::new(),
+        by_protocol: BTreeMap::new(),
+        top_entries: Vec::new(),
+        top_rules: Vec::new(),
+    };
+    for f in Family::ALL {
+        for l in L4::ALL {
+            for v in Verdict::ALL {
+                for r in Reason::ALL {
+                    let c = &slots[counter_index(f, l, v, r) as usize];
+                    if c.packets == 0 {
+                        continue;
+                    }
+                    st.total.add(c);
+                    st.by_verdict.entry(v.name()).or_default().add(c);
+                    st.by_reason
+                        .entry(format!("{}/{}", v.name(), r.name()))
+                        .or_default()
+                        .add(c);
+                    st.by_family.entry(f.name()).or_default().add(c);
+                    st.by_protocol.entry(l.name()).or_default().add(c);
+                }
+            }
+        }
+    }
+    if top > 0 {
+        let mut entries = Vec::new();
+        for list in ListId::ALL {
+            for e in maps.list_entries(list)? {
+                if e.packets > 0 {
+                    entries.push(TopEntry {
+                        list: list.kind(),
+                        entry: e,
+                    });
+                }
+            }
+        }
+        entries.sort_by(|a, b| b.entry.packets.cmp(&a.entry.packets));
+        entries.truncate(top);
+        st.top_entries = entries;
+        let mut rules: Vec<TopRule> = maps
+            .rules()?
+            .into_iter()
+            .filter(|r| r.packets > 0)
+            .map(|r| TopRule {
+                id: r.rule.id,
+                position: r.position,
+                packets: r.packets,
+                bytes: r.bytes,
+            })
+            .collect();
+        rules.sort_by(|a, b| b.packets.cmp(&a.packets));
+        rules.truncate(top);
+        st.top_rules = rules;
+    }
+    Ok(st)
+}

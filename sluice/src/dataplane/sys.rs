@@ -1,0 +1,180 @@
+//! The few bpf(2) commands aya 0.14 does not expose: batched map updates and
+//! deletes, opening any pinned object, and reading an XDP link's interface.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<libc::c_long> {
+    // SAFETY: attr points at a zero-initialised, correctly sized bpf_attr variant.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Updates `keys[i] -> values[i]` in one syscall per kernel batch. On error,
+/// returns how many elements were applied before it, with the error.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> Result<(), (usize, io::Error)> {
+    let mut done = 0usize;
+    let key_size = keys.len() / count.max(1);
+    let value_size = values.len() / count.max(1);
+    while done < count {
+        let mut attr = BatchAttr {
+            keys: keys[done * key_size..].as_ptr() as u64,
+            values: values[done * value_size..].as_ptr() as u64,
+            count: u32::try_from(count - done).unwrap_or(u32::MAX),
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let res = bpf(
+            BPF_MAP_UPDATE_BATCH,
+            (&raw mut attr).cast(),
+            size_of::<BatchAttr>(),
+        );
+        // The kernel writes back how many elements it processed.
+        done += attr.count as usize;
+        if let Err(e) = res {
+            return Err((done, e));
+        }
+        if attr.count == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in batches. Missing keys are an error (ENOENT) from the kernel.
+pub fn map_delete_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    count: usize,
+) -> Result<(), (usize, io::Error)> {
+    let mut done = 0usize;
+    let key_size = keys.len() / count.max(1);
+    while done < count {
+        let mut attr = BatchAttr {
+            keys: keys[done * key_size..].as_ptr() as u64,
+            count: u32::try_from(count - done).unwrap_or(u32::MAX),
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let res = bpf(
+            BPF_MAP_DELETE_BATCH,
+            (&raw mut attr).cast(),
+            size_of::<BatchAttr>(),
+        );
+        done += attr.count as usize;
+        if let Err(e) = res {
+            return Err((done, e));
+        }
+        if attr.count == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Opens any pinned bpf object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, (&raw mut attr).cast(), size_of::<ObjGetAttr>())?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info` up to the XDP member of its union.
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    // union: for XDP links the first u32 is the ifindex.
+    union: [u64; 8],
+}
+
+/// What the kernel says about a link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For XDP links: the interface index (0 once the interface is gone).
+    pub xdp_ifindex: u32,
+}
+
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+
+pub fn link_info(fd: impl AsFd) -> io::Result<LinkInfo> {
+    let mut info = RawLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: size_of::<RawLinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw mut attr).cast(),
+        size_of::<InfoAttr>(),
+    )?;
+    Ok(LinkInfo {
+        link_type: info.link_type,
+        id: info.id,
+        prog_id: info.prog_id,
+        xdp_ifindex: (info.union[0] & 0xffff_ffff) as u32,
+    })
+}

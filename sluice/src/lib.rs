@@ -1,0 +1,5 @@
+//! sluice user space: the dataplane (aya), the policy language, and the CLI.
+
+pub mod cli;
+pub mod dataplane;
+pub mod policy;
