@@ -1,0 +1,49 @@
+# sluice: `make demo` runs the lab demo, `make test` runs every test.
+# Both install what they need first (scripts/setup.sh; Debian-like host, root).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# LLVM 22 (bpf-linker's build, clang) and cargo-installed tools (bpf-linker),
+# for every target and everything it runs.
+export PATH := /usr/lib/llvm-22/bin:$(or $(CARGO_HOME),$(HOME)/.cargo)/bin:$(PATH)
+
+CARGO ?= cargo
+
+.PHONY: all setup build demo test fmt-check clippy
+
+all: build
+
+## setup: install missing system packages, rust-src, bpf-linker; mount bpffs
+setup:
+	bash scripts/setup.sh
+
+## build: build the `sluice` CLI (and its kernel programs) in release mode
+build: setup
+	$(CARGO) build --release
+
+## demo: run the two-namespace lab demo against target/release/sluice (root)
+demo: build
+	bash scripts/demo.sh
+
+## test: every test of the workspace (root), then sluice-common alone without
+## the `user` feature. sluice-ebpf is excluded from the host test run: its
+## binary is BPF-only (nightly, bpfel-unknown-none) and is built and exercised
+## through the `sluice` crate. Runs everything, fails if anything failed.
+test: setup
+	rc=0; \
+	$(CARGO) test --workspace --exclude sluice-ebpf --no-fail-fast || rc=1; \
+	$(CARGO) test -p sluice-common --no-fail-fast || rc=1; \
+	if [ "$$rc" -ne 0 ]; then echo "make test: some tests FAILED" >&2; fi; \
+	exit "$$rc"
+
+## fmt-check: fail if any file is not rustfmt-formatted
+fmt-check:
+	$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	$(CARGO) fmt --all -- --check
+
+## clippy: lint host crates (stable) and the kernel programs (nightly, BPF target)
+clippy: setup
+	$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	$(CARGO) clippy --workspace --exclude sluice-ebpf --all-targets -- -D warnings
+	cd sluice-ebpf && $(CARGO) +nightly clippy --release -- -D warnings
