@@ -218,6 +218,11 @@ pub struct EntryStats {
     pub bytes: u64,
     /// `CLOCK_BOOTTIME` nanoseconds of the last hit; 0 = never.
     pub last_seen_ns: u64,
+    /// The entry's own address prefix length. An LPM lookup returns the
+    /// longest match; comparing this tells user space whether the exact
+    /// prefix it asked for is present. Not used by the kernel program.
+    pub prefix_len: u32,
+    pub _pad: u32,
 }
 
 /// LPM key data for IPv4 lists: generation byte, then the address.
@@ -374,7 +379,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<Rule>(), 4 * 4 + 2 * 2 + 3 * 4 + 4 * 16);
         assert_eq!(core::mem::size_of::<Settings>(), 6 * 4 + 16);
-        assert_eq!(core::mem::size_of::<EntryStats>(), 24);
+        assert_eq!(core::mem::size_of::<EntryStats>(), 32);
     }
 
     #[test]

@@ -193,7 +193,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
                 let h = read::<[u8; 4]>(ctx, cur)?;
                 let offset_flags = u16::from_be_bytes([h[2], h[3]]);
                 next = h[0];
-                more_fragments = offset_flags & 1 != 0;
+                more_fragments |= offset_flags & 1 != 0;
                 if offset_flags & 0xfff8 != 0 {
                     if cur + 8 > end {
                         return None;

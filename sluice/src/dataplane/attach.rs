@@ -171,7 +171,7 @@ fn pinned_links(
 
 /// Loads the program (creating or re-using the pinned maps) and pins it, or
 /// opens the program already pinned.
-fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
+pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     let specs = pins::expected_maps(OBJECT)?;
     pins::check_pinned_maps(root, &specs)?;
     if root.prog().exists() {

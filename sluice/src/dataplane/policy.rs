@@ -142,9 +142,10 @@ impl<K: AddrKey> List<K> {
         K::encode(generation as u8, net).expect("prefix family matches the list")
     }
 
+    /// Whether exactly `net` (not just a prefix covering it) is in the list.
     fn contains(&self, generation: u32, net: &IpNet) -> Result<bool, DataplaneError> {
         match self.trie.get(&self.key(generation, net), 0) {
-            Ok(_) => Ok(true),
+            Ok(v) => Ok(v.prefix_len == u32::from(net.prefix_len())),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(DataplaneError::map_err("lookup", self.name(), e)),
         }
@@ -160,7 +161,7 @@ impl<K: AddrKey> List<K> {
             return Ok(());
         }
         let keys: Vec<Key<K>> = nets.iter().map(|n| self.key(generation, n)).collect();
-        let values = vec![EntryStats::default(); keys.len()];
+        let values: Vec<EntryStats> = nets.iter().map(entry_value).collect();
         // SAFETY: Key<K> and EntryStats are Pod; the byte views cover exactly the vectors.
         let (kb, vb) = unsafe {
             (
@@ -178,7 +179,7 @@ impl<K: AddrKey> List<K> {
             Ok(()) => Ok(()),
             Err((0, e)) if batch_unsupported(&e) => {
                 for (n, k) in keys.iter().enumerate() {
-                    if let Err(e) = self.trie.insert(k, EntryStats::default(), 0) {
+                    if let Err(e) = self.trie.insert(k, entry_value(&nets[n]), 0) {
                         return Err((n, self.full_or(e.to_string(), "insert")));
                     }
                 }
@@ -221,6 +222,14 @@ impl<K: AddrKey> List<K> {
             }
         }
         Ok(out)
+    }
+}
+
+/// A fresh list entry: no hits yet, its own prefix length recorded.
+fn entry_value(net: &IpNet) -> EntryStats {
+    EntryStats {
+        prefix_len: u32::from(net.prefix_len()),
+        ..EntryStats::default()
     }
 }
 
