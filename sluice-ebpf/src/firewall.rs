@@ -3,7 +3,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{
+    cty::{c_long, c_void},
+    helpers::{bpf_ktime_get_boot_ns, bpf_loop},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
 use sluice_common::{
     EntryStats, Family, L4, MAX_RULES, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, Reason,
     Rule, Verdict, counter_index, lpm_prefix_len,
@@ -162,6 +167,33 @@ fn rule_matches(r: &Rule, pkt: &Packet) -> bool {
     true
 }
 
+const NO_HIT: u32 = u32::MAX;
+
+#[repr(C)]
+struct RuleScan<'a> {
+    pkt: &'a Packet,
+    base: u32,
+    count: u32,
+    hit: u32,
+}
+
+/// One step of the rule scan: stops (returns 1) at the first matching rule.
+extern "C" fn scan_rule(index: u32, ctx: *mut c_void) -> c_long {
+    // SAFETY: ctx is the RuleScan judge() passed to bpf_loop.
+    let scan = unsafe { &mut *ctx.cast::<RuleScan<'_>>() };
+    if index >= scan.count {
+        return 1;
+    }
+    let Some(r) = RULES.get(scan.base + index) else {
+        return 1;
+    };
+    if rule_matches(r, scan.pkt) {
+        scan.hit = index;
+        return 1;
+    }
+    0
+}
+
 #[inline(always)]
 fn judge(pkt: &Packet, bytes: u64) -> Outcome {
     let g = generation();
@@ -185,16 +217,27 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
             reason: Reason::DenyList,
         };
     }
-    let count = settings.rule_count;
-    let base = g * MAX_RULES;
-    for i in 0..MAX_RULES {
-        if i >= count {
-            break;
+    let mut scan = RuleScan {
+        pkt,
+        base: g * MAX_RULES,
+        count: settings.rule_count,
+        hit: NO_HIT,
+    };
+    if scan.count > 0 {
+        // bpf_loop keeps verification cost independent of MAX_RULES: the
+        // callback is verified once instead of once per unrolled iteration.
+        // SAFETY: the callback and its context follow bpf_loop's contract.
+        unsafe {
+            bpf_loop(
+                scan.count.min(MAX_RULES),
+                scan_rule as *mut c_void,
+                (&raw mut scan).cast(),
+                0,
+            );
         }
-        let Some(r) = RULES.get(base + i) else {
-            break;
-        };
-        if rule_matches(r, pkt) {
+    }
+    if scan.hit != NO_HIT {
+        if let Some(r) = RULES.get(scan.base + scan.hit) {
             if let Some(c) = RULE_STATS.get_ptr_mut(r.stats_slot) {
                 // SAFETY: per-CPU slot.
                 unsafe {
