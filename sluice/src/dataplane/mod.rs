@@ -17,6 +17,11 @@ pub use policy::{Change, ListEntry, PolicyMaps, RuleView};
 /// The kernel programs, built by build.rs from sluice-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
 
+/// Benchmark-only programs (ceiling, reference lookup, traffic generator);
+/// never loaded by the product. See sluice-ebpf/src/bench.rs.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-bench-ebpf"));
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(
