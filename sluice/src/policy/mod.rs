@@ -10,6 +10,11 @@ use sluice_common::{
 
 use crate::dataplane::policy::UNASSIGNED;
 
+pub mod config;
+mod desired;
+
+pub use desired::{Action, Desired, Interface, Policy, PolicyDiff, change_to, pinned_policy};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(
@@ -300,6 +305,20 @@ fn net_words(n: &IpNet) -> ([u64; 2], [u64; 2]) {
         }
     }
     (addr_words(&addr), addr_words(&mask))
+}
+
+impl serde::Serialize for RuleSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RuleSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let words: Vec<String> = text.split_whitespace().map(String::from).collect();
+        Self::parse(&words).map_err(serde::de::Error::custom)
+    }
 }
 
 impl fmt::Display for RuleSpec {
