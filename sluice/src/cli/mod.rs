@@ -3,10 +3,7 @@
 
 mod output;
 
-use std::{
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
@@ -137,16 +134,17 @@ pub enum RuleCommand {
     /// ACTION is drop or pass; PROTO is tcp, udp, icmp, icmpv6 or `proto N`.
     /// Examples: `drop udp dport 4444`, `drop icmp`,
     /// `drop tcp dport 1-1023 dst 198.18.0.0/24`.
-    #[command(allow_hyphen_values = true)]
     Add {
         /// Insert at this position (0 = first) instead of appending.
         #[arg(long, value_name = "POS")]
         at: Option<usize>,
+        /// The rule, e.g. `drop tcp dport 1-1023 dst 198.18.0.0/24`.
         #[arg(required = true, num_args = 1.., value_name = "RULE")]
         words: Vec<String>,
     },
-    /// Delete rules by id.
+    /// Delete rules by id (see `rule list`).
     Del {
+        /// Rule ids.
         #[arg(required = true, value_name = "ID")]
         ids: Vec<u32>,
     },
@@ -160,58 +158,10 @@ pub enum CliError {
     Dataplane(#[from] dataplane::DataplaneError),
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
-    #[error("network namespace {name} does not exist (see `ip netns list`)")]
-    NoSuchNetns { name: String },
-    #[error("entering network namespace {name}: {reason}")]
-    Netns { name: String, reason: String },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("no prefixes given (pass CIDRs or --file FILE)")]
     NoPrefixes,
-}
-
-/// Enters `name` like `ip -n`: only the network namespace changes, so the
-/// host's bpffs (and its pins) stay visible.
-fn enter_netns(name: &str) -> Result<(), CliError> {
-    let path = Path::new("/run/netns").join(name);
-    let file = std::fs::File::open(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            CliError::NoSuchNetns {
-                name: name.to_string(),
-            }
-        } else {
-            CliError::Netns {
-                name: name.to_string(),
-                reason: e.to_string(),
-            }
-        }
-    })?;
-    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-        CliError::Netns {
-            name: name.to_string(),
-            reason: if e == nix::errno::Errno::EPERM {
-                "permission denied: needs root or CAP_SYS_ADMIN".into()
-            } else {
-                e.to_string()
-            },
-        }
-    })
-}
-
-/// The label links are pinned under: the namespace name, `host` for the
-/// initial namespace, or `netns-<inode>` for an unnamed one.
-fn netns_label(name: Option<&str>) -> String {
-    if let Some(n) = name {
-        return n.to_string();
-    }
-    let inode = |p: &str| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-    };
-    match (inode("/proc/self/ns/net"), inode("/proc/1/ns/net")) {
-        (Some(a), Some(b)) if a == b => "host".into(),
-        (Some(a), _) => format!("netns-{a}"),
-        _ => "host".into(),
-    }
 }
 
 fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
@@ -230,9 +180,15 @@ fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     if let Some(ns) = &cli.netns {
-        enter_netns(ns)?;
+        match crate::netns::enter(ns) {
+            // A deleted namespace strands its attachments; detaching only
+            // needs the name the link was pinned under.
+            Err(crate::netns::NetnsError::Missing { .. })
+                if matches!(cli.command, Command::Detach { .. }) => {}
+            other => other?,
+        }
     }
-    let label = netns_label(cli.netns.as_deref());
+    let label = crate::netns::label(cli.netns.as_deref());
     let root = PinRoot::new(&cli.pin_root);
     let out = output::Out { json: cli.json };
     match cli.command {
@@ -368,7 +324,13 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
         }
         RuleCommand::List => {
             let maps = PolicyMaps::open(root)?;
-            out.rules(&maps.rules()?);
+            out.rules(
+                &maps
+                    .rules()?
+                    .iter()
+                    .map(policy::RuleRow::from_view)
+                    .collect::<Vec<_>>(),
+            );
         }
     }
     Ok(())

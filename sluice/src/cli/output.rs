@@ -4,11 +4,11 @@ use serde_json::json;
 
 use crate::{
     dataplane::{
-        self, AttachReport, DetachReport, ListEntry, RuleView, Status,
+        self, AttachReport, DetachReport, ListEntry, Status,
         policy::ChangeReport,
         stats::{Stats, Totals},
     },
-    policy::RuleSpec,
+    policy::RuleRow,
 };
 
 pub struct Out {
@@ -70,11 +70,6 @@ fn ago(last_seen_ns: u64) -> String {
         3600..86400 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86400),
     }
-}
-
-/// Seconds since the entry was last hit, for JSON consumers.
-fn age_secs(last_seen_ns: u64) -> Option<f64> {
-    (last_seen_ns != 0).then(|| dataplane::boottime_ns().saturating_sub(last_seen_ns) as f64 / 1e9)
 }
 
 impl Out {
@@ -169,8 +164,8 @@ impl Out {
         println!(
             "policy:   generation {}, default {}, malformed {}, {}/{} rules",
             s.generation.unwrap_or(0),
-            s.default_action.unwrap_or("?"),
-            s.malformed_action.unwrap_or("?"),
+            s.default_action.as_deref().unwrap_or("?"),
+            s.malformed_action.as_deref().unwrap_or("?"),
             s.rules.unwrap_or(0),
             s.rule_capacity
         );
@@ -237,8 +232,12 @@ impl Out {
         let rows: Vec<Vec<String>> = s
             .by_family
             .iter()
-            .map(|(k, t)| totals(k, t))
-            .chain(s.by_protocol.iter().map(|(k, t)| totals(k, t)))
+            .map(|(k, t)| totals(&format!("family {k}"), t))
+            .chain(
+                s.by_protocol
+                    .iter()
+                    .map(|(k, t)| totals(&format!("protocol {k}"), t)),
+            )
             .collect();
         table(&["FAMILY/PROTOCOL", "PACKETS", "BYTES"], &rows);
         if !s.top_entries.is_empty() {
@@ -285,7 +284,7 @@ impl Out {
                         "prefix": e.prefix.to_string(),
                         "packets": e.packets,
                         "bytes": e.bytes,
-                        "last_seen_secs_ago": age_secs(e.last_seen_ns),
+                        "last_seen_secs_ago": e.last_seen_secs_ago,
                     })
                 })
                 .collect();
@@ -310,21 +309,20 @@ impl Out {
         table(&["PREFIX", "PACKETS", "BYTES", "LAST SEEN"], &rows);
     }
 
-    pub fn rules(&self, rules: &[RuleView]) {
+    pub fn rules(&self, rules: &[RuleRow]) {
         if self.json {
             let v: Vec<serde_json::Value> = rules
                 .iter()
                 .map(|r| {
-                    let spec = RuleSpec::from_rule(&r.rule);
                     json!({
-                        "id": r.rule.id,
+                        "id": r.id,
                         "position": r.position,
-                        "rule": spec.to_string(),
-                        "action": spec.action.name(),
-                        "proto": spec.proto,
-                        "dport": spec.dport.map(|(lo, hi)| json!([lo, hi])),
-                        "src": spec.src.map(|n| n.to_string()),
-                        "dst": spec.dst.map(|n| n.to_string()),
+                        "rule": r.rule.to_string(),
+                        "action": r.rule.action.name(),
+                        "proto": r.rule.proto,
+                        "dport": r.rule.dport.map(|(lo, hi)| json!([lo, hi])),
+                        "src": r.rule.src.map(|n| n.to_string()),
+                        "dst": r.rule.dst.map(|n| n.to_string()),
                         "packets": r.packets,
                         "bytes": r.bytes,
                     })
@@ -341,9 +339,9 @@ impl Out {
             .iter()
             .map(|r| {
                 vec![
-                    r.rule.id.to_string(),
+                    r.id.to_string(),
                     r.position.to_string(),
-                    RuleSpec::from_rule(&r.rule).to_string(),
+                    r.rule.to_string(),
                     r.packets.to_string(),
                     human_bytes(r.bytes),
                 ]

@@ -60,7 +60,7 @@ impl AttachMode {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AttachReport {
     pub interface: String,
     pub netns: String,
@@ -73,7 +73,7 @@ pub struct AttachReport {
     pub link_id: u32,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DetachReport {
     pub interface: String,
     pub netns: String,
@@ -81,7 +81,7 @@ pub struct DetachReport {
     pub removed_all: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     pub interface: String,
     pub netns: String,
@@ -92,7 +92,7 @@ pub struct Attachment {
     pub ifindex: u32,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProgramStatus {
     pub id: u32,
     pub tag: String,
@@ -106,22 +106,22 @@ pub struct ProgramStatus {
     pub verified_insns: Option<u32>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ListStatus {
-    pub list: &'static str,
-    pub family: &'static str,
+    pub list: String,
+    pub family: String,
     pub entries: u32,
     pub capacity: u32,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub pin_root: String,
     pub attachments: Vec<Attachment>,
     pub program: Option<ProgramStatus>,
     pub generation: Option<u32>,
-    pub default_action: Option<&'static str>,
-    pub malformed_action: Option<&'static str>,
+    pub default_action: Option<String>,
+    pub malformed_action: Option<String>,
     pub rules: Option<u32>,
     pub rule_capacity: u32,
     pub lists: Vec<ListStatus>,
@@ -309,7 +309,8 @@ pub fn attach(
         }
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
-        if info.xdp_ifindex == index {
+        let mode_differs = mode != AttachMode::Auto && mode != pinned_mode;
+        if info.xdp_ifindex == index && !mode_differs {
             return Ok(AttachReport {
                 interface: iface.to_string(),
                 netns: netns.to_string(),
@@ -320,11 +321,31 @@ pub fn attach(
                 link_id: info.id,
             });
         }
-        // The interface it was attached to is gone (or was re-created): drop the stale pin.
+        // The interface it was attached to is gone (or was re-created), or a
+        // different mode was asked for: drop this link (the maps stay) and
+        // attach anew below.
         std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
     }
 
+    let first = !root.prog().exists();
     let mut prog = pinned_program(root)?;
+    let result = attach_prog(root, &mut prog, iface, index, mode, netns);
+    // A failed first attach must not leave a program and maps pinned with
+    // nothing using them.
+    if result.is_err() && first && pinned_links(root).is_ok_and(|l| l.is_empty()) {
+        let _ = pins::remove_tree(&root.root);
+    }
+    result
+}
+
+fn attach_prog(
+    root: &PinRoot,
+    prog: &mut Xdp,
+    iface: &str,
+    index: u32,
+    mode: AttachMode,
+    netns: &str,
+) -> Result<AttachReport, DataplaneError> {
     let try_mode = |prog: &mut Xdp, m: AttachMode| {
         let xm = match m {
             AttachMode::Native => XdpMode::Driver,
@@ -333,16 +354,16 @@ pub fn attach(
         prog.attach_to_if_index(index, xm)
     };
     let (used, fell_back, link_id) = match mode {
-        AttachMode::Auto => match try_mode(&mut prog, AttachMode::Native) {
+        AttachMode::Auto => match try_mode(prog, AttachMode::Native) {
             Ok(id) => (AttachMode::Native, false, id),
-            Err(native_err) => match try_mode(&mut prog, AttachMode::Generic) {
+            Err(native_err) => match try_mode(prog, AttachMode::Generic) {
                 Ok(id) => (AttachMode::Generic, true, id),
                 Err(e) => {
                     return Err(attach_error(iface, "native or generic", &native_err, &e));
                 }
             },
         },
-        m => match try_mode(&mut prog, m) {
+        m => match try_mode(prog, m) {
             Ok(id) => (m, false, id),
             Err(e) => return Err(attach_error(iface, m.name(), &e, &e)),
         },
@@ -502,16 +523,17 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         let g = maps.active_generation()?;
         let s = maps.settings(g)?;
         st.generation = Some(g);
-        st.default_action = Verdict::from_u32(s.default_action).map(Verdict::name);
-        st.malformed_action = Verdict::from_u32(s.malformed_action).map(Verdict::name);
+        st.default_action = Verdict::from_u32(s.default_action).map(|v| v.name().to_string());
+        st.malformed_action = Verdict::from_u32(s.malformed_action).map(|v| v.name().to_string());
         st.rules = Some(s.rule_count);
         for list in ListId::ALL {
             st.lists.push(ListStatus {
-                list: list.kind(),
+                list: list.kind().to_string(),
                 family: match list {
                     ListId::DenyV4 | ListId::AllowV4 => "ipv4",
                     ListId::DenyV6 | ListId::AllowV6 => "ipv6",
-                },
+                }
+                .to_string(),
                 entries: s.list_len[list as usize],
                 capacity: sluice_common::LIST_CAPACITY,
             });

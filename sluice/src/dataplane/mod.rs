@@ -39,6 +39,11 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "no bpffs at /sys/fs/bpf in this mount namespace (under `ip netns exec`?): pins made here \
+         would vanish with the command; use `sluice -n NETNS ...` instead"
+    )]
+    PrivateMountNamespace,
     #[error("pin root {path} is not on a bpf filesystem")]
     NotBpffs { path: PathBuf },
     #[error("the embedded kernel program cannot be parsed: {detail}")]

@@ -68,6 +68,9 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DataplaneError> {
     }
     let sys_bpf = Path::new("/sys/fs/bpf");
     if root.starts_with(sys_bpf) {
+        if private_mount_namespace() {
+            return Err(DataplaneError::PrivateMountNamespace);
+        }
         std::fs::create_dir_all(sys_bpf).map_err(|source| DataplaneError::Io {
             what: "creating /sys/fs/bpf".into(),
             source,
@@ -89,6 +92,20 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DataplaneError> {
     Err(DataplaneError::NotBpffs {
         path: root.to_path_buf(),
     })
+}
+
+/// True when this process has a mount namespace of its own, unlike the
+/// process that started it (as under `ip netns exec`, which unshares the
+/// mount namespace and remounts /sys): a bpffs mounted here would vanish
+/// with the process. Unknown (unreadable) counts as shared.
+fn private_mount_namespace() -> bool {
+    let ino = |p: &str| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+    };
+    let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
+    matches!((ino("/proc/self/ns/mnt"), ino(&parent)), (Some(a), Some(b)) if a != b)
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, DataplaneError> {

@@ -52,7 +52,7 @@ pub struct Change {
     pub malformed_action: Option<Verdict>,
 }
 
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChangeReport {
     pub added: usize,
     pub already_present: usize,
@@ -65,13 +65,15 @@ pub struct ChangeReport {
     pub repaired: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ListEntry {
     pub prefix: IpNet,
     pub packets: u64,
     pub bytes: u64,
     /// `CLOCK_BOOTTIME` ns of the last hit, 0 = never.
     pub last_seen_ns: u64,
+    /// Seconds since the last hit when listed; `None` = never hit.
+    pub last_seen_secs_ago: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,7 +194,7 @@ impl<K: AddrKey> List<K> {
     fn full_or(&self, detail: String, op: &'static str) -> DataplaneError {
         if detail.contains("Argument list too long") || detail.contains("No space left") {
             DataplaneError::ListFull {
-                list: self.name(),
+                list: list_label(self.id),
                 capacity: LIST_CAPACITY,
                 current: 0,
                 adding: 0,
@@ -222,6 +224,16 @@ impl<K: AddrKey> List<K> {
             }
         }
         Ok(out)
+    }
+}
+
+/// "deny (IPv4)" for messages.
+fn list_label(id: ListId) -> &'static str {
+    match id {
+        ListId::DenyV4 => "deny (IPv4)",
+        ListId::DenyV6 => "deny (IPv6)",
+        ListId::AllowV4 => "allow (IPv4)",
+        ListId::AllowV6 => "allow (IPv6)",
     }
 }
 
@@ -456,6 +468,7 @@ impl PolicyMaps {
             ListId::DenyV6 => self.deny_v6.all()?,
             ListId::AllowV6 => self.allow_v6.all()?,
         };
+        let now = super::boottime_ns();
         let mut by_prefix: std::collections::BTreeMap<IpNet, (bool, EntryStats)> =
             std::collections::BTreeMap::new();
         for (g, net, v) in all {
@@ -475,6 +488,8 @@ impl PolicyMaps {
                 packets: s.packets,
                 bytes: s.bytes,
                 last_seen_ns: s.last_seen_ns,
+                last_seen_secs_ago: (s.last_seen_ns != 0)
+                    .then(|| now.saturating_sub(s.last_seen_ns) as f64 / 1e9),
             })
             .collect())
     }
@@ -567,7 +582,7 @@ impl PolicyMaps {
             let len = len - dels[l].len() as u64;
             if len > u64::from(LIST_CAPACITY) {
                 return Err(DataplaneError::ListFull {
-                    list: list.map_name(),
+                    list: list_label(list),
                     capacity: LIST_CAPACITY,
                     current: sa.list_len[l],
                     adding: adds[l].len(),
@@ -609,6 +624,16 @@ impl PolicyMaps {
             }
             None => None,
         };
+        let current_rules = self.rules_of(a, sa.rule_count)?;
+        let nothing_changes = report.added == 0
+            && report.deleted == 0
+            && rules.as_ref().is_none_or(|r| *r == current_rules)
+            && new.default_action == sa.default_action
+            && new.malformed_action == sa.malformed_action;
+        if nothing_changes {
+            report.generation = a;
+            return Ok(report);
+        }
         let adds: [Vec<IpNet>; 4] = adds.map(|s| s.into_iter().collect());
         let dels: [Vec<IpNet>; 4] = dels.map(|s| s.into_iter().collect());
 

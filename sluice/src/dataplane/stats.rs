@@ -7,7 +7,7 @@ use sluice_common::{Counter, Family, L4, ListId, Reason, Verdict, counter_index}
 
 use super::{DataplaneError, PolicyMaps, policy::ListEntry};
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Totals {
     pub packets: u64,
     pub bytes: u64,
@@ -20,14 +20,14 @@ impl Totals {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TopEntry {
-    pub list: &'static str,
+    pub list: String,
     #[serde(flatten)]
     pub entry: ListEntry,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TopRule {
     pub id: u32,
     pub position: usize,
@@ -35,14 +35,14 @@ pub struct TopRule {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub total: Totals,
-    pub by_verdict: BTreeMap<&'static str, Totals>,
+    pub by_verdict: BTreeMap<String, Totals>,
     /// `verdict/reason`, e.g. `drop/deny-list`.
     pub by_reason: BTreeMap<String, Totals>,
-    pub by_family: BTreeMap<&'static str, Totals>,
-    pub by_protocol: BTreeMap<&'static str, Totals>,
+    pub by_family: BTreeMap<String, Totals>,
+    pub by_protocol: BTreeMap<String, Totals>,
     pub top_entries: Vec<TopEntry>,
     pub top_rules: Vec<TopRule>,
 }
@@ -67,13 +67,19 @@ pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
                         continue;
                     }
                     st.total.add(c);
-                    st.by_verdict.entry(v.name()).or_default().add(c);
+                    st.by_verdict
+                        .entry(v.name().to_string())
+                        .or_default()
+                        .add(c);
                     st.by_reason
                         .entry(format!("{}/{}", v.name(), r.name()))
                         .or_default()
                         .add(c);
-                    st.by_family.entry(f.name()).or_default().add(c);
-                    st.by_protocol.entry(l.name()).or_default().add(c);
+                    st.by_family.entry(f.name().to_string()).or_default().add(c);
+                    st.by_protocol
+                        .entry(l.name().to_string())
+                        .or_default()
+                        .add(c);
                 }
             }
         }
@@ -84,7 +90,7 @@ pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
             for e in maps.list_entries(list)? {
                 if e.packets > 0 {
                     entries.push(TopEntry {
-                        list: list.kind(),
+                        list: list.kind().to_string(),
                         entry: e,
                     });
                 }

@@ -234,3 +234,119 @@ pub fn change_to(
     change.malformed_action = diff.malformed.map(|(_, b)| b.into());
     Ok(change)
 }
+
+/// A runtime change made through the API, kept as an overlay on the last
+/// applied file so it survives reloads of that file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    ListAdd { allow: bool, prefixes: Vec<IpNet> },
+    ListDel { allow: bool, prefixes: Vec<IpNet> },
+    RuleAdd { at: Option<usize>, rule: RuleSpec },
+    RuleDel { rule: RuleSpec },
+    Default { action: Action },
+    Malformed { action: Action },
+    Attach { interface: Interface },
+    Detach { name: String, netns: Option<String> },
+}
+
+impl Op {
+    /// Applies the op. `strict` (a new request) refuses ops that do not fit
+    /// (deleting what is absent); replaying onto a new file skips them.
+    pub fn apply(&self, d: &mut Desired, strict: bool) -> Result<(), String> {
+        let p = &mut d.policy;
+        match self {
+            Self::ListAdd { allow, prefixes } => {
+                let list = if *allow { &mut p.allow } else { &mut p.deny };
+                list.extend(prefixes.iter().map(IpNet::trunc));
+            }
+            Self::ListDel { allow, prefixes } => {
+                let (list, name) = if *allow {
+                    (&mut p.allow, "allow")
+                } else {
+                    (&mut p.deny, "deny")
+                };
+                if strict {
+                    if let Some(missing) = prefixes.iter().find(|n| !list.contains(&n.trunc())) {
+                        return Err(format!("{missing} is not in the {name} list"));
+                    }
+                }
+                for n in prefixes {
+                    list.remove(&n.trunc());
+                }
+            }
+            Self::RuleAdd { at, rule } => {
+                let pos = at.unwrap_or(p.rules.len());
+                if pos > p.rules.len() {
+                    if strict {
+                        return Err(format!(
+                            "rule position {pos} is out of range (there are {} rules)",
+                            p.rules.len()
+                        ));
+                    }
+                    p.rules.push(rule.clone());
+                } else {
+                    p.rules.insert(pos, rule.clone());
+                }
+            }
+            Self::RuleDel { rule } => match p.rules.iter().position(|r| r == rule) {
+                Some(i) => {
+                    p.rules.remove(i);
+                }
+                None if strict => return Err(format!("no rule '{rule}'")),
+                None => {}
+            },
+            Self::Default { action } => p.default = *action,
+            Self::Malformed { action } => p.malformed = *action,
+            Self::Attach { interface } => {
+                d.interfaces
+                    .retain(|i| !(i.name == interface.name && i.netns == interface.netns));
+                d.interfaces.push(interface.clone());
+            }
+            Self::Detach { name, netns } => {
+                let before = d.interfaces.len();
+                d.interfaces
+                    .retain(|i| !(&i.name == name && &i.netns == netns));
+                if strict && d.interfaces.len() == before {
+                    return Err(format!(
+                        "{name} (netns {}) is not among the agent's interfaces",
+                        netns.as_deref().unwrap_or("host")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One line for history and logs.
+    pub fn describe(&self) -> String {
+        let nets = |v: &[IpNet]| {
+            let shown: Vec<String> = v.iter().take(3).map(ToString::to_string).collect();
+            if v.len() > 3 {
+                format!("{} (+{} more)", shown.join(" "), v.len() - 3)
+            } else {
+                shown.join(" ")
+            }
+        };
+        let list = |allow: &bool| if *allow { "allow" } else { "deny" };
+        match self {
+            Self::ListAdd { allow, prefixes } => format!("{} add {}", list(allow), nets(prefixes)),
+            Self::ListDel { allow, prefixes } => format!("{} del {}", list(allow), nets(prefixes)),
+            Self::RuleAdd { at: Some(at), rule } => format!("rule add --at {at} {rule}"),
+            Self::RuleAdd { at: None, rule } => format!("rule add {rule}"),
+            Self::RuleDel { rule } => format!("rule del {rule}"),
+            Self::Default { action } => format!("default {action}"),
+            Self::Malformed { action } => format!("malformed {action}"),
+            Self::Attach { interface } => format!(
+                "attach {} (netns {}) --mode {}",
+                interface.name,
+                interface.netns.as_deref().unwrap_or("host"),
+                interface.mode.name()
+            ),
+            Self::Detach { name, netns } => format!(
+                "detach {name} (netns {})",
+                netns.as_deref().unwrap_or("host")
+            ),
+        }
+    }
+}

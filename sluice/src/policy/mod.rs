@@ -13,7 +13,7 @@ use crate::dataplane::policy::UNASSIGNED;
 pub mod config;
 mod desired;
 
-pub use desired::{Action, Desired, Interface, Policy, PolicyDiff, change_to, pinned_policy};
+pub use desired::{Action, Desired, Interface, Op, Policy, PolicyDiff, change_to, pinned_policy};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -75,6 +75,28 @@ pub fn read_prefix_file(path: &Path) -> Result<Vec<IpNet>, PolicyError> {
         );
     }
     Ok(out)
+}
+
+/// A rule as listed: its id, position, text and hit counters.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RuleRow {
+    pub id: u32,
+    pub position: usize,
+    pub rule: RuleSpec,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl RuleRow {
+    pub fn from_view(v: &crate::dataplane::RuleView) -> Self {
+        Self {
+            id: v.rule.id,
+            position: v.position,
+            rule: RuleSpec::from_rule(&v.rule),
+            packets: v.packets,
+            bytes: v.bytes,
+        }
+    }
 }
 
 /// A rule as users write it: `drop udp dport 4444`, `pass tcp dport 1-1023 dst 198.18.0.0/24`.

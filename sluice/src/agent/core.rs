@@ -1,0 +1,328 @@
+//! The agent's state machine: desired state in, reconcile against the pins,
+//! every change all-or-nothing (kernel and store), versions kept for rollback.
+//! Blocking; the API runs it on a blocking thread behind a mutex.
+
+use std::{path::PathBuf, time::Instant};
+
+use tracing::{info, warn};
+
+use super::store::{State, Store, StoreError, content_hash};
+use crate::{
+    dataplane::{self, DataplaneError, PinRoot, PolicyMaps, attach},
+    policy::{
+        Op, PolicyDiff, change_to,
+        config::{self, AgentSettings, ConfigErrors},
+        pinned_policy,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("version {version} is not in the history (kept: {kept})")]
+    NoSuchVersion { version: u64, kept: String },
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReconcileReport {
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    /// Entries, rules and settings that had to change in the maps.
+    pub changes: usize,
+    pub millis: f64,
+}
+
+/// The result of a change through the agent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    pub version: u64,
+    pub diff: PolicyDiff,
+    pub reconcile: ReconcileReport,
+}
+
+pub struct Core {
+    pub settings: AgentSettings,
+    pub config_path: Option<PathBuf>,
+    pub root: PinRoot,
+    store: Store,
+    pub state: State,
+    /// Counters for the metrics endpoint.
+    pub applies: u64,
+    pub apply_failures: u64,
+    pub drift_corrections: u64,
+}
+
+fn iface_label(i: &crate::policy::Interface) -> String {
+    format!("{}:{}", i.netns.as_deref().unwrap_or("host"), i.name)
+}
+
+impl Core {
+    /// Loads the saved state, takes in the config file if it changed since,
+    /// and makes the pins match.
+    pub fn start(
+        settings: AgentSettings,
+        config: Option<(PathBuf, String)>,
+    ) -> Result<(Self, ReconcileReport), AgentError> {
+        let store = Store::open(&settings.state_dir)?;
+        let saved = store.load()?;
+        let resumed = saved.is_some();
+        let mut state = saved.unwrap_or_default();
+        let mut cause = None;
+        if let Some((path, text)) = &config {
+            let hash = content_hash(text);
+            if hash != state.base_hash {
+                let cfg = config::parse(path, text)?;
+                state.base = cfg.desired;
+                state.base_source = path.display().to_string();
+                state.base_hash = hash;
+                cause = Some(format!("config file {} loaded", path.display()));
+            }
+        }
+        let mut core = Self {
+            root: PinRoot::new(&settings.pin_root),
+            settings,
+            config_path: config.map(|(p, _)| p),
+            store,
+            state,
+            applies: 0,
+            apply_failures: 0,
+            drift_corrections: 0,
+        };
+        info!(
+            resumed,
+            version = core.state.current_version(),
+            pinned = core.root.is_set_up(),
+            "agent state loaded"
+        );
+        let report = core.reconcile()?;
+        if report.changes > 0 && cause.is_none() {
+            warn!(
+                changes = report.changes,
+                "pinned maps differed from the saved desired state; corrected"
+            );
+        }
+        if let Some(cause) = cause {
+            core.state.record("agent", cause, core.settings.history);
+        } else if core.state.history.is_empty() {
+            core.state
+                .record("agent", "agent started".into(), core.settings.history);
+        }
+        core.store.save(&core.state)?;
+        Ok((core, report))
+    }
+
+    /// Makes links and maps match the desired state.
+    pub fn reconcile(&mut self) -> Result<ReconcileReport, AgentError> {
+        let started = Instant::now();
+        let desired = self.state.desired();
+        let mut report = ReconcileReport::default();
+        for iface in &desired.interfaces {
+            let root = self.root.clone();
+            let (name, mode, ns) = (iface.name.clone(), iface.mode, iface.netns.clone());
+            let label = crate::netns::label(ns.as_deref());
+            let r = crate::netns::run_in(ns.as_deref(), move || {
+                attach::attach(&root, &name, mode, &label)
+            })??;
+            if !r.readopted {
+                info!(interface = %iface_label(iface), mode = r.mode.name(), program = r.program_id, "attached");
+                report.attached.push(iface_label(iface));
+            }
+        }
+        // Links the desired state no longer names, after the new ones exist
+        // (the last detach would remove the maps).
+        let st = attach::status(&self.root)?;
+        for a in &st.attachments {
+            let wanted = desired.interfaces.iter().any(|i| {
+                i.name == a.interface && crate::netns::label(i.netns.as_deref()) == a.netns
+            });
+            if !wanted && !desired.interfaces.is_empty() {
+                attach::detach(&self.root, &a.interface, &a.netns)?;
+                info!(interface = %a.interface, netns = %a.netns, "detached (no longer in desired state)");
+                report.detached.push(format!("{}:{}", a.netns, a.interface));
+            }
+        }
+        if self.root.is_set_up() {
+            let mut maps = PolicyMaps::open(&self.root)?;
+            let current = pinned_policy(&maps)?;
+            if current != desired.policy {
+                let diff = PolicyDiff::between(&current, &desired.policy);
+                report.changes = diff.size();
+                let change = change_to(&maps, &current, &desired.policy)?;
+                maps.commit(change)?;
+            }
+        }
+        report.millis = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(report)
+    }
+
+    /// Replaces the state with `next` if the kernel takes it; on failure the
+    /// old state is restored everywhere and the error returned.
+    fn commit_state(
+        &mut self,
+        next: State,
+        author: &str,
+        cause: String,
+    ) -> Result<Applied, AgentError> {
+        let before = self.state.desired().policy;
+        let old = std::mem::replace(&mut self.state, next);
+        match self.reconcile() {
+            Ok(reconcile) => {
+                let version = self
+                    .state
+                    .record(author, cause.clone(), self.settings.history);
+                if let Err(e) = self.store.save(&self.state) {
+                    // Keep kernel and store in step: undo in the kernel too.
+                    self.state = old;
+                    let _ = self.reconcile();
+                    self.apply_failures += 1;
+                    return Err(e.into());
+                }
+                self.applies += 1;
+                let diff = PolicyDiff::between(&before, &self.state.desired().policy);
+                info!(version, author, cause = %cause, changes = reconcile.changes, millis = reconcile.millis, "applied");
+                Ok(Applied {
+                    version,
+                    diff,
+                    reconcile,
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, cause = %cause, "change refused; previous state restored");
+                self.state = old;
+                let _ = self.reconcile();
+                self.apply_failures += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// A runtime change (CLI through the API).
+    pub fn change(&mut self, ops: Vec<Op>, author: &str) -> Result<Applied, AgentError> {
+        let mut next = self.state.clone();
+        let mut desired = next.desired();
+        for op in &ops {
+            op.apply(&mut desired, true).map_err(AgentError::Refused)?;
+        }
+        let cause = ops.iter().map(Op::describe).collect::<Vec<_>>().join("; ");
+        next.overlay.extend(ops);
+        self.commit_state(next, author, cause)
+    }
+
+    /// `sluice apply FILE`: the file becomes the base; runtime changes stay on top.
+    pub fn apply_file(
+        &mut self,
+        path: PathBuf,
+        text: &str,
+        author: &str,
+    ) -> Result<Applied, AgentError> {
+        let cfg = config::parse(&path, text)?;
+        let mut next = self.state.clone();
+        next.base = cfg.desired;
+        next.base_source = path.display().to_string();
+        next.base_hash = content_hash(text);
+        self.commit_state(next, author, format!("applied {}", path.display()))
+    }
+
+    /// What applying the file would change.
+    pub fn diff_file(&self, path: PathBuf, text: &str) -> Result<PolicyDiff, AgentError> {
+        let cfg = config::parse(&path, text)?;
+        let mut next = self.state.clone();
+        next.base = cfg.desired;
+        Ok(PolicyDiff::between(
+            &self.state.desired().policy,
+            &next.desired().policy,
+        ))
+    }
+
+    /// Goes back to the policy of `version` (default: the one before the current).
+    pub fn rollback(&mut self, version: Option<u64>, author: &str) -> Result<Applied, AgentError> {
+        let current = self.state.current_version();
+        let target = version.unwrap_or(current.saturating_sub(1));
+        let Some(v) = self
+            .state
+            .history
+            .iter()
+            .find(|v| v.number == target)
+            .cloned()
+        else {
+            let kept: Vec<String> = self
+                .state
+                .history
+                .iter()
+                .map(|v| v.number.to_string())
+                .collect();
+            return Err(AgentError::NoSuchVersion {
+                version: target,
+                kept: kept.join(", "),
+            });
+        };
+        let mut next = self.state.clone();
+        next.base.policy = v.policy;
+        next.overlay.clear();
+        self.commit_state(next, author, format!("rollback to version {target}"))
+    }
+
+    /// Re-reads the agent's own config file (SIGHUP, or it changed on disk).
+    pub fn reload(&mut self) -> Result<Option<Applied>, AgentError> {
+        let Some(path) = self.config_path.clone() else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            AgentError::Config(ConfigErrors(vec![config::Diagnostic {
+                file: path.clone(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }]))
+        })?;
+        if content_hash(&text) == self.state.base_hash {
+            return Ok(None);
+        }
+        self.apply_file(path, &text, "agent (reload)").map(Some)
+    }
+
+    /// Hash of the config file on disk, to notice edits cheaply.
+    pub fn config_changed(&self) -> bool {
+        self.config_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|t| content_hash(&t) != self.state.base_hash)
+    }
+
+    /// Compares the pins with desired state and corrects any drift.
+    pub fn check_drift(&mut self) -> Result<usize, AgentError> {
+        let r = self.reconcile()?;
+        let n = r.changes + r.attached.len() + r.detached.len();
+        if n > 0 {
+            self.drift_corrections += 1;
+            warn!(
+                changes = n,
+                "drift: pins differed from desired state; corrected"
+            );
+        }
+        Ok(n)
+    }
+
+    /// On graceful shutdown with --detach-on-exit.
+    pub fn detach_all(&mut self) -> Result<(), AgentError> {
+        let st = attach::status(&self.root)?;
+        for a in st.attachments {
+            attach::detach(&self.root, &a.interface, &a.netns)?;
+        }
+        Ok(())
+    }
+
+    pub fn dataplane_status(&self) -> Result<dataplane::Status, AgentError> {
+        Ok(attach::status(&self.root)?)
+    }
+}
