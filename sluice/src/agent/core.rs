@@ -33,7 +33,7 @@ pub enum AgentError {
 }
 
 /// What one reconcile did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReconcileReport {
     pub attached: Vec<String>,
     pub detached: Vec<String>,
@@ -43,7 +43,7 @@ pub struct ReconcileReport {
 }
 
 /// The result of a change through the agent.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     pub version: u64,
     pub diff: PolicyDiff,

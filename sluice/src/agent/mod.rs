@@ -1,5 +1,254 @@
 //! The long-lived agent: owns desired state (config file plus runtime
 //! changes), keeps the pins in line with it, and serves the API.
 
+pub mod api;
 pub mod core;
 pub mod store;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{error, info, warn};
+
+use self::core::{AgentError, Core};
+use crate::policy::config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub log_format: LogFormat,
+    /// Detach every interface on a graceful shutdown (default: leave the
+    /// dataplane running, pinned).
+    pub detach_on_exit: bool,
+    /// How often the pins are compared with desired state.
+    pub drift_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another agent is already serving {path}")]
+    AlreadyRunning { path: PathBuf },
+    #[error(
+        "missing capabilities: {missing}; the agent needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN \
+         (run as root or grant them, e.g. AmbientCapabilities= in the systemd unit)"
+    )]
+    Capabilities { missing: String },
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Capabilities the agent needs, by bit number in the effective set.
+const NEEDED_CAPS: [(u32, &str); 3] = [
+    (39, "CAP_BPF"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
+
+/// Names the needed capabilities missing from the effective set.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// Binds the API socket: root-only (0600), refusing to steal it from a live agent.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, RunError> {
+    let err = |source| RunError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(RunError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    // Created under a tight umask so the socket is never briefly open to others.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(opts: &Options) -> Result<(), RunError> {
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
+        return Err(RunError::Capabilities {
+            missing: missing.join(", "),
+        });
+    }
+    let text = std::fs::read_to_string(&opts.config).map_err(|e| {
+        AgentError::Config(config::ConfigErrors(vec![config::Diagnostic {
+            file: opts.config.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        }]))
+    })?;
+    let cfg = config::parse(&opts.config, &text).map_err(AgentError::from)?;
+    let settings = cfg.agent.clone();
+    let listener_path = settings.socket.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| RunError::Socket {
+            path: listener_path.clone(),
+            source,
+        })?;
+    let std_listener = bind_socket(&listener_path)?;
+    let started = Core::start(settings, Some((opts.config.clone(), text)));
+    let (core, report) = match started {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&listener_path);
+            return Err(e.into());
+        }
+    };
+    rt.block_on(async move {
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
+        let listener = UnixListener::from_std(std_listener)
+            .map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
+        info!(
+            socket = %listener_path.display(),
+            version = core.state.current_version(),
+            attached = ?report.attached,
+            changes = report.changes,
+            "agent ready"
+        );
+        let shared: api::Shared = Arc::new(Mutex::new(core));
+        let app = api::router(shared.clone());
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<api::Peer>());
+
+        let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
+        let background = shared.clone();
+        let drift_every = opts.drift_interval;
+        let tasks = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut since_drift = Duration::ZERO;
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        info!("SIGHUP: reloading the config file");
+                        reload(&background).await;
+                    }
+                    _ = tick.tick() => {
+                        since_drift += Duration::from_secs(1);
+                        let changed = {
+                            let c = background.clone();
+                            tokio::task::spawn_blocking(move || c.lock().map(|c| c.config_changed()).unwrap_or(false)).await.unwrap_or(false)
+                        };
+                        if changed {
+                            info!("config file changed on disk: reloading");
+                            reload(&background).await;
+                        }
+                        if since_drift >= drift_every {
+                            since_drift = Duration::ZERO;
+                            let c = background.clone();
+                            let r = tokio::task::spawn_blocking(move || c.lock().map_err(|_| ()).map(|mut c| c.check_drift())).await;
+                            if let Ok(Ok(Err(e))) = r {
+                                warn!(error = %e, "drift check failed");
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = int.recv() => info!("SIGINT: shutting down"),
+            }
+        };
+        if let Err(e) = server.with_graceful_shutdown(shutdown).await {
+            error!(error = %e, "API server failed");
+        }
+        tasks.abort();
+        let _ = std::fs::remove_file(&listener_path);
+        if opts.detach_on_exit {
+            let c = shared.clone();
+            let r = tokio::task::spawn_blocking(move || c.lock().map_err(|_| ()).map(|mut c| c.detach_all())).await;
+            match r {
+                Ok(Ok(Ok(()))) => info!("detached every interface (--detach-on-exit)"),
+                other => warn!(result = ?other.map(|r| r.map(|r| r.map_err(|e| e.to_string()))), "detach on exit failed"),
+            }
+        } else {
+            info!("dataplane left running (pinned); restart the agent to manage it again");
+        }
+        Ok(())
+    })
+}
+
+async fn reload(core: &api::Shared) {
+    let c = core.clone();
+    match tokio::task::spawn_blocking(move || c.lock().map_err(|_| ()).map(|mut c| c.reload()))
+        .await
+    {
+        Ok(Ok(Ok(Some(applied)))) => info!(
+            version = applied.version,
+            changes = applied.reconcile.changes,
+            "reloaded"
+        ),
+        Ok(Ok(Ok(None))) => info!("config file unchanged"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "reload refused; the running policy stays"),
+        _ => warn!("reload failed"),
+    }
+}

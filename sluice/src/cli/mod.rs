@@ -1,6 +1,7 @@
 //! The `sluice` command line: argument parsing, the network-namespace switch,
 //! and rendering results as tables or JSON. Work is done by `dataplane`.
 
+mod client;
 mod output;
 
 use std::path::PathBuf;
@@ -38,12 +39,68 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// The agent's API socket. Commands go through the agent when one is
+    /// running there (for the same pin root), else straight to the pins.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_SOCKET",
+        default_value = crate::policy::config::DEFAULT_SOCKET,
+        value_name = "PATH"
+    )]
+    pub socket: PathBuf,
+
+    /// Work on the pins directly even when an agent is running (its next
+    /// drift check will undo changes that differ from its desired state).
+    #[arg(long, global = true)]
+    pub no_agent: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: keep the dataplane in line with a config file plus
+    /// runtime changes, serve the API, survive restarts.
+    Agent {
+        /// The configuration file (see examples/sluice.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log as text or JSON lines (stderr).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: crate::agent::LogFormat,
+        /// Detach every interface on a graceful shutdown (default: leave the
+        /// dataplane running).
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Seconds between checks that the pins still match desired state.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        drift_interval: u64,
+    },
+    /// Check a configuration file and report every problem with its position.
+    Check {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Make a configuration file the running policy (through the agent).
+    /// A bad file is rejected whole; the running policy stays.
+    Apply {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Show what applying a configuration file would change (through the agent).
+    Diff {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Go back to an earlier applied version (default: the one before the current).
+    Rollback {
+        /// Version number from `sluice history`.
+        version: Option<u64>,
+    },
+    /// Applied versions the agent keeps, with time, author and cause.
+    History,
     /// Attach the XDP firewall to an interface (re-adopts an existing attachment).
     Attach {
         /// Interface name, e.g. eth0.
@@ -162,6 +219,14 @@ pub enum CliError {
     Netns(#[from] crate::netns::NetnsError),
     #[error("no prefixes given (pass CIDRs or --file FILE)")]
     NoPrefixes,
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error(transparent)]
+    Config(#[from] crate::policy::config::ConfigErrors),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::RunError),
+    #[error("reading {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
 }
 
 fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
@@ -179,6 +244,68 @@ fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    let out = output::Out { json: cli.json };
+    match &cli.command {
+        Command::Agent {
+            config,
+            log_format,
+            detach_on_exit,
+            drift_interval,
+        } => {
+            crate::agent::init_logging(*log_format);
+            crate::agent::run(&crate::agent::Options {
+                config: config.clone(),
+                log_format: *log_format,
+                detach_on_exit: *detach_on_exit,
+                drift_interval: std::time::Duration::from_secs((*drift_interval).max(1)),
+            })?;
+            return Ok(());
+        }
+        Command::Check { file } => {
+            let cfg = crate::policy::config::load(file)?;
+            out.checked(&cfg);
+            return Ok(());
+        }
+        Command::Apply { file } | Command::Diff { file } => {
+            let text = std::fs::read_to_string(file).map_err(|e| CliError::Read {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            // Check here too, so a bad file is reported even with no agent.
+            crate::policy::config::parse(file, &text)?;
+            let client = client::Client::require(&cli.socket)?;
+            let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone());
+            let body = crate::agent::api::FileBody { path, text };
+            if matches!(cli.command, Command::Apply { .. }) {
+                let applied: crate::agent::core::Applied =
+                    client.call(hyper::Method::POST, "/v1/policy/apply", Some(&body))?;
+                out.applied(&format!("applied {}", file.display()), &applied);
+            } else {
+                let diff: crate::policy::PolicyDiff =
+                    client.call(hyper::Method::POST, "/v1/policy/diff", Some(&body))?;
+                out.diff(&diff);
+            }
+            return Ok(());
+        }
+        Command::Rollback { version } => {
+            let client = client::Client::require(&cli.socket)?;
+            let applied: crate::agent::core::Applied = client.call(
+                hyper::Method::POST,
+                "/v1/rollback",
+                Some(&crate::agent::api::RollbackBody { version: *version }),
+            )?;
+            out.applied("rolled back", &applied);
+            return Ok(());
+        }
+        Command::History => {
+            let client = client::Client::require(&cli.socket)?;
+            let h: Vec<crate::agent::api::HistoryEntry> =
+                client.call(hyper::Method::GET, "/v1/history", None::<&()>)?;
+            out.history(&h);
+            return Ok(());
+        }
+        _ => {}
+    }
     if let Some(ns) = &cli.netns {
         match crate::netns::enter(ns) {
             // A deleted namespace strands its attachments; detaching only
@@ -188,9 +315,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             other => other?,
         }
     }
-    let label = crate::netns::label(cli.netns.as_deref());
     let root = PinRoot::new(&cli.pin_root);
-    let out = output::Out { json: cli.json };
+    if !cli.no_agent {
+        if let Some((client, info)) = client::Client::connect(&cli.socket)? {
+            if info.pin_root == cli.pin_root {
+                via_agent(&client, &cli, &out)?;
+                if !cli.json {
+                    eprintln!("(through the agent at {})", cli.socket.display());
+                }
+                return Ok(());
+            }
+        }
+    }
+    let label = crate::netns::label(cli.netns.as_deref());
     match cli.command {
         Command::Attach { iface, mode } => {
             let report = attach::attach(&root, &iface, mode, &label)?;
@@ -230,6 +367,156 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 &report,
             );
         }
+        Command::Agent { .. }
+        | Command::Check { .. }
+        | Command::Apply { .. }
+        | Command::Diff { .. }
+        | Command::Rollback { .. }
+        | Command::History => {
+            unreachable!("handled above")
+        }
+    }
+    if !cli.json && cli.socket.exists() && !cli.no_agent {
+        eprintln!(
+            "(no agent for this pin root at {}: changed the pins directly)",
+            cli.socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// The same commands, carried out by the agent so its desired state (and
+/// history) records them.
+fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<(), CliError> {
+    use crate::agent::{api, core::Applied};
+    use hyper::Method;
+    match &cli.command {
+        Command::Attach { iface, mode } => {
+            let a: Applied = client.call(
+                Method::POST,
+                "/v1/interfaces/attach",
+                Some(&crate::policy::Interface {
+                    name: iface.clone(),
+                    netns: cli.netns.clone(),
+                    mode: *mode,
+                }),
+            )?;
+            out.applied(
+                &format!(
+                    "attached {iface} (netns {})",
+                    cli.netns.as_deref().unwrap_or("host")
+                ),
+                &a,
+            );
+        }
+        Command::Detach { iface } => {
+            let a: Applied = client.call(
+                Method::POST,
+                "/v1/interfaces/detach",
+                Some(&api::DetachBody {
+                    name: iface.clone(),
+                    netns: cli.netns.clone(),
+                }),
+            )?;
+            out.applied(
+                &format!(
+                    "detached {iface} (netns {})",
+                    cli.netns.as_deref().unwrap_or("host")
+                ),
+                &a,
+            );
+        }
+        Command::Status => out.status(&client.call(Method::GET, "/v1/status", None::<&()>)?),
+        Command::Stats { top } => {
+            out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)
+        }
+        Command::Deny(args) | Command::Allow(args) => {
+            let kind = if matches!(cli.command, Command::Allow(_)) {
+                "allow"
+            } else {
+                "deny"
+            };
+            match &args.action {
+                ListCommand::Add(p) | ListCommand::Del(p) => {
+                    let verb = if matches!(args.action, ListCommand::Add(_)) {
+                        "add"
+                    } else {
+                        "del"
+                    };
+                    let prefixes = gather_prefixes(p)?;
+                    let n = prefixes.len();
+                    let a: Applied = client.call(
+                        Method::POST,
+                        &format!("/v1/lists/{kind}/{verb}"),
+                        Some(&api::PrefixesBody { prefixes }),
+                    )?;
+                    out.applied(&format!("{kind} {verb}: {n} prefix(es)"), &a);
+                }
+                ListCommand::List => {
+                    let l: api::ListBody =
+                        client.call(Method::GET, &format!("/v1/lists/{kind}"), None::<&()>)?;
+                    out.list(kind, &l.entries);
+                }
+            }
+        }
+        Command::Rule { action } => match action {
+            RuleCommand::Add { at, words } => {
+                let rule = RuleSpec::parse(words)?;
+                let r: api::RuleAdded = client.call(
+                    Method::POST,
+                    "/v1/rules",
+                    Some(&api::RuleAddBody {
+                        rule: rule.clone(),
+                        at: *at,
+                    }),
+                )?;
+                out.applied(
+                    &format!(
+                        "rule {} added at position {}: {rule}",
+                        r.rule_id, r.position
+                    ),
+                    &r.applied,
+                );
+            }
+            RuleCommand::Del { ids } => {
+                for id in ids {
+                    let a: Applied =
+                        client.call(Method::DELETE, &format!("/v1/rules/{id}"), None::<&()>)?;
+                    out.applied(&format!("rule {id} deleted"), &a);
+                }
+            }
+            RuleCommand::List => {
+                let r: api::RulesBody = client.call(Method::GET, "/v1/rules", None::<&()>)?;
+                out.rules(&r.rules);
+            }
+        },
+        Command::Default { action } | Command::Malformed { action } => {
+            let a = crate::policy::Action::from(Verdict::from(*action));
+            let body = if matches!(cli.command, Command::Default { .. }) {
+                api::SettingsBody {
+                    default: Some(a),
+                    malformed: None,
+                }
+            } else {
+                api::SettingsBody {
+                    default: None,
+                    malformed: Some(a),
+                }
+            };
+            let what = if body.default.is_some() {
+                "default action"
+            } else {
+                "malformed-frame action"
+            };
+            let applied: Applied = client.call(Method::PUT, "/v1/settings", Some(&body))?;
+            out.applied(&format!("{what}: {a}"), &applied);
+        }
+        Command::Agent { .. }
+        | Command::Check { .. }
+        | Command::Apply { .. }
+        | Command::Diff { .. }
+        | Command::Rollback { .. }
+        | Command::History => {}
     }
     Ok(())
 }

@@ -72,6 +72,28 @@ fn ago(last_seen_ns: u64) -> String {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS` in UTC from Unix seconds.
+fn format_time(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 impl Out {
     pub fn attach(&self, r: &AttachReport) {
         if self.json {
@@ -126,6 +148,81 @@ impl Out {
             }
             println!("{message}");
         }
+    }
+
+    pub fn applied(&self, message: &str, a: &crate::agent::core::Applied) {
+        if self.json {
+            let mut v = serde_json::to_value(a).expect("serialisable");
+            v["message"] = json!(message);
+            print_json(&v);
+        } else {
+            println!(
+                "{message} (version {}, {} change(s) in the maps)",
+                a.version, a.reconcile.changes
+            );
+        }
+    }
+
+    pub fn diff(&self, d: &crate::policy::PolicyDiff) {
+        if self.json {
+            print_json(&serde_json::to_value(d).expect("serialisable"));
+        } else {
+            print!("{d}");
+        }
+    }
+
+    pub fn checked(&self, cfg: &crate::policy::config::Config) {
+        let p = &cfg.desired.policy;
+        if self.json {
+            print_json(&json!({
+                "ok": true,
+                "file": cfg.path,
+                "interfaces": cfg.desired.interfaces.len(),
+                "deny": p.deny.len(),
+                "allow": p.allow.len(),
+                "rules": p.rules.len(),
+            }));
+        } else {
+            println!(
+                "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {})",
+                cfg.path.display(),
+                cfg.desired.interfaces.len(),
+                p.deny.len(),
+                p.allow.len(),
+                p.rules.len(),
+                p.default,
+                p.malformed
+            );
+        }
+    }
+
+    pub fn history(&self, h: &[crate::agent::api::HistoryEntry]) {
+        if self.json {
+            print_json(&serde_json::to_value(h).expect("serialisable"));
+            return;
+        }
+        let rows: Vec<Vec<String>> = h
+            .iter()
+            .map(|v| {
+                vec![
+                    format!("{}{}", v.version, if v.current { "*" } else { "" }),
+                    format_time(v.time),
+                    v.author.clone(),
+                    format!("{}/{}/{}", v.deny, v.allow, v.rules),
+                    v.cause.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "VERSION",
+                "TIME (UTC)",
+                "AUTHOR",
+                "DENY/ALLOW/RULES",
+                "CAUSE",
+            ],
+            &rows,
+        );
     }
 
     pub fn status(&self, s: &Status) {

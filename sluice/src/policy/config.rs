@@ -20,7 +20,7 @@ pub const DEFAULT_SOCKET: &str = "/run/sluice/sluice.sock";
 pub const DEFAULT_HISTORY: usize = 20;
 
 /// One problem in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostic {
     pub file: PathBuf,
     pub line: usize,

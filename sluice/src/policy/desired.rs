@@ -84,7 +84,7 @@ pub struct Desired {
 }
 
 /// How one policy differs from another.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PolicyDiff {
     pub deny_add: Vec<IpNet>,
     pub deny_del: Vec<IpNet>,

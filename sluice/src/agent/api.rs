@@ -1,0 +1,538 @@
+//! The agent's HTTP/JSON API on a unix socket (mode 0600, root only). The
+//! CLI is its client; docs/api/openapi.json describes it.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{delete, get, post, put},
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+
+use super::core::{AgentError, Applied, Core};
+use crate::{
+    dataplane::{DataplaneError, PolicyMaps, stats},
+    policy::{self, Action, Interface, Op, RuleRow, RuleSpec, config::ConfigErrors},
+};
+
+pub const OPENAPI: &str = include_str!("../../../docs/api/openapi.json");
+
+pub type Shared = Arc<Mutex<Core>>;
+
+/// Who is calling: the socket peer's credentials plus the user the CLI
+/// says it runs for (SUDO_USER), for the history.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
+        Self {
+            uid: cred.map(|c| c.uid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+}
+
+fn author(peer: &Peer, headers: &axum::http::HeaderMap) -> String {
+    let from_uid = || {
+        peer.uid
+            .and_then(|u| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+                    .ok()
+                    .flatten()
+            })
+            .map_or_else(|| "?".to_string(), |u| u.name)
+    };
+    let user = headers
+        .get("x-sluice-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() < 64)
+        .map_or_else(from_uid, str::to_string);
+    match (peer.uid, peer.pid) {
+        (Some(uid), Some(pid)) => format!("{user} (uid {uid}, pid {pid})"),
+        (Some(uid), None) => format!("{user} (uid {uid})"),
+        _ => user.to_string(),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<policy::config::Diagnostic>,
+}
+
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        let status = match &e {
+            AgentError::Config(_) | AgentError::Refused(_) => StatusCode::BAD_REQUEST,
+            AgentError::NoSuchVersion { .. } => StatusCode::NOT_FOUND,
+            AgentError::Dataplane(
+                DataplaneError::NotInList { .. }
+                | DataplaneError::NoSuchRule { .. }
+                | DataplaneError::BadPosition { .. },
+            ) => StatusCode::BAD_REQUEST,
+            AgentError::Dataplane(
+                DataplaneError::ListFull { .. } | DataplaneError::TooManyRules { .. },
+            ) => StatusCode::CONFLICT,
+            AgentError::Dataplane(DataplaneError::NotAttached { .. }) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let diagnostics = match &e {
+            AgentError::Config(ConfigErrors(d)) => d.clone(),
+            _ => Vec::new(),
+        };
+        Self(
+            status,
+            ErrorBody {
+                error: e.to_string(),
+                diagnostics,
+            },
+        )
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        ErrorBody {
+            error: msg.into(),
+            diagnostics: Vec::new(),
+        },
+    )
+}
+
+/// Runs `f` on the core on a blocking thread (bpf syscalls block).
+async fn with_core<T: Send + 'static>(
+    core: &Shared,
+    f: impl FnOnce(&mut Core) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let core = core.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody {
+                error: e.to_string(),
+                diagnostics: Vec::new(),
+            },
+        )
+    })?
+    .map_err(ApiError::from)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Info {
+    pub version: String,
+    pub pin_root: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub policy_version: u64,
+    pub base_source: String,
+    pub runtime_changes: usize,
+}
+
+async fn info(State(core): State<Shared>) -> Result<Json<Info>, ApiError> {
+    with_core(&core, |c| {
+        Ok(Info {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pin_root: c.root.root.clone(),
+            socket: c.settings.socket.clone(),
+            state_dir: c.settings.state_dir.clone(),
+            config: c.config_path.clone(),
+            policy_version: c.state.current_version(),
+            base_source: c.state.base_source.clone(),
+            runtime_changes: c.state.overlay.len(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+async fn status(State(core): State<Shared>) -> Result<Json<crate::dataplane::Status>, ApiError> {
+    with_core(&core, |c| c.dataplane_status()).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+struct TopQuery {
+    top: Option<usize>,
+}
+
+async fn get_stats(
+    State(core): State<Shared>,
+    Query(q): Query<TopQuery>,
+) -> Result<Json<stats::Stats>, ApiError> {
+    with_core(&core, move |c| {
+        let maps = PolicyMaps::open(&c.root)?;
+        Ok(stats::collect(&maps, q.top.unwrap_or(10))?)
+    })
+    .await
+    .map(Json)
+}
+
+fn list_kind(kind: &str) -> Result<bool, ApiError> {
+    match kind {
+        "deny" => Ok(false),
+        "allow" => Ok(true),
+        other => Err(bad_request(format!(
+            "unknown list {other:?} (deny or allow)"
+        ))),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListBody {
+    pub list: String,
+    pub entries: Vec<crate::dataplane::ListEntry>,
+}
+
+async fn get_list(
+    State(core): State<Shared>,
+    Path(kind): Path<String>,
+) -> Result<Json<ListBody>, ApiError> {
+    let allow = list_kind(&kind)?;
+    with_core(&core, move |c| {
+        let maps = PolicyMaps::open(&c.root)?;
+        let (v4, v6) = if allow {
+            (
+                sluice_common::ListId::AllowV4,
+                sluice_common::ListId::AllowV6,
+            )
+        } else {
+            (sluice_common::ListId::DenyV4, sluice_common::ListId::DenyV6)
+        };
+        let mut entries = maps.list_entries(v4)?;
+        entries.extend(maps.list_entries(v6)?);
+        Ok(ListBody {
+            list: kind,
+            entries,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PrefixesBody {
+    pub prefixes: Vec<IpNet>,
+}
+
+async fn list_change(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Path((kind, verb)): Path<(String, String)>,
+    Json(body): Json<PrefixesBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let allow = list_kind(&kind)?;
+    if body.prefixes.is_empty() {
+        return Err(bad_request("no prefixes given"));
+    }
+    let op = match verb.as_str() {
+        "add" => Op::ListAdd {
+            allow,
+            prefixes: body.prefixes,
+        },
+        "del" => Op::ListDel {
+            allow,
+            prefixes: body.prefixes,
+        },
+        other => {
+            return Err(bad_request(format!(
+                "unknown operation {other:?} (add or del)"
+            )));
+        }
+    };
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| c.change(vec![op], &who))
+        .await
+        .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RulesBody {
+    pub rules: Vec<RuleRow>,
+}
+
+fn rule_rows(c: &Core) -> Result<Vec<RuleRow>, AgentError> {
+    let maps = PolicyMaps::open(&c.root)?;
+    Ok(maps.rules()?.iter().map(RuleRow::from_view).collect())
+}
+
+async fn get_rules(State(core): State<Shared>) -> Result<Json<RulesBody>, ApiError> {
+    with_core(&core, |c| {
+        Ok(RulesBody {
+            rules: rule_rows(c)?,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RuleAddBody {
+    pub rule: RuleSpec,
+    pub at: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RuleAdded {
+    #[serde(flatten)]
+    pub applied: Applied,
+    pub rule_id: u32,
+    pub position: usize,
+}
+
+async fn add_rule(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<RuleAddBody>,
+) -> Result<Json<RuleAdded>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| {
+        let position = body.at.unwrap_or(c.state.desired().policy.rules.len());
+        let applied = c.change(
+            vec![Op::RuleAdd {
+                at: body.at,
+                rule: body.rule,
+            }],
+            &who,
+        )?;
+        let rule_id = rule_rows(c)?
+            .iter()
+            .find(|r| r.position == position)
+            .map_or(0, |r| r.id);
+        Ok(RuleAdded {
+            applied,
+            rule_id,
+            position,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+async fn del_rule(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<u32>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| {
+        let rows = rule_rows(c)?;
+        let Some(row) = rows.into_iter().find(|r| r.id == id) else {
+            return Err(DataplaneError::NoSuchRule { id }.into());
+        };
+        c.change(vec![Op::RuleDel { rule: row.rule }], &who)
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SettingsBody {
+    pub default: Option<Action>,
+    pub malformed: Option<Action>,
+}
+
+async fn put_settings(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<SettingsBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let mut ops = Vec::new();
+    if let Some(action) = body.default {
+        ops.push(Op::Default { action });
+    }
+    if let Some(action) = body.malformed {
+        ops.push(Op::Malformed { action });
+    }
+    if ops.is_empty() {
+        return Err(bad_request("nothing to set (default and/or malformed)"));
+    }
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| c.change(ops, &who))
+        .await
+        .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FileBody {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+async fn apply_policy(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<FileBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| c.apply_file(body.path, &body.text, &who))
+        .await
+        .map(Json)
+}
+
+async fn diff_policy(
+    State(core): State<Shared>,
+    Json(body): Json<FileBody>,
+) -> Result<Json<policy::PolicyDiff>, ApiError> {
+    with_core(&core, move |c| c.diff_file(body.path, &body.text))
+        .await
+        .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub time: u64,
+    pub author: String,
+    pub cause: String,
+    pub deny: usize,
+    pub allow: usize,
+    pub rules: usize,
+    pub default: Action,
+    pub malformed: Action,
+    pub current: bool,
+}
+
+async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+    with_core(&core, |c| {
+        let current = c.state.current_version();
+        Ok(c.state
+            .history
+            .iter()
+            .map(|v| HistoryEntry {
+                version: v.number,
+                time: v.time,
+                author: v.author.clone(),
+                cause: v.cause.clone(),
+                deny: v.policy.deny.len(),
+                allow: v.policy.allow.len(),
+                rules: v.policy.rules.len(),
+                default: v.policy.default,
+                malformed: v.policy.malformed,
+                current: v.number == current,
+            })
+            .collect())
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackBody {
+    pub version: Option<u64>,
+}
+
+async fn rollback(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<RollbackBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| c.rollback(body.version, &who))
+        .await
+        .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DetachBody {
+    pub name: String,
+    pub netns: Option<String>,
+}
+
+async fn attach_iface(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(interface): Json<Interface>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| {
+        c.change(vec![Op::Attach { interface }], &who)
+    })
+    .await
+    .map(Json)
+}
+
+async fn detach_iface(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<DetachBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    with_core(&core, move |c| {
+        c.change(
+            vec![Op::Detach {
+                name: body.name,
+                netns: body.netns,
+            }],
+            &who,
+        )
+    })
+    .await
+    .map(Json)
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+}
+
+pub fn router(core: Shared) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/info", get(info))
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(get_stats))
+        .route("/v1/lists/{kind}", get(get_list))
+        .route("/v1/lists/{kind}/{verb}", post(list_change))
+        .route("/v1/rules", get(get_rules).post(add_rule))
+        .route("/v1/rules/{id}", delete(del_rule))
+        .route("/v1/settings", put(put_settings))
+        .route("/v1/policy/apply", post(apply_policy))
+        .route("/v1/policy/diff", post(diff_policy))
+        .route("/v1/history", get(history))
+        .route("/v1/rollback", post(rollback))
+        .route("/v1/interfaces/attach", post(attach_iface))
+        .route("/v1/interfaces/detach", post(detach_iface))
+        .with_state(core)
+}

@@ -1,0 +1,130 @@
+//! The CLI's side of the agent API: HTTP/1.1 over the unix socket.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::agent::api::{ErrorBody, Info};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no agent is running at {path} ({reason})")]
+    NoAgent { path: PathBuf, reason: String },
+    #[error("permission denied on the agent socket {path}: the API is for root only")]
+    Permission { path: PathBuf },
+    #[error("talking to the agent at {path}: {reason}")]
+    Transport { path: PathBuf, reason: String },
+    #[error("the agent refused: {}{}", .body.error, if .body.diagnostics.is_empty() { String::new() } else { format!("\n{}", .body.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")) })]
+    Refused { status: u16, body: ErrorBody },
+}
+
+pub struct Client {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+fn user() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default()
+}
+
+impl Client {
+    /// Connects to the agent; `Ok(None)` when none is running there.
+    pub fn connect(socket: &Path) -> Result<Option<(Self, Info)>, ClientError> {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(ClientError::Permission {
+                    path: socket.to_path_buf(),
+                });
+            }
+            Err(_) => return Ok(None),
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Transport {
+                path: socket.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let client = Self {
+            socket: socket.to_path_buf(),
+            rt,
+        };
+        let info: Info = client.call(Method::GET, "/v1/info", None::<&()>)?;
+        Ok(Some((client, info)))
+    }
+
+    /// Like `connect`, but an absent agent is an error.
+    pub fn require(socket: &Path) -> Result<Self, ClientError> {
+        match Self::connect(socket)? {
+            Some((c, _)) => Ok(c),
+            None => Err(ClientError::NoAgent {
+                path: socket.to_path_buf(),
+                reason: "start one with `sluice agent --config FILE`".into(),
+            }),
+        }
+    }
+
+    pub fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let socket = self.socket.clone();
+        let transport = |reason: String| ClientError::Transport {
+            path: socket.clone(),
+            reason,
+        };
+        let payload = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| transport(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "sluice")
+            .header("content-type", "application/json")
+            .header("x-sluice-user", user())
+            .body(Full::new(Bytes::from(payload)))
+            .map_err(|e| transport(e.to_string()))?;
+        let (status, bytes) = self.rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            tokio::spawn(conn);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transport(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ClientError>((status, bytes))
+        })?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(|e| transport(format!("unexpected reply: {e}")))
+        } else {
+            let body = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
+                error: String::from_utf8_lossy(&bytes).into_owned(),
+                diagnostics: Vec::new(),
+            });
+            Err(ClientError::Refused {
+                status: status.as_u16(),
+                body,
+            })
+        }
+    }
+}
