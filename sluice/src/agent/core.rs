@@ -60,6 +60,7 @@ pub struct Core {
     pub applies: u64,
     pub apply_failures: u64,
     pub drift_corrections: u64,
+    pub metrics: super::metrics::AgentMetrics,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
@@ -97,6 +98,7 @@ impl Core {
             applies: 0,
             apply_failures: 0,
             drift_corrections: 0,
+            metrics: super::metrics::AgentMetrics::default(),
         };
         info!(
             resumed,
@@ -173,8 +175,21 @@ impl Core {
         author: &str,
         cause: String,
     ) -> Result<Applied, AgentError> {
+        let started = Instant::now();
         let before = self.state.desired().policy;
         let old = std::mem::replace(&mut self.state, next);
+        let result = self.commit_inner(old, before, author, cause);
+        self.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn commit_inner(
+        &mut self,
+        old: State,
+        before: crate::policy::Policy,
+        author: &str,
+        cause: String,
+    ) -> Result<Applied, AgentError> {
         match self.reconcile() {
             Ok(reconcile) => {
                 let version = self

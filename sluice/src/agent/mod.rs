@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod core;
+pub mod metrics;
 pub mod store;
 
 use std::{
@@ -172,7 +173,19 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             changes = report.changes,
             "agent ready"
         );
+        let metrics_addr = core.settings.metrics;
+        let agent_metrics = core.metrics.clone();
         let shared: api::Shared = Arc::new(Mutex::new(core));
+        let metrics_task = match metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Socket { path: PathBuf::from(addr.to_string()), source })?;
+                info!(%addr, "metrics endpoint listening");
+                Some(tokio::spawn(metrics::serve(listener, shared.clone(), agent_metrics)))
+            }
+            None => None,
+        };
         let app = api::router(shared.clone());
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<api::Peer>());
 
@@ -222,6 +235,9 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             error!(error = %e, "API server failed");
         }
         tasks.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&listener_path);
         if opts.detach_on_exit {
             let c = shared.clone();
