@@ -179,7 +179,9 @@ impl Core {
         let before = self.state.desired().policy;
         let old = std::mem::replace(&mut self.state, next);
         let result = self.commit_inner(old, before, author, cause);
-        self.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 

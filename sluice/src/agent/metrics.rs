@@ -26,13 +26,18 @@ pub struct AgentMetrics {
 impl Default for AgentMetrics {
     fn default() -> Self {
         Self {
-            apply_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16)),
+            apply_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+            ),
         }
     }
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
@@ -45,30 +50,71 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
 pub fn render(core: &Core, m: &AgentMetrics) -> String {
     let mut r = Registry::default();
     let build: Family<Labels, Gauge> = Family::default();
-    build.get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))])).set(1);
+    build
+        .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+        .set(1);
     r.register("sluice_build_info", "sluice build; always 1", build);
-    gauge(&mut r, "sluice_agent_policy_version", "Applied policy version", i64::try_from(core.state.current_version()).unwrap_or(i64::MAX));
-    gauge(&mut r, "sluice_agent_runtime_changes", "Runtime changes kept on top of the last applied file", core.state.overlay.len() as i64);
+    gauge(
+        &mut r,
+        "sluice_agent_policy_version",
+        "Applied policy version",
+        i64::try_from(core.state.current_version()).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut r,
+        "sluice_agent_runtime_changes",
+        "Runtime changes kept on top of the last applied file",
+        core.state.overlay.len() as i64,
+    );
     let counter = |v: u64| {
         let c: Counter = Counter::default();
         c.inc_by(v);
         c
     };
-    r.register("sluice_agent_applies", "Changes applied", counter(core.applies));
-    r.register("sluice_agent_apply_failures", "Changes refused or failed (nothing changed)", counter(core.apply_failures));
-    r.register("sluice_agent_drift_corrections", "Times the pins differed from desired state and were corrected", counter(core.drift_corrections));
-    r.register("sluice_agent_apply_duration_seconds", "Time to apply a change (kernel and store)", m.apply_seconds.clone());
+    r.register(
+        "sluice_agent_applies",
+        "Changes applied",
+        counter(core.applies),
+    );
+    r.register(
+        "sluice_agent_apply_failures",
+        "Changes refused or failed (nothing changed)",
+        counter(core.apply_failures),
+    );
+    r.register(
+        "sluice_agent_drift_corrections",
+        "Times the pins differed from desired state and were corrected",
+        counter(core.drift_corrections),
+    );
+    r.register(
+        "sluice_agent_apply_duration_seconds",
+        "Time to apply a change (kernel and store)",
+        m.apply_seconds.clone(),
+    );
 
     let up = match attach::status(&core.root) {
         Ok(st) => {
-            gauge(&mut r, "sluice_attachments", "Interfaces the XDP program is attached to", st.attachments.len() as i64);
+            gauge(
+                &mut r,
+                "sluice_attachments",
+                "Interfaces the XDP program is attached to",
+                st.attachments.len() as i64,
+            );
             if let Some(p) = &st.program {
-                r.register("sluice_program_runs", "XDP program runs (counted while kernel.bpf_stats_enabled=1)", counter(p.run_count));
-                r.register("sluice_program_run_time_seconds", "XDP program run time (counted while kernel.bpf_stats_enabled=1)", {
-                    let c: Counter<f64> = Counter::default();
-                    c.inc_by(p.run_time_ns as f64 / 1e9);
-                    c
-                });
+                r.register(
+                    "sluice_program_runs",
+                    "XDP program runs (counted while kernel.bpf_stats_enabled=1)",
+                    counter(p.run_count),
+                );
+                r.register(
+                    "sluice_program_run_time_seconds",
+                    "XDP program run time (counted while kernel.bpf_stats_enabled=1)",
+                    {
+                        let c: Counter<f64> = Counter::default();
+                        c.inc_by(p.run_time_ns as f64 / 1e9);
+                        c
+                    },
+                );
             }
             let entries: Family<Labels, Gauge> = Family::default();
             let capacity: Family<Labels, Gauge> = Family::default();
@@ -82,13 +128,26 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
                 entries.get_or_create(&lb).set(i64::from(n));
                 capacity.get_or_create(&lb).set(i64::from(st.rule_capacity));
             }
-            r.register("sluice_map_entries", "Entries in each policy table (lists per family, rules)", entries);
-            r.register("sluice_map_capacity", "Capacity of each policy table; a full table refuses changes", capacity);
+            r.register(
+                "sluice_map_entries",
+                "Entries in each policy table (lists per family, rules)",
+                entries,
+            );
+            r.register(
+                "sluice_map_capacity",
+                "Capacity of each policy table; a full table refuses changes",
+                capacity,
+            );
             true
         }
         Err(_) => false,
     };
-    gauge(&mut r, "sluice_dataplane_up", "1 when the pinned dataplane could be read", i64::from(up));
+    gauge(
+        &mut r,
+        "sluice_dataplane_up",
+        "1 when the pinned dataplane could be read",
+        i64::from(up),
+    );
 
     if let Ok(maps) = PolicyMaps::open(&core.root) {
         if let Ok(slots) = maps.counters() {
@@ -114,7 +173,11 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
                     }
                 }
             }
-            r.register("sluice_packets", "Packets judged by the XDP program", packets);
+            r.register(
+                "sluice_packets",
+                "Packets judged by the XDP program",
+                packets,
+            );
             r.register("sluice_bytes", "Bytes judged by the XDP program", bytes);
         }
         if let Ok(rules) = maps.rules() {
@@ -122,7 +185,10 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
             for row in rules {
                 let spec = crate::policy::RuleSpec::from_rule(&row.rule).to_string();
                 packets
-                    .get_or_create(&labels(&[("id", &row.rule.id.to_string()), ("rule", &spec)]))
+                    .get_or_create(&labels(&[
+                        ("id", &row.rule.id.to_string()),
+                        ("rule", &spec),
+                    ]))
                     .inc_by(row.packets);
             }
             r.register("sluice_rule_packets", "Packets each rule matched", packets);
@@ -134,7 +200,11 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
 }
 
 /// Serves GET /metrics on `addr` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, core: Arc<Mutex<Core>>, m: AgentMetrics) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    core: Arc<Mutex<Core>>,
+    m: AgentMetrics,
+) -> std::io::Result<()> {
     use axum::{Router, http::header, response::IntoResponse, routing::get};
     let app = Router::new().route(
         "/metrics",
@@ -143,12 +213,21 @@ pub async fn serve(listener: tokio::net::TcpListener, core: Arc<Mutex<Core>>, m:
             let m = m.clone();
             async move {
                 let text = tokio::task::spawn_blocking(move || {
-                    let c = core.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let c = core
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     render(&c, &m)
                 })
                 .await
                 .unwrap_or_default();
-                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response()
             }
         }),
     );

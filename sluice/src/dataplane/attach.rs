@@ -303,14 +303,16 @@ pub fn attach(
     let _lock = RootLock::acquire(&root.root)?;
 
     // Already attached here? Re-adopt the pinned link if it is still live.
+    let mut previous_mode = None;
     for (ns, name, pinned_mode, path) in pinned_links(root)? {
         if ns != netns || name != iface {
             continue;
         }
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
+        let live = info.xdp_ifindex == index;
         let mode_differs = mode != AttachMode::Auto && mode != pinned_mode;
-        if info.xdp_ifindex == index && !mode_differs {
+        if live && !mode_differs {
             return Ok(AttachReport {
                 interface: iface.to_string(),
                 netns: netns.to_string(),
@@ -325,11 +327,34 @@ pub fn attach(
         // different mode was asked for: drop this link (the maps stay) and
         // attach anew below.
         std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+        if live {
+            previous_mode = Some(pinned_mode);
+        }
     }
 
     let first = !root.prog().exists();
     let mut prog = pinned_program(root)?;
-    let result = attach_prog(root, &mut prog, iface, index, mode, netns);
+    let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
+    if let (Err(e), Some(old)) = (&result, previous_mode) {
+        // A refused mode change must not leave the interface unfiltered.
+        let restored = attach_prog(root, &mut prog, iface, index, old, netns).is_ok();
+        let detail = match e {
+            DataplaneError::Attach { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        };
+        result = Err(DataplaneError::Attach {
+            iface: iface.to_string(),
+            mode: mode.name(),
+            detail: format!(
+                "{detail}; {}",
+                if restored {
+                    format!("still attached in {} mode", old.name())
+                } else {
+                    "re-attaching in the previous mode failed too".to_string()
+                }
+            ),
+        });
+    }
     // A failed first attach must not leave a program and maps pinned with
     // nothing using them.
     if result.is_err() && first && pinned_links(root).is_ok_and(|l| l.is_empty()) {

@@ -104,8 +104,29 @@ fn private_mount_namespace() -> bool {
             .ok()
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
     };
+    let me = ino("/proc/self/ns/mnt");
     let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
-    matches!((ino("/proc/self/ns/mnt"), ino(&parent)), (Some(a), Some(b)) if a != b)
+    let differs = |other: Option<u64>| matches!((me, other), (Some(a), Some(b)) if a != b);
+    differs(ino(&parent)) || differs(ino("/proc/1/ns/mnt")) || sys_remounted_for_netns()
+}
+
+/// `ip netns exec` mounts a fresh sysfs on /sys named after the namespace;
+/// the host's is named `sysfs`.
+fn sys_remounted_for_netns() -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mount_point = left.split(' ').nth(4);
+        let mut r = right.split(' ');
+        let (fstype, source) = (r.next(), r.next());
+        mount_point == Some("/sys")
+            && fstype == Some("sysfs")
+            && !matches!(source, Some("sysfs" | "none" | "sys"))
+    })
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, DataplaneError> {
