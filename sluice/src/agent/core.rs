@@ -106,6 +106,13 @@ impl Core {
             pinned = core.root.is_set_up(),
             "agent state loaded"
         );
+        if core.root.is_set_up() {
+            // A new build takes over the running links atomically, maps kept.
+            let up = attach::upgrade(&core.root, false)?;
+            if !up.unchanged {
+                info!(old = %up.old_tag, new = %up.new_tag, links = up.links, "program upgraded on the live links; maps kept");
+            }
+        }
         let report = core.reconcile()?;
         if report.changes > 0 && cause.is_none() {
             warn!(

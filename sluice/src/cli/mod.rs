@@ -101,6 +101,13 @@ pub enum Command {
     },
     /// Applied versions the agent keeps, with time, author and cause.
     History,
+    /// Swap this build's XDP program in on every attached interface,
+    /// atomically per interface, keeping the pinned maps (policy, counters).
+    Upgrade {
+        /// Swap even when the pinned program is this build's already.
+        #[arg(long)]
+        force: bool,
+    },
     /// Attach the XDP firewall to an interface (re-adopts an existing attachment).
     Attach {
         /// Interface name, e.g. eth0.
@@ -316,7 +323,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
     }
     let root = PinRoot::new(&cli.pin_root);
-    if !cli.no_agent {
+    // Upgrading is a dataplane operation the agent also does itself on start.
+    if !cli.no_agent && !matches!(cli.command, Command::Upgrade { .. }) {
         if let Some((client, info)) = client::Client::connect(&cli.socket)? {
             if info.pin_root == cli.pin_root {
                 via_agent(&client, &cli, &out)?;
@@ -338,6 +346,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.detach(&report);
         }
         Command::Status => out.status(&attach::status(&root)?),
+        Command::Upgrade { force } => out.upgrade(&attach::upgrade(&root, force)?),
         Command::Stats { top } => {
             let maps = PolicyMaps::open(&root)?;
             out.stats(&stats::collect(&maps, top)?);
@@ -516,7 +525,8 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         | Command::Apply { .. }
         | Command::Diff { .. }
         | Command::Rollback { .. }
-        | Command::History => {}
+        | Command::History
+        | Command::Upgrade { .. } => {}
     }
     Ok(())
 }

@@ -163,6 +163,22 @@ impl Out {
         }
     }
 
+    pub fn upgrade(&self, r: &crate::dataplane::attach::UpgradeReport) {
+        if self.json {
+            print_json(&serde_json::to_value(r).expect("serialisable"));
+        } else if r.unchanged {
+            println!(
+                "program {} (tag {}) is this build's already; nothing to do",
+                r.old_program_id, r.old_tag
+            );
+        } else {
+            println!(
+                "program {} (tag {}) replaced by {} (tag {}) on {} interface(s); maps kept",
+                r.old_program_id, r.old_tag, r.new_program_id, r.new_tag, r.links
+            );
+        }
+    }
+
     pub fn diff(&self, d: &crate::policy::PolicyDiff) {
         if self.json {
             print_json(&serde_json::to_value(d).expect("serialisable"));

@@ -1,7 +1,7 @@
 //! Attaching the XDP program to interfaces, detaching it, and reporting what
 //! is attached where. Links are pinned so filtering outlives the command.
 
-use std::{ffi::CString, path::Path};
+use std::{ffi::CString, os::fd::AsFd as _, path::Path};
 
 use aya::{
     EbpfLoader,
@@ -570,4 +570,101 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
 /// True when `path` is an existing pin root with at least one attachment.
 pub fn has_attachments(root: &PinRoot) -> bool {
     pinned_links(root).is_ok_and(|l| !l.is_empty()) && Path::new(&root.root).exists()
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeReport {
+    pub old_program_id: u32,
+    pub old_tag: String,
+    pub new_program_id: u32,
+    pub new_tag: String,
+    /// Links switched to the new program.
+    pub links: usize,
+    /// Nothing to do: the pinned program is this build's already.
+    pub unchanged: bool,
+}
+
+/// Swaps this build's program in on every pinned link, atomically per link
+/// (packets see the old program or the new one), reusing the pinned maps so
+/// policy and counters carry over. Maps this build cannot use are refused
+/// before anything changes. Same program (same tag) is left alone unless
+/// `force`.
+pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneError> {
+    if !root.is_set_up() {
+        return Err(DataplaneError::NotAttached {
+            root: root.root.clone(),
+        });
+    }
+    let _lock = RootLock::acquire(&root.root)?;
+    let specs = pins::expected_maps(OBJECT)?;
+    pins::check_pinned_maps(root, &specs)?;
+    let old = ProgramInfo::from_pin(root.prog()).map_err(|e| DataplaneError::PinnedMap {
+        path: root.prog(),
+        detail: e.to_string(),
+    })?;
+    let old_fd =
+        sys::obj_get(&root.prog()).map_err(io_err(format!("opening {}", root.prog().display())))?;
+
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(String, std::path::PathBuf)> = specs
+        .iter()
+        .map(|s| (s.name.clone(), root.map(&s.name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(|e| DataplaneError::Load {
+        detail: format!("{e:#}"),
+    })?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or_else(|| DataplaneError::Load {
+            detail: format!("program {XDP_PROGRAM} missing from the object"),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
+            detail: e.to_string(),
+        })?;
+    prog.load().map_err(|e| DataplaneError::Load {
+        detail: verifier_detail(&e),
+    })?;
+    let new = prog.info().map_err(|e| DataplaneError::Load {
+        detail: e.to_string(),
+    })?;
+    let mut report = UpgradeReport {
+        old_program_id: old.id(),
+        old_tag: format!("{:016x}", old.tag()),
+        new_program_id: new.id(),
+        new_tag: format!("{:016x}", new.tag()),
+        links: 0,
+        unchanged: false,
+    };
+    if old.tag() == new.tag() && !force {
+        report.unchanged = true;
+        report.new_program_id = old.id();
+        return Ok(report);
+    }
+    let new_fd = prog.fd().map_err(|e| DataplaneError::Load {
+        detail: e.to_string(),
+    })?;
+    let new_fd = new_fd.as_fd();
+    for (_, iface, _, path) in pinned_links(root)? {
+        let link = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
+        sys::link_update(link.as_fd(), new_fd, old_fd.as_fd()).map_err(|e| {
+            DataplaneError::Attach {
+                iface,
+                mode: "upgrade",
+                detail: format!("swapping the program on {}: {e}", path.display()),
+            }
+        })?;
+        report.links += 1;
+    }
+    // The pin follows the program the links now run; the old one is freed
+    // once nothing references it.
+    let _ = std::fs::remove_file(root.prog());
+    prog.pin(root.prog()).map_err(|e| DataplaneError::Io {
+        what: format!("pinning {}", root.prog().display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(report)
 }

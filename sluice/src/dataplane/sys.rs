@@ -178,3 +178,36 @@ pub fn link_info(fd: impl AsFd) -> io::Result<LinkInfo> {
         xdp_ifindex: (info.union[0] & 0xffff_ffff) as u32,
     })
 }
+
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Atomically replaces the program of `link` with `new_prog`, but only if it
+/// still runs `old_prog` (BPF_F_REPLACE), so a concurrent change is not lost.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: BPF_F_REPLACE,
+        old_prog_fd: old_prog.as_raw_fd() as u32,
+    };
+    bpf(
+        BPF_LINK_UPDATE,
+        (&raw mut attr).cast(),
+        size_of::<LinkUpdateAttr>(),
+    )
+    .map(|_| ())
+}
