@@ -44,16 +44,23 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 pub enum Verdict {
     Pass = 0,
     Drop = 1,
+    /// Passed because the policy (or the rule) is in audit mode, but the
+    /// policy would have dropped it.
+    Audit = 2,
 }
 
+/// Verdict slots in the counter layout.
+pub const VERDICT_SLOTS: u32 = 3;
+
 impl Verdict {
-    pub const ALL: [Self; 2] = [Self::Pass, Self::Drop];
+    pub const ALL: [Self; 3] = [Self::Pass, Self::Drop, Self::Audit];
 
     #[must_use]
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Self::Pass),
             1 => Some(Self::Drop),
+            2 => Some(Self::Audit),
             _ => None,
         }
     }
@@ -63,6 +70,7 @@ impl Verdict {
         match self {
             Self::Pass => "pass",
             Self::Drop => "drop",
+            Self::Audit => "audit",
         }
     }
 }
@@ -194,11 +202,12 @@ impl L4 {
 
 /// Slots in `COUNTERS`: one per (family, l4, verdict, reason), so each packet
 /// costs a single per-CPU increment and user space sums whichever view it shows.
-pub const COUNTER_SLOTS: u32 = FAMILY_SLOTS * L4_SLOTS * 2 * REASON_SLOTS;
+pub const COUNTER_SLOTS: u32 = FAMILY_SLOTS * L4_SLOTS * VERDICT_SLOTS * REASON_SLOTS;
 
 #[must_use]
 pub const fn counter_index(family: Family, l4: L4, verdict: Verdict, reason: Reason) -> u32 {
-    (((family as u32) * L4_SLOTS + l4 as u32) * 2 + verdict as u32) * REASON_SLOTS + reason as u32
+    (((family as u32) * L4_SLOTS + l4 as u32) * VERDICT_SLOTS + verdict as u32) * REASON_SLOTS
+        + reason as u32
 }
 
 /// Packets and bytes. Value of the per-CPU `COUNTERS` and `RULE_STATS` arrays.
@@ -258,6 +267,10 @@ pub struct Settings {
 
 /// The control plane initialised this generation.
 pub const SETTINGS_F_INIT: u32 = 1 << 0;
+/// Audit mode for the whole policy: what the lists, rules or default action
+/// would drop is passed and counted with verdict `Audit`. The only flag the
+/// kernel program reads; malformed frames are not affected.
+pub const SETTINGS_F_AUDIT: u32 = 1 << 2;
 /// A change touched this generation and had not finished: the inactive
 /// generation must be resynchronised from the active one before the next change.
 pub const SETTINGS_F_DIRTY: u32 = 1 << 1;
@@ -304,6 +317,8 @@ pub const RULE_F_DPORT: u32 = 1 << 1;
 pub const RULE_F_SRC: u32 = 1 << 2;
 /// Rule matches only destinations in `dst_net/dst_mask`.
 pub const RULE_F_DST: u32 = 1 << 3;
+/// A drop rule in audit mode: matches are passed and counted as `Audit`.
+pub const RULE_F_AUDIT: u32 = 1 << 4;
 
 /// An L4 rule (`RULES[gen * MAX_RULES + position]`).
 ///

@@ -10,7 +10,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    EntryStats, Family, L4, MAX_RULES, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, Reason,
+    EntryStats, Family, L4, MAX_RULES, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY,
+    RULE_F_SRC, SETTINGS_F_AUDIT, Reason,
     Rule, Verdict, counter_index, lpm_prefix_len,
 };
 
@@ -210,10 +211,11 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
             reason: Reason::AllowList,
         };
     }
+    let audit = settings.flags & SETTINGS_F_AUDIT != 0;
     if let Some(e) = list_hit(pkt, g as u8, false) {
         hit(e, bytes);
         return Outcome {
-            verdict: Verdict::Drop,
+            verdict: drop_or_audit(audit),
             reason: Reason::DenyList,
         };
     }
@@ -245,14 +247,26 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
                     (*c).bytes += bytes;
                 }
             }
+            let verdict = match verdict_of(r.action) {
+                Verdict::Drop => drop_or_audit(audit || r.flags & RULE_F_AUDIT != 0),
+                v => v,
+            };
             return Outcome {
-                verdict: verdict_of(r.action),
+                verdict,
                 reason: Reason::Rule,
             };
         }
     }
     Outcome {
-        verdict: verdict_of(settings.default_action),
+        verdict: match verdict_of(settings.default_action) {
+            Verdict::Drop => drop_or_audit(audit),
+            v => v,
+        },
         reason: Reason::Default,
     }
+}
+
+#[inline(always)]
+fn drop_or_audit(audit: bool) -> Verdict {
+    if audit { Verdict::Audit } else { Verdict::Drop }
 }

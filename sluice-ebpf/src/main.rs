@@ -17,7 +17,7 @@ use sluice_common::Verdict;
 #[xdp]
 pub fn sluice_xdp(ctx: XdpContext) -> u32 {
     match firewall::run(&ctx) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Audit => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }

@@ -364,6 +364,8 @@ async fn del_rule(
 pub struct SettingsBody {
     pub default: Option<Action>,
     pub malformed: Option<Action>,
+    #[serde(default)]
+    pub audit: Option<bool>,
 }
 
 async fn put_settings(
@@ -379,8 +381,11 @@ async fn put_settings(
     if let Some(action) = body.malformed {
         ops.push(Op::Malformed { action });
     }
+    if let Some(on) = body.audit {
+        ops.push(Op::Audit { on });
+    }
     if ops.is_empty() {
-        return Err(bad_request("nothing to set (default and/or malformed)"));
+        return Err(bad_request("nothing to set (default, malformed and/or audit)"));
     }
     let who = author(&peer, &headers);
     with_core(&core, move |c| c.change(ops, &who))

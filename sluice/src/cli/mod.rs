@@ -148,6 +148,19 @@ pub enum Command {
         #[arg(value_enum)]
         action: ActionArg,
     },
+    /// Audit mode for the whole policy: what the lists, rules or default
+    /// would drop is passed and counted as `audit` (malformed frames are not
+    /// affected). Per rule: `rule add audit drop ...`.
+    Audit {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -365,6 +378,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 &report,
             );
         }
+        Command::Audit { state } => {
+            let mut maps = PolicyMaps::open(&root)?;
+            let on = state == OnOff::On;
+            let report = maps.commit(Change {
+                audit: Some(on),
+                ..Change::default()
+            })?;
+            out.done(&format!("audit mode: {}", if on { "on" } else { "off" }), &report);
+        }
         Command::Malformed { action } => {
             let mut maps = PolicyMaps::open(&root)?;
             let report = maps.commit(Change {
@@ -499,17 +521,32 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                 out.rules(&r.rules);
             }
         },
+        Command::Audit { state } => {
+            let on = *state == OnOff::On;
+            let body = api::SettingsBody {
+                default: None,
+                malformed: None,
+                audit: Some(on),
+            };
+            let applied: Applied = client.call(Method::PUT, "/v1/settings", Some(&body))?;
+            out.applied(
+                &format!("audit mode: {}", if on { "on" } else { "off" }),
+                &applied,
+            );
+        }
         Command::Default { action } | Command::Malformed { action } => {
             let a = crate::policy::Action::from(Verdict::from(*action));
             let body = if matches!(cli.command, Command::Default { .. }) {
                 api::SettingsBody {
                     default: Some(a),
                     malformed: None,
+                    audit: None,
                 }
             } else {
                 api::SettingsBody {
                     default: None,
                     malformed: Some(a),
+                    audit: None,
                 }
             };
             let what = if body.default.is_some() {

@@ -275,10 +275,11 @@ impl Out {
             println!("runs:     not counted (enable with `sysctl kernel.bpf_stats_enabled=1`)");
         }
         println!(
-            "policy:   generation {}, default {}, malformed {}, {}/{} rules",
+            "policy:   generation {}, default {}, malformed {}{}, {}/{} rules",
             s.generation.unwrap_or(0),
             s.default_action.as_deref().unwrap_or("?"),
             s.malformed_action.as_deref().unwrap_or("?"),
+            if s.audit == Some(true) { ", AUDIT MODE (nothing is dropped)" } else { "" },
             s.rules.unwrap_or(0),
             s.rule_capacity
         );

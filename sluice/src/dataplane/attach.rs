@@ -122,6 +122,9 @@ pub struct Status {
     pub generation: Option<u32>,
     pub default_action: Option<String>,
     pub malformed_action: Option<String>,
+    /// Policy-wide audit mode.
+    #[serde(default)]
+    pub audit: Option<bool>,
     pub rules: Option<u32>,
     pub rule_capacity: u32,
     pub lists: Vec<ListStatus>,
@@ -510,6 +513,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         generation: None,
         default_action: None,
         malformed_action: None,
+        audit: None,
         rules: None,
         rule_capacity: sluice_common::MAX_RULES,
         lists: Vec::new(),
@@ -550,6 +554,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         st.generation = Some(g);
         st.default_action = Verdict::from_u32(s.default_action).map(|v| v.name().to_string());
         st.malformed_action = Verdict::from_u32(s.malformed_action).map(|v| v.name().to_string());
+        st.audit = Some(s.flags & sluice_common::SETTINGS_F_AUDIT != 0);
         st.rules = Some(s.rule_count);
         for list in ListId::ALL {
             st.lists.push(ListStatus {

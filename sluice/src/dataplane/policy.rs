@@ -16,7 +16,7 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sluice_common::{
     Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, Rule,
-    SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len, map_names,
+    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len, map_names,
 };
 
 use super::{
@@ -50,6 +50,8 @@ pub struct Change {
     pub rules: Option<Vec<Rule>>,
     pub default_action: Option<Verdict>,
     pub malformed_action: Option<Verdict>,
+    /// Policy-wide audit mode on or off.
+    pub audit: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -598,6 +600,11 @@ impl PolicyMaps {
         if let Some(v) = change.malformed_action {
             new.malformed_action = v as u32;
         }
+        match change.audit {
+            Some(true) => new.flags |= SETTINGS_F_AUDIT,
+            Some(false) => new.flags &= !SETTINGS_F_AUDIT,
+            None => {}
+        }
         let rules = match change.rules {
             Some(mut rules) => {
                 if rules.len() > MAX_RULES as usize {
@@ -629,7 +636,8 @@ impl PolicyMaps {
             && report.deleted == 0
             && rules.as_ref().is_none_or(|r| *r == current_rules)
             && new.default_action == sa.default_action
-            && new.malformed_action == sa.malformed_action;
+            && new.malformed_action == sa.malformed_action
+            && new.flags == sa.flags;
         if nothing_changes {
             report.generation = a;
             return Ok(report);

@@ -114,6 +114,8 @@ struct RawInterface {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
+    #[serde(default)]
+    audit: bool,
     default: Option<Spanned<String>>,
     malformed: Option<Spanned<String>>,
     #[serde(default)]
@@ -294,6 +296,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             &mut diags,
         )
         .into(),
+        audit: raw.policy.audit,
         ..Policy::default()
     };
     for (list, into) in [

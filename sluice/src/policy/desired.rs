@@ -22,7 +22,8 @@ pub enum Action {
 impl From<Verdict> for Action {
     fn from(v: Verdict) -> Self {
         match v {
-            Verdict::Pass => Self::Pass,
+            // Audit is a counted outcome, never a configured action.
+            Verdict::Pass | Verdict::Audit => Self::Pass,
             Verdict::Drop => Self::Drop,
         }
     }
@@ -48,6 +49,10 @@ impl fmt::Display for Action {
 pub struct Policy {
     pub default: Action,
     pub malformed: Action,
+    /// Audit mode: what would be dropped (lists, rules, default) is passed
+    /// and counted as `audit`. Malformed frames are not affected.
+    #[serde(default)]
+    pub audit: bool,
     pub deny: BTreeSet<IpNet>,
     pub allow: BTreeSet<IpNet>,
     pub rules: Vec<RuleSpec>,
@@ -60,6 +65,7 @@ impl Default for Policy {
         Self {
             default: Action::Pass,
             malformed: Action::Drop,
+            audit: false,
             deny: BTreeSet::new(),
             allow: BTreeSet::new(),
             rules: Vec::new(),
@@ -94,6 +100,8 @@ pub struct PolicyDiff {
     pub rules: Option<(Vec<String>, Vec<String>)>,
     pub default: Option<(Action, Action)>,
     pub malformed: Option<(Action, Action)>,
+    #[serde(default)]
+    pub audit: Option<(bool, bool)>,
 }
 
 impl PolicyDiff {
@@ -107,6 +115,7 @@ impl PolicyDiff {
             rules: (from.rules != to.rules).then(|| (rules_text(from), rules_text(to))),
             default: (from.default != to.default).then_some((from.default, to.default)),
             malformed: (from.malformed != to.malformed).then_some((from.malformed, to.malformed)),
+            audit: (from.audit != to.audit).then_some((from.audit, to.audit)),
         }
     }
 
@@ -123,6 +132,7 @@ impl PolicyDiff {
             + self.rules.as_ref().map_or(0, |(a, b)| a.len().max(b.len()))
             + usize::from(self.default.is_some())
             + usize::from(self.malformed.is_some())
+            + usize::from(self.audit.is_some())
     }
 }
 
@@ -136,6 +146,10 @@ impl fmt::Display for PolicyDiff {
         }
         if let Some((a, b)) = self.malformed {
             writeln!(f, "~ malformed {a} -> {b}")?;
+        }
+        if let Some((a, b)) = self.audit {
+            let on = |x: bool| if x { "on" } else { "off" };
+            writeln!(f, "~ audit {} -> {}", on(a), on(b))?;
         }
         for (sign, list, nets) in [
             ('+', "deny", &self.deny_add),
@@ -180,6 +194,7 @@ pub fn pinned_policy(maps: &PolicyMaps) -> Result<Policy, DataplaneError> {
         malformed: Verdict::from_u32(s.malformed_action)
             .unwrap_or(Verdict::Drop)
             .into(),
+        audit: s.flags & sluice_common::SETTINGS_F_AUDIT != 0,
         deny,
         allow,
         rules: maps
@@ -232,6 +247,7 @@ pub fn change_to(
     }
     change.default_action = diff.default.map(|(_, b)| b.into());
     change.malformed_action = diff.malformed.map(|(_, b)| b.into());
+    change.audit = diff.audit.map(|(_, b)| b);
     Ok(change)
 }
 
@@ -246,6 +262,7 @@ pub enum Op {
     RuleDel { rule: RuleSpec },
     Default { action: Action },
     Malformed { action: Action },
+    Audit { on: bool },
     Attach { interface: Interface },
     Detach { name: String, netns: Option<String> },
 }
@@ -298,6 +315,7 @@ impl Op {
             },
             Self::Default { action } => p.default = *action,
             Self::Malformed { action } => p.malformed = *action,
+            Self::Audit { on } => p.audit = *on,
             Self::Attach { interface } => {
                 d.interfaces
                     .retain(|i| !(i.name == interface.name && i.netns == interface.netns));
@@ -337,6 +355,7 @@ impl Op {
             Self::RuleDel { rule } => format!("rule del {rule}"),
             Self::Default { action } => format!("default {action}"),
             Self::Malformed { action } => format!("malformed {action}"),
+            Self::Audit { on } => format!("audit {}", if *on { "on" } else { "off" }),
             Self::Attach { interface } => format!(
                 "attach {} (netns {}) --mode {}",
                 interface.name,

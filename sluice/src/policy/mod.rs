@@ -5,7 +5,7 @@ use std::{fmt, net::IpAddr, path::Path};
 
 use ipnet::IpNet;
 use sluice_common::{
-    RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, Rule, Verdict, addr_words,
+    RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, Rule, Verdict, addr_words,
 };
 
 use crate::dataplane::policy::UNASSIGNED;
@@ -103,6 +103,8 @@ impl RuleRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     pub action: Verdict,
+    /// A drop rule in audit mode: matches are passed and counted as `audit`.
+    pub audit: bool,
     pub proto: Option<u8>,
     pub dport: Option<(u16, u16)>,
     pub src: Option<IpNet>,
@@ -132,7 +134,8 @@ impl RuleSpec {
     /// Parses the words after `sluice rule add`.
     pub fn parse(words: &[String]) -> Result<Self, PolicyError> {
         let bad = |reason: String| PolicyError::BadRule { reason };
-        let mut it = words.iter().map(String::as_str);
+        let mut it = words.iter().map(String::as_str).peekable();
+        let audit = it.next_if_eq(&"audit").is_some();
         let action = match it.next() {
             Some("drop") => Verdict::Drop,
             Some("pass" | "accept" | "allow") => Verdict::Pass,
@@ -145,6 +148,7 @@ impl RuleSpec {
         };
         let mut spec = Self {
             action,
+            audit,
             proto: None,
             dport: None,
             src: None,
@@ -242,6 +246,9 @@ impl RuleSpec {
                 return Err(bad("src and dst are of different address families"));
             }
         }
+        if self.audit && self.action != Verdict::Drop {
+            return Err(bad("audit applies to drop rules (audit drop ...)"));
+        }
         if self.dport.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP | IPPROTO_UDP)) {
             return Err(bad("dport only applies to tcp and udp"));
         }
@@ -264,6 +271,9 @@ impl RuleSpec {
             stats_slot: UNASSIGNED,
             ..Rule::default()
         };
+        if self.audit {
+            r.flags |= RULE_F_AUDIT;
+        }
         if let Some(f) = self.family() {
             r.flags |= RULE_F_FAMILY;
             r.family = f;
@@ -298,6 +308,7 @@ impl RuleSpec {
         };
         Self {
             action: Verdict::from_u32(r.action).unwrap_or(Verdict::Pass),
+            audit: r.flags & RULE_F_AUDIT != 0,
             proto: (r.proto != 0).then_some(r.proto as u8),
             dport: (r.flags & RULE_F_DPORT != 0).then_some((r.port_lo, r.port_hi)),
             src: (r.flags & RULE_F_SRC != 0).then(|| net(r.src_net, r.src_mask)),
@@ -345,6 +356,9 @@ impl<'de> serde::Deserialize<'de> for RuleSpec {
 
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.audit {
+            f.write_str("audit ")?;
+        }
         f.write_str(self.action.name())?;
         match self.proto {
             Some(p) => match proto_name(p) {
@@ -418,6 +432,7 @@ mod tests {
             "pass any src 2001:2::/48",
             "drop proto 47 src 198.18.1.0/24 dst 198.18.2.0/24",
             "drop icmpv6 dst 2001:2:0:1::/64",
+            "audit drop tcp dport 22",
         ] {
             let spec = RuleSpec::parse(&words(text)).unwrap();
             let back = RuleSpec::from_rule(&spec.to_rule());
@@ -445,6 +460,9 @@ mod tests {
             "drop tcp sport 80",
             "drop proto 0",
             "drop 0",
+            "audit pass tcp",
+            "audit",
+            "drop audit tcp",
         ] {
             assert!(
                 RuleSpec::parse(&words(text)).is_err(),

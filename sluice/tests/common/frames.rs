@@ -1070,6 +1070,7 @@ pub fn random_policy(rng: &mut impl Rng) -> Policy {
         rules,
         default_drop: rng.gen_bool(0.5),
         malformed_drop: rng.gen_bool(0.7),
+        audit: rng.gen_bool(0.15),
     }
 }
 
@@ -1092,8 +1093,10 @@ fn random_rule(rng: &mut impl Rng) -> Rule {
             Some((a.min(b), a.max(b)))
         }
     };
+    let drop = rng.gen_bool(0.5);
     Rule {
-        drop: rng.gen_bool(0.5),
+        drop,
+        audit: drop && rng.gen_bool(0.2),
         proto,
         dport,
         src: rng.gen_bool(0.4).then(|| random_prefix(rng, v6)),

@@ -16,7 +16,7 @@ use super::model;
 /// The XDP action the program must return for a verdict.
 pub fn xdp_action(v: Verdict) -> u32 {
     match v {
-        Verdict::Pass => sluice::dataplane::sandbox::XDP_PASS,
+        Verdict::Pass | Verdict::Audit => sluice::dataplane::sandbox::XDP_PASS,
         Verdict::Drop => sluice::dataplane::sandbox::XDP_DROP,
     }
 }
@@ -28,6 +28,9 @@ pub fn new_sandbox() -> Sandbox {
 /// Rules sluice would refuse (`rule add` validates them) are left out of
 /// model policies so model and kernel hold the same rule set.
 pub fn storable(rule: &model::Rule) -> bool {
+    if rule.audit && !rule.drop {
+        return false;
+    }
     let fam = |n: &IpNet| n.addr().is_ipv4();
     match (&rule.src, &rule.dst) {
         (Some(s), Some(d)) => fam(s) == fam(d),
@@ -42,6 +45,7 @@ pub fn rule_spec(rule: &model::Rule) -> RuleSpec {
         } else {
             Verdict::Pass
         },
+        audit: rule.audit,
         proto: rule.proto.filter(|p| *p != 0),
         dport: rule.dport,
         src: rule.src,
@@ -91,6 +95,7 @@ pub fn set_policy(maps: &mut PolicyMaps, policy: &model::Policy) {
     } else {
         Verdict::Pass
     });
+    change.audit = Some(policy.audit);
     maps.commit(change).expect("commit policy");
 }
 

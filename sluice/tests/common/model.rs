@@ -58,6 +58,9 @@ pub struct Policy {
     pub default_drop: bool,
     /// Action for frames that cannot be parsed (the kernel default is drop).
     pub malformed_drop: bool,
+    /// Audit mode: what the lists, rules or default would drop is passed
+    /// and counted with verdict `Audit`; malformed frames are not affected.
+    pub audit: bool,
 }
 
 /// An L4 rule; `None` conditions always hold.
@@ -71,6 +74,8 @@ pub struct Rule {
     pub dport: Option<(u16, u16)>,
     pub src: Option<IpNet>,
     pub dst: Option<IpNet>,
+    /// A drop rule in audit mode: its matches are passed, counted as `Audit`.
+    pub audit: bool,
 }
 
 /// What the kernel must do with a frame, and how it must count it.
@@ -134,7 +139,7 @@ pub fn judge(policy: &Policy, frame: &[u8]) -> Outcome {
     }
     if let Some(hit) = longest_match(&policy.deny, pkt.src) {
         return Outcome {
-            verdict: Verdict::Drop,
+            verdict: audited(true, policy.audit),
             reason: Reason::DenyList,
             list_hit: Some(hit),
             ..base
@@ -147,14 +152,14 @@ pub fn judge(policy: &Policy, frame: &[u8]) -> Outcome {
         .find(|(_, rule)| rule_matches(rule, &pkt))
     {
         return Outcome {
-            verdict: action(rule.drop),
+            verdict: audited(rule.drop, policy.audit || rule.audit),
             reason: Reason::Rule,
             rule_hit: Some(i),
             ..base
         };
     }
     Outcome {
-        verdict: action(policy.default_drop),
+        verdict: audited(policy.default_drop, policy.audit),
         ..base
     }
 }
@@ -167,6 +172,15 @@ fn outcome(verdict: Verdict, reason: Reason, family: Family, l4: L4) -> Outcome 
         l4,
         list_hit: None,
         rule_hit: None,
+    }
+}
+
+/// A drop that audit mode turns into a counted pass.
+fn audited(drop: bool, audit: bool) -> Verdict {
+    match (drop, audit) {
+        (false, _) => Verdict::Pass,
+        (true, false) => Verdict::Drop,
+        (true, true) => Verdict::Audit,
     }
 }
 
