@@ -69,6 +69,18 @@ fn author(peer: &Peer, headers: &axum::http::HeaderMap) -> String {
     }
 }
 
+/// The caller's session (`X-Sluice-Session`: its `$SSH_CONNECTION`) and
+/// whether it insists (`X-Sluice-Force: 1`).
+fn safety(headers: &axum::http::HeaderMap) -> super::core::Safety {
+    super::core::Safety {
+        session: headers
+            .get("x-sluice-session")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::policy::eval::Probe::from_ssh_connection),
+        force: headers.get("x-sluice-force").is_some_and(|v| v == "1"),
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
@@ -88,6 +100,7 @@ impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
         let status = match &e {
             AgentError::Config(_) | AgentError::Refused(_) => StatusCode::BAD_REQUEST,
+            AgentError::LockOut { .. } => StatusCode::CONFLICT,
             AgentError::NoSuchVersion { .. } => StatusCode::NOT_FOUND,
             AgentError::Dataplane(
                 DataplaneError::NotInList { .. }
@@ -273,7 +286,8 @@ async fn list_change(
         }
     };
     let who = author(&peer, &headers);
-    with_core(&core, move |c| c.change(vec![op], &who))
+    let safe = safety(&headers);
+    with_core(&core, move |c| c.change(vec![op], &who, &safe))
         .await
         .map(Json)
 }
@@ -319,6 +333,7 @@ async fn add_rule(
     Json(body): Json<RuleAddBody>,
 ) -> Result<Json<RuleAdded>, ApiError> {
     let who = author(&peer, &headers);
+    let safe = safety(&headers);
     with_core(&core, move |c| {
         let position = body.at.unwrap_or(c.state.desired().policy.rules.len());
         let applied = c.change(
@@ -327,6 +342,7 @@ async fn add_rule(
                 rule: body.rule,
             }],
             &who,
+            &safe,
         )?;
         let rule_id = rule_rows(c)?
             .iter()
@@ -349,12 +365,13 @@ async fn del_rule(
     Path(id): Path<u32>,
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
+    let safe = safety(&headers);
     with_core(&core, move |c| {
         let rows = rule_rows(c)?;
         let Some(row) = rows.into_iter().find(|r| r.id == id) else {
             return Err(DataplaneError::NoSuchRule { id }.into());
         };
-        c.change(vec![Op::RuleDel { rule: row.rule }], &who)
+        c.change(vec![Op::RuleDel { rule: row.rule }], &who, &safe)
     })
     .await
     .map(Json)
@@ -388,7 +405,8 @@ async fn put_settings(
         return Err(bad_request("nothing to set (default, malformed and/or audit)"));
     }
     let who = author(&peer, &headers);
-    with_core(&core, move |c| c.change(ops, &who))
+    let safe = safety(&headers);
+    with_core(&core, move |c| c.change(ops, &who, &safe))
         .await
         .map(Json)
 }
@@ -406,7 +424,8 @@ async fn apply_policy(
     Json(body): Json<FileBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
-    with_core(&core, move |c| c.apply_file(body.path, &body.text, &who))
+    let safe = safety(&headers);
+    with_core(&core, move |c| c.apply_file(body.path, &body.text, &who, &safe))
         .await
         .map(Json)
 }
@@ -470,7 +489,8 @@ async fn rollback(
     Json(body): Json<RollbackBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
-    with_core(&core, move |c| c.rollback(body.version, &who))
+    let safe = safety(&headers);
+    with_core(&core, move |c| c.rollback(body.version, &who, &safe))
         .await
         .map(Json)
 }
@@ -488,8 +508,9 @@ async fn attach_iface(
     Json(interface): Json<Interface>,
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
+    let safe = safety(&headers);
     with_core(&core, move |c| {
-        c.change(vec![Op::Attach { interface }], &who)
+        c.change(vec![Op::Attach { interface }], &who, &safe)
     })
     .await
     .map(Json)
@@ -502,6 +523,7 @@ async fn detach_iface(
     Json(body): Json<DetachBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
+    let safe = safety(&headers);
     with_core(&core, move |c| {
         c.change(
             vec![Op::Detach {
@@ -509,6 +531,7 @@ async fn detach_iface(
                 netns: body.netns,
             }],
             &who,
+            &safe,
         )
     })
     .await

@@ -28,6 +28,11 @@ pub enum AgentError {
     Netns(#[from] crate::netns::NetnsError),
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "refused: this policy would drop {probe} ({why}); fix the policy, or repeat with --force \
+         if you really mean it"
+    )]
+    LockOut { probe: String, why: String },
     #[error("version {version} is not in the history (kept: {kept})")]
     NoSuchVersion { version: u64, kept: String },
 }
@@ -40,6 +45,14 @@ pub struct ReconcileReport {
     /// Entries, rules and settings that had to change in the maps.
     pub changes: usize,
     pub millis: f64,
+}
+
+/// What must keep working after a change: the caller's own session, and the
+/// agent's listeners. `force` skips the check.
+#[derive(Debug, Clone, Default)]
+pub struct Safety {
+    pub session: Option<crate::policy::eval::Probe>,
+    pub force: bool,
 }
 
 /// The result of a change through the agent.
@@ -176,12 +189,50 @@ impl Core {
 
     /// Replaces the state with `next` if the kernel takes it; on failure the
     /// old state is restored everywhere and the error returned.
+    /// Refuses a policy that would drop the caller's session or the metrics
+    /// endpoint (the API is a unix socket, out of XDP's reach).
+    fn guard(&self, policy: &crate::policy::Policy, safety: &Safety) -> Result<(), AgentError> {
+        if safety.force {
+            return Ok(());
+        }
+        let mut probes: Vec<crate::policy::eval::Probe> = safety.session.iter().cloned().collect();
+        if let Some(addr) = self.settings.metrics {
+            if !addr.ip().is_loopback() {
+                // A scraper that is on no list: only rules and the default decide.
+                let src: std::net::IpAddr = if addr.is_ipv4() {
+                    std::net::Ipv4Addr::new(192, 0, 2, 1).into()
+                } else {
+                    "2001:db8::1".parse().expect("valid address")
+                };
+                probes.push(crate::policy::eval::Probe {
+                    what: "the agent's metrics endpoint".into(),
+                    src,
+                    dst: addr.ip(),
+                    proto: 6,
+                    dport: Some(addr.port()),
+                });
+            }
+        }
+        for p in probes {
+            let (verdict, _, why) = crate::policy::eval::judge(policy, &p);
+            if verdict == sluice_common::Verdict::Drop {
+                return Err(AgentError::LockOut { probe: p.to_string(), why });
+            }
+        }
+        Ok(())
+    }
+
     fn commit_state(
         &mut self,
         next: State,
         author: &str,
         cause: String,
+        safety: &Safety,
     ) -> Result<Applied, AgentError> {
+        if let Err(e) = self.guard(&next.desired().policy, safety) {
+            self.apply_failures += 1;
+            return Err(e);
+        }
         let started = Instant::now();
         let before = self.state.desired().policy;
         let old = std::mem::replace(&mut self.state, next);
@@ -231,7 +282,7 @@ impl Core {
     }
 
     /// A runtime change (CLI through the API).
-    pub fn change(&mut self, ops: Vec<Op>, author: &str) -> Result<Applied, AgentError> {
+    pub fn change(&mut self, ops: Vec<Op>, author: &str, safety: &Safety) -> Result<Applied, AgentError> {
         let mut next = self.state.clone();
         let mut desired = next.desired();
         for op in &ops {
@@ -239,7 +290,7 @@ impl Core {
         }
         let cause = ops.iter().map(Op::describe).collect::<Vec<_>>().join("; ");
         next.overlay.extend(ops);
-        self.commit_state(next, author, cause)
+        self.commit_state(next, author, cause, safety)
     }
 
     /// `sluice apply FILE`: the file becomes the base; runtime changes stay on top.
@@ -248,13 +299,14 @@ impl Core {
         path: PathBuf,
         text: &str,
         author: &str,
+        safety: &Safety,
     ) -> Result<Applied, AgentError> {
         let cfg = config::parse(&path, text)?;
         let mut next = self.state.clone();
         next.base = cfg.desired;
         next.base_source = path.display().to_string();
         next.base_hash = content_hash(text);
-        self.commit_state(next, author, format!("applied {}", path.display()))
+        self.commit_state(next, author, format!("applied {}", path.display()), safety)
     }
 
     /// What applying the file would change.
@@ -269,7 +321,7 @@ impl Core {
     }
 
     /// Goes back to the policy of `version` (default: the one before the current).
-    pub fn rollback(&mut self, version: Option<u64>, author: &str) -> Result<Applied, AgentError> {
+    pub fn rollback(&mut self, version: Option<u64>, author: &str, safety: &Safety) -> Result<Applied, AgentError> {
         let current = self.state.current_version();
         let target = version.unwrap_or(current.saturating_sub(1));
         let Some(v) = self
@@ -293,7 +345,7 @@ impl Core {
         let mut next = self.state.clone();
         next.base.policy = v.policy;
         next.overlay.clear();
-        self.commit_state(next, author, format!("rollback to version {target}"))
+        self.commit_state(next, author, format!("rollback to version {target}"), safety)
     }
 
     /// Re-reads the agent's own config file (SIGHUP, or it changed on disk).
@@ -312,7 +364,7 @@ impl Core {
         if content_hash(&text) == self.state.base_hash {
             return Ok(None);
         }
-        self.apply_file(path, &text, "agent (reload)").map(Some)
+        self.apply_file(path, &text, "agent (reload)", &Safety::default()).map(Some)
     }
 
     /// Hash of the config file on disk, to notice edits cheaply.

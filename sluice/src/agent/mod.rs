@@ -49,6 +49,12 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("another agent is already serving {path}")]
     AlreadyRunning { path: PathBuf },
     #[error(
@@ -160,7 +166,8 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
-    rt.block_on(async move {
+    let socket_path = listener_path.clone();
+    let result = rt.block_on(async move {
         std_listener
             .set_nonblocking(true)
             .map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
@@ -180,7 +187,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(|source| RunError::Socket { path: PathBuf::from(addr.to_string()), source })?;
+                    .map_err(|source| RunError::Metrics { addr, source })?;
                 info!(%addr, "metrics endpoint listening");
                 Some(tokio::spawn(metrics::serve(listener, shared.clone(), agent_metrics)))
             }
@@ -250,7 +257,10 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             info!("dataplane left running (pinned); restart the agent to manage it again");
         }
         Ok(())
-    })
+    });
+    // Whatever happened, a socket nobody serves must not linger.
+    let _ = std::fs::remove_file(&socket_path);
+    result
 }
 
 async fn reload(core: &api::Shared) {

@@ -24,6 +24,8 @@ pub enum ClientError {
 pub struct Client {
     socket: PathBuf,
     rt: tokio::runtime::Runtime,
+    /// Send `X-Sluice-Force: 1`: apply even if the lock-out guard objects.
+    pub force: bool,
 }
 
 fn user() -> String {
@@ -54,9 +56,17 @@ impl Client {
         let client = Self {
             socket: socket.to_path_buf(),
             rt,
+            force: false,
         };
         let info: Info = client.call(Method::GET, "/v1/info", None::<&()>)?;
         Ok(Some((client, info)))
+    }
+
+    /// Asks the agent to apply even if its lock-out guard objects.
+    #[must_use]
+    pub fn with_force(mut self, force: bool) -> Self {
+        self.force = force;
+        self
     }
 
     /// Like `connect`, but an absent agent is an error.
@@ -91,6 +101,8 @@ impl Client {
             .header("host", "sluice")
             .header("content-type", "application/json")
             .header("x-sluice-user", user())
+            .header("x-sluice-session", std::env::var("SSH_CONNECTION").unwrap_or_default())
+            .header("x-sluice-force", if self.force { "1" } else { "0" })
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| transport(e.to_string()))?;
         let (status, bytes) = self.rt.block_on(async {

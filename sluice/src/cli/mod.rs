@@ -50,6 +50,11 @@ pub struct Cli {
     )]
     pub socket: PathBuf,
 
+    /// Apply even if the agent's lock-out guard objects (the change would
+    /// drop your SSH session or the agent's metrics endpoint).
+    #[arg(long, global = true)]
+    pub force: bool,
+
     /// Work on the pins directly even when an agent is running (its next
     /// drift check will undo changes that differ from its desired state).
     #[arg(long, global = true)]
@@ -293,7 +298,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             })?;
             // Check here too, so a bad file is reported even with no agent.
             crate::policy::config::parse(file, &text)?;
-            let client = client::Client::require(&cli.socket)?;
+            let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone());
             let body = crate::agent::api::FileBody { path, text };
             if matches!(cli.command, Command::Apply { .. }) {
@@ -308,7 +313,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             return Ok(());
         }
         Command::Rollback { version } => {
-            let client = client::Client::require(&cli.socket)?;
+            let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             let applied: crate::agent::core::Applied = client.call(
                 hyper::Method::POST,
                 "/v1/rollback",
@@ -318,7 +323,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             return Ok(());
         }
         Command::History => {
-            let client = client::Client::require(&cli.socket)?;
+            let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             let h: Vec<crate::agent::api::HistoryEntry> =
                 client.call(hyper::Method::GET, "/v1/history", None::<&()>)?;
             out.history(&h);
@@ -339,6 +344,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     // Upgrading is a dataplane operation the agent also does itself on start.
     if !cli.no_agent && !matches!(cli.command, Command::Upgrade { .. }) {
         if let Some((client, info)) = client::Client::connect(&cli.socket)? {
+            let client = client.with_force(cli.force);
             if info.pin_root == cli.pin_root {
                 via_agent(&client, &cli, &out)?;
                 if !cli.json {

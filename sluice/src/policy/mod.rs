@@ -12,6 +12,7 @@ use crate::dataplane::policy::UNASSIGNED;
 
 pub mod config;
 mod desired;
+pub mod eval;
 
 pub use desired::{Action, Desired, Interface, Op, Policy, PolicyDiff, change_to, pinned_policy};
 

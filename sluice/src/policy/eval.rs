@@ -1,0 +1,145 @@
+//! Judges one hypothetical connection against a policy in user space, the
+//! way the XDP program would (docs/dataplane.md §2). Used by the lock-out
+//! guard: refuse a policy that would cut off the session applying it or the
+//! agent's own listeners.
+
+use std::{fmt, net::IpAddr};
+
+use ipnet::IpNet;
+use sluice_common::{Reason, Verdict};
+
+use super::{Action, Policy, RuleSpec};
+
+/// A connection to check: the first packet of it, as the firewall sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Probe {
+    /// What it is, for messages ("your SSH session", "the metrics endpoint").
+    pub what: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub dport: Option<u16>,
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            p => format!("proto {p}"),
+        };
+        match self.dport {
+            Some(p) => write!(f, "{} ({proto} {} -> {} port {p})", self.what, self.src, self.dst),
+            None => write!(f, "{} ({proto} {} -> {})", self.what, self.src, self.dst),
+        }
+    }
+}
+
+impl Probe {
+    /// The SSH session of the caller, from `$SSH_CONNECTION`
+    /// ("client_ip client_port server_ip server_port").
+    pub fn from_ssh_connection(value: &str) -> Option<Self> {
+        let mut it = value.split_whitespace();
+        let src = it.next()?.parse().ok()?;
+        let _client_port = it.next()?;
+        let dst = it.next()?.parse().ok()?;
+        let dport = it.next()?.parse().ok()?;
+        Some(Self {
+            what: "your SSH session".into(),
+            src,
+            dst,
+            proto: 6,
+            dport: Some(dport),
+        })
+    }
+}
+
+fn longest<'a>(list: impl Iterator<Item = &'a IpNet>, addr: &IpAddr) -> Option<IpNet> {
+    list.filter(|n| n.contains(addr)).max_by_key(|n| n.prefix_len()).copied()
+}
+
+fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
+    let same_family = |n: &IpNet| n.addr().is_ipv4() == p.src.is_ipv4();
+    if r.src.iter().chain(r.dst.iter()).any(|n| !same_family(n)) {
+        return false;
+    }
+    if r.proto.is_some_and(|proto| proto != p.proto) {
+        return false;
+    }
+    if let Some((lo, hi)) = r.dport {
+        if !p.dport.is_some_and(|d| (lo..=hi).contains(&d)) {
+            return false;
+        }
+    }
+    r.src.is_none_or(|n| n.contains(&p.src)) && r.dst.is_none_or(|n| n.contains(&p.dst))
+}
+
+/// The verdict and reason, plus what decided it, for messages.
+pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
+    let audited = |drop: bool, audit: bool| match (drop, audit) {
+        (false, _) => Verdict::Pass,
+        (true, false) => Verdict::Drop,
+        (true, true) => Verdict::Audit,
+    };
+    if let Some(n) = longest(policy.allow.iter(), &p.src) {
+        return (Verdict::Pass, Reason::AllowList, format!("allow list {n}"));
+    }
+    if let Some(n) = longest(policy.deny.iter(), &p.src) {
+        return (audited(true, policy.audit), Reason::DenyList, format!("deny list {n}"));
+    }
+    if let Some(r) = policy.rules.iter().find(|r| rule_matches(r, p)) {
+        let drop = r.action == Verdict::Drop;
+        return (audited(drop, policy.audit || r.audit), Reason::Rule, format!("rule '{r}'"));
+    }
+    (
+        audited(policy.default == Action::Drop, policy.audit),
+        Reason::Default,
+        format!("default {}", policy.default),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(src: &str, dport: u16) -> Probe {
+        Probe {
+            what: "test".into(),
+            src: src.parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            proto: 6,
+            dport: Some(dport),
+        }
+    }
+
+    fn rule(text: &str) -> RuleSpec {
+        RuleSpec::parse(&text.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn order_is_allow_deny_rules_default() {
+        let mut p = Policy::default();
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Pass);
+        p.default = Action::Drop;
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).1, Reason::Default);
+        p.rules.push(rule("pass tcp dport 22"));
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Pass);
+        assert_eq!(judge(&p, &probe("198.18.0.1", 23)).0, Verdict::Drop);
+        p.deny.insert("198.18.0.0/24".parse().unwrap());
+        let (v, r, why) = judge(&p, &probe("198.18.0.1", 22));
+        assert_eq!((v, r), (Verdict::Drop, Reason::DenyList));
+        assert!(why.contains("198.18.0.0/24"));
+        p.allow.insert("198.18.0.1/32".parse().unwrap());
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).1, Reason::AllowList);
+        p.audit = true;
+        assert_eq!(judge(&p, &probe("198.18.0.9", 22)).0, Verdict::Audit);
+    }
+
+    #[test]
+    fn ssh_connection_parses() {
+        let p = Probe::from_ssh_connection("198.18.0.1 50022 198.18.0.2 22").unwrap();
+        assert_eq!(p.dport, Some(22));
+        assert_eq!(p.src, "198.18.0.1".parse::<IpAddr>().unwrap());
+        assert!(Probe::from_ssh_connection("garbage").is_none());
+    }
+}
