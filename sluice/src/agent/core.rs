@@ -29,7 +29,7 @@ pub enum AgentError {
     #[error("{0}")]
     Refused(String),
     #[error(
-        "refused: this policy would drop {probe} ({why}); fix the policy, or repeat with --force \
+        "this policy would drop {probe} ({why}); fix the policy, or repeat with --force \
          if you really mean it"
     )]
     LockOut { probe: String, why: String },
