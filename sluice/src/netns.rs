@@ -68,8 +68,8 @@ pub fn label(name: Option<&str>) -> String {
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
     };
     match (inode("/proc/thread-self/ns/net"), inode("/proc/1/ns/net")) {
-        (Some(a), Some(b)) if a == b => "host".into(),
-        (Some(a), _) => format!("netns-{a}"),
+        (Some(a), Some(b)) if a != b => format!("netns-{a}"),
+        // Same as pid 1's, or pid 1's cannot be read (not root): the host.
         _ => "host".into(),
     }
 }

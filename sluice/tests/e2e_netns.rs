@@ -8,72 +8,28 @@ mod common;
 // sluice on B's veth end, and detaches in the test body; the guards remove
 // whatever is left if a test fails half-way.
 //
-// The CLI's JSON output is read only through the small `*_json` lookup
-// helpers below, so a change of field names touches one place.
+// The CLI's JSON output is read only through the small lookup helpers below
+// and in common::cli, so a change of field names touches few places.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::netns::{
-    Child, Lab, Netns, PinRoot, output_with_timeout, ping, tcp_connect, udp_probe,
+use common::{
+    cli::{
+        CLI_TIMEOUT, SLUICE, TempFile, deny_list_in, sluice, sluice_cmd, sluice_json,
+        sluice_output, status_json_attachment, stderr, xdp_on,
+    },
+    netns::{Child, Lab, Netns, PinRoot, ping, tcp_connect, udp_probe},
 };
 use serde_json::Value;
 
-const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
-/// Limit for one CLI command (the big `deny add --file` is never waited for).
-const CLI_TIMEOUT: Duration = Duration::from_secs(60);
-
 // ---------------------------------------------------------------------------
-// Driving the CLI
+// Driving the CLI (the generic helpers are in common::cli)
 // ---------------------------------------------------------------------------
-
-fn sluice_cmd(pin: &PinRoot, ns: &Netns, args: &[&str]) -> Command {
-    let mut cmd = Command::new(SLUICE);
-    cmd.arg("--pin-root")
-        .arg(pin.path())
-        .arg("-n")
-        .arg(ns.name())
-        .args(args);
-    cmd
-}
-
-/// Runs `sluice --pin-root ROOT -n NETNS args...` and returns its output,
-/// whatever the exit status (for expected failures).
-fn sluice_output(pin: &PinRoot, ns: &Netns, args: &[&str]) -> Output {
-    output_with_timeout(&mut sluice_cmd(pin, ns, args), CLI_TIMEOUT)
-}
-
-/// Like [`sluice_output`], and asserts that the command succeeded.
-fn sluice(pin: &PinRoot, ns: &Netns, args: &[&str]) -> Output {
-    let out = sluice_output(pin, ns, args);
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    out
-}
-
-/// Runs a successful command and parses its stdout as JSON.
-fn sluice_json(pin: &PinRoot, ns: &Netns, args: &[&str]) -> Value {
-    let out = sluice(pin, ns, args);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "sluice {args:?}: stdout is not JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn attach(pin: &PinRoot, lab: &Lab) {
     sluice(pin, &lab.b, &["attach", &lab.b_if, "--mode", "native"]);
@@ -84,24 +40,8 @@ fn detach(pin: &PinRoot, lab: &Lab) {
 }
 
 // ---------------------------------------------------------------------------
-// JSON lookups: one helper per command, the only places that know field names
+// JSON lookups (with those in common::cli, the only places that know field names)
 // ---------------------------------------------------------------------------
-
-/// `status --json` → `{"attachments":[{"interface":..,"netns":..,"mode":..,"program_id":N}]}`:
-/// the program id and mode attached on `iface`.
-fn status_json_attachment(status: &Value, iface: &str) -> (u64, String) {
-    let att = status["attachments"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status --json has no attachments array: {status}"))
-        .iter()
-        .find(|a| a["interface"] == iface)
-        .unwrap_or_else(|| panic!("status --json has no attachment on {iface}: {status}"));
-    let id = att["program_id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("attachment without a numeric program_id: {att}"));
-    let mode = att["mode"].as_str().unwrap_or_default().to_owned();
-    (id, mode)
-}
 
 fn program_id(pin: &PinRoot, lab: &Lab) -> u64 {
     let status = sluice_json(pin, &lab.b, &["status", "--json"]);
@@ -110,26 +50,8 @@ fn program_id(pin: &PinRoot, lab: &Lab) -> u64 {
     id
 }
 
-/// `deny list --json` / `allow list --json` → `{"entries":[{"prefix":"198.18.0.1/32",..}]}`:
-/// the prefixes, sorted.
-fn list_json_prefixes(list: &Value) -> Vec<String> {
-    let mut v: Vec<String> = list["entries"]
-        .as_array()
-        .unwrap_or_else(|| panic!("list --json has no entries array: {list}"))
-        .iter()
-        .map(|e| {
-            e["prefix"]
-                .as_str()
-                .unwrap_or_else(|| panic!("list entry without a prefix string: {e}"))
-                .to_owned()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 fn deny_list(pin: &PinRoot, lab: &Lab) -> Vec<String> {
-    list_json_prefixes(&sluice_json(pin, &lab.b, &["deny", "list", "--json"]))
+    deny_list_in(pin, &lab.b)
 }
 
 /// `rule list --json` → `{"rules":[{"id":N,"action":"drop",..}]}`: (id, action) pairs.
@@ -227,28 +149,7 @@ fn v6_host(lab: &Lab) -> String {
 
 /// Whether `ip link show` lists an XDP program on B's veth end.
 fn xdp_on_link(lab: &Lab) -> bool {
-    let out = lab.b.exec_ok(["ip", "link", "show", "dev", &lab.b_if]);
-    String::from_utf8_lossy(&out.stdout).contains("xdp")
-}
-
-/// A file removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, contents: &str) -> TempFile {
-        let path = std::env::temp_dir().join(format!("sluice-e2e-{}-{name}", std::process::id()));
-        std::fs::write(&path, contents).expect("write temp file");
-        TempFile(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    xdp_on(&lab.b, &lab.b_if)
 }
 
 // ---------------------------------------------------------------------------

@@ -624,25 +624,65 @@ fn table() -> Vec<Case> {
     // Audit mode, policy-wide: would-be drops pass and are counted as audit;
     // malformed frames are still dropped.
     for (name, frame, reason, l4) in [
-        ("audit: deny-listed source passes", Frame::v4(Ipv4Addr::new(198, 19, 1, 1), B4).tcp(1, 443).build(), DenyList, L4::Tcp),
-        ("audit: rule drop passes", Frame::v4(A4, B4).udp(5000, 4444).build(), ByRule, L4::Udp),
+        (
+            "audit: deny-listed source passes",
+            Frame::v4(Ipv4Addr::new(198, 19, 1, 1), B4)
+                .tcp(1, 443)
+                .build(),
+            DenyList,
+            L4::Tcp,
+        ),
+        (
+            "audit: rule drop passes",
+            Frame::v4(A4, B4).udp(5000, 4444).build(),
+            ByRule,
+            L4::Udp,
+        ),
     ] {
         let mut c = case(name, frame, Verdict::Audit, reason, V4, l4);
         c.policy.audit = true;
         t.push(c);
     }
-    let mut c = case("audit: default drop passes", Frame::v6(A6, B6).tcp(1, 8443).build(), Verdict::Audit, Dflt, V6, L4::Tcp);
+    let mut c = case(
+        "audit: default drop passes",
+        Frame::v6(A6, B6).tcp(1, 8443).build(),
+        Verdict::Audit,
+        Dflt,
+        V6,
+        L4::Tcp,
+    );
     c.policy.audit = true;
     c.policy.default_drop = true;
     t.push(c);
-    let mut c = case("audit does not cover malformed frames", with_byte(Frame::v4(A4, B4).tcp(1, 80).build(), 14, 0x44), Drop, Malformed, V4, L4::None);
+    let mut c = case(
+        "audit does not cover malformed frames",
+        with_byte(Frame::v4(A4, B4).tcp(1, 80).build(), 14, 0x44),
+        Drop,
+        Malformed,
+        V4,
+        L4::None,
+    );
     c.policy.audit = true;
     t.push(c);
     // Audit on one rule only.
-    let mut c = case("audit rule passes its matches", Frame::v4(A4, B4).udp(5000, 4444).build(), Verdict::Audit, ByRule, V4, L4::Udp);
+    let mut c = case(
+        "audit rule passes its matches",
+        Frame::v4(A4, B4).udp(5000, 4444).build(),
+        Verdict::Audit,
+        ByRule,
+        V4,
+        L4::Udp,
+    );
     c.policy.rules[0].audit = true;
     t.push(c);
-    let mut c = case("other rules still drop beside an audit rule", Frame::v4(A4, B4).icmp_echo(1, 1).build(), Drop, ByRule, V4, L4::Icmp);
+    let mut c = case(
+        "other rules still drop beside an audit rule",
+        Frame::v4(A4, B4).icmp_echo(1, 1).build(),
+        Drop,
+        ByRule,
+        V4,
+        L4::Icmp,
+    );
     c.policy.rules[0].audit = true;
     t.push(c);
     t.extend(truncations());

@@ -402,7 +402,9 @@ async fn put_settings(
         ops.push(Op::Audit { on });
     }
     if ops.is_empty() {
-        return Err(bad_request("nothing to set (default, malformed and/or audit)"));
+        return Err(bad_request(
+            "nothing to set (default, malformed and/or audit)",
+        ));
     }
     let who = author(&peer, &headers);
     let safe = safety(&headers);
@@ -425,9 +427,11 @@ async fn apply_policy(
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
     let safe = safety(&headers);
-    with_core(&core, move |c| c.apply_file(body.path, &body.text, &who, &safe))
-        .await
-        .map(Json)
+    with_core(&core, move |c| {
+        c.apply_file(body.path, &body.text, &who, &safe)
+    })
+    .await
+    .map(Json)
 }
 
 async fn diff_policy(

@@ -74,6 +74,8 @@ pub struct Core {
     pub apply_failures: u64,
     pub drift_corrections: u64,
     pub metrics: super::metrics::AgentMetrics,
+    /// Hash of a config file version the agent refused (not retried).
+    refused_hash: Option<String>,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
@@ -94,11 +96,12 @@ impl Core {
         let mut cause = None;
         if let Some((path, text)) = &config {
             let hash = content_hash(text);
-            if hash != state.base_hash {
+            if hash != state.config_hash {
                 let cfg = config::parse(path, text)?;
                 state.base = cfg.desired;
                 state.base_source = path.display().to_string();
-                state.base_hash = hash;
+                state.base_hash = hash.clone();
+                state.config_hash = hash;
                 cause = Some(format!("config file {} loaded", path.display()));
             }
         }
@@ -112,6 +115,7 @@ impl Core {
             apply_failures: 0,
             drift_corrections: 0,
             metrics: super::metrics::AgentMetrics::default(),
+            refused_hash: None,
         };
         info!(
             resumed,
@@ -216,7 +220,10 @@ impl Core {
         for p in probes {
             let (verdict, _, why) = crate::policy::eval::judge(policy, &p);
             if verdict == sluice_common::Verdict::Drop {
-                return Err(AgentError::LockOut { probe: p.to_string(), why });
+                return Err(AgentError::LockOut {
+                    probe: p.to_string(),
+                    why,
+                });
             }
         }
         Ok(())
@@ -282,7 +289,12 @@ impl Core {
     }
 
     /// A runtime change (CLI through the API).
-    pub fn change(&mut self, ops: Vec<Op>, author: &str, safety: &Safety) -> Result<Applied, AgentError> {
+    pub fn change(
+        &mut self,
+        ops: Vec<Op>,
+        author: &str,
+        safety: &Safety,
+    ) -> Result<Applied, AgentError> {
         let mut next = self.state.clone();
         let mut desired = next.desired();
         for op in &ops {
@@ -321,7 +333,12 @@ impl Core {
     }
 
     /// Goes back to the policy of `version` (default: the one before the current).
-    pub fn rollback(&mut self, version: Option<u64>, author: &str, safety: &Safety) -> Result<Applied, AgentError> {
+    pub fn rollback(
+        &mut self,
+        version: Option<u64>,
+        author: &str,
+        safety: &Safety,
+    ) -> Result<Applied, AgentError> {
         let current = self.state.current_version();
         let target = version.unwrap_or(current.saturating_sub(1));
         let Some(v) = self
@@ -345,7 +362,12 @@ impl Core {
         let mut next = self.state.clone();
         next.base.policy = v.policy;
         next.overlay.clear();
-        self.commit_state(next, author, format!("rollback to version {target}"), safety)
+        self.commit_state(
+            next,
+            author,
+            format!("rollback to version {target}"),
+            safety,
+        )
     }
 
     /// Re-reads the agent's own config file (SIGHUP, or it changed on disk).
@@ -361,10 +383,29 @@ impl Core {
                 message: format!("cannot read: {e}"),
             }]))
         })?;
-        if content_hash(&text) == self.state.base_hash {
+        let hash = content_hash(&text);
+        if hash == self.state.config_hash {
             return Ok(None);
         }
-        self.apply_file(path, &text, "agent (reload)", &Safety::default()).map(Some)
+        match self.apply_file(path, &text, "agent (reload)", &Safety::default()) {
+            Ok(applied) => {
+                self.state.config_hash = hash;
+                self.refused_hash = None;
+                self.store.save(&self.state)?;
+                Ok(Some(applied))
+            }
+            Err(e) => {
+                // Not retried until the file changes again (or SIGHUP).
+                self.refused_hash = Some(hash);
+                Err(e)
+            }
+        }
+    }
+
+    /// SIGHUP: reload even a file that was refused before.
+    pub fn reload_now(&mut self) -> Result<Option<Applied>, AgentError> {
+        self.refused_hash = None;
+        self.reload()
     }
 
     /// Hash of the config file on disk, to notice edits cheaply.
@@ -372,7 +413,8 @@ impl Core {
         self.config_path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
-            .is_some_and(|t| content_hash(&t) != self.state.base_hash)
+            .map(|t| content_hash(&t))
+            .is_some_and(|h| h != self.state.config_hash && Some(&h) != self.refused_hash.as_ref())
     }
 
     /// Compares the pins with desired state and corrects any drift.

@@ -208,7 +208,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                 tokio::select! {
                     _ = hup.recv() => {
                         info!("SIGHUP: reloading the config file");
-                        reload(&background).await;
+                        reload(&background, true).await;
                     }
                     _ = tick.tick() => {
                         since_drift += Duration::from_secs(1);
@@ -218,7 +218,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                         };
                         if changed {
                             info!("config file changed on disk: reloading");
-                            reload(&background).await;
+                            reload(&background, false).await;
                         }
                         if since_drift >= drift_every {
                             since_drift = Duration::ZERO;
@@ -263,11 +263,15 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
     result
 }
 
-async fn reload(core: &api::Shared) {
+async fn reload(core: &api::Shared, forced: bool) {
     let c = core.clone();
-    match tokio::task::spawn_blocking(move || c.lock().map_err(|_| ()).map(|mut c| c.reload()))
-        .await
-    {
+    let r = tokio::task::spawn_blocking(move || {
+        c.lock()
+            .map_err(|_| ())
+            .map(|mut c| if forced { c.reload_now() } else { c.reload() })
+    })
+    .await;
+    match r {
         Ok(Ok(Ok(Some(applied)))) => info!(
             version = applied.version,
             changes = applied.reconcile.changes,

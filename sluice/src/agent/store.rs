@@ -32,6 +32,11 @@ pub struct State {
     /// ... where it came from and its content hash (to notice edits).
     pub base_source: String,
     pub base_hash: String,
+    /// Hash of the agent's own config file when it was last taken in, so an
+    /// edit is noticed (also across restarts) without undoing an `apply` of
+    /// another file.
+    #[serde(default)]
+    pub config_hash: String,
     /// ... plus runtime changes made through the API since.
     pub overlay: Vec<Op>,
     /// Newest last; at most `history` entries.
@@ -45,6 +50,7 @@ impl Default for State {
             base: Desired::default(),
             base_source: String::new(),
             base_hash: String::new(),
+            config_hash: String::new(),
             overlay: Vec::new(),
             history: VecDeque::new(),
         }

@@ -101,7 +101,10 @@ impl Client {
             .header("host", "sluice")
             .header("content-type", "application/json")
             .header("x-sluice-user", user())
-            .header("x-sluice-session", std::env::var("SSH_CONNECTION").unwrap_or_default())
+            .header(
+                "x-sluice-session",
+                std::env::var("SSH_CONNECTION").unwrap_or_default(),
+            )
             .header("x-sluice-force", if self.force { "1" } else { "0" })
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| transport(e.to_string()))?;

@@ -355,6 +355,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
     }
     let label = crate::netns::label(cli.netns.as_deref());
+    let changes = matches!(
+        cli.command,
+        Command::Attach { .. }
+            | Command::Detach { .. }
+            | Command::Default { .. }
+            | Command::Malformed { .. }
+            | Command::Audit { .. }
+            | Command::Deny(ListArgs {
+                action: ListCommand::Add(_) | ListCommand::Del(_)
+            })
+            | Command::Allow(ListArgs {
+                action: ListCommand::Add(_) | ListCommand::Del(_)
+            })
+            | Command::Rule {
+                action: RuleCommand::Add { .. } | RuleCommand::Del { .. }
+            }
+    );
     match cli.command {
         Command::Attach { iface, mode } => {
             let report = attach::attach(&root, &iface, mode, &label)?;
@@ -391,7 +408,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 audit: Some(on),
                 ..Change::default()
             })?;
-            out.done(&format!("audit mode: {}", if on { "on" } else { "off" }), &report);
+            out.done(
+                &format!("audit mode: {}", if on { "on" } else { "off" }),
+                &report,
+            );
         }
         Command::Malformed { action } => {
             let mut maps = PolicyMaps::open(&root)?;
@@ -413,9 +433,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             unreachable!("handled above")
         }
     }
-    if !cli.json && cli.socket.exists() && !cli.no_agent {
+    if changes && !cli.json && cli.socket.exists() && !cli.no_agent {
         eprintln!(
-            "(no agent for this pin root at {}: changed the pins directly)",
+            "(no agent answering for this pin root at {}: changed the pins directly)",
             cli.socket.display()
         );
     }

@@ -279,7 +279,11 @@ impl Out {
             s.generation.unwrap_or(0),
             s.default_action.as_deref().unwrap_or("?"),
             s.malformed_action.as_deref().unwrap_or("?"),
-            if s.audit == Some(true) { ", AUDIT MODE (nothing is dropped)" } else { "" },
+            if s.audit == Some(true) {
+                ", AUDIT MODE (nothing is dropped)"
+            } else {
+                ""
+            },
             s.rules.unwrap_or(0),
             s.rule_capacity
         );

@@ -305,6 +305,10 @@ pub fn attach(
     }
     let _lock = RootLock::acquire(&root.root)?;
 
+    // Load (or open) the program and check the pinned maps before touching
+    // any live link, so a refusal leaves the interface filtered as it was.
+    let first = !root.prog().exists();
+    let mut prog = pinned_program(root)?;
     // Already attached here? Re-adopt the pinned link if it is still live.
     let mut previous_mode = None;
     for (ns, name, pinned_mode, path) in pinned_links(root)? {
@@ -335,8 +339,6 @@ pub fn attach(
         }
     }
 
-    let first = !root.prog().exists();
-    let mut prog = pinned_program(root)?;
     let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
     if let (Err(e), Some(old)) = (&result, previous_mode) {
         // A refused mode change must not leave the interface unfiltered.
@@ -442,6 +444,11 @@ fn attach_error(
     {
         "another XDP program is already attached to it (not sluice's, or from another pin root)"
             .to_string()
+    } else if text.contains("os error 95") || text.contains("Operation not supported") {
+        format!(
+            "{}: the driver has no native XDP; use --mode generic or --mode auto",
+            last
+        )
     } else if super::is_permission(&text) {
         return DataplaneError::Permission {
             what: format!("attaching to {iface}"),

@@ -203,9 +203,17 @@ pub fn check_pinned_maps(root: &PinRoot, specs: &[MapSpec]) -> Result<(), Datapl
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).map_err(|e| DataplaneError::PinnedMap {
-            path: path.clone(),
-            detail: e.to_string(),
+        let info = MapInfo::from_pin(&path).map_err(|e| {
+            if super::is_permission(&format!("{e:?}")) {
+                DataplaneError::Permission {
+                    what: format!("opening {}", path.display()),
+                }
+            } else {
+                DataplaneError::PinnedMap {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                }
+            }
         })?;
         let found = MapSpec {
             name: spec.name.clone(),

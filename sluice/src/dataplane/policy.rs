@@ -16,7 +16,8 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sluice_common::{
     Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, Rule,
-    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len, map_names,
+    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len,
+    map_names,
 };
 
 use super::{
@@ -184,22 +185,27 @@ impl<K: AddrKey> List<K> {
             Err((0, e)) if batch_unsupported(&e) => {
                 for (n, k) in keys.iter().enumerate() {
                     if let Err(e) = self.trie.insert(k, entry_value(&nets[n]), 0) {
-                        return Err((n, self.full_or(e.to_string(), "insert")));
+                        return Err((n, self.full_or(e.to_string(), "insert", nets.len() - n)));
                     }
                 }
                 Ok(())
             }
-            Err((n, e)) => Err((n, self.full_or(e.to_string(), "batch insert"))),
+            Err((n, e)) => Err((
+                n,
+                self.full_or(e.to_string(), "batch insert", nets.len() - n),
+            )),
         }
     }
 
-    fn full_or(&self, detail: String, op: &'static str) -> DataplaneError {
+    fn full_or(&self, detail: String, op: &'static str, adding: usize) -> DataplaneError {
         if detail.contains("Argument list too long") || detail.contains("No space left") {
+            // The kernel found the trie full although the sizes said it fits
+            // (entries of the other generation count against it too).
             DataplaneError::ListFull {
                 list: list_label(self.id),
                 capacity: LIST_CAPACITY,
-                current: 0,
-                adding: 0,
+                current: LIST_CAPACITY,
+                adding,
             }
         } else {
             DataplaneError::map_err(op, self.name(), detail)

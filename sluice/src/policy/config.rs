@@ -350,6 +350,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
         Ok(Config {
             path: path.to_path_buf(),

@@ -29,7 +29,11 @@ impl fmt::Display for Probe {
             p => format!("proto {p}"),
         };
         match self.dport {
-            Some(p) => write!(f, "{} ({proto} {} -> {} port {p})", self.what, self.src, self.dst),
+            Some(p) => write!(
+                f,
+                "{} ({proto} {} -> {} port {p})",
+                self.what, self.src, self.dst
+            ),
             None => write!(f, "{} ({proto} {} -> {})", self.what, self.src, self.dst),
         }
     }
@@ -55,7 +59,9 @@ impl Probe {
 }
 
 fn longest<'a>(list: impl Iterator<Item = &'a IpNet>, addr: &IpAddr) -> Option<IpNet> {
-    list.filter(|n| n.contains(addr)).max_by_key(|n| n.prefix_len()).copied()
+    list.filter(|n| n.contains(addr))
+        .max_by_key(|n| n.prefix_len())
+        .copied()
 }
 
 fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
@@ -85,11 +91,19 @@ pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
         return (Verdict::Pass, Reason::AllowList, format!("allow list {n}"));
     }
     if let Some(n) = longest(policy.deny.iter(), &p.src) {
-        return (audited(true, policy.audit), Reason::DenyList, format!("deny list {n}"));
+        return (
+            audited(true, policy.audit),
+            Reason::DenyList,
+            format!("deny list {n}"),
+        );
     }
     if let Some(r) = policy.rules.iter().find(|r| rule_matches(r, p)) {
         let drop = r.action == Verdict::Drop;
-        return (audited(drop, policy.audit || r.audit), Reason::Rule, format!("rule '{r}'"));
+        return (
+            audited(drop, policy.audit || r.audit),
+            Reason::Rule,
+            format!("rule '{r}'"),
+        );
     }
     (
         audited(policy.default == Action::Drop, policy.audit),
@@ -113,7 +127,13 @@ mod tests {
     }
 
     fn rule(text: &str) -> RuleSpec {
-        RuleSpec::parse(&text.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap()
+        RuleSpec::parse(
+            &text
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
     }
 
     #[test]

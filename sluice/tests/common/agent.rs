@@ -1,0 +1,423 @@
+//! Running the `sluice agent` from tests: a per-test environment (its own
+//! state directory, API socket, pin root and config file, removed on drop),
+//! an [`AgentProc`] guard for the agent process, and the CLI pointed at that
+//! agent with `--socket SOCK --pin-root ROOT`.
+//!
+//! The agent's log and the CLI's JSON are read only through the helpers here
+//! and in the test file, so a change of wording or field names touches few
+//! places.
+
+use std::{
+    ffi::OsStr,
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::{
+    cli::{CLI_TIMEOUT, SLUICE, parse_json},
+    netns::{Child, Netns, PinRoot, output_with_timeout},
+};
+
+/// How long an agent may take to serve its API after it was started.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+// ---------------------------------------------------------------------------
+// AgentEnv: one agent's files
+// ---------------------------------------------------------------------------
+
+/// Everything one agent owns: a temp directory (config, state, socket, logs)
+/// and a pin root. Both are removed on drop (drop the [`AgentProc`] first:
+/// declare it after the env).
+pub struct AgentEnv {
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// The agent's config file (`sluice agent --config`).
+    pub config: PathBuf,
+    pub pin: PinRoot,
+    logs: AtomicU32,
+}
+
+impl AgentEnv {
+    /// A fresh environment; nothing exists yet but the directory (and the
+    /// pin root is only a path until the agent makes it).
+    pub fn new(tag: &str) -> AgentEnv {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("sluice-agent-{}-{n}-{tag}", std::process::id()));
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).expect("create the test's temp dir");
+        AgentEnv {
+            state_dir: dir.join("state"),
+            socket: dir.join("api.sock"),
+            config: dir.join("sluice.toml"),
+            dir,
+            pin: PinRoot::new(),
+            logs: AtomicU32::new(0),
+        }
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        self.pin.path()
+    }
+
+    /// The `[agent]` table that points the agent at this environment.
+    pub fn agent_table(&self) -> String {
+        format!(
+            "[agent]\nstate_dir = \"{}\"\nsocket = \"{}\"\npin_root = \"{}\"\n\n",
+            self.state_dir.display(),
+            self.socket.display(),
+            self.pin.path().display()
+        )
+    }
+
+    /// The agent table followed by `body`: a whole config file's text.
+    pub fn config_text(&self, body: &str) -> String {
+        format!("{}{body}", self.agent_table())
+    }
+
+    /// (Re)writes the agent's config file atomically (temp file + rename),
+    /// as an editor or config management would.
+    pub fn write_config(&self, body: &str) {
+        self.write_atomically(&self.config, &self.config_text(body));
+    }
+
+    /// Writes `text` to `path` atomically (temp file in the same directory + rename).
+    pub fn write_atomically(&self, path: &Path, text: &str) {
+        let tmp = path.with_extension(format!("tmp{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&tmp, text).expect("write temp config");
+        std::fs::rename(&tmp, path).expect("rename config into place");
+    }
+
+    /// Another file in this environment's directory; returns its path.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write test file");
+        path
+    }
+
+    fn next_log(&self) -> PathBuf {
+        let k = self.logs.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("agent-{k}.log"))
+    }
+
+    /// `sluice --socket SOCK --pin-root ROOT [-n NS] args...`, not started.
+    pub fn cli_cmd(&self, ns: Option<&Netns>, args: &[&str]) -> Command {
+        let mut cmd = Command::new(SLUICE);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-root")
+            .arg(self.pin.path());
+        if let Some(ns) = ns {
+            cmd.arg("-n").arg(ns.name());
+        }
+        // Hermetic: the flags above, not the caller's environment, pick the
+        // agent; and the test runner's own SSH session (the CLI reports it so
+        // the agent can refuse a policy that would cut it off) has nothing to
+        // do with the lab's traffic.
+        cmd.args(args)
+            .env_remove("SLUICE_SOCKET")
+            .env_remove("SLUICE_PIN_ROOT")
+            .env_remove("SSH_CONNECTION");
+        cmd
+    }
+
+    /// Runs the CLI against this agent; returns its output whatever the exit status.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        output_with_timeout(&mut self.cli_cmd(None, args), CLI_TIMEOUT)
+    }
+
+    /// Like [`AgentEnv::cli`], and asserts success.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert_ok(&format!("sluice {args:?}"), &out);
+        out
+    }
+
+    /// Like [`AgentEnv::cli_ok`] with `-n NS`.
+    pub fn cli_ok_in(&self, ns: &Netns, args: &[&str]) -> Output {
+        let out = output_with_timeout(&mut self.cli_cmd(Some(ns), args), CLI_TIMEOUT);
+        assert_ok(&format!("sluice -n {} {args:?}", ns.name()), &out);
+        out
+    }
+
+    /// A successful command's stdout as JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        parse_json(&format!("sluice {args:?}"), &self.cli_ok(args))
+    }
+
+    /// The CLI as nobody:nogroup with no capabilities (`setpriv`), pointed at
+    /// this agent. No `-n`: entering a namespace needs privileges of its own.
+    pub fn cli_unprivileged(&self, args: &[&str]) -> Output {
+        let mut cmd = unprivileged(SLUICE);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-root")
+            .arg(self.pin.path())
+            .args(args);
+        output_with_timeout(&mut cmd, CLI_TIMEOUT)
+    }
+}
+
+impl Drop for AgentEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all PROGRAM`, not started.
+pub fn unprivileged(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(program);
+    cmd
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// The note the CLI prints on stderr when the agent carried out a command.
+pub fn through_agent_note(env: &AgentEnv) -> String {
+    format!("(through the agent at {})", env.socket.display())
+}
+
+/// Asserts that a (non-JSON) command went through the agent.
+pub fn assert_through_agent(env: &AgentEnv, what: &str, out: &Output) {
+    assert!(
+        stderr(out).contains(&through_agent_note(env)),
+        "{what} should have gone through the agent at {}; stderr: {}",
+        env.socket.display(),
+        stderr(out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Config snippets
+// ---------------------------------------------------------------------------
+
+/// An `[[interface]]` table for `iface` in namespace `ns`, native mode.
+pub fn interface_toml(ns: &Netns, iface: &str) -> String {
+    format!(
+        "[[interface]]\nname = \"{iface}\"\nnetns = \"{}\"\nmode = \"native\"\n\n",
+        ns.name()
+    )
+}
+
+/// `[policy]` and `[deny]` tables.
+pub fn policy_toml(default: &str, rules: &[&str], deny: &[&str]) -> String {
+    let quoted = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[policy]\ndefault = \"{default}\"\nrules = [{}]\n\n[deny]\nprefixes = [{}]\n",
+        quoted(rules),
+        quoted(deny)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The API socket, by hand
+// ---------------------------------------------------------------------------
+
+/// `GET path` over the unix socket (HTTP/1.1, one request per connection):
+/// the status code and body, or `None` when nothing answers.
+pub fn api_get(socket: &Path, path: &str) -> Option<(u16, String)> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Whether an agent answers `GET /v1/info` on `socket`.
+pub fn serving(socket: &Path) -> bool {
+    api_get(socket, "/v1/info").is_some_and(|(code, _)| code == 200)
+}
+
+// ---------------------------------------------------------------------------
+// AgentProc
+// ---------------------------------------------------------------------------
+
+/// A running `sluice agent --config CONFIG ...` with stderr in a log file.
+/// SIGKILLed and reaped on drop.
+pub struct AgentProc {
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts the agent on `env`'s config with `extra` arguments and waits
+    /// (at most [`READY_TIMEOUT`]) until it serves its API. Panics, with the
+    /// agent's log, if it exits or is not serving in time.
+    pub fn start(env: &AgentEnv, extra: &[&str]) -> AgentProc {
+        let mut agent = AgentProc::spawn(env, extra);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn(env: &AgentEnv, extra: &[&str]) -> AgentProc {
+        let log = env.next_log();
+        let file = std::fs::File::create(&log).expect("create agent log");
+        let mut cmd = Command::new(SLUICE);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&env.config)
+            .args(extra)
+            .env("SLUICE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        AgentProc {
+            child: Child::spawn(&mut cmd),
+            log,
+            socket: env.socket.clone(),
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait agent") {
+                panic!(
+                    "the agent exited ({status}) before serving; its log:\n{}",
+                    self.log()
+                );
+            }
+            if serving(&self.socket) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent is not serving {} after {READY_TIMEOUT:?}; its log:\n{}",
+                self.socket.display(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log so far (stderr), ANSI colours removed.
+    pub fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// Polls (every 50 ms, at most `timeout`) until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the agent.
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill -{sig} {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) -> ExitStatus {
+        self.child.kill_and_wait()
+    }
+
+    /// Waits at most `timeout` for the agent to exit; panics (with its log) if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.child.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!(
+                "the agent still runs after {timeout:?}; its log:\n{}",
+                self.log()
+            )
+        })
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The JSON log lines (`--log-format json`) whose message is `message`.
+pub fn json_log_events(log: &str, message: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == message)
+        .collect()
+}
