@@ -303,9 +303,27 @@ impl AgentProc {
 
     /// Starts the agent without waiting for it.
     pub fn spawn(env: &AgentEnv, extra: &[&str]) -> AgentProc {
+        AgentProc::spawn_wrapped(env, &[], extra)
+    }
+
+    /// Like [`AgentProc::start`], run through `wrapper` (e.g. `setpriv ...`).
+    pub fn start_wrapped(env: &AgentEnv, wrapper: &[&str], extra: &[&str]) -> AgentProc {
+        let mut agent = AgentProc::spawn_wrapped(env, wrapper, extra);
+        agent.wait_ready();
+        agent
+    }
+
+    fn spawn_wrapped(env: &AgentEnv, wrapper: &[&str], extra: &[&str]) -> AgentProc {
         let log = env.next_log();
         let file = std::fs::File::create(&log).expect("create agent log");
-        let mut cmd = Command::new(SLUICE);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(SLUICE);
+                c
+            }
+            None => Command::new(SLUICE),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(&env.config)

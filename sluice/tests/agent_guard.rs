@@ -1,0 +1,297 @@
+//! The agent's safety nets and observability: the lock-out guard, audit
+//! mode through the agent, the metrics endpoint, and running with only the
+//! capabilities it needs. Needs root.
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, TcpListener, TcpStream},
+    process::Output,
+    time::Duration,
+};
+
+use common::{
+    agent::{AgentEnv, AgentProc, interface_toml, policy_toml},
+    cli::{CLI_TIMEOUT, parse_json},
+    netns::{Lab, output_with_timeout, ping},
+};
+
+/// The CLI against `env`'s agent, as if run from an SSH session `ssh`.
+fn cli_from_session(env: &AgentEnv, ssh: &str, args: &[&str]) -> Output {
+    let mut cmd = env.cli_cmd(None, args);
+    cmd.env("SSH_CONNECTION", ssh);
+    output_with_timeout(&mut cmd, CLI_TIMEOUT)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GET /metrics from the agent's endpoint.
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    body
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn history_len(env: &AgentEnv) -> usize {
+    env.cli_json(&["history", "--json"])
+        .as_array()
+        .expect("history")
+        .len()
+}
+
+#[test]
+fn lock_out_guard_protects_the_session_and_metrics() {
+    let lab = Lab::new("guard");
+    let env = AgentEnv::new("guard");
+    let port = free_port();
+    env.write_config(&format!(
+        "{}{}",
+        interface_toml(&lab.b, &lab.b_if),
+        policy_toml("pass", &[], &[])
+    ));
+    // The metrics endpoint on every address: XDP sees its scrapers.
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[agent]\n",
+        &format!("[agent]\nmetrics = \"0.0.0.0:{port}\"\n"),
+    );
+    std::fs::write(&env.config, text).unwrap();
+    let _agent = AgentProc::start(&env, &[]);
+    let ssh = format!("{} 50022 {} 22", lab.a_v4, lab.b_v4);
+    let versions = history_len(&env);
+
+    // Denying the session's own source is refused, naming what and why.
+    let out = cli_from_session(&env, &ssh, &["deny", "add", &format!("{}/24", lab.a_v4)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "deny of the session's source was applied"
+    );
+    assert!(
+        err.contains("your SSH session") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        history_len(&env),
+        versions,
+        "a refused change is not recorded"
+    );
+    assert!(
+        env.cli_json(&["deny", "list", "--json"])["entries"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // A default drop would cut off both the session and the metrics endpoint.
+    let out = cli_from_session(&env, &ssh, &["default", "drop"]);
+    assert!(!out.status.success());
+    // Open the session's port and the metrics port, then it is fine.
+    cli_ok(cli_from_session(
+        &env,
+        &ssh,
+        &["rule", "add", "pass", "tcp", "dport", "22"],
+    ));
+    let out = cli_from_session(&env, &ssh, &["default", "drop"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("metrics endpoint"),
+        "{err}"
+    );
+    cli_ok(cli_from_session(
+        &env,
+        &ssh,
+        &["rule", "add", "pass", "tcp", "dport", &port.to_string()],
+    ));
+    cli_ok(cli_from_session(&env, &ssh, &["default", "drop"]));
+
+    // --force applies what the guard would refuse.
+    let out = cli_from_session(
+        &env,
+        &ssh,
+        &["deny", "add", &format!("{}/32", lab.a_v4), "--force"],
+    );
+    cli_ok(out);
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        0,
+        "the forced deny is in force"
+    );
+}
+
+fn cli_ok(out: Output) {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn audit_mode_and_metrics_through_the_agent() {
+    let lab = Lab::new("audit");
+    let env = AgentEnv::new("audit");
+    let port = free_port();
+    let a = format!("{}/32", lab.a_v4);
+    env.write_config(&format!(
+        "{}{}",
+        interface_toml(&lab.b, &lab.b_if),
+        policy_toml("pass", &[], &[a.as_str()])
+    ));
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[agent]\n",
+        &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::write(&env.config, text).unwrap();
+    let _agent = AgentProc::start(&env, &[]);
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        0,
+        "denied before audit"
+    );
+
+    env.cli_ok(&["audit", "on"]);
+    assert_eq!(
+        env.cli_json(&["status", "--json"])["audit"],
+        true,
+        "status reports audit mode"
+    );
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 3),
+        3,
+        "audit mode passes what it would drop"
+    );
+    let stats = env.cli_json(&["stats", "--json"]);
+    let audited = stats["by_reason"]["audit/deny-list"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(audited >= 3, "counted as audit/deny-list: {stats}");
+    env.cli_ok(&["audit", "off"]);
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        0,
+        "audit off drops again"
+    );
+
+    // One audited rule among enforcing ones.
+    env.cli_ok(&["deny", "del", &a]);
+    env.cli_ok(&["rule", "add", "audit", "drop", "icmp"]);
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        2,
+        "an audit rule passes its matches"
+    );
+    let rules = env.cli_json(&["rule", "list", "--json"]);
+    assert_eq!(rules["rules"][0]["rule"], "audit drop icmp", "{rules}");
+    assert!(
+        rules["rules"][0]["packets"].as_u64().unwrap() >= 2,
+        "{rules}"
+    );
+
+    // The metrics endpoint shows the same counters, by reason, and the agent's own figures.
+    let m = scrape(port);
+    let audited_metric = sample(
+        &m,
+        "sluice_packets_total{family=\"ipv4\",protocol=\"icmp\",verdict=\"audit\",reason=\"deny-list\"}",
+    )
+    .unwrap_or_else(|| panic!("no audit/deny-list sample:\n{m}"));
+    assert!(audited_metric >= 3.0);
+    assert!(
+        sample(&m, "sluice_agent_applies_total").unwrap() >= 4.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "sluice_map_capacity{list=\"deny\",family=\"ipv4\"}"),
+        Some(1_048_576.0)
+    );
+    assert_eq!(
+        sample(&m, "sluice_map_entries{list=\"rules\",family=\"any\"}"),
+        Some(1.0)
+    );
+    assert!(m.contains("sluice_rule_packets_total{id=\""), "{m}");
+    assert!(
+        m.contains("sluice_agent_apply_duration_seconds_bucket"),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "sluice_dataplane_up"), Some(1.0));
+    assert!(m.contains("sluice_build_info{version=\""), "{m}");
+}
+
+#[test]
+fn agent_runs_with_only_the_capabilities_it_needs() {
+    let lab = Lab::new("caps");
+    let env = AgentEnv::new("caps");
+    let a = format!("{}/32", lab.a_v4);
+    env.write_config(&format!(
+        "{}{}",
+        interface_toml(&lab.b, &lab.b_if),
+        policy_toml("pass", &[], &[a.as_str()])
+    ));
+    // Root, but with every capability outside these three taken away.
+    let caps = "-all,+bpf,+net_admin,+sys_admin";
+    let agent = AgentProc::start_wrapped(
+        &env,
+        &[
+            "setpriv",
+            "--bounding-set",
+            caps,
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+        ],
+        &[],
+    );
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    // CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21), CAP_BPF (39) and nothing else.
+    assert_eq!(
+        u64::from_str_radix(&eff, 16).ok(),
+        Some((1 << 12) | (1 << 21) | (1 << 39)),
+        "the agent ran with CapEff {eff}"
+    );
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        0,
+        "the agent attached and applied the deny"
+    );
+    env.cli_ok(&["deny", "del", &a]);
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        2,
+        "and takes changes"
+    );
+    let st = parse_json("status", &env.cli_ok(&["status", "--json"]));
+    assert_eq!(st["attachments"].as_array().map(Vec::len), Some(1), "{st}");
+}
