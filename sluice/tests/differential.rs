@@ -60,12 +60,12 @@ fn kernel_agrees_with_model_on_random_and_mutated_frames() {
             expected.add(&want, frame.len());
         }
         let after = kernel::snapshot(&maps);
-        if disagreements.is_empty() {
-            if let Err(e) = expected.check(&before, &after) {
-                disagreements.push(format!(
-                    "round {round}: counters disagree with the model:\n{e}\npolicy: {policy:?}"
-                ));
-            }
+        if disagreements.is_empty()
+            && let Err(e) = expected.check(&before, &after)
+        {
+            disagreements.push(format!(
+                "round {round}: counters disagree with the model:\n{e}\npolicy: {policy:?}"
+            ));
         }
         assert!(
             disagreements.is_empty(),

@@ -200,22 +200,22 @@ impl Core {
             return Ok(());
         }
         let mut probes: Vec<crate::policy::eval::Probe> = safety.session.iter().cloned().collect();
-        if let Some(addr) = self.settings.metrics {
-            if !addr.ip().is_loopback() {
-                // A scraper that is on no list: only rules and the default decide.
-                let src: std::net::IpAddr = if addr.is_ipv4() {
-                    std::net::Ipv4Addr::new(192, 0, 2, 1).into()
-                } else {
-                    "2001:db8::1".parse().expect("valid address")
-                };
-                probes.push(crate::policy::eval::Probe {
-                    what: "the agent's metrics endpoint".into(),
-                    src,
-                    dst: addr.ip(),
-                    proto: 6,
-                    dport: Some(addr.port()),
-                });
-            }
+        if let Some(addr) = self.settings.metrics
+            && !addr.ip().is_loopback()
+        {
+            // A scraper that is on no list: only rules and the default decide.
+            let src: std::net::IpAddr = if addr.is_ipv4() {
+                std::net::Ipv4Addr::new(192, 0, 2, 1).into()
+            } else {
+                "2001:db8::1".parse().expect("valid address")
+            };
+            probes.push(crate::policy::eval::Probe {
+                what: "the agent's metrics endpoint".into(),
+                src,
+                dst: addr.ip(),
+                proto: 6,
+                dport: Some(addr.port()),
+            });
         }
         for p in probes {
             let (verdict, _, why) = crate::policy::eval::judge(policy, &p);

@@ -342,16 +342,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
     let root = PinRoot::new(&cli.pin_root);
     // Upgrading is a dataplane operation the agent also does itself on start.
-    if !cli.no_agent && !matches!(cli.command, Command::Upgrade { .. }) {
-        if let Some((client, info)) = client::Client::connect(&cli.socket)? {
-            let client = client.with_force(cli.force);
-            if info.pin_root == cli.pin_root {
-                via_agent(&client, &cli, &out)?;
-                if !cli.json {
-                    eprintln!("(through the agent at {})", cli.socket.display());
-                }
-                return Ok(());
+    if !cli.no_agent
+        && !matches!(cli.command, Command::Upgrade { .. })
+        && let Some((client, info)) = client::Client::connect(&cli.socket)?
+    {
+        let client = client.with_force(cli.force);
+        if info.pin_root == cli.pin_root {
+            via_agent(&client, &cli, &out)?;
+            if !cli.json {
+                eprintln!("(through the agent at {})", cli.socket.display());
             }
+            return Ok(());
         }
     }
     let label = crate::netns::label(cli.netns.as_deref());

@@ -96,7 +96,7 @@ pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
                 }
             }
         }
-        entries.sort_by(|a, b| b.entry.packets.cmp(&a.entry.packets));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.entry.packets));
         entries.truncate(top);
         st.top_entries = entries;
         let mut rules: Vec<TopRule> = maps
@@ -110,7 +110,7 @@ pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
                 bytes: r.bytes,
             })
             .collect();
-        rules.sort_by(|a, b| b.packets.cmp(&a.packets));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.packets));
         rules.truncate(top);
         st.top_rules = rules;
     }

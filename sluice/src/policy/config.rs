@@ -261,14 +261,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             },
         };
         let netns = r.netns.as_ref().map(|n| n.get_ref().clone());
-        if let Some(n) = &r.netns {
-            if n.get_ref().is_empty() || n.get_ref().contains('/') {
-                diags.push(pos.span(
-                    n,
-                    format!("{:?} is not a network namespace name", n.get_ref()),
-                ));
-                continue;
-            }
+        if let Some(n) = &r.netns
+            && (n.get_ref().is_empty() || n.get_ref().contains('/'))
+        {
+            diags.push(pos.span(
+                n,
+                format!("{:?} is not a network namespace name", n.get_ref()),
+            ));
+            continue;
         }
         if !seen.insert((netns.clone(), name.clone())) {
             diags.push(pos.span(&r.name, format!("interface {name} is listed twice")));
@@ -408,7 +408,9 @@ mod tests {
     /// Each bad file and where its (every) problem is reported.
     #[test]
     fn bad_files_report_every_problem_with_its_position() {
-        let table: &[(&str, &[(usize, usize, &str)])] = &[
+        // (file text, [(line, column, message fragment)])
+        type Expected<'a> = &'a [(usize, usize, &'a str)];
+        let table: &[(&str, Expected<'_>)] = &[
             (
                 "[deny]\nprefixes = [\"198.18.0.300/24\"]\n",
                 &[(2, 13, "invalid prefix '198.18.0.300/24'")],

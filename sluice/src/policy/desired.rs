@@ -283,10 +283,10 @@ impl Op {
                 } else {
                     (&mut p.deny, "deny")
                 };
-                if strict {
-                    if let Some(missing) = prefixes.iter().find(|n| !list.contains(&n.trunc())) {
-                        return Err(format!("{missing} is not in the {name} list"));
-                    }
+                if strict
+                    && let Some(missing) = prefixes.iter().find(|n| !list.contains(&n.trunc()))
+                {
+                    return Err(format!("{missing} is not in the {name} list"));
                 }
                 for n in prefixes {
                     list.remove(&n.trunc());

@@ -72,10 +72,10 @@ fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
     if r.proto.is_some_and(|proto| proto != p.proto) {
         return false;
     }
-    if let Some((lo, hi)) = r.dport {
-        if !p.dport.is_some_and(|d| (lo..=hi).contains(&d)) {
-            return false;
-        }
+    if let Some((lo, hi)) = r.dport
+        && !p.dport.is_some_and(|d| (lo..=hi).contains(&d))
+    {
+        return false;
     }
     r.src.is_none_or(|n| n.contains(&p.src)) && r.dst.is_none_or(|n| n.contains(&p.dst))
 }

@@ -47,10 +47,10 @@ pub fn parse_prefix(input: &str) -> Result<IpNet, PolicyError> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net.trunc());
     }
-    if !s.contains('/') {
-        if let Ok(addr) = s.parse::<IpAddr>() {
-            return Ok(IpNet::from(addr));
-        }
+    if !s.contains('/')
+        && let Ok(addr) = s.parse::<IpAddr>()
+    {
+        return Ok(IpNet::from(addr));
     }
     Err(bad())
 }
@@ -242,10 +242,10 @@ impl RuleSpec {
         let bad = |reason: &str| PolicyError::BadRule {
             reason: reason.to_string(),
         };
-        if let (Some(s), Some(d)) = (&self.src, &self.dst) {
-            if s.addr().is_ipv4() != d.addr().is_ipv4() {
-                return Err(bad("src and dst are of different address families"));
-            }
+        if let (Some(s), Some(d)) = (&self.src, &self.dst)
+            && s.addr().is_ipv4() != d.addr().is_ipv4()
+        {
+            return Err(bad("src and dst are of different address families"));
         }
         if self.audit && self.action != Verdict::Drop {
             return Err(bad("audit applies to drop rules (audit drop ...)"));
@@ -438,10 +438,7 @@ mod tests {
             let spec = RuleSpec::parse(&words(text)).unwrap();
             let back = RuleSpec::from_rule(&spec.to_rule());
             assert_eq!(back, spec, "{text}");
-            assert_eq!(
-                back.to_string(),
-                text.replace("drop proto 47", "drop proto 47")
-            );
+            assert_eq!(back.to_string(), text);
         }
     }
 
