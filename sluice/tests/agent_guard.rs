@@ -295,3 +295,95 @@ fn agent_runs_with_only_the_capabilities_it_needs() {
     let st = parse_json("status", &env.cli_ok(&["status", "--json"]));
     assert_eq!(st["attachments"].as_array().map(Vec::len), Some(1), "{st}");
 }
+
+/// Deletes a namespace the test made by hand (it must not exist when the
+/// agent starts).
+struct LateNetns(String);
+
+impl Drop for LateNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn agent_waits_for_missing_interfaces_and_detaches_the_last_one() {
+    let lab = Lab::new("late");
+    let env = AgentEnv::new("late");
+    let late = LateNetns(format!("slt-{}-late", std::process::id()));
+    env.write_config(&format!(
+        "{}[[interface]]\nname = \"lt0\"\nnetns = \"{}\"\nmode = \"generic\"\n\n{}",
+        interface_toml(&lab.b, &lab.b_if),
+        late.0,
+        policy_toml("pass", &[], &[&format!("{}/32", lab.a_v4)])
+    ));
+    let agent = AgentProc::start(&env, &["--drift-interval", "1"]);
+    assert!(agent.log().contains("cannot attach yet"), "{}", agent.log());
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        0,
+        "the present interface is filtered"
+    );
+
+    // The namespace and interface appear; the next drift check attaches.
+    for args in [
+        vec!["netns", "add", late.0.as_str()],
+        vec![
+            "-n",
+            late.0.as_str(),
+            "link",
+            "add",
+            "lt0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lt1",
+        ],
+    ] {
+        assert!(
+            std::process::Command::new("ip")
+                .args(&args)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = env.cli_json(&["status", "--json"]);
+        if st["attachments"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never attached to lt0: {st}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Detaching both through the agent really detaches; the last removes the pins.
+    let out = output_with_timeout(
+        &mut env.cli_cmd(None, &["-n", &late.0, "detach", "lt0"]),
+        CLI_TIMEOUT,
+    );
+    cli_ok(out);
+    env.cli_ok_in(&lab.b, &["detach", &lab.b_if]);
+    assert!(
+        !env.pin_root().exists(),
+        "the last detach removed the pin root"
+    );
+    assert_eq!(
+        ping(&lab.a, IpAddr::V4(lab.b_v4), 2),
+        2,
+        "no longer filtered"
+    );
+    let st = env.cli_json(&["status", "--json"]);
+    assert!(
+        st["attachments"].as_array().is_none_or(Vec::is_empty),
+        "{st}"
+    );
+}

@@ -42,6 +42,9 @@ pub enum AgentError {
 pub struct ReconcileReport {
     pub attached: Vec<String>,
     pub detached: Vec<String>,
+    /// Interfaces that could not be attached (retried later).
+    #[serde(default)]
+    pub failed: Vec<String>,
     /// Entries, rules and settings that had to change in the maps.
     pub changes: usize,
     pub millis: f64,
@@ -130,7 +133,7 @@ impl Core {
                 info!(old = %up.old_tag, new = %up.new_tag, links = up.links, "program upgraded on the live links; maps kept");
             }
         }
-        let report = core.reconcile()?;
+        let report = core.reconcile(false)?;
         if report.changes > 0 && cause.is_none() {
             warn!(
                 changes = report.changes,
@@ -147,8 +150,11 @@ impl Core {
         Ok((core, report))
     }
 
-    /// Makes links and maps match the desired state.
-    pub fn reconcile(&mut self) -> Result<ReconcileReport, AgentError> {
+    /// Makes links and maps match the desired state. `strict`: an interface
+    /// that cannot be attached is an error (a user's change); otherwise it is
+    /// logged and retried by the next drift check (start, timers), so a
+    /// namespace that appears later is picked up.
+    pub fn reconcile(&mut self, strict: bool) -> Result<ReconcileReport, AgentError> {
         let started = Instant::now();
         let desired = self.state.desired();
         let mut report = ReconcileReport::default();
@@ -156,9 +162,20 @@ impl Core {
             let root = self.root.clone();
             let (name, mode, ns) = (iface.name.clone(), iface.mode, iface.netns.clone());
             let label = crate::netns::label(ns.as_deref());
-            let r = crate::netns::run_in(ns.as_deref(), move || {
+            let result = crate::netns::run_in(ns.as_deref(), move || {
                 attach::attach(&root, &name, mode, &label)
-            })??;
+            })
+            .map_err(AgentError::from)
+            .and_then(|r| r.map_err(AgentError::from));
+            let r = match result {
+                Ok(r) => r,
+                Err(e) if !strict => {
+                    warn!(interface = %iface_label(iface), error = %e, "cannot attach yet; will retry");
+                    report.failed.push(format!("{}: {e}", iface_label(iface)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if !r.readopted {
                 info!(interface = %iface_label(iface), mode = r.mode.name(), program = r.program_id, "attached");
                 report.attached.push(iface_label(iface));
@@ -171,7 +188,7 @@ impl Core {
             let wanted = desired.interfaces.iter().any(|i| {
                 i.name == a.interface && crate::netns::label(i.netns.as_deref()) == a.netns
             });
-            if !wanted && !desired.interfaces.is_empty() {
+            if !wanted {
                 attach::detach(&self.root, &a.interface, &a.netns)?;
                 info!(interface = %a.interface, netns = %a.netns, "detached (no longer in desired state)");
                 report.detached.push(format!("{}:{}", a.netns, a.interface));
@@ -257,7 +274,7 @@ impl Core {
         author: &str,
         cause: String,
     ) -> Result<Applied, AgentError> {
-        match self.reconcile() {
+        match self.reconcile(true) {
             Ok(reconcile) => {
                 let version = self
                     .state
@@ -265,7 +282,7 @@ impl Core {
                 if let Err(e) = self.store.save(&self.state) {
                     // Keep kernel and store in step: undo in the kernel too.
                     self.state = old;
-                    let _ = self.reconcile();
+                    let _ = self.reconcile(false);
                     self.apply_failures += 1;
                     return Err(e.into());
                 }
@@ -281,7 +298,7 @@ impl Core {
             Err(e) => {
                 warn!(error = %e, cause = %cause, "change refused; previous state restored");
                 self.state = old;
-                let _ = self.reconcile();
+                let _ = self.reconcile(false);
                 self.apply_failures += 1;
                 Err(e)
             }
@@ -298,10 +315,14 @@ impl Core {
         let mut next = self.state.clone();
         let mut desired = next.desired();
         for op in &ops {
-            op.apply(&mut desired, true).map_err(AgentError::Refused)?;
+            if let Err(e) = op.apply(&mut desired, true) {
+                self.apply_failures += 1;
+                return Err(AgentError::Refused(e));
+            }
         }
         let cause = ops.iter().map(Op::describe).collect::<Vec<_>>().join("; ");
         next.overlay.extend(ops);
+        next.overlay = crate::policy::compact_overlay(&next.base, &next.overlay);
         self.commit_state(next, author, cause, safety)
     }
 
@@ -313,7 +334,13 @@ impl Core {
         author: &str,
         safety: &Safety,
     ) -> Result<Applied, AgentError> {
-        let cfg = config::parse(&path, text)?;
+        let cfg = match config::parse(&path, text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.apply_failures += 1;
+                return Err(e.into());
+            }
+        };
         let mut next = self.state.clone();
         next.base = cfg.desired;
         next.base_source = path.display().to_string();
@@ -419,7 +446,7 @@ impl Core {
 
     /// Compares the pins with desired state and corrects any drift.
     pub fn check_drift(&mut self) -> Result<usize, AgentError> {
-        let r = self.reconcile()?;
+        let r = self.reconcile(false)?;
         let n = r.changes + r.attached.len() + r.detached.len();
         if n > 0 {
             self.drift_corrections += 1;

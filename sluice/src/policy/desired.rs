@@ -369,3 +369,116 @@ impl Op {
         }
     }
 }
+
+/// The shortest overlay with the same effect on `base` as `overlay`: list
+/// changes become one add and one delete per list, the last setting of each
+/// kind wins, interfaces become the difference; rule changes are kept in
+/// order (positions depend on each other). Keeps the store from growing
+/// with every runtime change.
+pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
+    let mut fin = base.clone();
+    for op in overlay {
+        let _ = op.apply(&mut fin, false);
+    }
+    let mut out = Vec::new();
+    let iface_key = |i: &Interface| (i.name.clone(), i.netns.clone());
+    for b in &base.interfaces {
+        if !fin.interfaces.iter().any(|f| iface_key(f) == iface_key(b)) {
+            out.push(Op::Detach {
+                name: b.name.clone(),
+                netns: b.netns.clone(),
+            });
+        }
+    }
+    for f in &fin.interfaces {
+        if !base.interfaces.contains(f) {
+            out.push(Op::Attach {
+                interface: f.clone(),
+            });
+        }
+    }
+    for (allow, b, f) in [
+        (false, &base.policy.deny, &fin.policy.deny),
+        (true, &base.policy.allow, &fin.policy.allow),
+    ] {
+        let adds: Vec<IpNet> = f.difference(b).copied().collect();
+        let dels: Vec<IpNet> = b.difference(f).copied().collect();
+        if !adds.is_empty() {
+            out.push(Op::ListAdd {
+                allow,
+                prefixes: adds,
+            });
+        }
+        if !dels.is_empty() {
+            out.push(Op::ListDel {
+                allow,
+                prefixes: dels,
+            });
+        }
+    }
+    out.extend(
+        overlay
+            .iter()
+            .filter(|o| matches!(o, Op::RuleAdd { .. } | Op::RuleDel { .. }))
+            .cloned(),
+    );
+    if fin.policy.default != base.policy.default {
+        out.push(Op::Default {
+            action: fin.policy.default,
+        });
+    }
+    if fin.policy.malformed != base.policy.malformed {
+        out.push(Op::Malformed {
+            action: fin.policy.malformed,
+        });
+    }
+    if fin.policy.audit != base.policy.audit {
+        out.push(Op::Audit {
+            on: fin.policy.audit,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compacting_keeps_the_effect_and_drops_what_cancels() {
+        let mut base = Desired::default();
+        base.policy.deny.insert("198.18.1.0/24".parse().unwrap());
+        let x: IpNet = "198.18.2.0/24".parse().unwrap();
+        let overlay = vec![
+            Op::ListAdd {
+                allow: false,
+                prefixes: vec![x],
+            },
+            Op::ListDel {
+                allow: false,
+                prefixes: vec![x],
+            },
+            Op::Default {
+                action: Action::Drop,
+            },
+            Op::Default {
+                action: Action::Pass,
+            },
+            Op::Audit { on: true },
+            Op::ListDel {
+                allow: false,
+                prefixes: vec!["198.18.1.0/24".parse().unwrap()],
+            },
+        ];
+        let compact = compact_overlay(&base, &overlay);
+        let replay = |ops: &[Op]| {
+            let mut d = base.clone();
+            for op in ops {
+                let _ = op.apply(&mut d, false);
+            }
+            d
+        };
+        assert_eq!(replay(&compact), replay(&overlay));
+        assert_eq!(compact.len(), 2, "{compact:?}");
+    }
+}

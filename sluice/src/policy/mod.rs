@@ -14,7 +14,9 @@ pub mod config;
 mod desired;
 pub mod eval;
 
-pub use desired::{Action, Desired, Interface, Op, Policy, PolicyDiff, change_to, pinned_policy};
+pub use desired::{
+    Action, Desired, Interface, Op, Policy, PolicyDiff, change_to, compact_overlay, pinned_policy,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
