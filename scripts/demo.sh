@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# sluice lab demo: builds a throwaway two-namespace lab joined by a veth pair,
-# attaches the XDP firewall on namespace b's end and walks through the deny
-# list, the allow list, an L4 rule, the counters and detaching, checking every
-# outcome. Everything it creates is removed on any exit (also Ctrl-C/failure).
+# sluice lab demo, through the agent: builds a throwaway two-namespace lab
+# joined by a veth pair, runs `sluice agent` on the lab's config
+# (examples/lab.toml) and walks through runtime changes, history, diff and
+# apply of an edited config, rollback, the metrics endpoint, an agent killed
+# with SIGKILL (the dataplane keeps filtering) and restarted (it resumes), and
+# a clean stop, checking every outcome. Everything it creates is removed on
+# any exit (also Ctrl-C/failure).
 #
 # Run it with `make demo` (which builds target/release/sluice first), as root.
 # Exit status: 0 when everything behaved as expected, 1 otherwise.
@@ -10,11 +13,16 @@ set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SLUICE=${SLUICE:-$REPO/target/release/sluice}
+LAB_CONFIG=$REPO/examples/lab.toml
 
+# Per-run names, substituted into a copy of examples/lab.toml, so that the
+# demo never touches anything it did not create (nor another demo's lab).
 NSA=sluice-demo-$$-a
 NSB=sluice-demo-$$-b
 VETHA=vetha # lives in $NSA
-VETHB=vethb # lives in $NSB; the firewall is attached here
+VETHB=vethb # lives in $NSB; the firewall is attached here (as in lab.toml)
+RUN_DIR=/run/sluice-demo-$$ # the agent's state and API socket
+SOCK=$RUN_DIR/sluice.sock
 PIN_ROOT=/sys/fs/bpf/sluice-demo-$$
 A4=198.18.0.1 B4=198.18.0.2
 A6=2001:2::1 B6=2001:2::2
@@ -35,25 +43,50 @@ good() { printf '   %s✓ %s%s\n' "$C_OK" "$*" "$C_OFF"; }
 bad() { printf '   %s✗ UNEXPECTED: %s%s\n' "$C_BAD" "$*" "$C_OFF"; FAILURES=$((FAILURES + 1)); }
 die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
 
-# sluice, run against the lab (namespace b, private pin root), echoed first.
-sl() {
-    show "" "sluice $*"
-    "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" "$@"
-}
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-
 # --- preconditions -------------------------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, XDP, bpffs); run: sudo make demo"
 [ -x "$SLUICE" ] || die "$SLUICE not found; run \`make demo\` (it builds sluice first)"
+[ -f "$LAB_CONFIG" ] || die "$LAB_CONFIG not found"
 for tool in ip ping python3 timeout mountpoint; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run \`make setup\`"
+done
+for path in "$RUN_DIR" "$PIN_ROOT" "/run/netns/$NSA" "/run/netns/$NSB"; do
+    [ ! -e "$path" ] || die "$path already exists (left by an earlier run?); remove it first"
 done
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
 # --- cleanup: runs on every exit ------------------------------------------------
 TMP=$(mktemp -d /tmp/sluice-demo.XXXXXX)
-ATTACHED=0
+CFG=$TMP/lab.toml           # the agent's config: examples/lab.toml with this run's names
+EDITED=$TMP/lab-edited.toml # an edited copy of it
+LOG=$TMP/agent.log          # the agent's log (stderr)
+: >"$LOG"
+AGENT_PID=
+AGENT=down # up while an agent serves $SOCK: commands must then go through it
+AGENT_LOG_FROM=1 # the log's first line from the agent's latest start
 RECV_PID=
+LAB_MADE=0
+
+# stop_agent SIGNAL: signals the agent and waits (bounded) for it to exit;
+# returns its exit status (137 after SIGKILL).
+stop_agent() {
+    local sig=$1 i rc=0
+    # stderr off meanwhile: bash reports a job killed by a signal ("Killed").
+    {
+        kill "-$sig" "$AGENT_PID" || true
+        for ((i = 0; i < 100; i++)); do # up to 10 s
+            kill -0 "$AGENT_PID" || break
+            sleep 0.1
+        done
+        if kill -0 "$AGENT_PID"; then
+            kill -KILL "$AGENT_PID" || true
+        fi
+        wait "$AGENT_PID" || rc=$?
+    } 2>/dev/null
+    AGENT_PID='' AGENT=down
+    return "$rc"
+}
+
 cleanup() {
     local rc=$?
     trap '' INT TERM
@@ -61,19 +94,81 @@ cleanup() {
     set +e
     printf '\n%s== cleaning up the lab%s\n' "$C_HEAD" "$C_OFF"
     [ -n "$RECV_PID" ] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
-    if [ "$ATTACHED" = 1 ]; then
-        "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" detach "$VETHB" >/dev/null 2>&1
+    # The agent first: while it runs it would re-attach what is detached.
+    [ -n "$AGENT_PID" ] && stop_agent TERM
+    if [ "$rc" -ne 0 ] && [ -s "$LOG" ]; then
+        printf 'demo: the agent log ends with:\n' >&2
+        tail -n 15 "$LOG" | sed 's/^/   | /' >&2
     fi
-    ip netns del "$NSA" 2>/dev/null
-    ip netns del "$NSB" 2>/dev/null
-    rm -rf "$PIN_ROOT" "$TMP"
-    note "removed namespaces $NSA, $NSB and pin root $PIN_ROOT"
+    if [ -d "$PIN_ROOT" ]; then
+        "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" --socket "$SOCK" --no-agent \
+            detach "$VETHB" >/dev/null 2>&1
+    fi
+    if [ "$LAB_MADE" = 1 ]; then
+        ip netns del "$NSA" 2>/dev/null
+        ip netns del "$NSB" 2>/dev/null
+    fi
+    rm -rf "$PIN_ROOT" "$RUN_DIR" "$TMP"
+    note "removed namespaces $NSA, $NSB, pin root $PIN_ROOT and $RUN_DIR"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'printf "demo: a command failed (line %s): %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+# --- sluice ---------------------------------------------------------------------
+# sluice, run against the lab (namespace b, the lab's pin root and agent
+# socket), echoed first. While the agent is up, the commands that can run
+# either way must have gone through it (the CLI says so on stderr); while it is
+# down, they must not have. A failing sluice command fails the demo.
+sl() {
+    local rc=0
+    show "" "sluice $*"
+    "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" --socket "$SOCK" "$@" \
+        >"$TMP/sl.out" 2>"$TMP/sl.err" || rc=$?
+    cat "$TMP/sl.out"
+    cat "$TMP/sl.err" >&2
+    [ "$rc" -eq 0 ] || die "sluice $* failed (exit $rc)"
+    case $1 in check | apply | diff | rollback | history) return 0 ;; esac
+    if [ "$AGENT" = up ] && ! grep -q '(through the agent at' "$TMP/sl.err"; then
+        bad "sluice $1 did not go through the agent"
+    elif [ "$AGENT" = down ] && grep -q '(through the agent at' "$TMP/sl.err"; then
+        bad "sluice $1 went through an agent, but none should be running"
+    fi
+}
+# The same, quiet, with --json (for checks).
+slq() { "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" --socket "$SOCK" --json "$@"; }
+# The version number in the last `sl` output: "... (version N, ...)".
+last_version() { sed -n 's/.*(version \([0-9]*\),.*/\1/p' "$TMP/sl.out" | tail -n 1; }
+# The agent's current policy version, from `sluice history`.
+current_version() {
+    slq history | python3 -c 'import json, sys; print(next(v["version"] for v in json.load(sys.stdin) if v["current"]))'
+}
+has_rule() { "$SLUICE" --pin-root "$PIN_ROOT" --socket "$SOCK" rule list 2>/dev/null | grep -q "$1"; }
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# start_agent: runs the agent on $CFG in the background and waits (bounded)
+# until it serves the API and the metrics; shows what it logged meanwhile.
+start_agent() {
+    local from i
+    from=$(($(wc -l <"$LOG") + 1))
+    show "" "sluice agent --config $CFG 2>>$LOG &"
+    NO_COLOR=1 "$SLUICE" agent --config "$CFG" >>"$LOG" 2>&1 &
+    AGENT_PID=$!
+    for ((i = 0; ; i++)); do # up to 10 s
+        tail -n "+$from" "$LOG" | grep -q 'metrics endpoint listening' && break
+        kill -0 "$AGENT_PID" 2>/dev/null || { cat "$LOG" >&2; AGENT_PID=; die "the agent exited"; }
+        [ "$i" -lt 100 ] || die "the agent was not ready within 10 s"
+        sleep 0.1
+    done
+    AGENT=up
+    # Its log, without timestamps.
+    tail -n "+$from" "$LOG" | sed -E 's/^[0-9T:.-]+Z +/   | /'
+    AGENT_LOG_FROM=$from
+}
+# Whether the log since the last start_agent has a line matching ERE $1.
+logged() { tail -n "+$AGENT_LOG_FROM" "$LOG" | grep -Eq "$1"; }
 
 # --- traffic checks -------------------------------------------------------------
 # ping_check NAME ADDR pass|block: 3 pings from a to ADDR (bounded: ~1.5 s, hard
@@ -165,6 +260,7 @@ udp_check() {
 
 # --- the lab ----------------------------------------------------------------------
 step "Build the lab: namespaces $NSA and $NSB joined by a veth pair"
+LAB_MADE=1
 for ns in "$NSA" "$NSB"; do
     ip netns add "$ns"
     # No duplicate address detection, so link-local addresses (which IPv6
@@ -190,50 +286,158 @@ for ((i = 1; ; i++)); do
     sleep 0.2
 done
 note "$NSA: $VETHA $A4/24 $A6/64   <-->   $NSB: $VETHB $B4/24 $B6/64"
-note "every sluice command below really runs as: sluice -n $NSB --pin-root $PIN_ROOT ..."
 
-step "Attach the firewall to $VETHB (inside $NSB), native XDP if the driver supports it"
-sl attach "$VETHB" --mode auto
-ATTACHED=1
+step "The agent's config: examples/lab.toml, with this run's names"
+# 9464 when free, else any free port (for metrics).
+PORT=$(python3 -c '
+import socket
+for port in (9464, 0):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent does
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(s.getsockname()[1])
+    break')
+sed -e "s|\"sluice-demo-b\"|\"$NSB\"|" \
+    -e "s|\"/run/sluice-demo/|\"$RUN_DIR/|" \
+    -e "s|\"/sys/fs/bpf/sluice-demo\"|\"$PIN_ROOT\"|" \
+    -e "s|\"127.0.0.1:9464\"|\"127.0.0.1:$PORT\"|" \
+    "$LAB_CONFIG" >"$CFG"
+for want in "netns = \"$NSB\"" "socket = \"$SOCK\"" "state_dir = \"$RUN_DIR/" \
+    "pin_root = \"$PIN_ROOT\"" "metrics = \"127.0.0.1:$PORT\"" "name = \"$VETHB\""; do
+    grep -qF "$want" "$CFG" || die "examples/lab.toml changed: could not set $want in the demo's copy"
+done
+grep -vE '^\s*(#|$)' "$CFG" | sed 's/^/   | /'
+sl check "$CFG"
+note "every sluice command below really runs as: sluice -n $NSB --pin-root $PIN_ROOT --socket $SOCK ..."
+
+step "Start the agent: it attaches the firewall to $VETHB (in $NSB) and applies the policy"
+start_agent
+logged 'agent ready .*version=1 .*attached=\[".*:vethb"\]' ||
+    bad "the agent's first start should attach $VETHB and record version 1"
 sl status
+grep -Eq "^$VETHB +$NSB +.*attached" "$TMP/sl.out" || bad "status does not show $VETHB attached"
 
-step "Nothing is denied yet: a can reach b over IPv4 and IPv6"
+step "The config denies nothing of a's: a can reach b over IPv4 and IPv6"
 ping_check "IPv4 $A4 -> $B4" "$B4" pass
 ping_check "IPv6 $A6 -> $B6" "$B6" pass
 
-step "Deny a's addresses: packets from them are dropped at the driver"
+step "A runtime change through the agent: deny a's addresses"
 sl deny add "$A4/32" "$A6/128"
+V_DENY=$(last_version)
+[ -n "$V_DENY" ] || die "deny add did not report a version"
 ping_check "IPv4 $A4 -> $B4" "$B4" block
 ping_check "IPv6 $A6 -> $B6" "$B6" block
-
-step "Counters: every packet is counted by verdict and reason"
-sl stats
-
-step "The deny list"
-sl deny list
 
 step "The allow list wins over the deny list (only IPv4 is allowed here)"
 sl allow add "$A4/32"
 ping_check "IPv4 $A4 -> $B4 (allowed)" "$B4" pass
 ping_check "IPv6 $A6 -> $B6 (still denied)" "$B6" block
-
-step "Remove both entries: traffic flows again"
 sl allow del "$A4/32"
+
+step "History: every change is a version, with who made it and why"
+sl history
+if grep -Eq "^$V_DENY .*deny add $A4/32 $A6/128" "$TMP/sl.out" &&
+    grep -Eq '^1 .*config file .* loaded' "$TMP/sl.out" &&
+    grep -Eq "^[0-9]+\* .*allow del $A4/32" "$TMP/sl.out"; then
+    good "versions 1 (config file), $V_DENY (deny add) ... $(current_version) (allow del, current)"
+else
+    bad "history does not list the config load, the deny add and the allow del (current)"
+fi
+
+step "Remove the deny entries (runtime again): traffic flows"
 sl deny del "$A4/32" "$A6/128"
 ping_check "IPv4 $A4 -> $B4" "$B4" pass
 ping_check "IPv6 $A6 -> $B6" "$B6" pass
 
-step "An L4 rule: drop UDP to port $UDP_DROPPED_PORT (any address, both families)"
-sl rule add drop udp dport "$UDP_DROPPED_PORT"
+step "An edited copy of the config: diff it, apply it (UDP to port $UDP_DROPPED_PORT dropped)"
+show "" "sed '/^rules = \\[/a \\    \"drop udp dport $UDP_DROPPED_PORT\",' $CFG >$EDITED"
+sed "/^rules = \\[/a \\    \"drop udp dport $UDP_DROPPED_PORT\"," "$CFG" >"$EDITED"
+sl diff "$EDITED"
+grep -q "+ drop udp dport $UDP_DROPPED_PORT" "$TMP/sl.out" ||
+    bad "diff does not show the new rule"
+sl apply "$EDITED"
 sl rule list
+has_rule "drop udp dport $UDP_DROPPED_PORT" || bad "the new rule is not in force"
 udp_check
+# The agent re-reads its own config file when that changes (and on SIGHUP),
+# checking every second; the UDP check took longer than that. Applying
+# another file must not make it fall back to its own.
+if has_rule "drop udp dport $UDP_DROPPED_PORT"; then
+    good "the applied file stays in force (the agent's own config file did not change)"
+else
+    bad "the agent went back to its own config file"
+fi
+sl stats --top 3
 
-step "Final counters"
-sl stats
+step "Roll back to version $V_DENY (a denied, no UDP rule); runtime changes are cleared"
+sl rollback "$V_DENY"
+ping_check "IPv4 $A4 -> $B4" "$B4" block
+ping_check "IPv6 $A6 -> $B6" "$B6" block
+if has_rule "drop udp dport $UDP_DROPPED_PORT"; then
+    bad "the UDP rule is still there after the rollback"
+else
+    good "the UDP rule is gone"
+fi
 
-step "Detach: the program and its pins are removed"
+step "Metrics: Prometheus text at http://127.0.0.1:$PORT/metrics"
+show "" "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:$PORT/metrics\").read().decode())'"
+python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end="")' \
+    "http://127.0.0.1:$PORT/metrics" >"$TMP/metrics.txt"
+grep -E '^sluice_packets_total\{.*verdict="drop"' "$TMP/metrics.txt" | sed 's/^/   /'
+grep -E '^sluice_(agent_policy_version|agent_applies_total|attachments|dataplane_up) ' "$TMP/metrics.txt" | sed 's/^/   /'
+metric() { awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { print s + 0 }' "$TMP/metrics.txt"; }
+V_NOW=$(current_version)
+[ "$(metric 'sluice_dataplane_up ')" = 1 ] || bad "sluice_dataplane_up is not 1"
+[ "$(metric 'sluice_agent_policy_version ')" = "$V_NOW" ] || bad "sluice_agent_policy_version is not $V_NOW"
+for fam in ipv4 ipv6; do
+    n=$(metric "sluice_packets_total{family=\"$fam\",protocol=\"udp\",verdict=\"drop\",reason=\"rule\"}")
+    [ "$n" -ge "$UDP_PER_PORT" ] || bad "$fam UDP drops by the rule: $n, expected at least $UDP_PER_PORT"
+done
+n=$(metric 'sluice_packets_total{family="ipv4",protocol="icmp",verdict="drop",reason="deny-list"}')
+[ "$n" -ge 3 ] || bad "IPv4 ICMP drops by the deny list: $n, expected at least 3"
+grep -q '^# EOF' "$TMP/metrics.txt" || bad "the exposition is not complete (no # EOF)"
+good "drops by reason, policy version $V_NOW and dataplane_up 1 as expected"
+
+step "kill -9 the agent: the dataplane keeps filtering without it"
+HISTORY_BEFORE=$(slq history)
+show "" "kill -9 $AGENT_PID"
+stop_agent KILL || true
+sl status
+grep -Eq "^$VETHB +$NSB +.*attached" "$TMP/sl.out" || bad "status does not show $VETHB attached"
+ping_check "IPv4 $A4 -> $B4" "$B4" block
+ping_check "IPv6 $A6 -> $B6" "$B6" block
+
+step "Restart the agent: it resumes from its state and re-adopts the dataplane"
+start_agent
+if logged "agent state loaded resumed=true version=$V_NOW" && logged 'agent ready .*attached=\[\] changes=0'; then
+    good "resumed at version $V_NOW; re-adopted $VETHB; nothing to correct"
+else
+    bad "the agent did not resume cleanly at version $V_NOW"
+fi
+sl history
+if [ "$(slq history)" = "$HISTORY_BEFORE" ]; then
+    good "history intact"
+else
+    bad "history changed across the restart"
+fi
+ping_check "IPv4 $A4 -> $B4" "$B4" block
+
+step "Stop the agent (SIGTERM): the dataplane stays (no --detach-on-exit); detach it"
+show "" "kill -TERM $AGENT_PID"
+rc=0
+stop_agent TERM || rc=$?
+[ "$rc" -eq 0 ] || bad "the agent exited with status $rc on SIGTERM"
+tail -n 2 "$LOG" | sed -E 's/^[0-9T:.-]+Z +/   | /'
+if [ -e "$SOCK" ]; then
+    bad "$SOCK is still there after a graceful stop"
+else
+    good "the agent removed its socket"
+fi
+ping_check "IPv4 $A4 -> $B4 (no agent)" "$B4" block
 sl detach "$VETHB"
-ATTACHED=0
 show "" "ls -A $PIN_ROOT"
 if [ -d "$PIN_ROOT" ] && [ -n "$(ls -A "$PIN_ROOT")" ]; then
     find "$PIN_ROOT" -mindepth 1 | sed 's/^/   /'
