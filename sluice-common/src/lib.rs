@@ -255,7 +255,8 @@ pub struct Settings {
     pub malformed_action: u32,
     /// Rules in use in this generation (`RULES[gen * MAX_RULES ..][..rule_count]`).
     pub rule_count: u32,
-    /// `SETTINGS_F_*` bits (control plane only; packets ignore them).
+    /// `SETTINGS_F_*` bits. The kernel reads only `SETTINGS_F_AUDIT`; the
+    /// others are the control plane's bookkeeping.
     pub flags: u32,
     /// Identifier the next added rule gets.
     pub next_rule_id: u32,

@@ -378,6 +378,40 @@ async fn del_rule(
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+pub struct RuleDelBody {
+    pub ids: Vec<u32>,
+}
+
+/// Deletes several rules in one change (all or none).
+async fn del_rules(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<RuleDelBody>,
+) -> Result<Json<Applied>, ApiError> {
+    if body.ids.is_empty() {
+        return Err(bad_request("no rule ids given"));
+    }
+    let who = author(&peer, &headers);
+    let safe = safety(&headers);
+    with_core(&core, move |c| {
+        let rows = rule_rows(c)?;
+        let mut ops = Vec::new();
+        for id in body.ids {
+            let Some(row) = rows.iter().find(|r| r.id == id) else {
+                return Err(DataplaneError::NoSuchRule { id }.into());
+            };
+            ops.push(Op::RuleDel {
+                rule: row.rule.clone(),
+            });
+        }
+        c.change(ops, &who, &safe)
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SettingsBody {
     pub default: Option<Action>,
     pub malformed: Option<Action>,
@@ -559,6 +593,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/lists/{kind}/{verb}", post(list_change))
         .route("/v1/rules", get(get_rules).post(add_rule))
         .route("/v1/rules/{id}", delete(del_rule))
+        .route("/v1/rules/delete", post(del_rules))
         .route("/v1/settings", put(put_settings))
         .route("/v1/policy/apply", post(apply_policy))
         .route("/v1/policy/diff", post(diff_policy))

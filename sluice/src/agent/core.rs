@@ -253,6 +253,17 @@ impl Core {
         cause: String,
         safety: &Safety,
     ) -> Result<Applied, AgentError> {
+        if next.desired() == self.state.desired() {
+            // Nothing would change (a repeated setting, a file with the same
+            // policy): keep the bookkeeping, record no version.
+            self.state = next;
+            self.store.save(&self.state)?;
+            return Ok(Applied {
+                version: self.state.current_version(),
+                diff: PolicyDiff::default(),
+                reconcile: ReconcileReport::default(),
+            });
+        }
         if let Err(e) = self.guard(&next.desired().policy, safety) {
             self.apply_failures += 1;
             return Err(e);

@@ -250,6 +250,12 @@ pub enum CliError {
     Config(#[from] crate::policy::config::ConfigErrors),
     #[error(transparent)]
     Agent(#[from] crate::agent::RunError),
+    #[error(
+        "`sluice agent` takes its pin root, socket and interfaces (with their namespaces) from \
+         the config file ([agent] pin_root, socket; [[interface]] netns), not from -n, \
+         --pin-root, --socket or SLUICE_PIN_ROOT/SLUICE_SOCKET; and it logs rather than printing JSON"
+    )]
+    AgentOptions,
     #[error("reading {path}: {reason}")]
     Read { path: PathBuf, reason: String },
 }
@@ -277,6 +283,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             detach_on_exit,
             drift_interval,
         } => {
+            if cli.netns.is_some()
+                || cli.json
+                || cli.pin_root.as_path() != std::path::Path::new(dataplane::DEFAULT_PIN_ROOT)
+                || cli.socket.as_path()
+                    != std::path::Path::new(crate::policy::config::DEFAULT_SOCKET)
+            {
+                return Err(CliError::AgentOptions);
+            }
             crate::agent::init_logging(*log_format);
             crate::agent::run(&crate::agent::Options {
                 config: config.clone(),
@@ -528,20 +542,29 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                         at: *at,
                     }),
                 )?;
-                out.applied(
-                    &format!(
-                        "rule {} added at position {}: {rule}",
-                        r.rule_id, r.position
-                    ),
-                    &r.applied,
-                );
+                if out.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("serialisable")
+                    );
+                } else {
+                    out.applied(
+                        &format!(
+                            "rule {} added at position {}: {rule}",
+                            r.rule_id, r.position
+                        ),
+                        &r.applied,
+                    );
+                }
             }
             RuleCommand::Del { ids } => {
-                for id in ids {
-                    let a: Applied =
-                        client.call(Method::DELETE, &format!("/v1/rules/{id}"), None::<&()>)?;
-                    out.applied(&format!("rule {id} deleted"), &a);
-                }
+                let a: Applied = client.call(
+                    Method::POST,
+                    "/v1/rules/delete",
+                    Some(&api::RuleDelBody { ids: ids.clone() }),
+                )?;
+                let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+                out.applied(&format!("rule {} deleted", list.join(", ")), &a);
             }
             RuleCommand::List => {
                 let r: api::RulesBody = client.call(Method::GET, "/v1/rules", None::<&()>)?;

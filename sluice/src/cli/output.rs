@@ -177,6 +177,12 @@ impl Out {
                 r.old_program_id, r.old_tag, r.new_program_id, r.new_tag, r.links
             );
         }
+        if !self.json && !r.skipped.is_empty() {
+            println!(
+                "skipped (interface gone; detach them): {}",
+                r.skipped.join(", ")
+            );
+        }
     }
 
     pub fn diff(&self, d: &crate::policy::PolicyDiff) {
@@ -280,7 +286,7 @@ impl Out {
             s.default_action.as_deref().unwrap_or("?"),
             s.malformed_action.as_deref().unwrap_or("?"),
             if s.audit == Some(true) {
-                ", AUDIT MODE (nothing is dropped)"
+                ", AUDIT MODE (would-be drops are passed; malformed frames are still dropped)"
             } else {
                 ""
             },
@@ -437,6 +443,7 @@ impl Out {
                         "position": r.position,
                         "rule": r.rule.to_string(),
                         "action": r.rule.action.name(),
+                        "audit": r.rule.audit,
                         "proto": r.rule.proto,
                         "dport": r.rule.dport.map(|(lo, hi)| json!([lo, hi])),
                         "src": r.rule.src.map(|n| n.to_string()),

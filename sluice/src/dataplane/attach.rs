@@ -594,6 +594,9 @@ pub struct UpgradeReport {
     pub links: usize,
     /// Nothing to do: the pinned program is this build's already.
     pub unchanged: bool,
+    /// Attachments whose interface is gone (left as they are; detach them).
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
 
 /// Swaps this build's program in on every pinned link, atomically per link
@@ -650,6 +653,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         new_tag: format!("{:016x}", new.tag()),
         links: 0,
         unchanged: false,
+        skipped: Vec::new(),
     };
     if old.tag() == new.tag() && !force {
         report.unchanged = true;
@@ -660,15 +664,26 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         detail: e.to_string(),
     })?;
     let new_fd = new_fd.as_fd();
+    let mut swapped = Vec::new();
     for (_, iface, _, path) in pinned_links(root)? {
         let link = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        sys::link_update(link.as_fd(), new_fd, old_fd.as_fd()).map_err(|e| {
-            DataplaneError::Attach {
-                iface,
-                mode: "upgrade",
-                detail: format!("swapping the program on {}: {e}", path.display()),
+        let info = sys::link_info(&link).map_err(io_err(format!("reading {}", path.display())))?;
+        if info.xdp_ifindex == 0 {
+            // The interface is gone; nothing runs on this link to upgrade.
+            report.skipped.push(iface);
+            continue;
+        }
+        if let Err(e) = sys::link_update(link.as_fd(), new_fd, old_fd.as_fd()) {
+            // All or nothing: put the links already swapped back.
+            for done in &swapped {
+                let _ = sys::link_update(std::os::fd::AsFd::as_fd(done), old_fd.as_fd(), new_fd);
             }
-        })?;
+            return Err(DataplaneError::Upgrade {
+                iface,
+                detail: e.to_string(),
+            });
+        }
+        swapped.push(link);
         report.links += 1;
     }
     // The pin follows the program the links now run; the old one is freed

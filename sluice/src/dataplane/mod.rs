@@ -52,7 +52,8 @@ pub enum DataplaneError {
     PinnedMap { path: PathBuf, detail: String },
     #[error(
         "pinned map {path} does not match this build (expected {expected}, found {found}); \
-         it was made by another sluice version: detach with that version, or remove the pin"
+         it was made by another sluice version: `sluice detach` each interface (any version can; \
+         this removes the old policy too), then attach and apply the policy again"
     )]
     IncompatibleMap {
         path: PathBuf,
@@ -73,6 +74,10 @@ pub enum DataplaneError {
         mode: &'static str,
         detail: String,
     },
+    #[error(
+        "upgrading the program on {iface} failed: {detail}; every interface keeps the old program"
+    )]
+    Upgrade { iface: String, detail: String },
     #[error(
         "{list} list is full: it holds at most {capacity} prefixes ({current} now, {adding} more requested)"
     )]
