@@ -234,10 +234,17 @@ pub struct EntryStats {
     pub _pad: u32,
 }
 
-/// LPM key data for IPv4 lists: generation byte, then the address.
-pub type KeyV4 = [u8; 5];
-/// LPM key data for IPv6 lists: generation byte, then the address.
-pub type KeyV6 = [u8; 17];
+/// LPM key data for IPv4 lists: generation byte, the address, then padding.
+///
+/// The kernel stores an entry's value right after its key data; key data a
+/// multiple of 8 bytes long keeps `EntryStats` 8-byte aligned, so its atomic
+/// counter adds never straddle a cache line (a split lock: ~0.5 ms each on
+/// hosts that trap them). The padding is beyond the prefix length, so the
+/// trie ignores it.
+pub type KeyV4 = [u8; 8];
+/// LPM key data for IPv6 lists: generation byte, the address, then padding
+/// (see [`KeyV4`]).
+pub type KeyV6 = [u8; 24];
 
 /// LPM prefix length covering the generation byte plus `prefix_len` address bits.
 #[must_use]

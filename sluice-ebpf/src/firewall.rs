@@ -108,7 +108,7 @@ fn list_hit(pkt: &Packet, g: u8, allow: bool) -> Option<&'static EntryStats> {
     match pkt.family {
         Family::V4 => {
             let a = src[0].to_ne_bytes();
-            let key = Key::new(lpm_prefix_len(32), [g, a[0], a[1], a[2], a[3]]);
+            let key = Key::new(lpm_prefix_len(32), [g, a[0], a[1], a[2], a[3], 0, 0, 0]);
             if allow {
                 ALLOW_V4.get(&key)
             } else {
@@ -122,7 +122,7 @@ fn list_hit(pkt: &Packet, g: u8, allow: bool) -> Option<&'static EntryStats> {
                 lpm_prefix_len(128),
                 [
                     g, hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2],
-                    lo[3], lo[4], lo[5], lo[6], lo[7],
+                    lo[3], lo[4], lo[5], lo[6], lo[7], 0, 0, 0, 0, 0, 0, 0,
                 ],
             );
             if allow {

@@ -99,7 +99,7 @@ impl AddrKey for KeyV4 {
         let o = n.network().octets();
         Some(Key::new(
             lpm_prefix_len(u32::from(n.prefix_len())),
-            [generation, o[0], o[1], o[2], o[3]],
+            [generation, o[0], o[1], o[2], o[3], 0, 0, 0],
         ))
     }
 
@@ -114,9 +114,9 @@ impl AddrKey for KeyV4 {
 impl AddrKey for KeyV6 {
     fn encode(generation: u8, net: &IpNet) -> Option<Key<Self>> {
         let IpNet::V6(n) = net else { return None };
-        let mut d = [0u8; 17];
+        let mut d = [0u8; 24];
         d[0] = generation;
-        d[1..].copy_from_slice(&n.network().octets());
+        d[1..17].copy_from_slice(&n.network().octets());
         Some(Key::new(lpm_prefix_len(u32::from(n.prefix_len())), d))
     }
 
@@ -124,7 +124,7 @@ impl AddrKey for KeyV6 {
         let d = key.data();
         let plen = u8::try_from(key.prefix_len().checked_sub(8)?).ok()?;
         let mut a = [0u8; 16];
-        a.copy_from_slice(&d[1..]);
+        a.copy_from_slice(&d[1..17]);
         let net = Ipv6Net::new(Ipv6Addr::from(a), plen).ok()?;
         Some((d[0], IpNet::V6(net)))
     }
