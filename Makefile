@@ -10,7 +10,7 @@ export PATH := /usr/lib/llvm-22/bin:$(or $(CARGO_HOME),$(HOME)/.cargo)/bin:$(PAT
 
 CARGO ?= cargo
 
-.PHONY: all setup build demo test fmt-check clippy
+.PHONY: all setup build demo test bench fmt-check clippy
 
 all: build
 
@@ -36,6 +36,13 @@ test: setup
 	$(CARGO) test -p sluice-common --no-fail-fast || rc=1; \
 	if [ "$$rc" -ne 0 ]; then echo "make test: some tests FAILED" >&2; fi; \
 	exit "$$rc"
+
+## bench: sluice's benchmarks (root, ~10 min): prints a table per section,
+## writes bench-results/results.json and docs/benchmarks.md. Benchmarks never
+## decide pass/fail; `make test` runs a smoke version (bench/tests/smoke.rs).
+bench: setup
+	$(CARGO) build --release
+	target/release/sluice-bench --out bench-results
 
 ## fmt-check: fail if any file is not rustfmt-formatted
 fmt-check:

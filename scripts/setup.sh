@@ -2,7 +2,8 @@
 # Installs everything building, testing and demoing sluice needs, on a
 # Debian-like host that has only the Rust toolchains (stable + nightly):
 #   - Debian packages: LLVM 22 (for bpf-linker), clang, bpftool and the network
-#     tools the tests and the demo drive (ip, iptables, nft, ipset, ping, ...);
+#     tools the tests, the demo and the benchmarks drive (ip, iptables, nft,
+#     ipset, ping, ethtool, ...);
 #   - rust-src for the nightly toolchain (the BPF target builds `core` itself);
 #   - bpf-linker, built against LLVM 22;
 #   - bpffs mounted at /sys/fs/bpf (where sluice pins its maps).
@@ -17,12 +18,14 @@ CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 export PATH="$LLVM_PREFIX/bin:$CARGO_BIN:$PATH"
 export DEBIAN_FRONTEND=noninteractive
 
-# Packages sluice's own build/tests/demo use directly. The second line is what
-# a bare image with only rustup may lack: make (the entry point), a C linker
-# for Rust's host builds, python3 (demo UDP receiver), CA certificates (cargo).
+# Packages sluice's own build/tests/demo/benchmarks use directly (ethtool: the
+# benchmarks turn GRO on so a veth takes XDP_TX frames without an XDP program).
+# The second line is what a bare image with only rustup may lack: make (the
+# entry point), a C linker for Rust's host builds, python3 (demo UDP
+# receiver), CA certificates (cargo).
 PACKAGES=(
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev clang bpftool iproute2
-    iptables nftables ipset iputils-ping tcpdump procps kmod
+    iptables nftables ipset iputils-ping tcpdump procps kmod ethtool
     make gcc libc6-dev python3 ca-certificates
 )
 
