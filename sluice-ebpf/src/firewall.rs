@@ -11,8 +11,7 @@ use aya_ebpf::{
 };
 use sluice_common::{
     EntryStats, Family, L4, MAX_RULES, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY,
-    RULE_F_SRC, SETTINGS_F_AUDIT, Reason,
-    Rule, Verdict, counter_index, lpm_prefix_len,
+    RULE_F_SRC, Reason, Rule, SETTINGS_F_AUDIT, Verdict, counter_index, lpm_prefix_len,
 };
 
 use crate::{
