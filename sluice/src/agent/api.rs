@@ -603,3 +603,29 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/interfaces/detach", post(detach_iface))
         .with_state(core)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is described in the OpenAPI document,
+    /// and the document describes nothing that is not served.
+    #[test]
+    fn openapi_describes_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
+        let mut described: Vec<String> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .cloned()
+            .collect();
+        described.sort();
+        let source = include_str!("api.rs");
+        let mut served: Vec<String> = source
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next())
+            .map(String::from)
+            .collect();
+        served.sort();
+        assert_eq!(described, served);
+    }
+}
