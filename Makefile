@@ -31,10 +31,14 @@ demo: build
 ## binary is BPF-only (nightly, bpfel-unknown-none) and is built and exercised
 ## through the `sluice` crate. Runs everything, fails if anything failed.
 test: setup
-	rc=0; \
-	$(CARGO) test --workspace --exclude sluice-ebpf --no-fail-fast || rc=1; \
-	$(CARGO) test -p sluice-common --no-fail-fast || rc=1; \
+	rc=0; log=$$(mktemp); \
+	$(CARGO) test --workspace --exclude sluice-ebpf --no-fail-fast --lib --bins --tests 2>&1 | tee -a "$$log" || rc=1; \
+	$(CARGO) test -p sluice-common --no-fail-fast --lib 2>&1 | tee -a "$$log" || rc=1; \
+	passed=$$(grep '^test result' "$$log" | grep -o '[0-9]* passed' | awk '{s+=$$1} END {print s+0}'); \
+	failed=$$(grep '^test result' "$$log" | grep -o '[0-9]* failed' | awk '{s+=$$1} END {print s+0}'); \
+	rm -f "$$log"; \
 	if [ "$$rc" -ne 0 ]; then echo "make test: some tests FAILED" >&2; fi; \
+	echo "$$passed passed, $$failed failed"; \
 	exit "$$rc"
 
 ## bench: sluice's benchmarks (root, ~10 min): prints a table per section,
