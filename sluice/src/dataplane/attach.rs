@@ -205,36 +205,8 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
         }
     };
     let result = (|| {
-        let mut loader = EbpfLoader::new();
-        let paths: Vec<(String, std::path::PathBuf)> = specs
-            .iter()
-            .map(|s| (s.name.clone(), root.map(&s.name)))
-            .collect();
-        for (name, path) in &paths {
-            loader.map_pin_path(name.as_str(), path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(|e| {
-            let detail = format!("{e:#}");
-            if super::is_permission(&format!("{e:?}")) {
-                DataplaneError::Permission {
-                    what: "loading the XDP program".into(),
-                }
-            } else {
-                DataplaneError::Load { detail }
-            }
-        })?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| DataplaneError::Load {
-                detail: format!("program {XDP_PROGRAM} missing from the object"),
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
-                detail: e.to_string(),
-            })?;
-        prog.load().map_err(|e| DataplaneError::Load {
-            detail: verifier_detail(&e),
-        })?;
+        let mut ebpf = load_program(root, &specs)?;
+        let prog = xdp_of(&mut ebpf)?;
         // Settings must be initialised before any interface sees the program.
         PolicyMapsInit::run(root)?;
         prog.pin(root.prog()).map_err(|e| DataplaneError::Io {
@@ -253,6 +225,48 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
         let _ = std::fs::remove_file(root.prog());
     }
     result
+}
+
+/// Loads this build's object with every map bound to its pin under `root`
+/// (created when missing, re-used when present) and the XDP program loaded
+/// into the kernel (verified), not yet pinned or attached.
+fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(String, std::path::PathBuf)> = specs
+        .iter()
+        .map(|s| (s.name.clone(), root.map(&s.name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(|e| {
+        if super::is_permission(&format!("{e:?}")) {
+            DataplaneError::Permission {
+                what: "loading the XDP program".into(),
+            }
+        } else {
+            DataplaneError::Load {
+                detail: format!("{e:#}"),
+            }
+        }
+    })?;
+    xdp_of(&mut ebpf)?
+        .load()
+        .map_err(|e| DataplaneError::Load {
+            detail: verifier_detail(&e),
+        })?;
+    Ok(ebpf)
+}
+
+fn xdp_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .ok_or_else(|| DataplaneError::Load {
+            detail: format!("program {XDP_PROGRAM} missing from the object"),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
+            detail: e.to_string(),
+        })
 }
 
 /// Initialises fresh settings without taking the root lock (the caller holds it).
@@ -620,29 +634,8 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
     let old_fd =
         sys::obj_get(&root.prog()).map_err(io_err(format!("opening {}", root.prog().display())))?;
 
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(String, std::path::PathBuf)> = specs
-        .iter()
-        .map(|s| (s.name.clone(), root.map(&s.name)))
-        .collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name.as_str(), path.as_path());
-    }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| DataplaneError::Load {
-        detail: format!("{e:#}"),
-    })?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
-        .ok_or_else(|| DataplaneError::Load {
-            detail: format!("program {XDP_PROGRAM} missing from the object"),
-        })?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
-            detail: e.to_string(),
-        })?;
-    prog.load().map_err(|e| DataplaneError::Load {
-        detail: verifier_detail(&e),
-    })?;
+    let mut ebpf = load_program(root, &specs)?;
+    let prog = xdp_of(&mut ebpf)?;
     let new = prog.info().map_err(|e| DataplaneError::Load {
         detail: e.to_string(),
     })?;
