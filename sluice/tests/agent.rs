@@ -53,18 +53,7 @@ fn deny_packets(env: &AgentEnv, prefix: &str) -> u64 {
 
 /// `rule list --json` → (id, rule text) in evaluation order.
 fn rule_list(env: &AgentEnv) -> Vec<(u64, String)> {
-    let list = env.cli_json(&["rule", "list", "--json"]);
-    list["rules"]
-        .as_array()
-        .unwrap_or_else(|| panic!("rule list --json has no rules array: {list}"))
-        .iter()
-        .map(|r| {
-            let id = r["id"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("rule without a numeric id: {r}"));
-            (id, r["rule"].as_str().unwrap_or_default().to_owned())
-        })
-        .collect()
+    common::cli::rule_list_fields(&env.cli_json(&["rule", "list", "--json"]), "rule")
 }
 
 fn rule_texts(env: &AgentEnv) -> Vec<String> {

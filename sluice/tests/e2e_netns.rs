@@ -56,17 +56,7 @@ fn deny_list(pin: &PinRoot, lab: &Lab) -> Vec<String> {
 
 /// `rule list --json` → `{"rules":[{"id":N,"action":"drop",..}]}`: (id, action) pairs.
 fn rule_list_json(list: &Value) -> Vec<(u64, String)> {
-    list["rules"]
-        .as_array()
-        .unwrap_or_else(|| panic!("rule list --json has no rules array: {list}"))
-        .iter()
-        .map(|r| {
-            let id = r["id"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("rule without a numeric id: {r}"));
-            (id, r["action"].as_str().unwrap_or_default().to_owned())
-        })
-        .collect()
+    common::cli::rule_list_fields(list, "action")
 }
 
 /// `rule add ...` prints `rule N added`: N.

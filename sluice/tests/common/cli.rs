@@ -175,3 +175,18 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// `rule list --json` → (id, `field`) for each rule, in evaluation order.
+pub fn rule_list_fields(list: &Value, field: &str) -> Vec<(u64, String)> {
+    list["rules"]
+        .as_array()
+        .unwrap_or_else(|| panic!("rule list --json has no rules array: {list}"))
+        .iter()
+        .map(|r| {
+            let id = r["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("rule without a numeric id: {r}"));
+            (id, r[field].as_str().unwrap_or_default().to_owned())
+        })
+        .collect()
+}

@@ -725,11 +725,22 @@ pub fn tcp_connect(from: &Netns, to: &Netns, addr: IpAddr, port: u16) -> bool {
     let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let server = to.spawn(move || {
-        let listener = match TcpListener::bind(any_port(addr, port)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-                return;
+        // The previous probe of this port may still hold it briefly (a
+        // closing connection); retry a busy port for up to 2 s.
+        let bind_start = Instant::now();
+        let listener = loop {
+            match TcpListener::bind(any_port(addr, port)) {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && bind_start.elapsed() < Duration::from_secs(2) =>
+                {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
             }
         };
         listener.set_nonblocking(true).expect("set_nonblocking");
