@@ -14,10 +14,30 @@ pub mod map_names {
     pub const DENY_V6: &str = "DENY_V6";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const RULE_BUCKETS: &str = "RULE_BUCKETS";
+    pub const SRC_BUCKETS: &str = "SRC_BUCKETS";
+    pub const OVERFLOW_BKTS: &str = "OVERFLOW_BKTS";
+    pub const NEW_SOURCES: &str = "NEW_SOURCES";
+    pub const SYN_VERIFIED: &str = "SYN_VERIFIED";
+    pub const DDOS_CONFIG: &str = "DDOS_CONFIG";
+    pub const STATS: &str = "STATS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
+    pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
+    pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
+    pub const CAPTURE: &str = "CAPTURE";
+    pub const JUMP: &str = "JUMP";
 }
 
 /// Name of the XDP entry point in the object file.
 pub const XDP_PROGRAM: &str = "sluice_xdp";
+/// The SYN guard's challenge writer, reached by a tail call through `JUMP`.
+pub const SYN_CHALLENGE_PROGRAM: &str = "sluice_syn_challenge";
+/// `JUMP` slot of `SYN_CHALLENGE_PROGRAM`.
+pub const JUMP_SYN_CHALLENGE: u32 = 0;
+/// Slots in `JUMP`.
+pub const JUMP_SLOTS: u32 = 1;
 
 /// Policy is double-buffered: every policy map holds two generations and the
 /// `GENERATION` word says which one packets use. A change is written into the
@@ -91,19 +111,32 @@ pub enum Reason {
     Malformed = 4,
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): always passed.
     NotIp = 5,
+    /// Over the rate of a `limit` rule.
+    RateLimit = 6,
+    /// SYN defence: a SYN from an unverified source while a `syn-guard`
+    /// rule's rate was exceeded (answered with a challenge), or the answer to
+    /// a challenge (consumed once it verified the source).
+    SynDefence = 7,
+    /// A per-source `limit` rule could not give the source its own bucket
+    /// (new-source rate cap reached, or the table refused the insert) and the
+    /// shared overflow bucket was empty.
+    MapFull = 8,
 }
 
 /// Room in the counter layout for reasons added later without a map migration.
 pub const REASON_SLOTS: u32 = 16;
 
 impl Reason {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 9] = [
         Self::Default,
         Self::AllowList,
         Self::DenyList,
         Self::Rule,
         Self::Malformed,
         Self::NotIp,
+        Self::RateLimit,
+        Self::SynDefence,
+        Self::MapFull,
     ];
 
     #[must_use]
@@ -115,6 +148,9 @@ impl Reason {
             3 => Some(Self::Rule),
             4 => Some(Self::Malformed),
             5 => Some(Self::NotIp),
+            6 => Some(Self::RateLimit),
+            7 => Some(Self::SynDefence),
+            8 => Some(Self::MapFull),
             _ => None,
         }
     }
@@ -128,6 +164,9 @@ impl Reason {
             Self::Rule => "rule",
             Self::Malformed => "malformed",
             Self::NotIp => "not-ip",
+            Self::RateLimit => "rate-limit",
+            Self::SynDefence => "syn-defence",
+            Self::MapFull => "map-full",
         }
     }
 }
@@ -273,6 +312,10 @@ pub struct Settings {
     pub list_len: [u32; 4],
 }
 
+/// The rules hold a `syn-guard` rule: answers to challenges are checked.
+/// Kept by the control plane from the rules.
+pub const SETTINGS_F_SYN_GUARD: u32 = 1 << 3;
+
 /// The control plane initialised this generation.
 pub const SETTINGS_F_INIT: u32 = 1 << 0;
 /// Audit mode for the whole policy: what the lists, rules or default action
@@ -327,6 +370,24 @@ pub const RULE_F_SRC: u32 = 1 << 2;
 pub const RULE_F_DST: u32 = 1 << 3;
 /// A drop rule in audit mode: matches are passed and counted as `Audit`.
 pub const RULE_F_AUDIT: u32 = 1 << 4;
+/// Rule matches only TCP SYNs without ACK (connection attempts).
+pub const RULE_F_SYN: u32 = 1 << 5;
+/// A `limit` rule with one bucket per source (prefix) instead of one shared bucket.
+pub const RULE_F_PER_SOURCE: u32 = 1 << 6;
+/// A `limit` rule that counts bytes (`interval` is picoseconds per byte).
+pub const RULE_F_BYTES: u32 = 1 << 7;
+/// A per-source `limit` rule that reports sources over the limit for
+/// `escalate_after_ms` (the agent puts them on the deny list for `escalate_ttl_s`).
+pub const RULE_F_ESCALATE: u32 = 1 << 8;
+
+/// `Rule::action` values beyond the verdicts `Pass` (0) and `Drop` (1).
+/// Packets over the limit are dropped (reason `RateLimit`); packets within it
+/// go on to the next rule.
+pub const RULE_ACTION_LIMIT: u32 = 3;
+/// SYNs from unverified sources beyond the rate are answered with a
+/// challenge and dropped (reason `SynDefence`); other packets go on to the
+/// next rule.
+pub const RULE_ACTION_SYN_GUARD: u32 = 4;
 
 /// An L4 rule (`RULES[gen * MAX_RULES + position]`).
 ///
@@ -355,6 +416,242 @@ pub struct Rule {
     pub src_mask: [u64; 2],
     pub dst_net: [u64; 2],
     pub dst_mask: [u64; 2],
+    /// `limit` / `syn-guard`: what one packet costs in nanoseconds (1e9 /
+    /// rate), or with `RULE_F_BYTES` what one byte costs in picoseconds.
+    pub interval: u64,
+    /// Burst: nanoseconds of credit a bucket may hold ahead of time.
+    pub tolerance_ns: u64,
+    /// Per-source buckets key on the source masked to these prefix lengths.
+    pub per_source_v4: u16,
+    pub per_source_v6: u16,
+    pub escalate_after_ms: u32,
+    pub escalate_ttl_s: u32,
+    pub _pad2: u32,
+}
+
+/// Sources (or source prefixes) the per-source `limit` buckets track, across
+/// all per-source rules. An LRU map: when full, the least recently seen
+/// source loses its bucket (and starts again with a full one).
+pub const SOURCE_CAPACITY: u32 = 1 << 20;
+
+/// Sources that answered a SYN challenge and skip `syn-guard` until their
+/// verification expires. An LRU map; only sources that answered a challenge
+/// (so can receive at their address) are inserted.
+pub const VERIFIED_CAPACITY: u32 = 1 << 18;
+
+/// Token-bucket state, kept as a GCRA "theoretical arrival time": a packet
+/// conforms while `tat_ns - now <= tolerance`, and each conforming packet
+/// moves `tat_ns` on by its cost. Shared buckets are updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub tat_ns: u64,
+    /// Start of the current run of over-limit packets (0 = not over).
+    pub over_since_ns: u64,
+    /// Last over-limit packet.
+    pub last_over_ns: u64,
+    /// Last time this bucket's source was reported for escalation.
+    pub reported_ns: u64,
+}
+
+/// A run of over-limit packets ends when none came for this long.
+pub const OVER_GAP_NS: u64 = 1_000_000_000;
+/// A source still over its limit is reported again after this long (the
+/// first report may have been lost, or the agent may have been away).
+pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Key of `SRC_BUCKETS`: the rule's stats slot and the masked source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcKey {
+    pub slot: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// `addr_words` of the masked source.
+    pub addr: [u64; 2],
+}
+
+/// Key of `SYN_VERIFIED`: a source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// 4 or 6.
+    pub family: u32,
+    pub _pad: u32,
+    pub addr: [u64; 2],
+}
+
+/// `DDOS_CONFIG[0]`: settings of the DDoS stage that are not policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DdosConfig {
+    /// New per-source buckets allowed per second, as a GCRA interval
+    /// (0 = no cap). Past it, new sources share their rule's overflow bucket
+    /// so a flood of new sources cannot evict the buckets of known ones.
+    pub new_source_interval_ns: u64,
+    pub new_source_tolerance_ns: u64,
+    /// How long a source that answered a challenge stays verified.
+    pub verified_ttl_ns: u64,
+    /// Key of the challenge cookies (random, set when the maps are created).
+    pub secret: [u64; 2],
+}
+
+/// Indexes of the per-CPU `STATS` array: events that are not packet verdicts.
+pub mod stat {
+    /// Per-source buckets created.
+    pub const SRC_INSERTED: u32 = 0;
+    /// New sources that got no bucket because the new-source rate was exceeded.
+    pub const SRC_CAPPED: u32 = 1;
+    /// Bucket inserts the map refused.
+    pub const SRC_INSERT_FAILED: u32 = 2;
+    /// SYN challenges sent.
+    pub const SYN_CHALLENGES: u32 = 3;
+    /// Sources verified by a correct answer.
+    pub const SYN_VERIFIED: u32 = 4;
+    /// Sources verified but not remembered (the insert failed).
+    pub const SYN_VERIFY_FAILED: u32 = 5;
+    /// Escalation reports written to `EVENTS`.
+    pub const ESCALATIONS: u32 = 6;
+    /// Escalation reports lost (ring full).
+    pub const ESCALATIONS_LOST: u32 = 7;
+    /// Flow records written to `FLOWS`.
+    pub const FLOWS: u32 = 8;
+    /// Flow records lost because the ring was full (reader too slow).
+    pub const FLOWS_LOST_RING: u32 = 9;
+    /// Flow records not written because this CPU was over the record rate cap.
+    pub const FLOWS_LOST_CAP: u32 = 10;
+    /// Packets written to `CAPTURE`.
+    pub const CAPTURED: u32 = 11;
+    /// Packets a capture missed because its ring was full.
+    pub const CAPTURE_LOST: u32 = 12;
+    /// Slots in `STATS`.
+    pub const SLOTS: u32 = 16;
+    /// Names, by index (empty = unused slot).
+    pub const NAMES: [&str; SLOTS as usize] = [
+        "source_buckets_created",
+        "source_buckets_capped",
+        "source_bucket_insert_failed",
+        "syn_challenges",
+        "syn_sources_verified",
+        "syn_verify_insert_failed",
+        "escalations",
+        "escalations_lost",
+        "flow_records",
+        "flow_records_lost_ring_full",
+        "flow_records_lost_rate_cap",
+        "captured",
+        "capture_lost",
+        "",
+        "",
+        "",
+    ];
+}
+
+/// An escalation report (ring `EVENTS`): a source stayed over a per-source
+/// limit for the rule's `escalate_after_ms`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Escalation {
+    pub ts_ns: u64,
+    pub rule_id: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// Masked source address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    pub prefix_len: u32,
+    pub ttl_s: u32,
+    pub over_for_ms: u32,
+    pub _pad: u32,
+}
+
+/// `EVENTS` ring size.
+pub const EVENTS_BYTES: u32 = 64 * 1024;
+/// `FLOWS` ring size: about 50,000 records.
+pub const FLOWS_BYTES: u32 = 4 * 1024 * 1024;
+/// `CAPTURE` ring size.
+pub const CAPTURE_BYTES: u32 = 16 * 1024 * 1024;
+
+/// A flow record (ring `FLOWS`): one sampled packet and what sluice did with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// Frame length in bytes.
+    pub len: u32,
+    /// Addresses as bytes (IPv4 in the first 4).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// `Family` value.
+    pub family: u8,
+    /// IP protocol (last IPv6 next header); 0 when not IP.
+    pub proto: u8,
+    /// TCP flags byte (FIN=0x01 SYN=0x02 RST=0x04 PSH=0x08 ACK=0x10 ...).
+    pub tcp_flags: u8,
+    /// `L4` value.
+    pub l4: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: u16,
+    /// Rule id (reason rule / rate-limit / syn-defence) or matched list
+    /// entry's prefix length (reason allow-list / deny-list); else 0.
+    pub matched: u32,
+    /// Sampling rate this record was taken at (1 = every packet).
+    pub sample: u32,
+    pub _pad2: u32,
+}
+
+/// `FLOW_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// 1-in-N sampling per `Verdict` (index = verdict); 0 = no records.
+    pub sample: [u32; 4],
+    /// Per-CPU record rate cap as a GCRA interval (0 = no cap).
+    pub cap_interval_ns: u64,
+    pub cap_tolerance_ns: u64,
+}
+
+/// `CAPTURE_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Non-zero while a capture runs.
+    pub enabled: u32,
+    /// Bit `1 << verdict` set = capture packets with that verdict.
+    pub verdict_mask: u32,
+    /// Only this interface (0 = any).
+    pub ifindex: u32,
+    /// Bytes of each packet to keep (at most `CAPTURE_SNAP`).
+    pub snaplen: u32,
+}
+
+/// Most bytes of one packet a capture keeps.
+pub const CAPTURE_SNAP: usize = 2048 - core::mem::size_of::<CaptureHeader>();
+
+/// Header of a captured packet in the `CAPTURE` ring; `CAPTURE_SNAP` data
+/// bytes follow (the first `cap_len` are the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureHeader {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub orig_len: u32,
+    pub cap_len: u32,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: u16,
+}
+
+/// A captured packet as it sits in the ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CaptureRecord {
+    pub header: CaptureHeader,
+    pub data: [u8; CAPTURE_SNAP],
 }
 
 /// The words a rule compares for an address: IPv4 is zero-padded to 16 bytes.
@@ -375,6 +672,15 @@ mod pod {
     unsafe impl aya::Pod for super::EntryStats {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Rule {}
+    unsafe impl aya::Pod for super::Bucket {}
+    unsafe impl aya::Pod for super::SrcKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::DdosConfig {}
+    unsafe impl aya::Pod for super::Escalation {}
+    unsafe impl aya::Pod for super::FlowRecord {}
+    unsafe impl aya::Pod for super::FlowConfig {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::CaptureHeader {}
 }
 
 #[cfg(test)]
@@ -400,7 +706,13 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(core::mem::size_of::<Rule>(), 4 * 4 + 2 * 2 + 3 * 4 + 4 * 16);
+        assert_eq!(core::mem::size_of::<Rule>(), 128);
+        assert_eq!(core::mem::size_of::<FlowRecord>(), 72);
+        assert_eq!(core::mem::size_of::<Escalation>(), 48);
+        assert_eq!(core::mem::size_of::<CaptureHeader>(), 24);
+        assert_eq!(core::mem::size_of::<CaptureRecord>(), 2048);
+        assert_eq!(core::mem::size_of::<SrcKey>(), 24);
+        assert_eq!(core::mem::size_of::<DdosConfig>(), 40);
         assert_eq!(core::mem::size_of::<Settings>(), 6 * 4 + 16);
         assert_eq!(core::mem::size_of::<EntryStats>(), 32);
     }

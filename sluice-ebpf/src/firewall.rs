@@ -10,49 +10,87 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    EntryStats, Family, L4, MAX_RULES, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY,
-    RULE_F_SRC, Reason, Rule, SETTINGS_F_AUDIT, Verdict, counter_index, lpm_prefix_len,
+    EntryStats, Family, JUMP_SYN_CHALLENGE, L4, MAX_RULES, RULE_ACTION_LIMIT,
+    RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC,
+    RULE_F_SYN, Reason, Rule, SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, counter_index,
+    lpm_prefix_len,
 };
 
 use crate::{
+    ddos::{self, Limit},
     maps::{
-        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, RULE_STATS, RULES, SETTINGS,
+        ALLOW_V4, ALLOW_V6, COUNTERS, DDOS_CONFIG, DENY_V4, DENY_V6, GENERATION, JUMP, RULE_STATS,
+        RULES, SETTINGS,
     },
+    observe,
     parse::{Packet, Parsed, parse},
 };
 
 pub struct Outcome {
     pub verdict: Verdict,
     pub reason: Reason,
+    /// Rule id, or the matched list entry's prefix length; 0 if none.
+    pub matched: u32,
+    /// Answer the packet with a SYN challenge instead of passing or dropping it.
+    pub challenge: bool,
+}
+
+impl Outcome {
+    const fn of(verdict: Verdict, reason: Reason) -> Self {
+        Self {
+            verdict,
+            reason,
+            matched: 0,
+            challenge: false,
+        }
+    }
+}
+
+/// What the entry point does with the frame.
+pub enum Action {
+    Pass,
+    Drop,
 }
 
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> Verdict {
+pub fn run(ctx: &XdpContext) -> Action {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (family, l4, outcome) = match parse(ctx) {
+    let parsed = parse(ctx);
+    let (family, l4, outcome, pkt) = match parsed {
         Parsed::NotIp => (
             Family::Other,
             L4::None,
-            Outcome {
-                verdict: Verdict::Pass,
-                reason: Reason::NotIp,
-            },
+            Outcome::of(Verdict::Pass, Reason::NotIp),
+            None,
         ),
         Parsed::Malformed(family) => (
             family,
             L4::None,
-            Outcome {
-                verdict: malformed_action(),
-                reason: Reason::Malformed,
-            },
+            Outcome::of(malformed_action(), Reason::Malformed),
+            None,
         ),
-        Parsed::Ip(pkt) => (pkt.family, pkt.l4, judge(&pkt, bytes)),
+        Parsed::Ip(ref pkt) => (pkt.family, pkt.l4, judge(pkt, bytes), Some(pkt)),
     };
     count(
         counter_index(family, l4, outcome.verdict, outcome.reason),
         bytes,
     );
-    outcome.verdict
+    let now = ddos::now();
+    observe::flow(ctx, pkt, family, l4, &outcome, bytes, now);
+    observe::capture(ctx, &outcome, bytes, now);
+    if outcome.challenge {
+        // The rewrite runs as its own program (verified on its own, not
+        // once per path through the pipeline); if the jump fails, drop.
+        // SAFETY: JUMP holds XDP programs only.
+        unsafe {
+            let _ = JUMP.tail_call(ctx, JUMP_SYN_CHALLENGE);
+        }
+        return Action::Drop;
+    }
+    match outcome.verdict {
+        Verdict::Pass | Verdict::Audit => Action::Pass,
+        Verdict::Drop => Action::Drop,
+    }
 }
 
 #[inline(always)]
@@ -147,6 +185,9 @@ fn rule_matches(r: &Rule, pkt: &Packet) -> bool {
     if r.proto != 0 && r.proto != u32::from(pkt.proto) {
         return false;
     }
+    if r.flags & RULE_F_SYN != 0 && !pkt.is_syn() {
+        return false;
+    }
     if r.flags & RULE_F_DPORT != 0
         && (!pkt.has_ports || pkt.dport < r.port_lo || pkt.dport > r.port_hi)
     {
@@ -169,15 +210,25 @@ fn rule_matches(r: &Rule, pkt: &Packet) -> bool {
 
 const NO_HIT: u32 = u32::MAX;
 
+/// How the rule that stopped the scan decided.
+const BY_ACTION: u32 = 0;
+const BY_RATE_LIMIT: u32 = 1;
+const BY_MAP_FULL: u32 = 2;
+const BY_SYN_GUARD: u32 = 3;
+
 #[repr(C)]
 struct RuleScan<'a> {
     pkt: &'a Packet,
+    bytes: u64,
     base: u32,
     count: u32,
     hit: u32,
+    by: u32,
 }
 
-/// One step of the rule scan: stops (returns 1) at the first matching rule.
+/// One step of the rule scan: stops (returns 1) at the first rule that
+/// decides. `limit` and `syn-guard` rules decide only for packets over
+/// their rate; the others go on to the next rule.
 extern "C" fn scan_rule(index: u32, ctx: *mut c_void) -> c_long {
     // SAFETY: ctx is the RuleScan judge() passed to bpf_loop.
     let scan = unsafe { &mut *ctx.cast::<RuleScan<'_>>() };
@@ -187,42 +238,62 @@ extern "C" fn scan_rule(index: u32, ctx: *mut c_void) -> c_long {
     let Some(r) = RULES.get(scan.base + index) else {
         return 1;
     };
-    if rule_matches(r, scan.pkt) {
-        scan.hit = index;
-        return 1;
+    if !rule_matches(r, scan.pkt) {
+        return 0;
     }
-    0
+    let by = match r.action {
+        RULE_ACTION_LIMIT => match ddos::limit(r, scan.pkt, scan.bytes) {
+            Limit::Conform => return 0,
+            Limit::Over => BY_RATE_LIMIT,
+            Limit::MapFull => BY_MAP_FULL,
+        },
+        RULE_ACTION_SYN_GUARD => {
+            if !scan.pkt.is_syn() || ddos::verified(scan.pkt) || ddos::syn_rate_ok(r) {
+                return 0;
+            }
+            BY_SYN_GUARD
+        }
+        _ => BY_ACTION,
+    };
+    scan.hit = index;
+    scan.by = by;
+    1
 }
 
 #[inline(always)]
 fn judge(pkt: &Packet, bytes: u64) -> Outcome {
     let g = generation();
     let Some(settings) = SETTINGS.get(g) else {
-        return Outcome {
-            verdict: Verdict::Drop,
-            reason: Reason::Default,
-        };
+        return Outcome::of(Verdict::Drop, Reason::Default);
     };
     if let Some(e) = list_hit(pkt, g as u8, true) {
         hit(e, bytes);
         return Outcome {
-            verdict: Verdict::Pass,
-            reason: Reason::AllowList,
+            matched: e.prefix_len,
+            ..Outcome::of(Verdict::Pass, Reason::AllowList)
         };
     }
     let audit = settings.flags & SETTINGS_F_AUDIT != 0;
     if let Some(e) = list_hit(pkt, g as u8, false) {
         hit(e, bytes);
         return Outcome {
-            verdict: drop_or_audit(audit),
-            reason: Reason::DenyList,
+            matched: e.prefix_len,
+            ..Outcome::of(drop_or_audit(audit), Reason::DenyList)
         };
+    }
+    if settings.flags & SETTINGS_F_SYN_GUARD != 0 && matches!(pkt.l4, L4::Tcp) {
+        let ttl = DDOS_CONFIG.get(0).map_or(0, |c| c.verified_ttl_ns);
+        if ddos::answer_verifies(pkt, ttl) {
+            return Outcome::of(Verdict::Drop, Reason::SynDefence);
+        }
     }
     let mut scan = RuleScan {
         pkt,
+        bytes,
         base: g * MAX_RULES,
         count: settings.rule_count,
         hit: NO_HIT,
+        by: BY_ACTION,
     };
     if scan.count > 0 {
         // bpf_loop keeps verification cost independent of MAX_RULES: the
@@ -246,23 +317,32 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
                     (*c).bytes += bytes;
                 }
             }
-            let verdict = match verdict_of(r.action) {
-                Verdict::Drop => drop_or_audit(audit || r.flags & RULE_F_AUDIT != 0),
-                v => v,
+            let audit = audit || r.flags & RULE_F_AUDIT != 0;
+            let (verdict, reason) = match scan.by {
+                BY_RATE_LIMIT => (drop_or_audit(audit), Reason::RateLimit),
+                BY_MAP_FULL => (drop_or_audit(audit), Reason::MapFull),
+                BY_SYN_GUARD => (drop_or_audit(audit), Reason::SynDefence),
+                _ => match verdict_of(r.action) {
+                    Verdict::Drop => (drop_or_audit(audit), Reason::Rule),
+                    v => (v, Reason::Rule),
+                },
             };
             return Outcome {
                 verdict,
-                reason: Reason::Rule,
+                reason,
+                matched: r.id,
+                // In audit mode the SYN is passed, not answered.
+                challenge: scan.by == BY_SYN_GUARD && !audit,
             };
         }
     }
-    Outcome {
-        verdict: match verdict_of(settings.default_action) {
+    Outcome::of(
+        match verdict_of(settings.default_action) {
             Verdict::Drop => drop_or_audit(audit),
             v => v,
         },
-        reason: Reason::Default,
-    }
+        Reason::Default,
+    )
 }
 
 #[inline(always)]

@@ -7,18 +7,30 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the BPF atomic add")]
 
+mod ddos;
 mod firewall;
 mod maps;
-mod parse;
+mod observe;
+pub mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use sluice_common::Verdict;
+use firewall::Action;
 
 #[xdp]
 pub fn sluice_xdp(ctx: XdpContext) -> u32 {
     match firewall::run(&ctx) {
-        Verdict::Pass | Verdict::Audit => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Answers a SYN with the SYN guard's challenge. Reached only by a tail
+/// call from `sluice_xdp` after it judged the SYN; never attached.
+#[xdp]
+pub fn sluice_syn_challenge(ctx: XdpContext) -> u32 {
+    match parse::parse(&ctx) {
+        parse::Parsed::Ip(pkt) if pkt.is_syn() => ddos::challenge(&ctx, &pkt),
+        _ => xdp_action::XDP_DROP,
     }
 }
 

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use sluice_common::{
-    COUNTER_SLOTS, Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, MAX_RULES, Rule,
-    Settings,
+    AddrKey, Bucket, CAPTURE_BYTES, COUNTER_SLOTS, CaptureConfig, Counter, DdosConfig,
+    EVENTS_BYTES, EntryStats, FLOWS_BYTES, FlowConfig, GENERATIONS, JUMP_SLOTS, KeyV4, KeyV6,
+    LIST_CAPACITY, MAX_RULES, Rule, SOURCE_CAPACITY, Settings, SrcKey, VERIFIED_CAPACITY, stat,
 };
 
 /// Active policy generation (0 or 1). One u32; written only by the control
@@ -53,3 +54,77 @@ pub static ALLOW_V4: LpmTrie<KeyV4, EntryStats> =
 #[map]
 pub static ALLOW_V6: LpmTrie<KeyV6, EntryStats> =
     LpmTrie::with_max_entries(GENERATIONS * LIST_CAPACITY, 0);
+
+// DDoS stage.
+
+/// Bucket of each `limit` / `syn-guard` rule, indexed by `Rule::stats_slot`
+/// (shared by all CPUs, atomic adds). One per possible rule; never full.
+#[map]
+pub static RULE_BUCKETS: Array<Bucket> = Array::with_max_entries(MAX_RULES, 0);
+
+/// Per-source buckets of per-source `limit` rules, keyed by (rule slot,
+/// masked source); `SOURCE_CAPACITY` entries. LRU: when full the least
+/// recently seen source is forgotten. Inserts past the new-source rate cap
+/// (`DDOS_CONFIG`) are skipped and counted (`STATS[SRC_CAPPED]`), so a flood
+/// of new sources cannot evict the buckets of sources already known.
+#[map]
+pub static SRC_BUCKETS: LruHashMap<SrcKey, Bucket> =
+    LruHashMap::with_max_entries(SOURCE_CAPACITY, 0);
+
+/// Per rule slot: the bucket shared by the sources that got no bucket of their own.
+#[map]
+pub static OVERFLOW_BKTS: Array<Bucket> = Array::with_max_entries(MAX_RULES, 0);
+
+/// The new-source rate cap's own bucket. One entry.
+#[map]
+pub static NEW_SOURCES: Array<Bucket> = Array::with_max_entries(1, 0);
+
+/// Sources that answered a SYN challenge -> verification expiry
+/// (`CLOCK_BOOTTIME` ns); `VERIFIED_CAPACITY` entries, LRU. A failed insert
+/// is counted (`STATS[SYN_VERIFY_FAILED]`); the source is challenged again.
+#[map]
+pub static SYN_VERIFIED: LruHashMap<AddrKey, u64> =
+    LruHashMap::with_max_entries(VERIFIED_CAPACITY, 0);
+
+/// DDoS settings that are not policy (new-source cap, verification TTL,
+/// cookie key). One entry, written by the control plane.
+#[map]
+pub static DDOS_CONFIG: Array<DdosConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU event counters (`sluice_common::stat`). Fixed size.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::SLOTS, 0);
+
+/// Escalation reports for the agent. When full, reports are lost and
+/// counted (`STATS[ESCALATIONS_LOST]`); the kernel reports again a second later.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+// Observability.
+
+/// Flow records. When full (reader too slow or away), records are lost and
+/// counted (`STATS[FLOWS_LOST_RING]`); verdicts are not affected.
+#[map]
+pub static FLOWS: RingBuf = RingBuf::with_byte_size(FLOWS_BYTES, 0);
+
+/// Flow sampling and the per-CPU record rate cap. One entry.
+#[map]
+pub static FLOW_CONFIG: Array<FlowConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU GCRA time of the record rate cap. One entry.
+#[map]
+pub static FLOW_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `sluice capture` wants. One entry.
+#[map]
+pub static CAPTURE_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Captured packets. When full, packets are missed and counted
+/// (`STATS[CAPTURE_LOST]`); verdicts are not affected.
+#[map]
+pub static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_BYTES, 0);
+
+/// Programs `sluice_xdp` jumps to (`sluice_common::JUMP_*`), set when the
+/// program is loaded. Fixed size.
+#[map]
+pub static JUMP: ProgramArray = ProgramArray::with_max_entries(JUMP_SLOTS, 0);

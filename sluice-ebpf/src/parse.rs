@@ -41,9 +41,34 @@ pub struct Packet {
     /// Source and destination as `sluice_common::addr_words` words.
     pub src: [u64; 2],
     pub dst: [u64; 2],
-    /// Destination port, valid when `has_ports`.
+    /// Ports, valid when `has_ports`.
+    pub sport: u16,
     pub dport: u16,
     pub has_ports: bool,
+    /// TCP flags byte (0 when not TCP) and sequence number.
+    pub tcp_flags: u8,
+    pub tcp_seq: u32,
+    /// Offsets of the IP header and of the transport header (valid for
+    /// TCP/UDP/ICMP; equal to `l3_off` otherwise).
+    pub l3_off: usize,
+    pub l4_off: usize,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
+pub const TCP_ECE: u8 = 0x40;
+pub const TCP_CWR: u8 = 0x80;
+
+impl Packet {
+    /// A connection attempt: SYN without ACK.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        matches!(self.l4, L4::Tcp) && self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    }
 }
 
 pub enum Parsed {
@@ -140,8 +165,13 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         proto: ip.proto,
         src: sluice_common::addr_words(&src),
         dst: sluice_common::addr_words(&dst),
+        sport: 0,
         dport: 0,
         has_ports: false,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        l3_off: off,
+        l4_off: off,
     };
     if frags & 0x1fff != 0 {
         // A later fragment carries no transport header.
@@ -169,8 +199,13 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         proto: ip.next_hdr,
         src: sluice_common::addr_words(&ip.src_addr),
         dst: sluice_common::addr_words(&ip.dst_addr),
+        sport: 0,
         dport: 0,
         has_ports: false,
+        tcp_flags: 0,
+        tcp_seq: 0,
+        l3_off: off,
+        l4_off: off,
     };
     let mut next = ip.next_hdr;
     let mut cur = off + Ipv6Hdr::LEN;
@@ -222,6 +257,19 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
     Some(pkt)
 }
 
+#[inline(always)]
+fn tcp_flags(t: &TcpHdr) -> u8 {
+    let bit = |v: u16, f: u8| if v != 0 { f } else { 0 };
+    bit(t.fin(), TCP_FIN)
+        | bit(t.syn(), TCP_SYN)
+        | bit(t.rst(), TCP_RST)
+        | bit(t.psh(), TCP_PSH)
+        | bit(t.ack(), TCP_ACK)
+        | bit(t.urg(), TCP_URG)
+        | bit(t.ece(), TCP_ECE)
+        | bit(t.cwr(), TCP_CWR)
+}
+
 /// Fills the transport fields. `len` is what the IP header says follows
 /// (it is already known to lie inside the frame). `None` = malformed.
 #[inline(always)]
@@ -245,8 +293,12 @@ fn parse_l4(
                 return None;
             }
             pkt.l4 = L4::Tcp;
+            pkt.sport = u16::from_be_bytes(tcp.source);
             pkt.dport = u16::from_be_bytes(tcp.dest);
             pkt.has_ports = true;
+            pkt.tcp_seq = u32::from_be_bytes(tcp.seq);
+            pkt.tcp_flags = tcp_flags(&tcp);
+            pkt.l4_off = off;
         }
         IPPROTO_UDP => {
             if len < UdpHdr::LEN {
@@ -259,8 +311,10 @@ fn parse_l4(
                 return None;
             }
             pkt.l4 = L4::Udp;
+            pkt.sport = u16::from_be_bytes(udp.src);
             pkt.dport = u16::from_be_bytes(udp.dst);
             pkt.has_ports = true;
+            pkt.l4_off = off;
         }
         IPPROTO_ICMP if matches!(pkt.family, Family::V4) => {
             if len < ICMP_MIN_LEN {

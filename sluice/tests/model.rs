@@ -539,6 +539,10 @@ fn random_material_is_judged_consistently() {
             Reason::AllowList | Reason::DenyList => assert!(out.list_hit.is_some()),
             Reason::Rule => assert!(out.rule_hit.is_some()),
             Reason::Default => assert!(out.list_hit.is_none() && out.rule_hit.is_none()),
+            // The model's random policies hold no limit or syn-guard rules.
+            Reason::RateLimit | Reason::SynDefence | Reason::MapFull => {
+                panic!("the model judged {:?} without a limit rule", out.reason)
+            }
         }
     }
     for family in [Family::V4, Family::V6] {

@@ -11,7 +11,9 @@ use aya::{
     },
 };
 use aya_obj::programs::XdpAttachType;
-use sluice_common::{ListId, Verdict, XDP_PROGRAM};
+use sluice_common::{
+    JUMP_SYN_CHALLENGE, ListId, SYN_CHALLENGE_PROGRAM, Verdict, XDP_PROGRAM, map_names,
+};
 
 use super::{
     DataplaneError, OBJECT,
@@ -209,6 +211,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
         let prog = xdp_of(&mut ebpf)?;
         // Settings must be initialised before any interface sees the program.
         PolicyMapsInit::run(root)?;
+        super::runtime::initialise_if_needed(root)?;
         prog.pin(root.prog()).map_err(|e| DataplaneError::Io {
             what: format!("pinning {}", root.prog().display()),
             source: std::io::Error::other(e.to_string()),
@@ -255,7 +258,38 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
         .map_err(|e| DataplaneError::Load {
             detail: verifier_detail(&e),
         })?;
+    fill_jumps(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Loads the programs `sluice_xdp` tail-calls and puts them in its pinned
+/// `JUMP` map (which keeps them loaded; an upgrade replaces them).
+fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
+    let load_err = |detail: String| DataplaneError::Load { detail };
+    let fd = {
+        let prog: &mut Xdp = ebpf
+            .program_mut(SYN_CHALLENGE_PROGRAM)
+            .ok_or_else(|| {
+                load_err(format!(
+                    "program {SYN_CHALLENGE_PROGRAM} missing from the object"
+                ))
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
+        prog.load().map_err(|e| load_err(verifier_detail(&e)))?;
+        prog.fd()
+            .map_err(|e| load_err(e.to_string()))?
+            .try_clone()
+            .map_err(|e| load_err(e.to_string()))?
+    };
+    let map = ebpf
+        .map_mut(map_names::JUMP)
+        .ok_or_else(|| load_err(format!("map {} missing from the object", map_names::JUMP)))?;
+    let mut jump = aya::maps::ProgramArray::try_from(map)
+        .map_err(|e| DataplaneError::map_err("open", map_names::JUMP, e))?;
+    jump.set(JUMP_SYN_CHALLENGE, &fd, 0)
+        .map_err(|e| DataplaneError::map_err("write", map_names::JUMP, e))?;
+    Ok(())
 }
 
 fn xdp_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DataplaneError> {

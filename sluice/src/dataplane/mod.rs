@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod pins;
 pub mod policy;
+pub mod runtime;
 pub mod sandbox;
 pub mod stats;
 pub mod sys;

@@ -297,7 +297,7 @@ pub struct PolicyMaps {
     _lock: Option<RootLock>,
 }
 
-fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, DataplaneError> {
+pub(crate) fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, DataplaneError> {
     let path = root.map(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         let detail = e.to_string();
