@@ -421,12 +421,16 @@ pub struct Rule {
     pub interval: u64,
     /// Burst: nanoseconds of credit a bucket may hold ahead of time.
     pub tolerance_ns: u64,
+    /// The rate as written (packets or, with `RULE_F_BYTES`, bytes per
+    /// second) and the burst (packets or bytes); the kernel uses only
+    /// `interval` and `tolerance_ns`.
+    pub rate: u64,
+    pub burst: u32,
     /// Per-source buckets key on the source masked to these prefix lengths.
     pub per_source_v4: u16,
     pub per_source_v6: u16,
     pub escalate_after_ms: u32,
     pub escalate_ttl_s: u32,
-    pub _pad2: u32,
 }
 
 /// Sources (or source prefixes) the per-source `limit` buckets track, across
@@ -706,7 +710,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(core::mem::size_of::<Rule>(), 128);
+        assert_eq!(core::mem::size_of::<Rule>(), 136);
         assert_eq!(core::mem::size_of::<FlowRecord>(), 72);
         assert_eq!(core::mem::size_of::<Escalation>(), 48);
         assert_eq!(core::mem::size_of::<CaptureHeader>(), 24);

@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sluice_common::{
-    Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, Rule,
-    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, Settings, Verdict, lpm_prefix_len,
+    Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, RULE_ACTION_SYN_GUARD, Rule,
+    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, SETTINGS_F_SYN_GUARD, Settings, Verdict, lpm_prefix_len,
     map_names,
 };
 
@@ -633,6 +633,13 @@ impl PolicyMaps {
                     }
                 }
                 new.rule_count = rules.len() as u32;
+                // The kernel checks answers to SYN challenges only while a
+                // syn-guard rule exists.
+                if rules.iter().any(|r| r.action == RULE_ACTION_SYN_GUARD) {
+                    new.flags |= SETTINGS_F_SYN_GUARD;
+                } else {
+                    new.flags &= !SETTINGS_F_SYN_GUARD;
+                }
                 Some(rules)
             }
             None => None,

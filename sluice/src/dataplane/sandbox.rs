@@ -19,6 +19,7 @@ use super::{
 /// XDP return codes the program uses.
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub struct Sandbox {
     root: PinRoot,
@@ -80,6 +81,28 @@ impl Sandbox {
     /// refuses shorter test input).
     pub fn run(&self, frame: &[u8]) -> Result<RunResult, DataplaneError> {
         self.run_repeat(frame, 1)
+    }
+
+    /// Runs the program once on `frame` and returns the frame as the program
+    /// left it (what `XDP_TX` would send).
+    pub fn run_out(&self, frame: &[u8]) -> Result<(RunResult, Vec<u8>), DataplaneError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let r = self.prog.test_run(opts).map_err(|e| DataplaneError::Map {
+            op: "test_run",
+            map: "sluice_xdp",
+            detail: e.to_string(),
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((
+            RunResult {
+                action: r.return_value,
+                duration: r.duration,
+            },
+            out,
+        ))
     }
 
     /// Runs the program `repeat` times on `frame`; the duration is per run.

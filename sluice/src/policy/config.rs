@@ -427,7 +427,7 @@ mod tests {
             ),
             (
                 "[policy]\nrules = [\"drop tcp dport 80\", \"reject udp\"]\n",
-                &[(2, 31, "expected 'drop' or 'pass' first")],
+                &[(2, 31, "expected 'drop', 'pass', 'limit' or 'syn-guard' first")],
             ),
             (
                 "[policy]\nrules = [\"drop icmp dport 7\"]\n",

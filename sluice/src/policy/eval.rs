@@ -97,7 +97,15 @@ pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
             format!("deny list {n}"),
         );
     }
-    if let Some(r) = policy.rules.iter().find(|r| rule_matches(r, p)) {
+    // A probe is the first packet of a connection (a SYN for TCP), so `syn`
+    // rules match it. `limit` and `syn-guard` rules only drop what is over
+    // their rate; one connection is not, so they are passed over.
+    if let Some(r) = policy
+        .rules
+        .iter()
+        .filter(|r| r.rate.is_none())
+        .find(|r| rule_matches(r, p))
+    {
         let drop = r.action == Verdict::Drop;
         return (
             audited(drop, policy.audit || r.audit),

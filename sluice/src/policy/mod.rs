@@ -5,7 +5,9 @@ use std::{fmt, net::IpAddr, path::Path};
 
 use ipnet::IpNet;
 use sluice_common::{
-    RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, Rule, Verdict, addr_words,
+    RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_BYTES, RULE_F_DPORT,
+    RULE_F_DST, RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SRC, RULE_F_SYN, Rule,
+    Verdict, addr_words,
 };
 
 use crate::dataplane::policy::UNASSIGNED;
@@ -102,9 +104,12 @@ impl RuleRow {
     }
 }
 
-/// A rule as users write it: `drop udp dport 4444`, `pass tcp dport 1-1023 dst 198.18.0.0/24`.
+/// A rule as users write it: `drop udp dport 4444`, `pass tcp dport 1-1023 dst 198.18.0.0/24`,
+/// `limit 1000/s per-source tcp dport 80`, `syn-guard 500/s dport 443`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
+    /// What a match does: pass or drop; for `limit` / `syn-guard` rules
+    /// (`rate` set) the verdict of packets over the rate: drop.
     pub action: Verdict,
     /// A drop rule in audit mode: matches are passed and counted as `audit`.
     pub audit: bool,
@@ -112,6 +117,129 @@ pub struct RuleSpec {
     pub dport: Option<(u16, u16)>,
     pub src: Option<IpNet>,
     pub dst: Option<IpNet>,
+    /// Match only TCP SYNs without ACK (connection attempts).
+    pub syn: bool,
+    /// Makes this a `limit` or `syn-guard` rule.
+    pub rate: Option<RateSpec>,
+}
+
+/// Which rate-based rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKind {
+    /// Packets over the rate are dropped (reason `rate-limit`); the rest go
+    /// on to the next rule.
+    Limit,
+    /// SYNs over the rate from sources that have not answered a challenge
+    /// are answered with one and dropped (reason `syn-defence`).
+    SynGuard,
+}
+
+/// The rate of a `limit` / `syn-guard` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    pub kind: RateKind,
+    /// Per second: packets, or bytes when `bytes`.
+    pub rate: u64,
+    pub bytes: bool,
+    /// Packets (or bytes) allowed back to back.
+    pub burst: u32,
+    /// One bucket per source prefix of these lengths (v4, v6) instead of
+    /// one shared bucket.
+    pub per_source: Option<(u8, u8)>,
+    /// Report a source over its limit this long (ms) to the agent, which
+    /// denies it for `ttl_s` seconds.
+    pub escalate: Option<Escalate>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Escalate {
+    pub after_ms: u32,
+    pub ttl_s: u32,
+}
+
+/// Default time a source escalated by a `limit` rule stays denied.
+pub const DEFAULT_ESCALATE_TTL_S: u32 = 600;
+
+/// Parses `1000/s` (packets) or `10mbit/s`, `500kB/s`, `1gbit/s` (bytes).
+fn parse_rate(s: &str) -> Option<(u64, bool)> {
+    let v = s.strip_suffix("/s")?;
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok().filter(|n| *n > 0)?;
+    let (mul, bytes) = match unit {
+        "" => (1, false),
+        "B" => (1, true),
+        "kB" => (1_000, true),
+        "MB" => (1_000_000, true),
+        "GB" => (1_000_000_000, true),
+        "bit" if n % 8 == 0 => return Some((n / 8, true)),
+        "kbit" => return (n * 1_000 % 8 == 0).then_some((n * 125, true)),
+        "mbit" => (125_000, true),
+        "gbit" => (125_000_000, true),
+        _ => return None,
+    };
+    Some((n.checked_mul(mul)?, bytes))
+}
+
+/// Parses a burst: a count, or with a byte rate `1500`, `64kB`, `1MB`.
+fn parse_burst(s: &str, bytes: bool) -> Option<u32> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok().filter(|n| *n > 0)?;
+    let mul = match (unit, bytes) {
+        ("", _) => 1,
+        ("B", true) => 1,
+        ("kB", true) => 1_000,
+        ("MB", true) => 1_000_000,
+        _ => return None,
+    };
+    u32::try_from(n.checked_mul(mul)?).ok()
+}
+
+/// Parses `500ms`, `10s`, `5m`, `2h`, `1d` into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// Writes milliseconds back in the largest unit that divides them.
+pub fn format_duration_ms(ms: u64) -> String {
+    for (unit, div) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= div && ms % div == 0 {
+            return format!("{}{unit}", ms / div);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn format_rate(rate: u64, bytes: bool) -> String {
+    if !bytes {
+        return format!("{rate}/s");
+    }
+    for (unit, div) in [("GB", 1_000_000_000), ("MB", 1_000_000), ("kB", 1_000)] {
+        if rate >= div && rate % div == 0 {
+            return format!("{}{unit}/s", rate / div);
+        }
+    }
+    format!("{rate}B/s")
+}
+
+/// Default burst: a tenth of a second at the rate (at least one packet,
+/// or one full-size frame for byte rates).
+fn default_burst(rate: u64, bytes: bool) -> u32 {
+    let b = rate / 10;
+    let floor = if bytes { 1514 } else { 1 };
+    u32::try_from(b.max(floor)).unwrap_or(u32::MAX)
 }
 
 const IPPROTO_ICMP: u8 = 1;
@@ -139,15 +267,24 @@ impl RuleSpec {
         let bad = |reason: String| PolicyError::BadRule { reason };
         let mut it = words.iter().map(String::as_str).peekable();
         let audit = it.next_if_eq(&"audit").is_some();
+        let mut kind = None;
         let action = match it.next() {
             Some("drop") => Verdict::Drop,
             Some("pass" | "accept" | "allow") => Verdict::Pass,
+            Some("limit") => {
+                kind = Some(RateKind::Limit);
+                Verdict::Drop
+            }
+            Some("syn-guard") => {
+                kind = Some(RateKind::SynGuard);
+                Verdict::Drop
+            }
             Some(other) => {
                 return Err(bad(format!(
-                    "expected 'drop' or 'pass' first, found '{other}'"
+                    "expected 'drop', 'pass', 'limit' or 'syn-guard' first, found '{other}'"
                 )));
             }
-            None => return Err(bad("expected 'drop' or 'pass'".into())),
+            None => return Err(bad("expected 'drop', 'pass', 'limit' or 'syn-guard'".into())),
         };
         let mut spec = Self {
             action,
@@ -156,9 +293,135 @@ impl RuleSpec {
             dport: None,
             src: None,
             dst: None,
+            syn: false,
+            rate: None,
         };
+        let mut burst_given = false;
+        if let Some(kind) = kind {
+            let what = if kind == RateKind::Limit { "limit" } else { "syn-guard" };
+            let r = it.next().ok_or_else(|| {
+                bad(format!("'{what}' needs a rate like 1000/s, 10mbit/s or 500kB/s"))
+            })?;
+            let (rate, bytes) = parse_rate(r).ok_or_else(|| {
+                bad(format!(
+                    "invalid rate '{r}' (N/s packets, or N with B, kB, MB, GB, bit, kbit, mbit, gbit before /s)"
+                ))
+            })?;
+            if kind == RateKind::SynGuard && bytes {
+                return Err(bad("syn-guard counts SYNs: give a packet rate like 500/s".into()));
+            }
+            if !bytes && rate > 1_000_000_000 {
+                return Err(bad(format!("rate '{r}' is above 1,000,000,000 packets/s")));
+            }
+            if bytes && rate > 1_000_000_000_000 {
+                return Err(bad(format!("rate '{r}' is above 1 TB/s")));
+            }
+            spec.rate = Some(RateSpec {
+                kind,
+                rate,
+                bytes,
+                burst: default_burst(rate, bytes),
+                per_source: None,
+                escalate: None,
+            });
+            if kind == RateKind::SynGuard {
+                spec.syn = true;
+            }
+        }
         while let Some(w) = it.next() {
             match w {
+                "burst" | "per-source" | "escalate" if spec.rate.is_none() => {
+                    return Err(bad(format!("'{w}' applies to limit rules")));
+                }
+                "burst" => {
+                    let rate = spec.rate.as_mut().expect("checked above");
+                    let v = it
+                        .next()
+                        .ok_or_else(|| bad("'burst' needs a number".into()))?;
+                    rate.burst = parse_burst(v, rate.bytes).ok_or_else(|| {
+                        bad(format!(
+                            "invalid burst '{v}' (a count of 1 or more{})",
+                            if rate.bytes { ", or bytes like 64kB" } else { "" }
+                        ))
+                    })?;
+                    if std::mem::replace(&mut burst_given, true) {
+                        return Err(bad("burst given twice".into()));
+                    }
+                }
+                "per-source" => {
+                    let rate = spec.rate.as_mut().expect("checked above");
+                    if rate.kind != RateKind::Limit {
+                        return Err(bad("per-source applies to limit rules".into()));
+                    }
+                    if rate.per_source.is_some() {
+                        return Err(bad("per-source given twice".into()));
+                    }
+                    let mut lens = Vec::new();
+                    while let Some(l) = it.next_if(|w| w.starts_with('/')) {
+                        lens.push(l);
+                    }
+                    rate.per_source = Some(match lens.as_slice() {
+                        [] => (32, 128),
+                        [v4, v6] => {
+                            let p = |s: &str, max: u8| {
+                                s[1..].parse::<u8>().ok().filter(|p| (1..=max).contains(p))
+                            };
+                            match (p(v4, 32), p(v6, 128)) {
+                                (Some(a), Some(b)) => (a, b),
+                                _ => {
+                                    return Err(bad(format!(
+                                        "invalid per-source prefix lengths '{v4} {v6}' (/1-/32 for IPv4, then /1-/128 for IPv6)"
+                                    )));
+                                }
+                            }
+                        }
+                        _ => {
+                            return Err(bad(
+                                "per-source takes no prefix lengths (one bucket per address) or two: /V4LEN /V6LEN, e.g. per-source /24 /64".into(),
+                            ));
+                        }
+                    });
+                }
+                "escalate" => {
+                    let rate = spec.rate.as_mut().expect("checked above");
+                    let v = it
+                        .next()
+                        .ok_or_else(|| bad("'escalate' needs a duration like 10s".into()))?;
+                    let after = parse_duration_ms(v)
+                        .filter(|ms| (100..=86_400_000).contains(ms))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "invalid escalate duration '{v}' (100ms to 1d, e.g. 500ms, 10s, 5m)"
+                            ))
+                        })?;
+                    let mut ttl_s = DEFAULT_ESCALATE_TTL_S;
+                    if it.next_if_eq(&"ttl").is_some() {
+                        let t = it
+                            .next()
+                            .ok_or_else(|| bad("'ttl' needs a duration like 10m".into()))?;
+                        ttl_s = parse_duration_ms(t)
+                            .filter(|ms| ms % 1000 == 0 && (1_000..=30 * 86_400_000).contains(ms))
+                            .map(|ms| (ms / 1000) as u32)
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "invalid ttl '{t}' (whole seconds, 1s to 30d, e.g. 90s, 10m, 1h)"
+                                ))
+                            })?;
+                    }
+                    if rate.escalate.is_some() {
+                        return Err(bad("escalate given twice".into()));
+                    }
+                    rate.escalate = Some(Escalate {
+                        after_ms: after as u32,
+                        ttl_s,
+                    });
+                }
+                "syn" => {
+                    if spec.syn && spec.rate.is_none_or(|r| r.kind != RateKind::SynGuard) {
+                        return Err(bad("syn given twice".into()));
+                    }
+                    spec.syn = true;
+                }
                 "tcp" | "udp" | "icmp" | "icmpv6" | "proto" => {
                     let name = if w == "proto" {
                         it.next()
@@ -226,7 +489,12 @@ impl RuleSpec {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unexpected '{other}' (expected tcp|udp|icmp|icmpv6|proto N, dport N[-M], src CIDR, dst CIDR)"
+                        "unexpected '{other}' (expected tcp|udp|icmp|icmpv6|proto N, syn, dport N[-M], src CIDR, dst CIDR{})",
+                        if spec.rate.is_some() {
+                            ", burst N, per-source [/V4 /V6], escalate DURATION [ttl DURATION]"
+                        } else {
+                            ""
+                        }
                     )));
                 }
             }
@@ -251,6 +519,17 @@ impl RuleSpec {
         }
         if self.audit && self.action != Verdict::Drop {
             return Err(bad("audit applies to drop rules (audit drop ...)"));
+        }
+        if self.syn && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
+            return Err(bad("syn only applies to tcp"));
+        }
+        if let Some(r) = &self.rate
+            && r.escalate.is_some()
+            && r.per_source.is_none()
+        {
+            return Err(bad(
+                "escalate needs per-source (it denies the sources over the limit)",
+            ));
         }
         if self.dport.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP | IPPROTO_UDP)) {
             return Err(bad("dport only applies to tcp and udp"));
@@ -294,6 +573,37 @@ impl RuleSpec {
             r.flags |= RULE_F_DST;
             (r.dst_net, r.dst_mask) = net_words(n);
         }
+        if self.syn {
+            // The kernel's SYN test implies TCP; proto stays as written.
+            r.flags |= RULE_F_SYN;
+        }
+        if let Some(rate) = &self.rate {
+            r.action = match rate.kind {
+                RateKind::Limit => RULE_ACTION_LIMIT,
+                RateKind::SynGuard => RULE_ACTION_SYN_GUARD,
+            };
+            r.rate = rate.rate;
+            r.burst = rate.burst;
+            if rate.bytes {
+                r.flags |= RULE_F_BYTES;
+                // Picoseconds per byte; the burst is that many bytes of credit.
+                r.interval = (1_000_000_000_000 / rate.rate).max(1);
+                r.tolerance_ns = u64::from(rate.burst) * r.interval / 1000;
+            } else {
+                r.interval = (1_000_000_000 / rate.rate).max(1);
+                r.tolerance_ns = r.interval * u64::from(rate.burst.max(1) - 1);
+            }
+            if let Some((v4, v6)) = rate.per_source {
+                r.flags |= RULE_F_PER_SOURCE;
+                r.per_source_v4 = u16::from(v4);
+                r.per_source_v6 = u16::from(v6);
+            }
+            if let Some(e) = rate.escalate {
+                r.flags |= RULE_F_ESCALATE;
+                r.escalate_after_ms = e.after_ms;
+                r.escalate_ttl_s = e.ttl_s;
+            }
+        }
         r
     }
 
@@ -309,13 +619,36 @@ impl RuleSpec {
             }
             .expect("stored prefix length is valid")
         };
+        let kind = match r.action {
+            RULE_ACTION_LIMIT => Some(RateKind::Limit),
+            RULE_ACTION_SYN_GUARD => Some(RateKind::SynGuard),
+            _ => None,
+        };
+        let syn = r.flags & RULE_F_SYN != 0;
         Self {
-            action: Verdict::from_u32(r.action).unwrap_or(Verdict::Pass),
+            action: if kind.is_some() {
+                Verdict::Drop
+            } else {
+                Verdict::from_u32(r.action).unwrap_or(Verdict::Pass)
+            },
             audit: r.flags & RULE_F_AUDIT != 0,
             proto: (r.proto != 0).then_some(r.proto as u8),
             dport: (r.flags & RULE_F_DPORT != 0).then_some((r.port_lo, r.port_hi)),
             src: (r.flags & RULE_F_SRC != 0).then(|| net(r.src_net, r.src_mask)),
             dst: (r.flags & RULE_F_DST != 0).then(|| net(r.dst_net, r.dst_mask)),
+            syn,
+            rate: kind.map(|kind| RateSpec {
+                kind,
+                rate: r.rate,
+                bytes: r.flags & RULE_F_BYTES != 0,
+                burst: r.burst,
+                per_source: (r.flags & RULE_F_PER_SOURCE != 0)
+                    .then_some((r.per_source_v4 as u8, r.per_source_v6 as u8)),
+                escalate: (r.flags & RULE_F_ESCALATE != 0).then_some(Escalate {
+                    after_ms: r.escalate_after_ms,
+                    ttl_s: r.escalate_ttl_s,
+                }),
+            }),
         }
     }
 }
@@ -362,13 +695,51 @@ impl fmt::Display for RuleSpec {
         if self.audit {
             f.write_str("audit ")?;
         }
-        f.write_str(self.action.name())?;
+        match &self.rate {
+            Some(r) => {
+                let what = match r.kind {
+                    RateKind::Limit => "limit",
+                    RateKind::SynGuard => "syn-guard",
+                };
+                write!(f, "{what} {}", format_rate(r.rate, r.bytes))?;
+                if r.burst != default_burst(r.rate, r.bytes) {
+                    if r.bytes {
+                        write!(f, " burst {}B", r.burst)?;
+                    } else {
+                        write!(f, " burst {}", r.burst)?;
+                    }
+                }
+                if let Some((v4, v6)) = r.per_source {
+                    if (v4, v6) == (32, 128) {
+                        f.write_str(" per-source")?;
+                    } else {
+                        write!(f, " per-source /{v4} /{v6}")?;
+                    }
+                }
+                if let Some(e) = r.escalate {
+                    write!(
+                        f,
+                        " escalate {}",
+                        format_duration_ms(u64::from(e.after_ms))
+                    )?;
+                    if e.ttl_s != DEFAULT_ESCALATE_TTL_S {
+                        write!(f, " ttl {}", format_duration_ms(u64::from(e.ttl_s) * 1000))?;
+                    }
+                }
+            }
+            None => f.write_str(self.action.name())?,
+        }
+        let syn_guard = self.rate.is_some_and(|r| r.kind == RateKind::SynGuard);
         match self.proto {
             Some(p) => match proto_name(p) {
                 Some(n) => write!(f, " {n}")?,
                 None => write!(f, " proto {p}")?,
             },
+            None if self.syn || self.rate.is_some() => {}
             None => f.write_str(" any")?,
+        }
+        if self.syn && !syn_guard {
+            f.write_str(" syn")?;
         }
         if let Some((lo, hi)) = self.dport {
             if lo == hi {
@@ -436,12 +807,42 @@ mod tests {
             "drop proto 47 src 198.18.1.0/24 dst 198.18.2.0/24",
             "drop icmpv6 dst 2001:2:0:1::/64",
             "audit drop tcp dport 22",
+            "drop tcp syn dport 25",
+            "limit 1000/s",
+            "limit 100/s burst 5 per-source tcp dport 80",
+            "limit 20/s per-source /24 /64 escalate 10s ttl 1h udp",
+            "limit 50/s per-source escalate 500ms syn",
+            "limit 10MB/s burst 64000B dst 198.18.0.0/24",
+            "limit 125kB/s per-source src 2001:2::/48",
+            "syn-guard 500/s dport 443",
+            "syn-guard 200/s burst 50 tcp dport 80 dst 198.18.0.1/32",
+            "audit limit 10/s icmp",
         ] {
             let spec = RuleSpec::parse(&words(text)).unwrap();
             let back = RuleSpec::from_rule(&spec.to_rule());
             assert_eq!(back, spec, "{text}");
             assert_eq!(back.to_string(), text);
         }
+    }
+
+    #[test]
+    fn rates_are_stored_as_costs() {
+        let r = RuleSpec::parse(&words("limit 1000/s burst 10")).unwrap().to_rule();
+        assert_eq!(r.action, RULE_ACTION_LIMIT);
+        assert_eq!(r.interval, 1_000_000);
+        assert_eq!(r.tolerance_ns, 9_000_000);
+        let r = RuleSpec::parse(&words("limit 8mbit/s burst 1500B")).unwrap().to_rule();
+        assert_eq!(r.rate, 1_000_000);
+        assert_eq!(r.interval, 1_000_000, "ps per byte at 1 MB/s");
+        assert_eq!(r.tolerance_ns, 1_500_000);
+        assert_ne!(r.flags & RULE_F_BYTES, 0);
+        let r = RuleSpec::parse(&words("syn-guard 100/s dport 80")).unwrap().to_rule();
+        assert_eq!(r.action, RULE_ACTION_SYN_GUARD);
+        assert_ne!(r.flags & RULE_F_SYN, 0);
+        assert_eq!(
+            RuleSpec::parse(&words("limit 1mbit/s")).unwrap().to_string(),
+            "limit 125kB/s"
+        );
     }
 
     #[test]
@@ -463,6 +864,24 @@ mod tests {
             "audit pass tcp",
             "audit",
             "drop audit tcp",
+            "limit",
+            "limit 0/s",
+            "limit 10",
+            "limit 10/m",
+            "limit 10/s burst 0",
+            "limit 10/s burst 10kB",
+            "limit 3bit/s",
+            "limit 10/s per-source /24",
+            "limit 10/s per-source /33 /64",
+            "limit 10/s escalate 10s",
+            "limit 10/s per-source escalate 10",
+            "limit 10/s per-source escalate 10s ttl 500ms",
+            "limit 10/s per-source escalate 10ms",
+            "syn-guard 10mbit/s",
+            "syn-guard 10/s per-source",
+            "drop udp syn",
+            "drop tcp burst 5",
+            "drop tcp syn syn",
         ] {
             assert!(
                 RuleSpec::parse(&words(text)).is_err(),

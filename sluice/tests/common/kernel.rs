@@ -50,6 +50,8 @@ pub fn rule_spec(rule: &model::Rule) -> RuleSpec {
         dport: rule.dport,
         src: rule.src,
         dst: rule.dst,
+        syn: false,
+        rate: None,
     }
 }
 
