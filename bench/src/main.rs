@@ -3,7 +3,7 @@
 //! Sections: 1. per-packet cost of sluice's XDP program against a minimal
 //! reference lookup (BPF_PROG_TEST_RUN); 2. live drop rate against iptables,
 //! ipset and nftables; 3. rule scale and update time; 4. control-plane
-//! latency and the agent.
+//! latency and the agent; 5. per-packet cost of the DDoS stage.
 //!
 //! Prints a table per section, writes OUT/results.json, and on a full run
 //! docs/benchmarks.md. Needs root. Everything it creates (network
@@ -23,6 +23,7 @@ mod s1_per_packet;
 mod s2_live;
 mod s3_scale;
 mod s4_control;
+mod s5_ddos;
 mod stats;
 mod util;
 
@@ -45,6 +46,8 @@ enum Only {
     Scale,
     /// 4. control plane
     Control,
+    /// 5. DDoS stage cost
+    Ddos,
 }
 
 /// sluice's benchmarks: per-packet cost, live drop rate, rule scale,
@@ -224,11 +227,12 @@ fn run(args: &Args) -> Result<bool> {
         machine.loadavg_start
     );
     type SectionFn = fn(&Plan) -> Result<stats::Section>;
-    let sections: [(Only, &str, SectionFn); 4] = [
+    let sections: [(Only, &str, SectionFn); 5] = [
         (Only::PerPacket, "per-packet cost", s1_per_packet::run),
         (Only::Live, "live drop rate", s2_live::run),
         (Only::Scale, "rule scale and update time", s3_scale::run),
         (Only::Control, "control plane", s4_control::run),
+        (Only::Ddos, "DDoS stage cost", s5_ddos::run),
     ];
     let mut done = Vec::new();
     let mut errors = Vec::new();

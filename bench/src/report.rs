@@ -219,6 +219,26 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             }
             vec![t]
         }
+        "ddos" => {
+            let mut t = Table::new(
+                &sec.title,
+                &["case", "rules", "ns/pkt", "+ns over no rules"],
+            );
+            for m in &sec.measurements {
+                t.rows.push(vec![
+                    m.label.clone(),
+                    m.params
+                        .get("rules")
+                        .and_then(|v| v.as_str())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or("none")
+                        .to_string(),
+                    cell(Some(m)),
+                    extra(Some(m), "over_baseline_ns", |x| format!("{x:+.0}")),
+                ]);
+            }
+            vec![t]
+        }
         "live" => {
             let mut t = Table::new(
                 &sec.title,

@@ -200,7 +200,11 @@ prefixes = [\"198.18.0.300/24\", \"nonsense\"]
 const BAD_CONFIG_PROBLEMS: [(usize, usize, &str); 5] = [
     (2, 11, "history must be between 1 and 1000"),
     (5, 11, "expected \"pass\" or \"drop\", found \"deny\""),
-    (6, 31, "expected 'drop', 'pass', 'limit' or 'syn-guard' first"),
+    (
+        6,
+        31,
+        "expected 'drop', 'pass', 'limit' or 'syn-guard' first",
+    ),
     (9, 13, "invalid prefix '198.18.0.300/24'"),
     (9, 32, "invalid prefix 'nonsense'"),
 ];

@@ -212,6 +212,40 @@ async fn get_stats(
     .map(Json)
 }
 
+/// `GET /v1/events`: the dataplane's event counters (`STATS`: SYN
+/// challenges, verified sources, capped source buckets, escalation and flow
+/// records written or lost, ...) and the agent's own DDoS figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventsBody {
+    /// Summed over CPUs, by name (`sluice_common::stat::NAMES`).
+    pub dataplane: std::collections::BTreeMap<String, u64>,
+    /// Sources the agent denied for a while because they stayed over a
+    /// per-source limit (since the agent started).
+    pub escalated_sources: u64,
+    /// Temporary deny entries removed when their time was up (since the
+    /// agent started).
+    pub deny_expirations: u64,
+    /// Temporary deny entries in force now.
+    pub temporary_denies: usize,
+}
+
+async fn get_events(State(core): State<Shared>) -> Result<Json<EventsBody>, ApiError> {
+    with_core(&core, |c| {
+        let dataplane = crate::dataplane::runtime::named_stats(&c.root)?
+            .into_iter()
+            .map(|(name, v)| (name.to_string(), v))
+            .collect();
+        Ok(EventsBody {
+            dataplane,
+            escalated_sources: c.metrics.escalations.get(),
+            deny_expirations: c.metrics.expirations.get(),
+            temporary_denies: c.state.desired().temp_deny.len(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
 fn list_kind(kind: &str) -> Result<bool, ApiError> {
     match kind {
         "deny" => Ok(false),
@@ -245,6 +279,12 @@ async fn get_list(
         };
         let mut entries = maps.list_entries(v4)?;
         entries.extend(maps.list_entries(v6)?);
+        if !allow {
+            let temp = c.state.desired().temp_deny;
+            for e in &mut entries {
+                e.temporary = temp.get(&e.prefix).cloned();
+            }
+        }
         Ok(ListBody {
             list: kind,
             entries,
@@ -257,6 +297,12 @@ async fn get_list(
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PrefixesBody {
     pub prefixes: Vec<IpNet>,
+    /// Deny add only: remove the entries after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Why (shown by `deny list`); with `ttl_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 async fn list_change(
@@ -270,7 +316,25 @@ async fn list_change(
     if body.prefixes.is_empty() {
         return Err(bad_request("no prefixes given"));
     }
+    let who = author(&peer, &headers);
+    if body.ttl_secs.is_some() && (allow || verb != "add") {
+        return Err(bad_request("ttl_secs applies to deny add only"));
+    }
+    if body.reason.is_some() && body.ttl_secs.is_none() {
+        return Err(bad_request("reason goes with ttl_secs"));
+    }
     let op = match verb.as_str() {
+        "add" if body.ttl_secs.is_some() => {
+            let ttl = body.ttl_secs.unwrap_or(0);
+            if !(1..=365 * 86_400).contains(&ttl) {
+                return Err(bad_request("ttl_secs must be 1 to 31536000"));
+            }
+            Op::DenyFor {
+                prefixes: body.prefixes,
+                reason: body.reason.unwrap_or_else(|| format!("added by {who}")),
+                expires_unix: super::ddos::unix_now() + ttl,
+            }
+        }
         "add" => Op::ListAdd {
             allow,
             prefixes: body.prefixes,
@@ -285,7 +349,6 @@ async fn list_change(
             )));
         }
     };
-    let who = author(&peer, &headers);
     let safe = safety(&headers);
     with_core(&core, move |c| c.change(vec![op], &who, &safe))
         .await
@@ -576,6 +639,66 @@ async fn detach_iface(
     .map(Json)
 }
 
+/// The flow reader, given to the router as an extension by the agent.
+type FlowsExt = axum::Extension<Arc<super::flows::Flows>>;
+
+/// `GET /v1/flows`: recent records, or with `follow=true` a stream of new
+/// ones (NDJSON).
+async fn get_flows(
+    axum::Extension(flows): FlowsExt,
+    Query(q): Query<super::flows::FlowsQuery>,
+) -> Result<Response, ApiError> {
+    let bad = |e: super::flows::FilterError| bad_request(e.to_string());
+    if super::flows::parse_bool(q.follow.as_deref()).map_err(bad)? {
+        if q.limit.is_some() {
+            return Err(bad_request("limit does not apply to follow"));
+        }
+        let filter = super::flows::Filter::parse(&q).map_err(bad)?;
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+            flows.follow(filter),
+        )
+            .into_response());
+    }
+    Ok(Json(flows.query_recent(&q).map_err(bad)?).into_response())
+}
+
+async fn get_flows_top(
+    axum::Extension(flows): FlowsExt,
+    Query(q): Query<super::flows::FlowsQuery>,
+) -> Result<Json<super::flows::TopReport>, ApiError> {
+    tokio::task::spawn_blocking(move || flows.query_top(&q))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorBody {
+                    error: e.to_string(),
+                    diagnostics: Vec::new(),
+                },
+            )
+        })?
+        .map(Json)
+        .map_err(|e| bad_request(e.to_string()))
+}
+
+async fn get_flows_stats(
+    axum::Extension(flows): FlowsExt,
+) -> Result<Json<super::flows::FlowStats>, ApiError> {
+    tokio::task::spawn_blocking(move || flows.stats())
+        .await
+        .map(Json)
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorBody {
+                    error: e.to_string(),
+                    diagnostics: Vec::new(),
+                },
+            )
+        })
+}
+
 async fn openapi() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -589,6 +712,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/status", get(status))
         .route("/v1/stats", get(get_stats))
+        .route("/v1/events", get(get_events))
         .route("/v1/lists/{kind}", get(get_list))
         .route("/v1/lists/{kind}/{verb}", post(list_change))
         .route("/v1/rules", get(get_rules).post(add_rule))
@@ -601,6 +725,9 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/rollback", post(rollback))
         .route("/v1/interfaces/attach", post(attach_iface))
         .route("/v1/interfaces/detach", post(detach_iface))
+        .route("/v1/flows", get(get_flows))
+        .route("/v1/flows/top", get(get_flows_top))
+        .route("/v1/flows/stats", get(get_flows_stats))
         .with_state(core)
 }
 

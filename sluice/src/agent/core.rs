@@ -79,6 +79,8 @@ pub struct Core {
     pub metrics: super::metrics::AgentMetrics,
     /// Hash of a config file version the agent refused (not retried).
     refused_hash: Option<String>,
+    /// `[ddos]` settings of the config file; kept in the kernel by the DDoS task.
+    pub ddos: config::DdosSettings,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
@@ -119,6 +121,7 @@ impl Core {
             drift_corrections: 0,
             metrics: super::metrics::AgentMetrics::default(),
             refused_hash: None,
+            ddos: config::DdosSettings::default(),
         };
         info!(
             resumed,
@@ -425,10 +428,13 @@ impl Core {
         if hash == self.state.config_hash {
             return Ok(None);
         }
-        match self.apply_file(path, &text, "agent (reload)", &Safety::default()) {
+        match self.apply_file(path.clone(), &text, "agent (reload)", &Safety::default()) {
             Ok(applied) => {
                 self.state.config_hash = hash;
                 self.refused_hash = None;
+                if let Ok(cfg) = config::parse(&path, &text) {
+                    self.ddos = cfg.ddos;
+                }
                 self.store.save(&self.state)?;
                 Ok(Some(applied))
             }

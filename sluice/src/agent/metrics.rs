@@ -21,6 +21,12 @@ type Labels = Vec<(String, String)>;
 #[derive(Clone)]
 pub struct AgentMetrics {
     pub apply_seconds: Histogram,
+    /// The flow reader, once it runs.
+    pub flows: Option<std::sync::Arc<super::flows::Flows>>,
+    /// Sources put on the deny list by escalation.
+    pub escalations: Counter,
+    /// Temporary deny entries expired.
+    pub expirations: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -29,6 +35,9 @@ impl Default for AgentMetrics {
             apply_seconds: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
             ),
+            flows: None,
+            escalations: Counter::default(),
+            expirations: Counter::default(),
         }
     }
 }
@@ -90,6 +99,22 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         "sluice_agent_apply_duration_seconds",
         "Time to apply a change (kernel and store)",
         m.apply_seconds.clone(),
+    );
+    r.register(
+        "sluice_agent_escalations",
+        "Sources denied for a while because they stayed over a per-source limit",
+        m.escalations.clone(),
+    );
+    r.register(
+        "sluice_agent_deny_expirations",
+        "Temporary deny entries removed when their time was up",
+        m.expirations.clone(),
+    );
+    gauge(
+        &mut r,
+        "sluice_agent_temporary_denies",
+        "Deny entries that expire (escalated sources, deny add --ttl)",
+        core.state.desired().temp_deny.len() as i64,
     );
 
     let up = match attach::status(&core.root) {
@@ -194,9 +219,82 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
             r.register("sluice_rule_packets", "Packets each rule matched", packets);
         }
     }
+    flow_metrics(&mut r, core, m);
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");
     out
+}
+
+/// The flow reader's figures and every `STATS` event counter.
+fn flow_metrics(r: &mut Registry, core: &Core, m: &AgentMetrics) {
+    let counter = |v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        c
+    };
+    let events = if core.root.is_set_up() {
+        crate::dataplane::runtime::named_stats(&core.root).ok()
+    } else {
+        None
+    };
+    if let Some(events) = &events {
+        let family: Family<Labels, Counter> = Family::default();
+        for (name, v) in events {
+            family.get_or_create(&labels(&[("event", name)])).inc_by(*v);
+        }
+        r.register(
+            "sluice_events",
+            "Dataplane events that are not verdicts (per-source buckets, SYN challenges, \
+             escalations, flow records, captures), by event",
+            family,
+        );
+    }
+    let Some(flows) = &m.flows else { return };
+    let c = flows.counters();
+    r.register(
+        "sluice_flow_records_read",
+        "Flow records the agent read from the ring",
+        counter(c.records_read),
+    );
+    if let Some(events) = &events {
+        let value = |index: u32| {
+            let name = sluice_common::stat::NAMES[index as usize];
+            events
+                .iter()
+                .find(|(e, _)| *e == name)
+                .map_or(0, |(_, v)| *v)
+        };
+        let lost: Family<Labels, Counter> = Family::default();
+        for (cause, index) in [
+            ("ring-full", sluice_common::stat::FLOWS_LOST_RING),
+            ("rate-cap", sluice_common::stat::FLOWS_LOST_CAP),
+        ] {
+            lost.get_or_create(&labels(&[("cause", cause)]))
+                .inc_by(value(index));
+        }
+        r.register(
+            "sluice_flow_records_lost",
+            "Flow records the kernel could not write: ring full (reader too slow or away) \
+             or over the per-CPU rate cap",
+            lost,
+        );
+    }
+    gauge(
+        r,
+        "sluice_flows_tracked",
+        "Flows the agent keeps totals for",
+        i64::try_from(c.flows_tracked).unwrap_or(i64::MAX),
+    );
+    r.register(
+        "sluice_flow_evictions",
+        "Flows dropped from the table (least recently seen) to make room",
+        counter(c.evictions),
+    );
+    r.register(
+        "sluice_flow_follower_lost",
+        "Flow records followers lost by falling behind",
+        counter(c.follower_lost),
+    );
 }
 
 /// Serves GET /metrics on `addr` until the task is dropped.

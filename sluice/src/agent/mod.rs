@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod core;
+pub mod ddos;
+pub mod flows;
 pub mod metrics;
 pub mod store;
 
@@ -150,6 +152,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
     })?;
     let cfg = config::parse(&opts.config, &text).map_err(AgentError::from)?;
     let settings = cfg.agent.clone();
+    let flow_settings = cfg.flows;
     let listener_path = settings.socket.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -161,14 +164,20 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         })?;
     let std_listener = bind_socket(&listener_path)?;
     let started = Core::start(settings, Some((opts.config.clone(), text)));
-    let (core, report) = match started {
+    let (mut core, report) = match started {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&listener_path);
             return Err(e.into());
         }
     };
+    core.ddos = cfg.ddos;
     let socket_path = listener_path.clone();
+    let flows = flows::Flows::new(core.root.clone(), flow_settings);
+    // Sampling is on before the API answers, so no early packet goes unrecorded.
+    if let Err(e) = flows.apply() {
+        warn!(error = %e, "cannot write the flow sampling settings; will retry");
+    }
     let result = rt.block_on(async move {
         std_listener
             .set_nonblocking(true)
@@ -183,7 +192,9 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             "agent ready"
         );
         let metrics_addr = core.settings.metrics;
-        let agent_metrics = core.metrics.clone();
+        let mut agent_metrics = core.metrics.clone();
+        agent_metrics.flows = Some(flows.clone());
+        let flow_reader = flows::spawn_reader(flows.clone());
         let shared: api::Shared = Arc::new(Mutex::new(core));
         let metrics_task = match metrics_addr {
             Some(addr) => {
@@ -195,13 +206,15 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             }
             None => None,
         };
-        let app = api::router(shared.clone());
+        let ddos_task = tokio::spawn(ddos::run(shared.clone()));
+        let app = api::router(shared.clone()).layer(axum::Extension(flows.clone()));
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<api::Peer>());
 
         let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
         let mut int = signal(SignalKind::interrupt()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
         let mut hup = signal(SignalKind::hangup()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
         let background = shared.clone();
+        let background_flows = flows.clone();
         let drift_every = opts.drift_interval;
         let tasks = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -211,6 +224,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                     _ = hup.recv() => {
                         info!("SIGHUP: reloading the config file");
                         reload(&background, true).await;
+                        flows::reload_settings(&background, &background_flows).await;
                     }
                     _ = tick.tick() => {
                         since_drift += Duration::from_secs(1);
@@ -221,6 +235,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                         if changed {
                             info!("config file changed on disk: reloading");
                             reload(&background, false).await;
+                            flows::reload_settings(&background, &background_flows).await;
                         }
                         if since_drift >= drift_every {
                             since_drift = Duration::ZERO;
@@ -244,6 +259,8 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             error!(error = %e, "API server failed");
         }
         tasks.abort();
+        flow_reader.abort();
+        ddos_task.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }

@@ -1,8 +1,11 @@
 //! The `sluice` command line: argument parsing, the network-namespace switch,
 //! and rendering results as tables or JSON. Work is done by `dataplane`.
 
+mod capture;
 mod client;
+mod flows;
 mod output;
+mod top;
 
 use std::path::PathBuf;
 
@@ -134,6 +137,12 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Flow records the agent read from the dataplane: recent ones, a live
+    /// stream (--follow), or top talkers (`flows top`). Needs the agent.
+    Flows(flows::FlowsArgs),
+    /// A live view through the agent: packets and bits per second by verdict
+    /// and reason, top sources and destinations, map occupancy, event counters.
+    Top(top::TopArgs),
     /// The deny list: sources whose packets are dropped.
     Deny(ListArgs),
     /// The allow list: sources that are always passed (they skip deny and rules).
@@ -153,6 +162,9 @@ pub enum Command {
         #[arg(value_enum)]
         action: ActionArg,
     },
+    /// Write the packets sluice sees on an interface, with each one's verdict
+    /// and reason, to a pcapng file (for tcpdump -r and Wireshark).
+    Capture(capture::CaptureArgs),
     /// Audit mode for the whole policy: what the lists, rules or default
     /// would drop is passed and counted as `audit` (malformed frames are not
     /// affected). Per rule: `rule add audit drop ...`.
@@ -192,7 +204,7 @@ pub struct ListArgs {
 #[derive(Debug, Subcommand)]
 pub enum ListCommand {
     /// Add prefixes (IPv4 or IPv6 CIDRs or addresses), all or none.
-    Add(PrefixArgs),
+    Add(AddArgs),
     /// Remove prefixes, all or none.
     Del(PrefixArgs),
     /// List entries with their hit counters.
@@ -207,6 +219,29 @@ pub struct PrefixArgs {
     /// Also read prefixes from FILE, one per line (# comments allowed).
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    pub prefixes: PrefixArgs,
+    /// Deny list only: remove the entries again after this long (e.g. 90s,
+    /// 10m, 2h, 7d). The agent expires them, so this needs the agent.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+    /// Why the entries are there (shown by `deny list`); with --ttl.
+    #[arg(long, value_name = "TEXT", requires = "ttl")]
+    pub reason: Option<String>,
+}
+
+/// Seconds of a `--ttl` value: 1s to 365d, whole seconds.
+fn ttl_secs(ttl: &str) -> Result<u64, CliError> {
+    policy::parse_duration_ms(ttl)
+        .filter(|ms| ms % 1000 == 0 && (1_000..=365 * 86_400_000).contains(ms))
+        .map(|ms| ms / 1000)
+        .ok_or_else(|| CliError::BadTtl {
+            ttl: ttl.to_string(),
+        })
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +293,20 @@ pub enum CliError {
     AgentOptions,
     #[error("reading {path}: {reason}")]
     Read { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Flows(#[from] flows::FlowsError),
+    #[error(transparent)]
+    Top(#[from] top::TopError),
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureCommandError),
+    #[error("invalid --ttl '{ttl}': whole seconds from 1s to 365d, e.g. 90s, 10m, 2h, 7d")]
+    BadTtl { ttl: String },
+    #[error("--ttl applies to the deny list only")]
+    TtlOnAllow,
+    #[error(
+        "--ttl needs the agent: it is what removes the entries when their time is up          (start `sluice agent`, or add without --ttl)"
+    )]
+    TtlNeedsAgent,
 }
 
 fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
@@ -343,6 +392,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.history(&h);
             return Ok(());
         }
+        Command::Flows(args) => {
+            flows::run(args, &cli.socket, &cli.pin_root, cli.json)?;
+            return Ok(());
+        }
+        Command::Top(args) => {
+            top::run(&cli.socket, args, cli.json)?;
+            return Ok(());
+        }
         _ => {}
     }
     if let Some(ns) = &cli.netns {
@@ -357,7 +414,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let root = PinRoot::new(&cli.pin_root);
     // Upgrading is a dataplane operation the agent also does itself on start.
     if !cli.no_agent
-        && !matches!(cli.command, Command::Upgrade { .. })
+        && !matches!(cli.command, Command::Upgrade { .. } | Command::Capture(_))
         && let Some((client, info)) = client::Client::connect(&cli.socket)?
     {
         let client = client.with_force(cli.force);
@@ -397,6 +454,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.detach(&report);
         }
         Command::Status => out.status(&attach::status(&root)?),
+        Command::Capture(args) => capture::run(&root, &args, &label, cli.json)?,
         Command::Upgrade { force } => out.upgrade(&attach::upgrade(&root, force)?),
         Command::Stats { top } => {
             let maps = PolicyMaps::open(&root)?;
@@ -444,7 +502,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Apply { .. }
         | Command::Diff { .. }
         | Command::Rollback { .. }
-        | Command::History => {
+        | Command::History
+        | Command::Flows(_)
+        | Command::Top(_) => {
             unreachable!("handled above")
         }
     }
@@ -509,20 +569,41 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                 "deny"
             };
             match &args.action {
-                ListCommand::Add(p) | ListCommand::Del(p) => {
-                    let verb = if matches!(args.action, ListCommand::Add(_)) {
-                        "add"
-                    } else {
-                        "del"
-                    };
+                ListCommand::Add(AddArgs {
+                    prefixes: p,
+                    ttl,
+                    reason,
+                }) => {
+                    let ttl_secs = ttl.as_deref().map(ttl_secs).transpose()?;
+                    if ttl_secs.is_some() && kind == "allow" {
+                        return Err(CliError::TtlOnAllow);
+                    }
                     let prefixes = gather_prefixes(p)?;
                     let n = prefixes.len();
                     let a: Applied = client.call(
                         Method::POST,
-                        &format!("/v1/lists/{kind}/{verb}"),
-                        Some(&api::PrefixesBody { prefixes }),
+                        &format!("/v1/lists/{kind}/add"),
+                        Some(&api::PrefixesBody {
+                            prefixes,
+                            ttl_secs,
+                            reason: reason.clone(),
+                        }),
                     )?;
-                    out.applied(&format!("{kind} {verb}: {n} prefix(es)"), &a);
+                    out.applied(&format!("{kind} add: {n} prefix(es)"), &a);
+                }
+                ListCommand::Del(p) => {
+                    let prefixes = gather_prefixes(p)?;
+                    let n = prefixes.len();
+                    let a: Applied = client.call(
+                        Method::POST,
+                        &format!("/v1/lists/{kind}/del"),
+                        Some(&api::PrefixesBody {
+                            prefixes,
+                            ttl_secs: None,
+                            reason: None,
+                        }),
+                    )?;
+                    out.applied(&format!("{kind} del: {n} prefix(es)"), &a);
                 }
                 ListCommand::List => {
                     let l: api::ListBody =
@@ -613,7 +694,10 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         | Command::Diff { .. }
         | Command::Rollback { .. }
         | Command::History
-        | Command::Upgrade { .. } => {}
+        | Command::Upgrade { .. }
+        | Command::Capture(_)
+        | Command::Flows(_)
+        | Command::Top(_) => {}
     }
     Ok(())
 }
@@ -626,7 +710,16 @@ fn list_command(
 ) -> Result<(), CliError> {
     let kind = if allow { "allow" } else { "deny" };
     match args.action {
-        ListCommand::Add(p) => {
+        ListCommand::Add(AddArgs {
+            prefixes: p, ttl, ..
+        }) => {
+            if let Some(t) = &ttl {
+                ttl_secs(t)?;
+                if allow {
+                    return Err(CliError::TtlOnAllow);
+                }
+                return Err(CliError::TtlNeedsAgent);
+            }
             let nets = gather_prefixes(&p)?;
             let mut maps = PolicyMaps::open(root)?;
             let report = maps.commit(Change {

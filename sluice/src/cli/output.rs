@@ -404,12 +404,17 @@ impl Out {
             let v: Vec<serde_json::Value> = entries
                 .iter()
                 .map(|e| {
-                    json!({
+                    let mut v = json!({
                         "prefix": e.prefix.to_string(),
                         "packets": e.packets,
                         "bytes": e.bytes,
                         "last_seen_secs_ago": e.last_seen_secs_ago,
-                    })
+                    });
+                    if let Some(t) = &e.temporary {
+                        v["reason"] = json!(t.reason);
+                        v["expires_unix"] = json!(t.expires_unix);
+                    }
+                    v
                 })
                 .collect();
             print_json(&json!({ "list": kind, "entries": v }));
@@ -419,18 +424,52 @@ impl Out {
             println!("{kind} list is empty");
             return;
         }
+        let temporary = entries.iter().any(|e| e.temporary.is_some());
+        let now = crate::agent::ddos::unix_now();
         let rows: Vec<Vec<String>> = entries
             .iter()
             .map(|e| {
-                vec![
+                let mut row = vec![
                     e.prefix.to_string(),
                     e.packets.to_string(),
                     human_bytes(e.bytes),
                     ago(e.last_seen_ns),
-                ]
+                ];
+                if temporary {
+                    match &e.temporary {
+                        Some(t) => {
+                            row.push(format!(
+                                "in {}",
+                                crate::policy::format_duration_ms(
+                                    t.expires_unix.saturating_sub(now) * 1000
+                                )
+                            ));
+                            row.push(t.reason.clone());
+                        }
+                        None => {
+                            row.push("never".into());
+                            row.push(String::new());
+                        }
+                    }
+                }
+                row
             })
             .collect();
-        table(&["PREFIX", "PACKETS", "BYTES", "LAST SEEN"], &rows);
+        if temporary {
+            table(
+                &[
+                    "PREFIX",
+                    "PACKETS",
+                    "BYTES",
+                    "LAST SEEN",
+                    "EXPIRES",
+                    "REASON",
+                ],
+                &rows,
+            );
+        } else {
+            table(&["PREFIX", "PACKETS", "BYTES", "LAST SEEN"], &rows);
+        }
     }
 
     pub fn rules(&self, rules: &[RuleRow]) {

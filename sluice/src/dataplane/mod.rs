@@ -2,6 +2,8 @@
 //! program, and reading and writing its maps with generation flips.
 
 pub mod attach;
+pub mod capture;
+pub mod flows;
 pub mod pins;
 pub mod policy;
 pub mod runtime;

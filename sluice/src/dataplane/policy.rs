@@ -15,9 +15,9 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sluice_common::{
-    Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES, RULE_ACTION_SYN_GUARD, Rule,
-    SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT, SETTINGS_F_SYN_GUARD, Settings, Verdict, lpm_prefix_len,
-    map_names,
+    Counter, EntryStats, GENERATIONS, KeyV4, KeyV6, LIST_CAPACITY, ListId, MAX_RULES,
+    RULE_ACTION_SYN_GUARD, Rule, SETTINGS_F_AUDIT, SETTINGS_F_DIRTY, SETTINGS_F_INIT,
+    SETTINGS_F_SYN_GUARD, Settings, Verdict, lpm_prefix_len, map_names,
 };
 
 use super::{
@@ -77,6 +77,9 @@ pub struct ListEntry {
     pub last_seen_ns: u64,
     /// Seconds since the last hit when listed; `None` = never hit.
     pub last_seen_secs_ago: Option<f64>,
+    /// Set by the agent for entries that expire (reason and expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary: Option<crate::policy::TempDeny>,
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +501,7 @@ impl PolicyMaps {
                 last_seen_ns: s.last_seen_ns,
                 last_seen_secs_ago: (s.last_seen_ns != 0)
                     .then(|| now.saturating_sub(s.last_seen_ns) as f64 / 1e9),
+                temporary: None,
             })
             .collect())
     }

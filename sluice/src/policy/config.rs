@@ -73,12 +73,93 @@ impl Default for AgentSettings {
     }
 }
 
+/// Flow-record settings from the `[flows]` table: 1-in-N sampling per
+/// verdict (0 = no records) and the per-CPU record rate cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowSettings {
+    pub sample_pass: u32,
+    pub sample_drop: u32,
+    pub sample_audit: u32,
+    /// Records per second per CPU (0 = no cap).
+    pub rate_cap: u64,
+    /// Records a CPU may write at once above the rate.
+    pub burst: u64,
+}
+
+pub const DEFAULT_FLOW_RATE_CAP: u64 = 10_000;
+/// Highest `rate_cap` and `burst` (the cap's interval must stay >= 1 ns).
+pub const MAX_FLOW_RATE: u64 = 1_000_000_000;
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        Self {
+            sample_pass: 100,
+            sample_drop: 1,
+            sample_audit: 1,
+            rate_cap: DEFAULT_FLOW_RATE_CAP,
+            burst: DEFAULT_FLOW_RATE_CAP / 10,
+        }
+    }
+}
+
+impl FlowSettings {
+    /// The `FLOW_CONFIG` entry these settings stand for.
+    #[must_use]
+    pub fn to_kernel(&self) -> sluice_common::FlowConfig {
+        let (interval, tolerance) = crate::dataplane::runtime::gcra(self.rate_cap, self.burst);
+        sluice_common::FlowConfig {
+            sample: [self.sample_pass, self.sample_drop, self.sample_audit, 0],
+            cap_interval_ns: interval,
+            cap_tolerance_ns: tolerance,
+        }
+    }
+}
+
+/// DDoS settings from the `[ddos]` table that are not rules: the cap on new
+/// per-source buckets and how long a source that answered a SYN challenge
+/// stays verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DdosSettings {
+    /// New per-source buckets per second (0 = no cap).
+    pub new_sources_per_second: u64,
+    pub new_sources_burst: u64,
+    pub verified_ttl_secs: u64,
+}
+
+impl Default for DdosSettings {
+    fn default() -> Self {
+        Self {
+            new_sources_per_second: crate::dataplane::runtime::DEFAULT_NEW_SOURCES_PER_S,
+            new_sources_burst: crate::dataplane::runtime::DEFAULT_NEW_SOURCES_PER_S,
+            verified_ttl_secs: crate::dataplane::runtime::DEFAULT_VERIFIED_TTL_S,
+        }
+    }
+}
+
+impl DdosSettings {
+    /// The `DDOS_CONFIG` entry these settings stand for (the cookie key is
+    /// kept from the map when written).
+    #[must_use]
+    pub fn to_kernel(&self) -> sluice_common::DdosConfig {
+        let (interval, tolerance) =
+            crate::dataplane::runtime::gcra(self.new_sources_per_second, self.new_sources_burst);
+        sluice_common::DdosConfig {
+            new_source_interval_ns: interval,
+            new_source_tolerance_ns: tolerance,
+            verified_ttl_ns: self.verified_ttl_secs * 1_000_000_000,
+            secret: [0, 0],
+        }
+    }
+}
+
 /// A parsed and validated configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub path: PathBuf,
     pub agent: AgentSettings,
     pub desired: Desired,
+    pub flows: FlowSettings,
+    pub ddos: DdosSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +175,18 @@ struct RawConfig {
     deny: RawList,
     #[serde(default)]
     allow: RawList,
+    #[serde(default)]
+    flows: RawFlows,
+    #[serde(default)]
+    ddos: RawDdos,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDdos {
+    new_sources_per_second: Option<Spanned<i64>>,
+    new_sources_burst: Option<Spanned<i64>>,
+    verified_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +197,16 @@ struct RawAgent {
     pin_root: Option<Spanned<String>>,
     history: Option<Spanned<i64>>,
     metrics: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    sample_pass: Option<Spanned<i64>>,
+    sample_drop: Option<Spanned<i64>>,
+    sample_audit: Option<Spanned<i64>>,
+    rate_cap: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +288,108 @@ fn action(
             }
         },
     }
+}
+
+/// The `[flows]` table, defaults filled in.
+fn flow_settings(pos: &Positions<'_>, raw: &RawFlows, diags: &mut Vec<Diagnostic>) -> FlowSettings {
+    let mut flows = FlowSettings::default();
+    for (name, value, into) in [
+        ("sample_pass", &raw.sample_pass, &mut flows.sample_pass),
+        ("sample_drop", &raw.sample_drop, &mut flows.sample_drop),
+        ("sample_audit", &raw.sample_audit, &mut flows.sample_audit),
+    ] {
+        if let Some(v) = value {
+            match u32::try_from(*v.get_ref()) {
+                Ok(n) => *into = n,
+                Err(_) => diags.push(pos.span(
+                    v,
+                    format!(
+                        "{name} must be 0 (no records), 1 (every packet) or N (1 in N packets, \
+                         N <= {}), found {}",
+                        u32::MAX,
+                        v.get_ref()
+                    ),
+                )),
+            }
+        }
+    }
+    if let Some(v) = &raw.rate_cap {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if n <= MAX_FLOW_RATE => {
+                flows.rate_cap = n;
+                flows.burst = (n / 10).max(1);
+            }
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "rate_cap must be between 0 (no cap) and {MAX_FLOW_RATE} records per second \
+                     per CPU, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(v) = &raw.burst {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if (1..=MAX_FLOW_RATE).contains(&n) => flows.burst = n,
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "burst must be between 1 and {MAX_FLOW_RATE} records, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    flows
+}
+
+/// The `[ddos]` table, defaults filled in.
+fn ddos_settings(pos: &Positions<'_>, raw: &RawDdos, diags: &mut Vec<Diagnostic>) -> DdosSettings {
+    const MAX: u64 = 1_000_000_000;
+    let mut d = DdosSettings::default();
+    if let Some(v) = &raw.new_sources_per_second {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if n <= MAX => {
+                d.new_sources_per_second = n;
+                d.new_sources_burst = n.max(1);
+            }
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "new_sources_per_second must be between 0 (no cap) and {MAX}, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(v) = &raw.new_sources_burst {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if (1..=MAX).contains(&n) => d.new_sources_burst = n,
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "new_sources_burst must be between 1 and {MAX}, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(v) = &raw.verified_ttl {
+        match super::parse_duration_ms(v.get_ref())
+            .filter(|ms| ms % 1000 == 0 && (1_000..=30 * 86_400_000).contains(ms))
+        {
+            Some(ms) => d.verified_ttl_secs = ms / 1000,
+            None => diags.push(pos.span(
+                v,
+                format!(
+                    "verified_ttl must be whole seconds from 1s to 30d (e.g. \"1h\"), found {:?}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    d
 }
 
 /// Parses and validates configuration text. `path` is used for messages and
@@ -353,12 +558,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    let flows = flow_settings(&pos, &raw.flows, &mut diags);
+    let ddos = ddos_settings(&pos, &raw.ddos, &mut diags);
     diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
         Ok(Config {
             path: path.to_path_buf(),
             agent,
-            desired: Desired { interfaces, policy },
+            desired: Desired {
+                interfaces,
+                policy,
+                temp_deny: std::collections::BTreeMap::new(),
+            },
+            flows,
+            ddos,
         })
     } else {
         Err(ConfigErrors(diags))
@@ -397,7 +610,8 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sluice.toml");
         let cfg = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.desired.interfaces.len(), 1);
-        assert_eq!(cfg.desired.policy.rules.len(), 3);
+        assert_eq!(cfg.desired.policy.rules.len(), 5);
+        assert!(cfg.desired.policy.rules[0].rate.is_some());
         assert_eq!(cfg.desired.policy.deny.len(), 2);
         assert_eq!(cfg.agent, AgentSettings::default());
     }
@@ -427,7 +641,11 @@ mod tests {
             ),
             (
                 "[policy]\nrules = [\"drop tcp dport 80\", \"reject udp\"]\n",
-                &[(2, 31, "expected 'drop', 'pass', 'limit' or 'syn-guard' first")],
+                &[(
+                    2,
+                    31,
+                    "expected 'drop', 'pass', 'limit' or 'syn-guard' first",
+                )],
             ),
             (
                 "[policy]\nrules = [\"drop icmp dport 7\"]\n",
@@ -504,5 +722,90 @@ mod tests {
         let err = parse(&dir.join("sluice.toml"), "[deny]\nfiles = [\"bad.txt\"]\n").unwrap_err();
         assert!(err.0[0].message.contains("bad.txt:2"), "{}", err.0[0]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ddos_table_has_defaults_and_reports_bad_values() {
+        let cfg = parse(Path::new("/x.toml"), "").unwrap();
+        assert_eq!(cfg.ddos, DdosSettings::default());
+        let cfg = parse(
+            Path::new("/x.toml"),
+            "[ddos]\nnew_sources_per_second = 50\nverified_ttl = \"10m\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.ddos.new_sources_per_second, 50);
+        assert_eq!(cfg.ddos.new_sources_burst, 50);
+        assert_eq!(cfg.ddos.verified_ttl_secs, 600);
+        let k = cfg.ddos.to_kernel();
+        assert_eq!(k.new_source_interval_ns, 20_000_000);
+        assert_eq!(k.new_source_tolerance_ns, 49 * 20_000_000);
+        let got = errors(
+            "[ddos]\nnew_sources_per_second = -1\nnew_sources_burst = 0\nverified_ttl = \"5ms\"\n",
+        );
+        let lines: Vec<usize> = got.iter().map(|(l, _, _)| *l).collect();
+        assert_eq!(lines, [2, 3, 4], "{got:?}");
+        assert!(got[2].2.contains("verified_ttl"), "{got:?}");
+        assert!(!errors("[ddos]\nbogus = 1\n").is_empty());
+    }
+
+    #[test]
+    fn flows_table_has_defaults_and_reports_bad_values() {
+        let cfg = parse(Path::new("/x.toml"), "").unwrap();
+        assert_eq!(cfg.flows, FlowSettings::default());
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sluice.toml");
+        let example = load(&example).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            example.flows,
+            FlowSettings::default(),
+            "the example shows the defaults"
+        );
+        assert_eq!(cfg.flows.to_kernel().sample, [100, 1, 1, 0]);
+        let cfg = parse(
+            Path::new("/x.toml"),
+            "[flows]\nsample_pass = 1\nsample_drop = 0\nrate_cap = 500\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.flows,
+            FlowSettings {
+                sample_pass: 1,
+                sample_drop: 0,
+                sample_audit: 1,
+                rate_cap: 500,
+                burst: 50,
+            }
+        );
+        let k = cfg.flows.to_kernel();
+        assert_eq!(
+            (k.cap_interval_ns, k.cap_tolerance_ns),
+            (2_000_000, 98_000_000)
+        );
+        let off = parse(Path::new("/x.toml"), "[flows]\nrate_cap = 0\nburst = 7\n").unwrap();
+        assert_eq!(
+            (off.flows.to_kernel().cap_interval_ns, off.flows.burst),
+            (0, 7)
+        );
+        assert_eq!(
+            errors(
+                "[flows]\nsample_pass = -1\nsample_drop = 5000000000\nrate_cap = -5\nburst = 0\nnope = 1\n"
+            )
+            .len(),
+            1,
+            "an unknown key is a parse error of its own"
+        );
+        let got = errors(
+            "[flows]\nsample_pass = -1\nsample_drop = 5000000000\nrate_cap = -5\nburst = 0\n",
+        );
+        let want = [
+            (2, 15, "sample_pass must be 0 (no records)"),
+            (3, 15, "sample_drop must be 0 (no records)"),
+            (4, 12, "rate_cap must be between 0 (no cap)"),
+            (5, 9, "burst must be between 1"),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for ((gl, gc, gm), (wl, wc, wm)) in got.iter().zip(want) {
+            assert_eq!((*gl, *gc), (wl, wc), "{gm}");
+            assert!(gm.contains(wm), "{gm:?} should contain {wm:?}");
+        }
     }
 }

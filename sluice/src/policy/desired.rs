@@ -1,7 +1,10 @@
 //! Desired state: what sluice should be doing, independent of the kernel.
 //! Compared with what is pinned to produce the one change that gets there.
 
-use std::{collections::BTreeSet, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use ipnet::IpNet;
 use sluice_common::{ListId, Rule, Verdict};
@@ -87,6 +90,18 @@ pub struct Interface {
 pub struct Desired {
     pub interfaces: Vec<Interface>,
     pub policy: Policy,
+    /// Deny entries that expire (escalated sources, `deny add --ttl`): each
+    /// is also in `policy.deny` until the agent expires it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub temp_deny: BTreeMap<IpNet, TempDeny>,
+}
+
+/// Why a temporary deny entry exists and when it goes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TempDeny {
+    pub reason: String,
+    /// Unix seconds.
+    pub expires_unix: u64,
 }
 
 /// How one policy differs from another.
@@ -256,15 +271,48 @@ pub fn change_to(
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    ListAdd { allow: bool, prefixes: Vec<IpNet> },
-    ListDel { allow: bool, prefixes: Vec<IpNet> },
-    RuleAdd { at: Option<usize>, rule: RuleSpec },
-    RuleDel { rule: RuleSpec },
-    Default { action: Action },
-    Malformed { action: Action },
-    Audit { on: bool },
-    Attach { interface: Interface },
-    Detach { name: String, netns: Option<String> },
+    ListAdd {
+        allow: bool,
+        prefixes: Vec<IpNet>,
+    },
+    ListDel {
+        allow: bool,
+        prefixes: Vec<IpNet>,
+    },
+    RuleAdd {
+        at: Option<usize>,
+        rule: RuleSpec,
+    },
+    RuleDel {
+        rule: RuleSpec,
+    },
+    Default {
+        action: Action,
+    },
+    Malformed {
+        action: Action,
+    },
+    Audit {
+        on: bool,
+    },
+    Attach {
+        interface: Interface,
+    },
+    Detach {
+        name: String,
+        netns: Option<String>,
+    },
+    /// Deny until `expires_unix` (seconds), with a reason. A prefix already
+    /// denied for good is left as it is; a temporary one gets the new expiry.
+    DenyFor {
+        prefixes: Vec<IpNet>,
+        reason: String,
+        expires_unix: u64,
+    },
+    /// Temporary deny entries whose time is up.
+    Expire {
+        prefixes: Vec<IpNet>,
+    },
 }
 
 impl Op {
@@ -290,6 +338,35 @@ impl Op {
                 }
                 for n in prefixes {
                     list.remove(&n.trunc());
+                    if !*allow {
+                        d.temp_deny.remove(&n.trunc());
+                    }
+                }
+            }
+            Self::DenyFor {
+                prefixes,
+                reason,
+                expires_unix,
+            } => {
+                for n in prefixes.iter().map(IpNet::trunc) {
+                    if p.deny.contains(&n) && !d.temp_deny.contains_key(&n) {
+                        continue;
+                    }
+                    p.deny.insert(n);
+                    d.temp_deny.insert(
+                        n,
+                        TempDeny {
+                            reason: reason.clone(),
+                            expires_unix: *expires_unix,
+                        },
+                    );
+                }
+            }
+            Self::Expire { prefixes } => {
+                for n in prefixes.iter().map(IpNet::trunc) {
+                    if d.temp_deny.remove(&n).is_some() {
+                        p.deny.remove(&n);
+                    }
                 }
             }
             Self::RuleAdd { at, rule } => {
@@ -366,6 +443,10 @@ impl Op {
                 "detach {name} (netns {})",
                 netns.as_deref().unwrap_or("host")
             ),
+            Self::DenyFor {
+                prefixes, reason, ..
+            } => format!("deny add {} (temporary: {reason})", nets(prefixes)),
+            Self::Expire { prefixes } => format!("expired deny {}", nets(prefixes)),
         }
     }
 }
@@ -397,11 +478,36 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
             });
         }
     }
+    // Temporary entries keep their reason and expiry.
+    let mut temp: BTreeMap<(String, u64), Vec<IpNet>> = BTreeMap::new();
+    for (n, t) in &fin.temp_deny {
+        if base.temp_deny.get(n) != Some(t) {
+            temp.entry((t.reason.clone(), t.expires_unix))
+                .or_default()
+                .push(*n);
+        }
+    }
+    for n in base.temp_deny.keys() {
+        if !fin.temp_deny.contains_key(n) {
+            out.push(Op::Expire { prefixes: vec![*n] });
+        }
+    }
+    for ((reason, expires_unix), prefixes) in temp {
+        out.push(Op::DenyFor {
+            prefixes,
+            reason,
+            expires_unix,
+        });
+    }
     for (allow, b, f) in [
         (false, &base.policy.deny, &fin.policy.deny),
         (true, &base.policy.allow, &fin.policy.allow),
     ] {
-        let adds: Vec<IpNet> = f.difference(b).copied().collect();
+        let adds: Vec<IpNet> = f
+            .difference(b)
+            .filter(|n| allow || !fin.temp_deny.contains_key(n))
+            .copied()
+            .collect();
         let dels: Vec<IpNet> = b.difference(f).copied().collect();
         if !adds.is_empty() {
             out.push(Op::ListAdd {
@@ -480,5 +586,54 @@ mod tests {
         };
         assert_eq!(replay(&compact), replay(&overlay));
         assert_eq!(compact.len(), 2, "{compact:?}");
+    }
+
+    #[test]
+    fn temporary_denies_keep_reason_and_expiry_through_compaction() {
+        let mut base = Desired::default();
+        let permanent: IpNet = "198.18.1.0/24".parse().unwrap();
+        base.policy.deny.insert(permanent);
+        let a: IpNet = "198.18.2.1/32".parse().unwrap();
+        let b: IpNet = "2001:2::1/128".parse().unwrap();
+        let overlay = vec![
+            Op::DenyFor {
+                prefixes: vec![a, b, permanent],
+                reason: "rate limit".into(),
+                expires_unix: 100,
+            },
+            Op::DenyFor {
+                prefixes: vec![a],
+                reason: "again".into(),
+                expires_unix: 200,
+            },
+            Op::Expire { prefixes: vec![b] },
+        ];
+        let replay = |ops: &[Op]| {
+            let mut d = base.clone();
+            for op in ops {
+                let _ = op.apply(&mut d, false);
+            }
+            d
+        };
+        let d = replay(&overlay);
+        assert!(d.policy.deny.contains(&a) && !d.policy.deny.contains(&b));
+        assert!(
+            d.policy.deny.contains(&permanent),
+            "a permanent entry stays"
+        );
+        assert!(!d.temp_deny.contains_key(&permanent));
+        assert_eq!(d.temp_deny[&a].expires_unix, 200);
+        assert_eq!(d.temp_deny[&a].reason, "again");
+        let compact = compact_overlay(&base, &overlay);
+        assert_eq!(replay(&compact), d, "{compact:?}");
+        // Deleting a temporary entry by hand forgets its expiry too.
+        let mut d2 = d.clone();
+        Op::ListDel {
+            allow: false,
+            prefixes: vec![a],
+        }
+        .apply(&mut d2, true)
+        .unwrap();
+        assert!(d2.temp_deny.is_empty());
     }
 }

@@ -5,9 +5,9 @@ use std::{fmt, net::IpAddr, path::Path};
 
 use ipnet::IpNet;
 use sluice_common::{
-    RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_BYTES, RULE_F_DPORT,
-    RULE_F_DST, RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SRC, RULE_F_SYN, Rule,
-    Verdict, addr_words,
+    RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_BYTES, RULE_F_DPORT, RULE_F_DST,
+    RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SRC, RULE_F_SYN, Rule, Verdict,
+    addr_words,
 };
 
 use crate::dataplane::policy::UNASSIGNED;
@@ -17,7 +17,8 @@ mod desired;
 pub mod eval;
 
 pub use desired::{
-    Action, Desired, Interface, Op, Policy, PolicyDiff, change_to, compact_overlay, pinned_policy,
+    Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, change_to, compact_overlay,
+    pinned_policy,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -172,8 +173,13 @@ fn parse_rate(s: &str) -> Option<(u64, bool)> {
         "kB" => (1_000, true),
         "MB" => (1_000_000, true),
         "GB" => (1_000_000_000, true),
-        "bit" if n % 8 == 0 => return Some((n / 8, true)),
-        "kbit" => return (n * 1_000 % 8 == 0).then_some((n * 125, true)),
+        "bit" if n.is_multiple_of(8) => return Some((n / 8, true)),
+        "kbit" => {
+            return n
+                .checked_mul(1_000)
+                .filter(|bits| bits.is_multiple_of(8))
+                .map(|bits| (bits / 8, true));
+        }
         "mbit" => (125_000, true),
         "gbit" => (125_000_000, true),
         _ => return None,
@@ -214,8 +220,13 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
 
 /// Writes milliseconds back in the largest unit that divides them.
 pub fn format_duration_ms(ms: u64) -> String {
-    for (unit, div) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms >= div && ms % div == 0 {
+    for (unit, div) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= div && ms.is_multiple_of(div) {
             return format!("{}{unit}", ms / div);
         }
     }
@@ -227,7 +238,7 @@ fn format_rate(rate: u64, bytes: bool) -> String {
         return format!("{rate}/s");
     }
     for (unit, div) in [("GB", 1_000_000_000), ("MB", 1_000_000), ("kB", 1_000)] {
-        if rate >= div && rate % div == 0 {
+        if rate >= div && rate.is_multiple_of(div) {
             return format!("{}{unit}/s", rate / div);
         }
     }
@@ -298,9 +309,15 @@ impl RuleSpec {
         };
         let mut burst_given = false;
         if let Some(kind) = kind {
-            let what = if kind == RateKind::Limit { "limit" } else { "syn-guard" };
+            let what = if kind == RateKind::Limit {
+                "limit"
+            } else {
+                "syn-guard"
+            };
             let r = it.next().ok_or_else(|| {
-                bad(format!("'{what}' needs a rate like 1000/s, 10mbit/s or 500kB/s"))
+                bad(format!(
+                    "'{what}' needs a rate like 1000/s, 10mbit/s or 500kB/s"
+                ))
             })?;
             let (rate, bytes) = parse_rate(r).ok_or_else(|| {
                 bad(format!(
@@ -308,7 +325,9 @@ impl RuleSpec {
                 ))
             })?;
             if kind == RateKind::SynGuard && bytes {
-                return Err(bad("syn-guard counts SYNs: give a packet rate like 500/s".into()));
+                return Err(bad(
+                    "syn-guard counts SYNs: give a packet rate like 500/s".into()
+                ));
             }
             if !bytes && rate > 1_000_000_000 {
                 return Err(bad(format!("rate '{r}' is above 1,000,000,000 packets/s")));
@@ -341,7 +360,11 @@ impl RuleSpec {
                     rate.burst = parse_burst(v, rate.bytes).ok_or_else(|| {
                         bad(format!(
                             "invalid burst '{v}' (a count of 1 or more{})",
-                            if rate.bytes { ", or bytes like 64kB" } else { "" }
+                            if rate.bytes {
+                                ", or bytes like 64kB"
+                            } else {
+                                ""
+                            }
                         ))
                     })?;
                     if std::mem::replace(&mut burst_given, true) {
@@ -717,11 +740,7 @@ impl fmt::Display for RuleSpec {
                     }
                 }
                 if let Some(e) = r.escalate {
-                    write!(
-                        f,
-                        " escalate {}",
-                        format_duration_ms(u64::from(e.after_ms))
-                    )?;
+                    write!(f, " escalate {}", format_duration_ms(u64::from(e.after_ms)))?;
                     if e.ttl_s != DEFAULT_ESCALATE_TTL_S {
                         write!(f, " ttl {}", format_duration_ms(u64::from(e.ttl_s) * 1000))?;
                     }
@@ -827,20 +846,28 @@ mod tests {
 
     #[test]
     fn rates_are_stored_as_costs() {
-        let r = RuleSpec::parse(&words("limit 1000/s burst 10")).unwrap().to_rule();
+        let r = RuleSpec::parse(&words("limit 1000/s burst 10"))
+            .unwrap()
+            .to_rule();
         assert_eq!(r.action, RULE_ACTION_LIMIT);
         assert_eq!(r.interval, 1_000_000);
         assert_eq!(r.tolerance_ns, 9_000_000);
-        let r = RuleSpec::parse(&words("limit 8mbit/s burst 1500B")).unwrap().to_rule();
+        let r = RuleSpec::parse(&words("limit 8mbit/s burst 1500B"))
+            .unwrap()
+            .to_rule();
         assert_eq!(r.rate, 1_000_000);
         assert_eq!(r.interval, 1_000_000, "ps per byte at 1 MB/s");
         assert_eq!(r.tolerance_ns, 1_500_000);
         assert_ne!(r.flags & RULE_F_BYTES, 0);
-        let r = RuleSpec::parse(&words("syn-guard 100/s dport 80")).unwrap().to_rule();
+        let r = RuleSpec::parse(&words("syn-guard 100/s dport 80"))
+            .unwrap()
+            .to_rule();
         assert_eq!(r.action, RULE_ACTION_SYN_GUARD);
         assert_ne!(r.flags & RULE_F_SYN, 0);
         assert_eq!(
-            RuleSpec::parse(&words("limit 1mbit/s")).unwrap().to_string(),
+            RuleSpec::parse(&words("limit 1mbit/s"))
+                .unwrap()
+                .to_string(),
             "limit 125kB/s"
         );
     }
@@ -871,6 +898,8 @@ mod tests {
             "limit 10/s burst 0",
             "limit 10/s burst 10kB",
             "limit 3bit/s",
+            "limit 99999999999999999999kbit/s",
+            "limit 18446744073709551615kbit/s",
             "limit 10/s per-source /24",
             "limit 10/s per-source /33 /64",
             "limit 10/s escalate 10s",

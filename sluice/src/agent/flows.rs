@@ -1,0 +1,1390 @@
+//! The flow reader: the agent is the one reader of the kernel's `FLOWS` ring.
+//! It keeps the newest records, per-flow totals for `flows top`, and feeds followers.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::body::Bytes;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sluice_common::{Family, FlowConfig, FlowRecord, L4, Reason, Verdict, stat};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::{
+        self, PinRoot, attach,
+        flows::{FlowRing, ring_identity},
+        runtime,
+    },
+    policy::config::FlowSettings,
+};
+
+/// Newest records kept for `GET /v1/flows`.
+pub const RECENT_CAPACITY: usize = 10_000;
+/// Flows totalled for `GET /v1/flows/top`; past it the least recently seen goes.
+pub const FLOW_CAPACITY: usize = 65_536;
+/// Records a follower may fall behind before it loses some.
+pub const FOLLOW_BUFFER: usize = 4096;
+/// Records shown when no limit is given.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Rows of each top table when no limit is given, and the most allowed.
+pub const DEFAULT_TOP: usize = 10;
+pub const MAX_TOP: usize = 1000;
+/// Records taken from the ring before other tasks get a turn.
+const BATCH: usize = 4096;
+/// How often the reader checks the ring, the kernel's sampling settings and
+/// interface names (and drains, in case a wakeup was missed).
+const TICK: Duration = Duration::from_millis(500);
+/// Interface names are refreshed every this many ticks.
+const NAME_TICKS: u32 = 4;
+
+const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+
+fn verdict_names() -> String {
+    Verdict::ALL.map(Verdict::name).join(", ")
+}
+
+fn reason_names() -> String {
+    Reason::ALL.map(Reason::name).join(", ")
+}
+
+/// A bad query or filter (API and CLI say the same).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("unknown verdict '{value}' (valid: {})", verdict_names())]
+    Verdict { value: String },
+    #[error("unknown reason '{value}' (valid: {})", reason_names())]
+    Reason { value: String },
+    #[error("'{value}' is not a CIDR or an address (e.g. 198.18.0.0/24, 2001:2::/48, 198.18.0.7)")]
+    Prefix { value: String },
+    #[error("'{value}' is not a port (0-65535)")]
+    Port { value: String },
+    #[error("'{value}' is not a limit (1-{max})")]
+    Limit { value: String, max: usize },
+    #[error("unknown ranking '{value}' (valid: packets, bytes)")]
+    By { value: String },
+    #[error("'{value}' is not true or false")]
+    Bool { value: String },
+    #[error("{what} does not apply to the top flows (their totals cover every reason)")]
+    NotForTop { what: &'static str },
+}
+
+pub fn parse_verdict(s: &str) -> Result<Verdict, FilterError> {
+    Verdict::ALL
+        .into_iter()
+        .find(|v| v.name() == s)
+        .ok_or_else(|| FilterError::Verdict { value: s.into() })
+}
+
+pub fn parse_reason(s: &str) -> Result<Reason, FilterError> {
+    Reason::ALL
+        .into_iter()
+        .find(|r| r.name() == s)
+        .ok_or_else(|| FilterError::Reason { value: s.into() })
+}
+
+pub fn parse_cidr(s: &str) -> Result<IpNet, FilterError> {
+    crate::policy::parse_prefix(s).map_err(|_| FilterError::Prefix { value: s.into() })
+}
+
+pub fn parse_port(s: &str) -> Result<u16, FilterError> {
+    s.trim()
+        .parse()
+        .map_err(|_| FilterError::Port { value: s.into() })
+}
+
+pub fn parse_limit(s: Option<&str>, default: usize, max: usize) -> Result<usize, FilterError> {
+    let Some(s) = s else { return Ok(default) };
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(FilterError::Limit {
+            value: s.into(),
+            max,
+        }),
+    }
+}
+
+pub fn parse_bool(s: Option<&str>) -> Result<bool, FilterError> {
+    match s {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(other) => Err(FilterError::Bool {
+            value: other.into(),
+        }),
+    }
+}
+
+/// What to rank top flows, sources and destinations by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Packets,
+    Bytes,
+}
+
+impl By {
+    pub fn parse(s: Option<&str>) -> Result<Self, FilterError> {
+        match s {
+            None | Some("packets") => Ok(Self::Packets),
+            Some("bytes") => Ok(Self::Bytes),
+            Some(other) => Err(FilterError::By {
+                value: other.into(),
+            }),
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Packets => "packets",
+            Self::Bytes => "bytes",
+        }
+    }
+}
+
+/// Query parameters of `GET /v1/flows` and `GET /v1/flows/top`, as given
+/// (validated by [`Filter::parse`] and friends so both ends word errors alike).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FlowsQuery {
+    pub verdict: Option<String>,
+    pub reason: Option<String>,
+    pub src: Option<String>,
+    pub dst: Option<String>,
+    pub port: Option<String>,
+    pub limit: Option<String>,
+    pub follow: Option<String>,
+    pub by: Option<String>,
+}
+
+impl FlowsQuery {
+    /// `?k=v&...` for the set parameters (values are expected to be valid
+    /// already: verdict and reason names, CIDRs, numbers).
+    #[must_use]
+    pub fn to_query(&self) -> String {
+        let pairs = [
+            ("verdict", &self.verdict),
+            ("reason", &self.reason),
+            ("src", &self.src),
+            ("dst", &self.dst),
+            ("port", &self.port),
+            ("limit", &self.limit),
+            ("follow", &self.follow),
+            ("by", &self.by),
+        ];
+        let s: Vec<String> = pairs
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+            .collect();
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", s.join("&"))
+        }
+    }
+}
+
+/// Percent-encodes what may not stand in a query value.
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Which records (or flows) a query wants. Every condition given must hold.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Filter {
+    pub verdict: Option<Verdict>,
+    pub reason: Option<Reason>,
+    pub src: Option<IpNet>,
+    pub dst: Option<IpNet>,
+    /// Source or destination port.
+    pub port: Option<u16>,
+}
+
+impl Filter {
+    pub fn parse(q: &FlowsQuery) -> Result<Self, FilterError> {
+        Ok(Self {
+            verdict: q.verdict.as_deref().map(parse_verdict).transpose()?,
+            reason: q.reason.as_deref().map(parse_reason).transpose()?,
+            src: q.src.as_deref().map(parse_cidr).transpose()?,
+            dst: q.dst.as_deref().map(parse_cidr).transpose()?,
+            port: q.port.as_deref().map(parse_port).transpose()?,
+        })
+    }
+
+    fn matches(&self, r: &FlowRecord) -> bool {
+        if self.verdict.is_some_and(|v| v as u8 != r.verdict)
+            || self.reason.is_some_and(|x| x as u8 != r.reason)
+        {
+            return false;
+        }
+        self.matches_tuple(addrs(r), ports(r))
+    }
+
+    fn matches_tuple(&self, addrs: Option<(IpAddr, IpAddr)>, ports: Option<(u16, u16)>) -> bool {
+        if self.src.is_some() || self.dst.is_some() {
+            let Some((s, d)) = addrs else { return false };
+            if self.src.is_some_and(|n| !n.contains(&s))
+                || self.dst.is_some_and(|n| !n.contains(&d))
+            {
+                return false;
+            }
+        }
+        match (self.port, ports) {
+            (None, _) => true,
+            (Some(p), Some((s, d))) => p == s || p == d,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+fn has_addrs(r: &FlowRecord) -> bool {
+    r.reason != Reason::Malformed as u8
+        && (r.family == Family::V4 as u8 || r.family == Family::V6 as u8)
+}
+
+fn addr_of(family: u8, b: &[u8; 16]) -> IpAddr {
+    if family == Family::V4 as u8 {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    }
+}
+
+/// Source and destination, for IP packets that parsed.
+fn addrs(r: &FlowRecord) -> Option<(IpAddr, IpAddr)> {
+    has_addrs(r).then(|| (addr_of(r.family, &r.src), addr_of(r.family, &r.dst)))
+}
+
+/// Source and destination port, for TCP and UDP (not later fragments).
+fn ports(r: &FlowRecord) -> Option<(u16, u16)> {
+    (has_addrs(r) && (r.l4 == L4::Tcp as u8 || r.l4 == L4::Udp as u8)).then_some((r.sport, r.dport))
+}
+
+fn name_of<T: Copy>(all: &[T], v: u8, name: fn(T) -> &'static str) -> String {
+    all.get(usize::from(v))
+        .map_or_else(|| format!("unknown-{v}"), |x| name(*x).to_string())
+}
+
+fn verdict_name(v: u8) -> String {
+    name_of(&Verdict::ALL, v, Verdict::name)
+}
+
+fn reason_name(v: u8) -> String {
+    name_of(&Reason::ALL, v, Reason::name)
+}
+
+fn family_name(v: u8) -> String {
+    name_of(&Family::ALL, v, Family::name)
+}
+
+fn l4_name(v: u8) -> String {
+    name_of(&L4::ALL, v, L4::name)
+}
+
+#[must_use]
+pub fn tcp_flag_names(flags: u8) -> Vec<String> {
+    TCP_FLAG_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| flags & (1 << i) != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from Unix nanoseconds.
+#[must_use]
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let micros = (unix_ns % 1_000_000_000) / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> i128 {
+    nix::time::clock_gettime(clock).map_or(0, |ts| {
+        i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
+    })
+}
+
+/// One record as the reader took it from the ring.
+#[derive(Debug, Clone)]
+pub struct FlowEvent {
+    /// The agent's record number, from 1.
+    pub seq: u64,
+    /// Wall-clock time, Unix nanoseconds.
+    pub time_ns: u64,
+    pub interface: Option<Arc<str>>,
+    pub rec: FlowRecord,
+}
+
+/// A flow record as the API and `sluice flows --json` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub time_ns: u64,
+    /// Interface name, when the index belongs to exactly one attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    pub ifindex: u32,
+    /// `ipv4`, `ipv6` or `other`.
+    pub family: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    /// IP protocol number (0 when not IP).
+    pub proto: u8,
+    /// Transport class: tcp, udp, icmp, icmpv6, other, fragment, none.
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_flags: Vec<String>,
+    pub verdict: String,
+    pub reason: String,
+    /// The rule that decided (reasons rule, rate-limit, syn-defence, map-full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
+    /// Prefix length of the list entry that matched (allow-list, deny-list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u32>,
+    /// Frame length in bytes.
+    pub len: u32,
+    /// The record stands for 1 in `sample` packets.
+    pub sample: u32,
+}
+
+impl FlowEvent {
+    #[must_use]
+    pub fn view(&self) -> FlowView {
+        let r = &self.rec;
+        let (src, dst) = addrs(r).unzip();
+        let (sport, dport) = ports(r).unzip();
+        let rule = [
+            Reason::Rule,
+            Reason::RateLimit,
+            Reason::SynDefence,
+            Reason::MapFull,
+        ]
+        .iter()
+        .any(|x| *x as u8 == r.reason)
+        .then_some(r.matched);
+        let prefix_len = [Reason::AllowList, Reason::DenyList]
+            .iter()
+            .any(|x| *x as u8 == r.reason)
+            .then_some(r.matched);
+        FlowView {
+            seq: self.seq,
+            time: rfc3339(self.time_ns),
+            time_ns: self.time_ns,
+            interface: self.interface.as_deref().map(str::to_string),
+            ifindex: r.ifindex,
+            family: family_name(r.family),
+            src,
+            dst,
+            sport,
+            dport,
+            proto: r.proto,
+            protocol: l4_name(r.l4),
+            tcp_flags: if r.l4 == L4::Tcp as u8 {
+                tcp_flag_names(r.tcp_flags)
+            } else {
+                Vec::new()
+            },
+            verdict: verdict_name(r.verdict),
+            reason: reason_name(r.reason),
+            rule,
+            prefix_len,
+            len: r.len,
+            sample: r.sample,
+        }
+    }
+}
+
+/// `GET /v1/flows`: the newest matching records, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowsBody {
+    pub records: Vec<FlowView>,
+}
+
+/// A flow: what the totals are kept by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    family: u8,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+impl FlowKey {
+    fn of(r: &FlowRecord) -> Self {
+        let (src, dst) = if has_addrs(r) {
+            (r.src, r.dst)
+        } else {
+            ([0; 16], [0; 16])
+        };
+        let (sport, dport) = ports(r).unwrap_or((0, 0));
+        Self {
+            family: if has_addrs(r) { r.family } else { 0 },
+            proto: r.proto,
+            sport,
+            dport,
+            src,
+            dst,
+        }
+    }
+
+    fn addrs(&self) -> Option<(IpAddr, IpAddr)> {
+        (self.family == Family::V4 as u8 || self.family == Family::V6 as u8).then(|| {
+            (
+                addr_of(self.family, &self.src),
+                addr_of(self.family, &self.dst),
+            )
+        })
+    }
+}
+
+fn flow_has_ports(k: &FlowKey, a: &FlowAgg) -> bool {
+    k.addrs().is_some() && (a.l4 == L4::Tcp as u8 || a.l4 == L4::Udp as u8)
+}
+
+/// Totals of one flow, scaled by the sampling rate.
+#[derive(Debug, Clone, Copy)]
+struct FlowAgg {
+    /// By verdict (pass, drop, audit).
+    packets: [u64; 3],
+    bytes: [u64; 3],
+    records: u64,
+    first_ns: u64,
+    last_ns: u64,
+    last_seq: u64,
+    sampled: bool,
+    tcp_flags: u8,
+    l4: u8,
+    ifindex: u32,
+    reason: u8,
+}
+
+#[derive(Default)]
+struct State {
+    recent: VecDeque<FlowEvent>,
+    flows: HashMap<FlowKey, FlowAgg>,
+    /// Flows by the number of their newest record: the first is the least
+    /// recently seen, evicted when the table is full.
+    order: BTreeMap<u64, FlowKey>,
+    evictions: u64,
+    seq: u64,
+}
+
+/// `GET /v1/flows/top`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopReport {
+    pub by: String,
+    /// Flows the agent holds totals for (at most `flow_capacity`).
+    pub flows_tracked: usize,
+    pub flow_capacity: usize,
+    pub flows: Vec<TopFlow>,
+    pub sources: Vec<TopAddr>,
+    pub destinations: Vec<TopAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictPackets {
+    pub pass: u64,
+    pub drop: u64,
+    pub audit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopFlow {
+    pub family: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    pub proto: u8,
+    pub protocol: String,
+    /// Packets and bytes (the records times their sampling rate).
+    pub packets: u64,
+    pub bytes: u64,
+    pub verdicts: VerdictPackets,
+    /// TCP flags seen in any of its records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_flags: Vec<String>,
+    pub records: u64,
+    /// Some records stood for more than one packet: the totals are estimates.
+    pub sampled: bool,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub last_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopAddr {
+    pub addr: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
+    pub flows: u64,
+}
+
+/// `GET /v1/flows/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowStats {
+    /// The reader holds the ring (false while no dataplane is pinned).
+    pub reading: bool,
+    /// Records the agent read from the ring.
+    pub records_read: u64,
+    /// From the kernel's event counters: records written, and records lost
+    /// because the ring was full (reader too slow or away) or this CPU was
+    /// over `rate_cap`.
+    pub records_written: u64,
+    pub lost_ring_full: u64,
+    pub lost_rate_cap: u64,
+    pub flows_tracked: usize,
+    pub flow_capacity: usize,
+    /// Flows dropped from the table (least recently seen) to make room.
+    pub evictions: u64,
+    pub recent: usize,
+    pub recent_capacity: usize,
+    /// Clients following the stream, and records they lost by falling behind.
+    pub followers: usize,
+    pub follower_lost: u64,
+    /// The `[flows]` settings in force.
+    pub settings: FlowSettings,
+    /// The kernel's sampling settings match them (false until the
+    /// dataplane exists).
+    pub applied: bool,
+}
+
+/// Cheap counters for the metrics endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlowCounters {
+    pub records_read: u64,
+    pub flows_tracked: usize,
+    pub evictions: u64,
+    pub follower_lost: u64,
+}
+
+/// The reader's shared state: the API, metrics and the reader task use it.
+pub struct Flows {
+    root: PinRoot,
+    recent_capacity: usize,
+    flow_capacity: usize,
+    state: Mutex<State>,
+    tx: broadcast::Sender<Arc<FlowEvent>>,
+    settings: Mutex<FlowSettings>,
+    poke: Notify,
+    ifnames: Mutex<HashMap<u32, Arc<str>>>,
+    records_read: AtomicU64,
+    follower_lost: AtomicU64,
+    reading: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Flows {
+    #[must_use]
+    pub fn new(root: PinRoot, settings: FlowSettings) -> Arc<Self> {
+        Self::with_capacity(root, settings, RECENT_CAPACITY, FLOW_CAPACITY)
+    }
+
+    #[must_use]
+    pub fn with_capacity(
+        root: PinRoot,
+        settings: FlowSettings,
+        recent_capacity: usize,
+        flow_capacity: usize,
+    ) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(FOLLOW_BUFFER);
+        Arc::new(Self {
+            root,
+            recent_capacity: recent_capacity.max(1),
+            flow_capacity: flow_capacity.max(1),
+            state: Mutex::new(State::default()),
+            tx,
+            settings: Mutex::new(settings),
+            poke: Notify::new(),
+            ifnames: Mutex::new(HashMap::new()),
+            records_read: AtomicU64::new(0),
+            follower_lost: AtomicU64::new(0),
+            reading: AtomicBool::new(false),
+        })
+    }
+
+    #[must_use]
+    pub fn settings(&self) -> FlowSettings {
+        *lock(&self.settings)
+    }
+
+    /// New `[flows]` settings (a reload): the reader writes them to the
+    /// kernel at once.
+    pub fn set_settings(&self, s: FlowSettings) {
+        let old = std::mem::replace(&mut *lock(&self.settings), s);
+        if old != s {
+            info!(
+                sample_pass = s.sample_pass,
+                sample_drop = s.sample_drop,
+                sample_audit = s.sample_audit,
+                rate_cap = s.rate_cap,
+                burst = s.burst,
+                "flow settings changed"
+            );
+            self.poke.notify_one();
+        }
+    }
+
+    /// Writes the settings to `FLOW_CONFIG` if the dataplane exists and they
+    /// differ (blocking: map syscalls). `Ok(None)`: no dataplane yet.
+    pub fn apply(&self) -> Result<Option<bool>, dataplane::DataplaneError> {
+        let changed = apply_config(&self.root, &self.settings().to_kernel())?;
+        if changed == Some(true) {
+            self.log_applied();
+        }
+        Ok(changed)
+    }
+
+    fn log_applied(&self) {
+        let s = self.settings();
+        info!(
+            sample_pass = s.sample_pass,
+            sample_drop = s.sample_drop,
+            sample_audit = s.sample_audit,
+            rate_cap = s.rate_cap,
+            burst = s.burst,
+            "flow sampling applied"
+        );
+    }
+
+    /// Takes records read from the ring.
+    pub fn ingest(&self, records: &[FlowRecord]) {
+        if records.is_empty() {
+            return;
+        }
+        let realtime = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
+        let boottime = clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
+        let names = lock(&self.ifnames);
+        let mut st = lock(&self.state);
+        let following = self.tx.receiver_count() > 0;
+        for r in records {
+            st.seq += 1;
+            let wall = realtime - boottime + i128::from(r.ts_ns);
+            let ev = FlowEvent {
+                seq: st.seq,
+                time_ns: u64::try_from(wall.max(0)).unwrap_or(u64::MAX),
+                interface: names.get(&r.ifindex).cloned(),
+                rec: *r,
+            };
+            self.total(&mut st, &ev);
+            if st.recent.len() >= self.recent_capacity {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(ev.clone());
+            if following {
+                // Nobody listening is not an error.
+                let _ = self.tx.send(Arc::new(ev));
+            }
+        }
+        self.records_read
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+    }
+
+    fn total(&self, st: &mut State, ev: &FlowEvent) {
+        let r = &ev.rec;
+        let key = FlowKey::of(r);
+        let v = usize::from(r.verdict).min(2);
+        let sample = u64::from(r.sample.max(1));
+        let State {
+            flows,
+            order,
+            evictions,
+            ..
+        } = st;
+        if let Some(a) = flows.get_mut(&key) {
+            order.remove(&a.last_seq);
+            a.packets[v] += sample;
+            a.bytes[v] += u64::from(r.len) * sample;
+            a.records += 1;
+            a.last_ns = ev.time_ns;
+            a.last_seq = ev.seq;
+            a.sampled |= sample > 1;
+            a.tcp_flags |= r.tcp_flags;
+            a.l4 = r.l4;
+            a.ifindex = r.ifindex;
+            a.reason = r.reason;
+        } else {
+            while flows.len() >= self.flow_capacity {
+                let Some((_, oldest)) = order.pop_first() else {
+                    break;
+                };
+                flows.remove(&oldest);
+                *evictions += 1;
+            }
+            let mut a = FlowAgg {
+                packets: [0; 3],
+                bytes: [0; 3],
+                records: 1,
+                first_ns: ev.time_ns,
+                last_ns: ev.time_ns,
+                last_seq: ev.seq,
+                sampled: sample > 1,
+                tcp_flags: r.tcp_flags,
+                l4: r.l4,
+                ifindex: r.ifindex,
+                reason: r.reason,
+            };
+            a.packets[v] = sample;
+            a.bytes[v] = u64::from(r.len) * sample;
+            flows.insert(key, a);
+        }
+        order.insert(ev.seq, key);
+    }
+
+    /// The newest `limit` records that match, oldest first.
+    #[must_use]
+    pub fn recent(&self, f: &Filter, limit: usize) -> Vec<FlowView> {
+        let picked: Vec<FlowEvent> = {
+            let st = lock(&self.state);
+            st.recent
+                .iter()
+                .rev()
+                .filter(|e| f.matches(&e.rec))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        picked.iter().rev().map(FlowEvent::view).collect()
+    }
+
+    /// `GET /v1/flows` without `follow`.
+    pub fn query_recent(&self, q: &FlowsQuery) -> Result<FlowsBody, FilterError> {
+        let f = Filter::parse(q)?;
+        let limit = parse_limit(q.limit.as_deref(), DEFAULT_LIMIT, self.recent_capacity)?;
+        Ok(FlowsBody {
+            records: self.recent(&f, limit),
+        })
+    }
+
+    /// `GET /v1/flows/top`.
+    pub fn query_top(&self, q: &FlowsQuery) -> Result<TopReport, FilterError> {
+        let f = Filter::parse(q)?;
+        if f.reason.is_some() {
+            return Err(FilterError::NotForTop { what: "reason" });
+        }
+        if parse_bool(q.follow.as_deref())? {
+            return Err(FilterError::NotForTop { what: "follow" });
+        }
+        let by = By::parse(q.by.as_deref())?;
+        let limit = parse_limit(q.limit.as_deref(), DEFAULT_TOP, MAX_TOP)?;
+        Ok(self.top(&f, by, limit))
+    }
+
+    /// Top flows, sources and destinations. With a verdict in `f`, only the
+    /// packets and bytes of that verdict count.
+    #[must_use]
+    pub fn top(&self, f: &Filter, by: By, limit: usize) -> TopReport {
+        let rank = |p: u64, b: u64| match by {
+            By::Packets => (p, b),
+            By::Bytes => (b, p),
+        };
+        let names = lock(&self.ifnames).clone();
+        let st = lock(&self.state);
+        let mut rows: Vec<(u64, u64, &FlowKey, &FlowAgg)> = Vec::new();
+        let mut sources: HashMap<IpAddr, (u64, u64, u64)> = HashMap::new();
+        let mut dests: HashMap<IpAddr, (u64, u64, u64)> = HashMap::new();
+        for (k, a) in &st.flows {
+            let (p, b) = match f.verdict {
+                Some(v) => (a.packets[v as usize], a.bytes[v as usize]),
+                None => (a.packets.iter().sum(), a.bytes.iter().sum()),
+            };
+            let ports = flow_has_ports(k, a).then_some((k.sport, k.dport));
+            if p == 0 || !f.matches_tuple(k.addrs(), ports) {
+                continue;
+            }
+            if let Some((s, d)) = k.addrs() {
+                for (m, addr) in [(&mut sources, s), (&mut dests, d)] {
+                    let e = m.entry(addr).or_default();
+                    e.0 += p;
+                    e.1 += b;
+                    e.2 += 1;
+                }
+            }
+            rows.push((p, b, k, a));
+        }
+        // Ties: the most recently seen first.
+        rows.sort_by(|x, y| {
+            rank(y.0, y.1)
+                .cmp(&rank(x.0, x.1))
+                .then(y.3.last_seq.cmp(&x.3.last_seq))
+        });
+        let flows = rows
+            .iter()
+            .take(limit)
+            .map(|(p, b, k, a)| {
+                let addrs = k.addrs();
+                let has_ports = flow_has_ports(k, a);
+                TopFlow {
+                    family: family_name(k.family),
+                    src: addrs.map(|x| x.0),
+                    dst: addrs.map(|x| x.1),
+                    sport: has_ports.then_some(k.sport),
+                    dport: has_ports.then_some(k.dport),
+                    proto: k.proto,
+                    protocol: l4_name(a.l4),
+                    packets: *p,
+                    bytes: *b,
+                    verdicts: VerdictPackets {
+                        pass: a.packets[0],
+                        drop: a.packets[1],
+                        audit: a.packets[2],
+                    },
+                    tcp_flags: if a.l4 == L4::Tcp as u8 {
+                        tcp_flag_names(a.tcp_flags)
+                    } else {
+                        Vec::new()
+                    },
+                    records: a.records,
+                    sampled: a.sampled,
+                    first_seen: rfc3339(a.first_ns),
+                    last_seen: rfc3339(a.last_ns),
+                    last_reason: reason_name(a.reason),
+                    interface: names.get(&a.ifindex).map(|n| n.to_string()),
+                }
+            })
+            .collect();
+        let tracked = st.flows.len();
+        drop(st);
+        let ranked = |m: HashMap<IpAddr, (u64, u64, u64)>| {
+            let mut v: Vec<TopAddr> = m
+                .into_iter()
+                .map(|(addr, (packets, bytes, flows))| TopAddr {
+                    addr,
+                    packets,
+                    bytes,
+                    flows,
+                })
+                .collect();
+            v.sort_by(|x, y| {
+                rank(y.packets, y.bytes)
+                    .cmp(&rank(x.packets, x.bytes))
+                    .then(x.addr.cmp(&y.addr))
+            });
+            v.truncate(limit);
+            v
+        };
+        TopReport {
+            by: by.name().to_string(),
+            flows_tracked: tracked,
+            flow_capacity: self.flow_capacity,
+            flows,
+            sources: ranked(sources),
+            destinations: ranked(dests),
+        }
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> FlowCounters {
+        let st = lock(&self.state);
+        FlowCounters {
+            records_read: self.records_read.load(Ordering::Relaxed),
+            flows_tracked: st.flows.len(),
+            evictions: st.evictions,
+            follower_lost: self.follower_lost.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reader figures plus the kernel's record counters (blocking: reads maps).
+    #[must_use]
+    pub fn stats(&self) -> FlowStats {
+        let c = self.counters();
+        let (written, ring, cap) = if self.root.is_set_up() {
+            runtime::stats(&self.root).map_or((0, 0, 0), |s| {
+                (
+                    s[stat::FLOWS as usize],
+                    s[stat::FLOWS_LOST_RING as usize],
+                    s[stat::FLOWS_LOST_CAP as usize],
+                )
+            })
+        } else {
+            (0, 0, 0)
+        };
+        let settings = self.settings();
+        let applied = ring_identity(&self.root).is_some()
+            && runtime::flow_config(&self.root).is_ok_and(|k| k == settings.to_kernel());
+        FlowStats {
+            reading: self.reading.load(Ordering::Relaxed),
+            records_read: c.records_read,
+            records_written: written,
+            lost_ring_full: ring,
+            lost_rate_cap: cap,
+            flows_tracked: c.flows_tracked,
+            flow_capacity: self.flow_capacity,
+            evictions: c.evictions,
+            recent: lock(&self.state).recent.len(),
+            recent_capacity: self.recent_capacity,
+            followers: self.tx.receiver_count(),
+            follower_lost: c.follower_lost,
+            settings,
+            applied,
+        }
+    }
+
+    /// A streaming NDJSON body of the records that match `f` from now on.
+    /// A follower that falls more than [`FOLLOW_BUFFER`] records behind
+    /// loses the oldest and gets a `{"lost": N}` line saying how many.
+    pub fn follow(self: &Arc<Self>, f: Filter) -> axum::body::Body {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let mut sub = self.tx.subscribe();
+        let flows = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let line = tokio::select! {
+                    () = tx.closed() => break,
+                    r = sub.recv() => match r {
+                        Ok(ev) => {
+                            if !f.matches(&ev.rec) {
+                                continue;
+                            }
+                            let mut v = serde_json::to_vec(&ev.view()).expect("a FlowView serialises");
+                            v.push(b'\n');
+                            v
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            flows.follower_lost.fetch_add(n, Ordering::Relaxed);
+                            format!("{{\"lost\":{n}}}\n").into_bytes()
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                };
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        axum::body::Body::new(ChannelBody(rx))
+    }
+
+    fn set_names(&self, attachments: &[attach::Attachment]) {
+        let mut by_index: HashMap<u32, Vec<&str>> = HashMap::new();
+        for a in attachments {
+            by_index.entry(a.ifindex).or_default().push(&a.interface);
+        }
+        // An index is a name only if one attachment has it (indexes are per
+        // network namespace).
+        let names = by_index
+            .into_iter()
+            .filter(|(_, v)| v.len() == 1)
+            .map(|(i, v)| (i, Arc::from(v[0])))
+            .collect();
+        *lock(&self.ifnames) = names;
+    }
+}
+
+/// Writes `want` to `FLOW_CONFIG` unless it holds it already. `Ok(None)`:
+/// no dataplane; `Ok(Some(changed))` otherwise.
+fn apply_config(
+    root: &PinRoot,
+    want: &FlowConfig,
+) -> Result<Option<bool>, dataplane::DataplaneError> {
+    if ring_identity(root).is_none() {
+        return Ok(None);
+    }
+    if runtime::flow_config(root)? == *want {
+        return Ok(Some(false));
+    }
+    runtime::set_flow_config(root, want)?;
+    Ok(Some(true))
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// What the reader's periodic check found (map syscalls run off the async threads).
+struct Check {
+    identity: Option<u64>,
+    applied: Result<Option<bool>, dataplane::DataplaneError>,
+    attachments: Option<Vec<attach::Attachment>>,
+}
+
+/// Starts the reader task: it opens the ring when the dataplane exists,
+/// keeps the kernel's sampling in line with the settings, follows a ring
+/// that was removed and made again, and never blocks the agent (reads are
+/// batched; map syscalls run on the blocking pool).
+pub fn spawn_reader(flows: Arc<Flows>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(read_loop(flows))
+}
+
+enum Wake {
+    Records(std::io::Result<()>),
+    Check,
+}
+
+async fn read_loop(flows: Arc<Flows>) {
+    let mut ring: Option<FlowRing> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u32 = 0;
+    let mut batch = Vec::with_capacity(BATCH);
+    // The (ring, settings) the kernel was last seen to hold: a difference
+    // after that is drift, not a first application.
+    let mut in_force: Option<(Option<u64>, FlowConfig)> = None;
+    loop {
+        let wake = match ring.as_mut() {
+            Some(r) => tokio::select! {
+                res = r.read(BATCH, &mut batch) => Wake::Records(res),
+                _ = tick.tick() => Wake::Check,
+                () = flows.poke.notified() => Wake::Check,
+            },
+            None => tokio::select! {
+                _ = tick.tick() => Wake::Check,
+                () = flows.poke.notified() => Wake::Check,
+            },
+        };
+        match wake {
+            Wake::Records(Ok(())) => {}
+            Wake::Records(Err(e)) => {
+                warn!(error = %e, "reading flow records failed; reopening the ring");
+                ring = None;
+                flows.reading.store(false, Ordering::Relaxed);
+            }
+            Wake::Check => {
+                ticks = ticks.wrapping_add(1);
+                check(&flows, &mut ring, &mut in_force, ticks % NAME_TICKS == 1).await;
+                if let Some(r) = ring.as_mut() {
+                    r.drain_now(BATCH, &mut batch);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            flows.ingest(&batch);
+            batch.clear();
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn check(
+    flows: &Arc<Flows>,
+    ring: &mut Option<FlowRing>,
+    in_force: &mut Option<(Option<u64>, FlowConfig)>,
+    names: bool,
+) {
+    let want = flows.settings().to_kernel();
+    let root = flows.root.clone();
+    let found = tokio::task::spawn_blocking(move || Check {
+        identity: ring_identity(&root),
+        applied: apply_config(&root, &want),
+        attachments: names
+            .then(|| attach::status(&root).ok().map(|s| s.attachments))
+            .flatten(),
+    })
+    .await;
+    let Ok(found) = found else { return };
+    if let Some(a) = &found.attachments {
+        flows.set_names(a);
+    }
+    match &found.applied {
+        Ok(Some(true)) => {
+            if *in_force == Some((found.identity, want)) {
+                warn!("flow sampling in the kernel differed from the [flows] settings; corrected");
+            } else {
+                flows.log_applied();
+            }
+            *in_force = Some((found.identity, want));
+        }
+        Ok(Some(false)) => *in_force = Some((found.identity, want)),
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot write the flow sampling settings"),
+    }
+    let held = ring.as_ref().and_then(FlowRing::identity);
+    if found.identity == held && ring.is_some() {
+        return;
+    }
+    if ring.take().is_some() {
+        info!("the flow ring was removed with the dataplane; waiting for a new one");
+        flows.reading.store(false, Ordering::Relaxed);
+    }
+    if found.identity.is_some() {
+        match FlowRing::open(&flows.root) {
+            Ok(r) => {
+                info!("reading flow records");
+                *ring = Some(r);
+                flows.reading.store(true, Ordering::Relaxed);
+            }
+            Err(e) => warn!(error = %e, "cannot open the flow ring; will retry"),
+        }
+    }
+}
+
+/// After a reload: the `[flows]` settings of the config file the agent
+/// took in (a file it refused changes nothing).
+pub async fn reload_settings(core: &super::api::Shared, flows: &Arc<Flows>) {
+    let core = core.clone();
+    let settings = tokio::task::spawn_blocking(move || {
+        let (path, hash) = {
+            let c = core.lock().ok()?;
+            (c.config_path.clone()?, c.state.config_hash.clone())
+        };
+        let text = std::fs::read_to_string(&path).ok()?;
+        if super::store::content_hash(&text) != hash {
+            return None;
+        }
+        crate::policy::config::parse(&path, &text)
+            .ok()
+            .map(|c| c.flows)
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some(s) = settings {
+        flows.set_settings(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(src: [u8; 4], sport: u16, verdict: Verdict, reason: Reason, len: u32) -> FlowRecord {
+        let mut r = FlowRecord {
+            ts_ns: 1,
+            ifindex: 3,
+            len,
+            sport,
+            dport: 53,
+            family: Family::V4 as u8,
+            proto: 17,
+            l4: L4::Udp as u8,
+            verdict: verdict as u8,
+            reason: reason as u8,
+            matched: 24,
+            sample: 1,
+            ..FlowRecord::default()
+        };
+        r.src[..4].copy_from_slice(&src);
+        r.dst[..4].copy_from_slice(&[198, 18, 1, 1]);
+        r
+    }
+
+    fn flows(recent: usize, tracked: usize) -> Arc<Flows> {
+        Flows::with_capacity(
+            PinRoot::new("/nonexistent/sluice-flows-test"),
+            FlowSettings::default(),
+            recent,
+            tracked,
+        )
+    }
+
+    #[test]
+    fn recent_is_bounded_newest_last_and_filtered() {
+        let f = flows(5, 100);
+        let recs: Vec<FlowRecord> = (0..8u16)
+            .map(|i| {
+                let v = if i % 2 == 0 {
+                    Verdict::Pass
+                } else {
+                    Verdict::Drop
+                };
+                rec([198, 18, 0, 2], 1000 + i, v, Reason::Default, 64)
+            })
+            .collect();
+        f.ingest(&recs);
+        let all = f.recent(&Filter::default(), 100);
+        assert_eq!(
+            all.iter().map(|v| v.sport.unwrap()).collect::<Vec<_>>(),
+            [1003, 1004, 1005, 1006, 1007]
+        );
+        assert_eq!(all.last().unwrap().seq, 8);
+        let q = FlowsQuery {
+            verdict: Some("drop".into()),
+            limit: Some("1".into()),
+            ..FlowsQuery::default()
+        };
+        let drops = f.query_recent(&q).unwrap().records;
+        assert_eq!(drops.len(), 1);
+        assert_eq!(drops[0].sport, Some(1007));
+        let port = FlowsQuery {
+            port: Some("1004".into()),
+            ..FlowsQuery::default()
+        };
+        assert_eq!(f.query_recent(&port).unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn flows_are_totalled_by_sample_and_the_oldest_evicted() {
+        let f = flows(10, 2);
+        let mut a = rec([198, 18, 0, 2], 1, Verdict::Drop, Reason::DenyList, 100);
+        a.sample = 10;
+        let b = rec([198, 18, 0, 3], 2, Verdict::Pass, Reason::Default, 60);
+        f.ingest(&[a, a, b]);
+        let top = f.top(&Filter::default(), By::Packets, 10);
+        assert_eq!(top.flows.len(), 2);
+        assert_eq!(top.flows[0].packets, 20);
+        assert_eq!(top.flows[0].bytes, 2000);
+        assert!(top.flows[0].sampled);
+        assert_eq!(top.flows[0].verdicts.drop, 20);
+        assert_eq!(top.sources[0].addr, "198.18.0.2".parse::<IpAddr>().unwrap());
+        // A third flow evicts the least recently seen (a; b was seen later).
+        let c = rec([198, 18, 0, 4], 3, Verdict::Pass, Reason::Default, 60);
+        f.ingest(&[c]);
+        assert_eq!(f.counters().evictions, 1);
+        let top = f.top(&Filter::default(), By::Packets, 10);
+        let srcs: Vec<String> = top
+            .flows
+            .iter()
+            .map(|x| x.src.unwrap().to_string())
+            .collect();
+        assert_eq!(srcs, ["198.18.0.4", "198.18.0.3"]);
+        let drop_only = Filter {
+            verdict: Some(Verdict::Drop),
+            ..Filter::default()
+        };
+        assert!(f.top(&drop_only, By::Bytes, 10).flows.is_empty());
+    }
+
+    #[test]
+    fn a_follower_that_falls_behind_is_told_how_many_it_lost() {
+        use http_body_util::BodyExt as _;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let f = flows(10, 10);
+            let drops = Filter {
+                verdict: Some(Verdict::Drop),
+                ..Filter::default()
+            };
+            let mut body = f.follow(drops);
+            // More records than the follow buffer holds arrive before the
+            // follower reads anything; every other one matches.
+            let n = FOLLOW_BUFFER as u64 + 1000;
+            let recs: Vec<FlowRecord> = (0..n)
+                .map(|i| {
+                    let v = if i % 2 == 0 {
+                        Verdict::Drop
+                    } else {
+                        Verdict::Pass
+                    };
+                    rec([198, 18, 0, 2], 1, v, Reason::Default, 64)
+                })
+                .collect();
+            f.ingest(&recs);
+            let mut text = String::new();
+            let want_records = FOLLOW_BUFFER / 2;
+            while text.lines().count() < want_records + 1 {
+                let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                    .await
+                    .expect("the stream goes on")
+                    .expect("a frame")
+                    .unwrap();
+                text.push_str(std::str::from_utf8(&frame.into_data().unwrap()).unwrap());
+            }
+            let mut lines = text.lines();
+            assert_eq!(lines.next(), Some("{\"lost\":1000}"));
+            let views: Vec<FlowView> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+            assert_eq!(views.len(), want_records);
+            assert!(views.iter().all(|v| v.verdict == "drop"));
+            assert_eq!(views.first().unwrap().seq, 1001);
+            assert_eq!(views.last().unwrap().seq, n - 1);
+            assert_eq!(f.counters().follower_lost, 1000);
+            assert_eq!(f.stats().followers, 1);
+            drop(body);
+        });
+    }
+
+    #[test]
+    fn bad_filters_name_the_valid_values() {
+        let q = |k: &str, v: &str| {
+            let mut q = FlowsQuery::default();
+            match k {
+                "verdict" => q.verdict = Some(v.into()),
+                "reason" => q.reason = Some(v.into()),
+                "src" => q.src = Some(v.into()),
+                _ => q.port = Some(v.into()),
+            }
+            Filter::parse(&q).unwrap_err().to_string()
+        };
+        assert_eq!(
+            q("verdict", "deny"),
+            "unknown verdict 'deny' (valid: pass, drop, audit)"
+        );
+        assert!(q("reason", "x").contains("deny-list, rule, malformed"));
+        assert!(q("src", "198.18.0.0/33").contains("is not a CIDR"));
+        assert!(q("port", "70000").contains("is not a port"));
+    }
+
+    #[test]
+    fn times_and_queries_render() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(1_795_325_267_123_456_789),
+            "2026-11-22T05:27:47.123456Z"
+        );
+        let q = FlowsQuery {
+            src: Some("2001:2::/48".into()),
+            reason: Some("deny-list".into()),
+            ..FlowsQuery::default()
+        };
+        assert_eq!(q.to_query(), "?reason=deny-list&src=2001:2::/48");
+        assert_eq!(tcp_flag_names(0x12), ["SYN", "ACK"]);
+    }
+}
