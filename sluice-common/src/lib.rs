@@ -464,11 +464,13 @@ pub const OVER_GAP_NS: u64 = 1_000_000_000;
 /// first report may have been lost, or the agent may have been away).
 pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// Key of `SRC_BUCKETS`: the rule's stats slot and the masked source.
+/// Key of `SRC_BUCKETS`: the rule's id and the masked source. Rule ids are
+/// never reused while the dataplane exists, so a new rule never inherits the
+/// buckets of a deleted one (those age out of the LRU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SrcKey {
-    pub slot: u32,
+    pub rule_id: u32,
     /// 4 or 6.
     pub family: u32,
     /// `addr_words` of the masked source.

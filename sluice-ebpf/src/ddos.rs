@@ -103,11 +103,20 @@ fn family_num(f: Family) -> u32 {
 pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
     let now = now();
     let c = cost(r, bytes);
+    // A byte rule's burst is the bytes that may come back to back, so this
+    // packet must fit in it: the bucket may be at most the burst ahead once
+    // the packet is counted. (A packet rule's tolerance already leaves room
+    // for the one packet.)
+    let tolerance = if r.flags & RULE_F_BYTES != 0 {
+        r.tolerance_ns.saturating_sub(c)
+    } else {
+        r.tolerance_ns
+    };
     if r.flags & RULE_F_PER_SOURCE == 0 {
         let Some(b) = RULE_BUCKETS.get_ptr_mut(r.stats_slot) else {
             return Limit::Conform;
         };
-        return if conform(b, now, c, r.tolerance_ns) {
+        return if conform(b, now, c, tolerance) {
             Limit::Conform
         } else {
             Limit::Over
@@ -120,7 +129,7 @@ pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
         u32::from(r.per_source_v6)
     };
     let key = SrcKey {
-        slot: r.stats_slot,
+        rule_id: r.id,
         family: fam,
         addr: [
             pkt.src[0] & word_mask(bits, 0),
@@ -135,13 +144,13 @@ pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
         let Some(shared) = OVERFLOW_BKTS.get_ptr_mut(r.stats_slot) else {
             return Limit::MapFull;
         };
-        return if conform(shared, now, c, r.tolerance_ns) {
+        return if conform(shared, now, c, tolerance) {
             Limit::Conform
         } else {
             Limit::MapFull
         };
     };
-    if conform(b, now, c, r.tolerance_ns) {
+    if conform(b, now, c, tolerance) {
         return Limit::Conform;
     }
     // SAFETY: b is a live map value; the bookkeeping below tolerates races

@@ -284,7 +284,9 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
     if settings.flags & SETTINGS_F_SYN_GUARD != 0 && matches!(pkt.l4, L4::Tcp) {
         let ttl = DDOS_CONFIG.get(0).map_or(0, |c| c.verified_ttl_ns);
         if ddos::answer_verifies(pkt, ttl) {
-            return Outcome::of(Verdict::Drop, Reason::SynDefence);
+            // Consumed: the server never sent the SYN-ACK it answers. In
+            // audit mode it is passed (the stack ignores it).
+            return Outcome::of(drop_or_audit(audit), Reason::SynDefence);
         }
     }
     let mut scan = RuleScan {

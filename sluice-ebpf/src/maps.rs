@@ -62,7 +62,7 @@ pub static ALLOW_V6: LpmTrie<KeyV6, EntryStats> =
 #[map]
 pub static RULE_BUCKETS: Array<Bucket> = Array::with_max_entries(MAX_RULES, 0);
 
-/// Per-source buckets of per-source `limit` rules, keyed by (rule slot,
+/// Per-source buckets of per-source `limit` rules, keyed by (rule id,
 /// masked source); `SOURCE_CAPACITY` entries. LRU: when full the least
 /// recently seen source is forgotten. Inserts past the new-source rate cap
 /// (`DDOS_CONFIG`) are skipped and counted (`STATS[SRC_CAPPED]`), so a flood

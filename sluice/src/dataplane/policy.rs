@@ -297,6 +297,8 @@ pub struct PolicyMaps {
     deny_v6: List<KeyV6>,
     allow_v4: List<KeyV4>,
     allow_v6: List<KeyV6>,
+    /// Where the maps are pinned (for the DDoS stage's rule buckets).
+    root: PinRoot,
     _lock: Option<RootLock>,
 }
 
@@ -370,6 +372,7 @@ impl PolicyMaps {
             deny_v6: open_list(root, ListId::DenyV6)?,
             allow_v4: open_list(root, ListId::AllowV4)?,
             allow_v6: open_list(root, ListId::AllowV6)?,
+            root: root.clone(),
             _lock: None,
         })
     }
@@ -455,6 +458,21 @@ impl PolicyMaps {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
         }))
+    }
+
+    fn reset_rule_buckets(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        for name in [map_names::RULE_BUCKETS, map_names::OVERFLOW_BKTS] {
+            let mut m: aya::maps::Array<MapData, sluice_common::Bucket> =
+                open_map(&self.root, name)?
+                    .try_into()
+                    .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
+                        path: self.root.map(name),
+                        detail: e.to_string(),
+                    })?;
+            m.set(slot, sluice_common::Bucket::default(), 0)
+                .map_err(|e| DataplaneError::map_err("write", name, e))?;
+        }
+        Ok(())
     }
 
     fn zero_rule_counter(&mut self, slot: u32) -> Result<(), DataplaneError> {
@@ -681,6 +699,9 @@ impl PolicyMaps {
         for r in rules.iter().flatten() {
             if report.new_rule_ids.contains(&r.id) {
                 self.zero_rule_counter(r.stats_slot)?;
+                // A reused slot must not hand the new rule the old one's
+                // buckets (per-source buckets are keyed by rule id instead).
+                self.reset_rule_buckets(r.stats_slot)?;
             }
         }
         self.set_settings(

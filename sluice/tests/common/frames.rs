@@ -42,6 +42,8 @@ pub const ETH_P_ARP: u16 = 0x0806;
 
 pub const SRC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub const DST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+/// Sequence number of TCP segments unless a test sets one.
+pub const DEFAULT_TCP_SEQ: u32 = 0x1000_0000;
 
 /// /24s inside 198.18.0.0/15 that random frames and policies use (hosts 1..=8).
 pub const V4_NETS: [[u8; 3]; 4] = [[198, 18, 0], [198, 18, 1], [198, 19, 0], [198, 19, 200]];
@@ -199,6 +201,8 @@ pub enum Transport {
         dport: u16,
         flags: u8,
         data_offset: u8,
+        /// Sequence number ([`DEFAULT_TCP_SEQ`] unless set with [`Frame::tcp_seq`]).
+        seq: u32,
         payload: Vec<u8>,
     },
     /// `length: None` writes the true length.
@@ -258,6 +262,7 @@ impl Transport {
                 dport,
                 flags,
                 data_offset,
+                seq,
                 payload,
             } => {
                 let hlen = usize::from((*data_offset).max(5)) * 4;
@@ -265,7 +270,7 @@ impl Transport {
                 b[..20].fill(0);
                 b[0..2].copy_from_slice(&sport.to_be_bytes());
                 b[2..4].copy_from_slice(&dport.to_be_bytes());
-                b[4..8].copy_from_slice(&0x1000_0000_u32.to_be_bytes());
+                b[4..8].copy_from_slice(&seq.to_be_bytes());
                 b[12] = *data_offset << 4;
                 b[13] = *flags;
                 b[14..16].copy_from_slice(&64240_u16.to_be_bytes());
@@ -515,8 +520,19 @@ impl Frame {
             dport,
             flags: 0x02,
             data_offset: 5,
+            seq: DEFAULT_TCP_SEQ,
             payload: Vec::new(),
         };
+        self
+    }
+
+    /// TCP sequence number.
+    #[must_use]
+    pub fn tcp_seq(mut self, value: u32) -> Self {
+        let Transport::Tcp { seq, .. } = &mut self.transport else {
+            panic!("tcp_seq without tcp")
+        };
+        *seq = value;
         self
     }
 
@@ -715,6 +731,7 @@ fn random_transport(rng: &mut impl Rng, v6: bool) -> Transport {
             } else {
                 rng.gen_range(6..=15)
             },
+            seq: DEFAULT_TCP_SEQ,
             payload,
         },
         30..60 => Transport::Udp {

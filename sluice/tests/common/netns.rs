@@ -782,3 +782,51 @@ pub fn tcp_connect(from: &Netns, to: &Netns, addr: IpAddr, port: u16) -> bool {
     }
     ok
 }
+
+// ---------------------------------------------------------------------------
+// Link and stack facts
+// ---------------------------------------------------------------------------
+
+/// The MAC address of `ifname` in `ns` (`ip -o link show`).
+pub fn link_mac(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let out = ns.exec_ok(["ip", "-o", "link", "show", "dev", ifname]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link/ether address for {ifname}: {text}"));
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|e| panic!("MAC {mac}: {e}")))
+        .collect();
+    bytes
+        .try_into()
+        .unwrap_or_else(|_| panic!("MAC {mac} is not 6 bytes"))
+}
+
+/// One counter of `ns`'s network stack from `/proc/net/netstat` or
+/// `/proc/net/snmp`, e.g. `("TcpExt", "ListenDrops")` or `("Tcp", "InSegs")`.
+pub fn stack_counter(ns: &Netns, group: &str, name: &str) -> u64 {
+    let out = ns.exec_ok(["cat", "/proc/net/netstat", "/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{group}:");
+    // Each group is two lines: the names, then the values.
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let names = names.split_whitespace().skip(1);
+        if let Some((_, v)) = names
+            .zip(values.split_whitespace().skip(1))
+            .find(|(n, _)| *n == name)
+        {
+            return v
+                .parse()
+                .unwrap_or_else(|e| panic!("{group} {name} = {v:?}: {e}"));
+        }
+    }
+    panic!(
+        "no {group} {name} in /proc/net/netstat or /proc/net/snmp of {}",
+        ns.name()
+    )
+}
