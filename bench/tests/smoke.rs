@@ -84,7 +84,7 @@ fn smoke_run_produces_every_section() {
 
     let sections = v["sections"].as_array().expect("sections");
     let keys: Vec<&str> = sections.iter().filter_map(|s| s["key"].as_str()).collect();
-    assert_eq!(keys, ["per_packet", "live", "scale", "control"]);
+    assert_eq!(keys, ["per_packet", "live", "scale", "control", "ddos"]);
     for s in sections {
         let key = s["key"].as_str().unwrap_or("?");
         assert!(

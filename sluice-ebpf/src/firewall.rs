@@ -75,9 +75,8 @@ pub fn run(ctx: &XdpContext) -> Action {
         counter_index(family, l4, outcome.verdict, outcome.reason),
         bytes,
     );
-    let now = ddos::now();
-    observe::flow(ctx, pkt, family, l4, &outcome, bytes, now);
-    observe::capture(ctx, &outcome, bytes, now);
+    observe::flow(ctx, pkt, family, l4, &outcome, bytes);
+    observe::capture(ctx, &outcome, bytes);
     if outcome.challenge {
         // The rewrite runs as its own program (verified on its own, not
         // once per path through the pipeline); if the jump fails, drop.

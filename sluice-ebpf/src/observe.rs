@@ -9,7 +9,7 @@ use aya_ebpf::{
 use sluice_common::{CAPTURE_SNAP, CaptureHeader, CaptureRecord, Family, FlowRecord, L4, stat};
 
 use crate::{
-    ddos::{bump, words_bytes},
+    ddos::{bump, now, words_bytes},
     firewall::Outcome,
     maps::{CAPTURE, CAPTURE_CONFIG, FLOW_BUDGET, FLOW_CONFIG, FLOWS},
     parse::Packet,
@@ -44,7 +44,6 @@ pub fn flow(
     l4: L4,
     out: &Outcome,
     len: u64,
-    now: u64,
 ) {
     let Some(cfg) = FLOW_CONFIG.get(0) else {
         return;
@@ -58,6 +57,8 @@ pub fn flow(
     if sample > 1 && unsafe { bpf_get_prandom_u32() } % sample != 0 {
         return;
     }
+    // The clock is read only for packets that get a record.
+    let now = now();
     if !within_cap(cfg.cap_interval_ns, cfg.cap_tolerance_ns, now) {
         bump(stat::FLOWS_LOST_CAP);
         return;
@@ -106,7 +107,7 @@ pub fn flow(
 
 /// Copies the packet into the capture ring when a capture wants it.
 #[inline(always)]
-pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64, now: u64) {
+pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64) {
     let Some(cfg) = CAPTURE_CONFIG.get(0) else {
         return;
     };
@@ -117,6 +118,7 @@ pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64, now: u64) {
     if cfg.ifindex != 0 && cfg.ifindex != ifindex {
         return;
     }
+    let now = now();
     let Some(mut entry) = CAPTURE.reserve::<CaptureRecord>(0) else {
         bump(stat::CAPTURE_LOST);
         return;
