@@ -109,17 +109,24 @@ pub fn flood(
     let (_, arr0) = sample(lab)?;
     let cpus = available_cpus();
     let ncpus = cpus.len().max(1);
-    let deadline = Instant::now() + warmup + window;
+    // Loading a generator takes a while (and longer on a busy machine): the
+    // clock starts when every generator is ready, or a short window could
+    // be over before the first frame is sent.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let mut handles = Vec::new();
     for t in 0..threads {
         let frame = frame.clone();
         let ifindex = lab.tx_ifindex;
         let cpu = cpus.get(t % cpus.len().max(1)).copied();
+        let ready = ready_tx.clone();
         handles.push(lab.tx.spawn(move || {
             if let Some(cpu) = cpu {
                 pin_to(cpu);
             }
             let generator = Generator::new(GEN_SOURCES)?;
+            let _ = ready.send(());
+            drop(ready);
+            let deadline = Instant::now() + warmup + window;
             let mut sent = 0u64;
             // Each call has a fixed set-up cost (page pool; tens of ms here,
             // mostly asleep, which the other thread on the CPU fills). Calls
@@ -146,6 +153,14 @@ pub fn flood(
             }
             Ok((sent, first, Instant::now()))
         })?);
+    }
+    // Wait for every generator (a thread that failed drops its sender; the
+    // join below reports why).
+    drop(ready_tx);
+    for _ in 0..threads {
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            break;
+        }
     }
     // Sample the window while the generators run; errors wait for the join.
     let window_result = (|| -> Result<((Instant, u64), (Instant, u64))> {

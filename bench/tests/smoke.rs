@@ -58,9 +58,29 @@ fn smoke_run_produces_every_section() {
     let took = started.elapsed();
     let stdout = std::fs::read_to_string(dir.0.join("stdout.txt")).unwrap_or_default();
     let stderr = std::fs::read_to_string(dir.0.join("stderr.txt")).unwrap_or_default();
+    // What failed, from results.json (the tables only say "see notes").
+    let failures: Vec<String> = std::fs::read_to_string(dir.0.join("results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| {
+            v["sections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["measurements"].as_array().cloned().unwrap_or_default())
+                .filter(|m| {
+                    m["status"]
+                        .as_str()
+                        .is_some_and(|st| st.starts_with("error"))
+                })
+                .map(|m| format!("{}: {}", m["id"], m["status"]))
+                .collect()
+        })
+        .unwrap_or_default();
     assert!(
         status.success(),
-        "sluice-bench --smoke failed ({status}):\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "sluice-bench --smoke failed ({status}):\nfailed measurements:\n{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        failures.join("\n")
     );
     eprintln!("sluice-bench --smoke took {took:?}");
 
