@@ -156,12 +156,18 @@ pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
     // SAFETY: b is a live map value; the bookkeeping below tolerates races
     // between CPUs (at worst a report is sent twice or a second late).
     unsafe {
+        // `now` was read before the lookup: another CPU may have stored a
+        // later time meanwhile, so every difference saturates.
         let last = (*b).last_over_ns;
-        if (*b).over_since_ns == 0 || now.saturating_sub(last) > OVER_GAP_NS {
+        let mut since = (*b).over_since_ns;
+        if since == 0 || now.saturating_sub(last) > OVER_GAP_NS {
+            since = now;
             (*b).over_since_ns = now;
         }
-        (*b).last_over_ns = now;
-        let over_for = now - (*b).over_since_ns;
+        if now > last {
+            (*b).last_over_ns = now;
+        }
+        let over_for = now.saturating_sub(since);
         if r.flags & RULE_F_ESCALATE != 0
             && over_for >= u64::from(r.escalate_after_ms) * 1_000_000
             && now.saturating_sub((*b).reported_ns) >= REPORT_INTERVAL_NS

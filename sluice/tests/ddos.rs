@@ -1107,3 +1107,38 @@ fn escalation_reports_a_source_over_its_limit_once() {
         (1, 0)
     );
 }
+
+/// A run of over-limit packets that another CPU started with a later clock
+/// reading than this packet's must not look endless (an unsigned
+/// underflow once reported such a source at once).
+#[test]
+fn a_later_run_start_does_not_escalate_at_once() {
+    let sb = new_sandbox();
+    let rules = set_rules(
+        &sb,
+        &["limit 10/s burst 1 per-source escalate 10s ttl 60s udp dport 9000"],
+    );
+    let ahead = boot_ns() + 1_000_000_000;
+    let mut buckets: aya::maps::HashMap<MapData, SrcKey, Bucket> =
+        aya::maps::HashMap::try_from(map(&sb, map_names::SRC_BUCKETS)).expect("SRC_BUCKETS");
+    let key = src_key(rules[0].id, IpAddr::V4(A4));
+    let b = Bucket {
+        tat_ns: ahead + 3600 * 1_000_000_000,
+        over_since_ns: ahead,
+        last_over_ns: ahead,
+        reported_ns: 0,
+    };
+    buckets.insert(key, b, 0).expect("write SRC_BUCKETS");
+    let before = counters(&sb);
+    sb.run(&udp4(A4)).expect("test_run");
+    let d = delta(&before, &counters(&sb));
+    assert_eq!(
+        packets(&d, Family::V4, L4::Udp, Verdict::Drop, Reason::RateLimit),
+        1,
+        "{d:?}"
+    );
+    assert!(
+        read_escalations(&sb).is_empty(),
+        "a source over its limit for no time was escalated"
+    );
+}

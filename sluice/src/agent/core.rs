@@ -319,6 +319,17 @@ impl Core {
         }
     }
 
+    /// Drops overlay ops that no longer do anything (keeps the store lean).
+    pub fn compact_overlay(&mut self) {
+        let compact = crate::policy::compact_overlay(&self.state.base, &self.state.overlay);
+        if compact != self.state.overlay {
+            self.state.overlay = compact;
+            if let Err(e) = self.store.save(&self.state) {
+                warn!(error = %e, "saving the compacted overlay failed");
+            }
+        }
+    }
+
     /// A runtime change (CLI through the API).
     pub fn change(
         &mut self,

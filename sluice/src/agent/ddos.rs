@@ -110,10 +110,12 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
         // beyond what the guard already allows; escalation is automatic, so
         // it is not held back by a guard meant for human sessions.
         match core.change(ops, AUTHOR, &Safety::default()) {
-            Ok(a) => info!(sources = n, version = a.version, "escalated sources denied"),
+            Ok(a) => {
+                info!(sources = n, version = a.version, "escalated sources denied");
+                core.metrics.escalations.inc_by(n as u64);
+            }
             Err(e) => warn!(error = %e, sources = n, "escalation refused"),
         }
-        core.metrics.escalations.inc_by(n as u64);
     }
     let expired: Vec<IpNet> = desired
         .temp_deny
@@ -121,6 +123,11 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
         .filter(|(_, t)| t.expires_unix <= now)
         .map(|(n, _)| *n)
         .collect();
+    if expired.is_empty() && due {
+        // A due `DenyFor` whose entries are gone (made permanent, deleted):
+        // compact it away so the overlay stops looking due.
+        core.compact_overlay();
+    }
     if !expired.is_empty() {
         let n = expired.len();
         let op = Op::Expire { prefixes: expired };

@@ -324,6 +324,12 @@ impl Op {
             Self::ListAdd { allow, prefixes } => {
                 let list = if *allow { &mut p.allow } else { &mut p.deny };
                 list.extend(prefixes.iter().map(IpNet::trunc));
+                if !*allow {
+                    // Denied for good now: no longer expires.
+                    for n in prefixes {
+                        d.temp_deny.remove(&n.trunc());
+                    }
+                }
             }
             Self::ListDel { allow, prefixes } => {
                 let (list, name) = if *allow {
@@ -626,6 +632,30 @@ mod tests {
         assert_eq!(d.temp_deny[&a].reason, "again");
         let compact = compact_overlay(&base, &overlay);
         assert_eq!(replay(&compact), d, "{compact:?}");
+        // A plain add makes a temporary entry permanent.
+        let mut d3 = d.clone();
+        Op::ListAdd {
+            allow: false,
+            prefixes: vec![a],
+        }
+        .apply(&mut d3, true)
+        .unwrap();
+        Op::Expire { prefixes: vec![a] }
+            .apply(&mut d3, true)
+            .unwrap();
+        assert!(d3.policy.deny.contains(&a), "a permanent add expired");
+        let mut ops = overlay.clone();
+        ops.push(Op::ListAdd {
+            allow: false,
+            prefixes: vec![a],
+        });
+        let compact = compact_overlay(&base, &ops);
+        let mut d4 = replay(&compact);
+        assert!(!d4.temp_deny.contains_key(&a), "{compact:?}");
+        Op::Expire { prefixes: vec![a] }
+            .apply(&mut d4, true)
+            .unwrap();
+        assert!(d4.policy.deny.contains(&a));
         // Deleting a temporary entry by hand forgets its expiry too.
         let mut d2 = d.clone();
         Op::ListDel {

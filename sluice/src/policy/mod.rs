@@ -546,13 +546,45 @@ impl RuleSpec {
         if self.syn && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
             return Err(bad("syn only applies to tcp"));
         }
-        if let Some(r) = &self.rate
-            && r.escalate.is_some()
-            && r.per_source.is_none()
-        {
-            return Err(bad(
-                "escalate needs per-source (it denies the sources over the limit)",
-            ));
+        if let Some(r) = &self.rate {
+            if r.escalate.is_some() && r.per_source.is_none() {
+                return Err(bad(
+                    "escalate needs per-source (it denies the sources over the limit)",
+                ));
+            }
+            if r.escalate.is_some() && self.audit {
+                return Err(bad(
+                    "audit and escalate do not mix: escalation puts sources on the deny list, which drops",
+                ));
+            }
+            // Buckets count in whole nanoseconds: refuse rates whose cost per
+            // packet (or per byte, in picoseconds) would be more than 1% off.
+            let (unit, scale) = if r.bytes {
+                (1_000_000_000_000u128, "picosecond per byte")
+            } else {
+                (1_000_000_000u128, "nanosecond per packet")
+            };
+            let per = unit / u128::from(r.rate);
+            if per == 0 || per * u128::from(r.rate) * 100 < unit * 99 {
+                return Err(bad(&format!(
+                    "rate {} is too high to hold to 1% at {scale} resolution",
+                    format_rate(r.rate, r.bytes)
+                )));
+            }
+            if r.bytes && r.rate > 1_000_000_000 {
+                return Err(bad(
+                    "byte rates above 1GB/s (8gbit/s) are not held to 1% for small packets; use a packet rate",
+                ));
+            }
+            // The burst, as time at the rate, must fit the kernel's clock words.
+            let tolerance = if r.bytes {
+                u128::from(r.burst) * per / 1000
+            } else {
+                per * u128::from(r.burst.saturating_sub(1))
+            };
+            if tolerance > 86_400 * 1_000_000_000 {
+                return Err(bad("burst is more than a day's worth at this rate"));
+            }
         }
         if self.dport.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP | IPPROTO_UDP)) {
             return Err(bad("dport only applies to tcp and udp"));
@@ -898,6 +930,11 @@ mod tests {
             "limit 10/s burst 0",
             "limit 10/s burst 10kB",
             "limit 3bit/s",
+            "limit 150000000/s",
+            "limit 2GB/s",
+            "limit 8bit/s burst 20MB",
+            "limit 1/s burst 4000000000",
+            "audit limit 10/s per-source escalate 10s",
             "limit 99999999999999999999kbit/s",
             "limit 18446744073709551615kbit/s",
             "limit 10/s per-source /24",
