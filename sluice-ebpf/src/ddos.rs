@@ -347,10 +347,12 @@ fn cookie(pkt: &Packet, period: u64) -> u32 {
 /// seq = the (deliberately wrong) acknowledgement number of our SYN-ACK.
 /// A correct answer verifies the source.
 #[inline(always)]
-pub fn answer_verifies(pkt: &Packet, ttl_ns: u64) -> bool {
+pub fn answer_verifies(pkt: &Packet) -> bool {
+    // Only a bare RST can be an answer: everything else costs one test.
     if pkt.tcp_flags & (TCP_RST | TCP_ACK | TCP_SYN) != TCP_RST {
         return false;
     }
+    let ttl_ns = DDOS_CONFIG.get(0).map_or(0, |c| c.verified_ttl_ns);
     let now = now();
     let period = now >> COOKIE_PERIOD_SHIFT;
     if pkt.tcp_seq != cookie(pkt, period) && pkt.tcp_seq != cookie(pkt, period.wrapping_sub(1)) {

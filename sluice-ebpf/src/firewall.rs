@@ -19,8 +19,8 @@ use sluice_common::{
 use crate::{
     ddos::{self, Limit},
     maps::{
-        ALLOW_V4, ALLOW_V6, COUNTERS, DDOS_CONFIG, DENY_V4, DENY_V6, GENERATION, JUMP, RULE_STATS,
-        RULES, SETTINGS,
+        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, RULE_STATS, RULES,
+        SETTINGS,
     },
     observe,
     parse::{Packet, Parsed, parse},
@@ -281,8 +281,7 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
         };
     }
     if settings.flags & SETTINGS_F_SYN_GUARD != 0 && matches!(pkt.l4, L4::Tcp) {
-        let ttl = DDOS_CONFIG.get(0).map_or(0, |c| c.verified_ttl_ns);
-        if ddos::answer_verifies(pkt, ttl) {
+        if ddos::answer_verifies(pkt) {
             // Consumed: the server never sent the SYN-ACK it answers. In
             // audit mode it is passed (the stack ignores it).
             return Outcome::of(drop_or_audit(audit), Reason::SynDefence);
