@@ -4,15 +4,10 @@
 
 mod common;
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, TcpListener, TcpStream},
-    process::Output,
-    time::Duration,
-};
+use std::{net::IpAddr, process::Output, time::Duration};
 
 use common::{
-    agent::{AgentEnv, AgentProc, interface_toml, policy_toml},
+    agent::{AgentEnv, AgentProc, free_port, interface_toml, policy_toml, sample, scrape},
     cli::{CLI_TIMEOUT, parse_json},
     netns::{Lab, output_with_timeout, ping},
 };
@@ -22,39 +17,6 @@ fn cli_from_session(env: &AgentEnv, ssh: &str, args: &[&str]) -> Output {
     let mut cmd = env.cli_cmd(None, args);
     cmd.env("SSH_CONNECTION", ssh);
     output_with_timeout(&mut cmd, CLI_TIMEOUT)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// GET /metrics from the agent's endpoint.
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("response");
-    assert!(
-        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
-        "{body}"
-    );
-    body
-}
-
-/// The value of the first sample line starting with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn history_len(env: &AgentEnv) -> usize {

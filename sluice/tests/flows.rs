@@ -14,8 +14,8 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     process::Stdio,
     sync::{Arc, Mutex},
     thread,
@@ -23,7 +23,10 @@ use std::{
 };
 
 use common::{
-    agent::{AgentEnv, AgentProc, api_get, interface_toml, policy_toml, stderr, stdout},
+    agent::{
+        AgentEnv, AgentProc, api_get, free_port, interface_toml, policy_toml, sample, scrape,
+        stderr, stdout,
+    },
     cli::expect_one_line_error,
     frames::Frame,
     kernel::new_sandbox,
@@ -253,36 +256,6 @@ impl Follower {
         }
         self.records()
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// GET /metrics from the agent's endpoint.
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("response");
-    assert!(body.contains(" 200 "), "{body}");
-    body
-}
-
-/// The value of the sample line starting with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 // ---------------------------------------------------------------------------

@@ -352,49 +352,12 @@ fn line(r: &FlowView) -> String {
     )
 }
 
-/// Prints rows with columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let print = |cells: &[&str]| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    print(header);
-    for r in rows {
-        print(&r.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-}
-
-fn bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn addr_rows(rows: &[TopAddr]) -> Vec<Vec<String>> {
     rows.iter()
         .map(|a| {
             vec![
                 a.packets.to_string(),
-                bytes(a.bytes),
+                super::output::human_bytes(a.bytes),
                 a.flows.to_string(),
                 a.addr.to_string(),
             ]
@@ -427,7 +390,7 @@ fn print_top(t: &TopReport) {
             .collect();
             vec![
                 format!("{mark}{}", f.packets),
-                format!("{mark}{}", bytes(f.bytes)),
+                format!("{mark}{}", super::output::human_bytes(f.bytes)),
                 protocol(&f.protocol, f.proto, &f.tcp_flags),
                 ends.0,
                 ends.1,
@@ -436,7 +399,7 @@ fn print_top(t: &TopReport) {
             ]
         })
         .collect();
-    table(
+    super::output::table(
         &[
             "PACKETS",
             "BYTES",
@@ -450,13 +413,13 @@ fn print_top(t: &TopReport) {
     );
     println!();
     println!("Top sources by {}", t.by);
-    table(
+    super::output::table(
         &["PACKETS", "BYTES", "FLOWS", "SOURCE"],
         &addr_rows(&t.sources),
     );
     println!();
     println!("Top destinations by {}", t.by);
-    table(
+    super::output::table(
         &["PACKETS", "BYTES", "FLOWS", "DESTINATION"],
         &addr_rows(&t.destinations),
     );

@@ -22,29 +22,38 @@ fn print_json(v: &serde_json::Value) {
     );
 }
 
-/// Prints rows with columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+/// Rows with columns padded to their widest cell, one string per line.
+pub(crate) fn table_lines(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         let s: Vec<String> = cells
-            .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        s.join("  ").trim_end().to_string()
     };
-    line(header.to_vec());
+    let mut out = vec![line(&mut header.iter().copied())];
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        out.push(line(&mut r.iter().map(String::as_str)));
+    }
+    out
+}
+
+/// Prints rows with columns padded to their widest cell.
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
+    for l in table_lines(header, rows) {
+        println!("{l}");
     }
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;
@@ -74,24 +83,8 @@ fn ago(last_seen_ns: u64) -> String {
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC from Unix seconds.
 fn format_time(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = crate::agent::flows::rfc3339(secs.saturating_mul(1_000_000_000));
+    t[..19].replace('T', " ")
 }
 
 impl Out {

@@ -48,39 +48,14 @@ fn si(v: f64, sep: &str) -> String {
 
 #[must_use]
 pub fn bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    crate::cli::output::human_bytes(b)
 }
 
 /// Rows with columns padded to their widest cell, one string per line.
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut line = |cells: &[&str]| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        let _ = writeln!(out, "{}", s.join("  ").trim_end());
-    };
-    line(header);
-    for r in rows {
-        line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    for l in crate::cli::output::table_lines(header, rows) {
+        out.push_str(&l);
+        out.push('\n');
     }
 }
 
