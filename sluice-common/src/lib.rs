@@ -2,6 +2,8 @@
 //! value layouts, capacities and the verdict/reason vocabulary. One definition each.
 #![no_std]
 
+pub mod lb;
+
 /// Names of every map, as declared in `sluice-ebpf/src/maps.rs` and pinned under
 /// `<pin root>/maps/`. Kernel map names are limited to 15 bytes.
 pub mod map_names {
@@ -28,6 +30,17 @@ pub mod map_names {
     pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
     pub const CAPTURE: &str = "CAPTURE";
     pub const JUMP: &str = "JUMP";
+    pub const LB_SERVICES: &str = "LB_SERVICES";
+    pub const LB_BACKENDS: &str = "LB_BACKENDS";
+    pub const LB_MAGLEV: &str = "LB_MAGLEV";
+    pub const LB_CONNS: &str = "LB_CONNS";
+    pub const LB_REVERSE: &str = "LB_REVERSE";
+    pub const LB_CONFIG: &str = "LB_CONFIG";
+    pub const LB_NEW_CONNS: &str = "LB_NEW_CONNS";
+    pub const LB_STATS: &str = "LB_STATS";
+    pub const LB_SVC_STATS: &str = "LB_SVC_STATS";
+    pub const LB_BE_STATS: &str = "LB_BE_STATS";
+    pub const LB_TX_PORTS: &str = "LB_TX_PORTS";
 }
 
 /// Name of the XDP entry point in the object file.
@@ -36,8 +49,14 @@ pub const XDP_PROGRAM: &str = "sluice_xdp";
 pub const SYN_CHALLENGE_PROGRAM: &str = "sluice_syn_challenge";
 /// `JUMP` slot of `SYN_CHALLENGE_PROGRAM`.
 pub const JUMP_SYN_CHALLENGE: u32 = 0;
+/// The load balancer (XDP), reached by a tail call for packets to a VIP.
+pub const LB_PROGRAM: &str = "sluice_lb";
+/// `JUMP` slot of `LB_PROGRAM`.
+pub const JUMP_LB: u32 = 1;
 /// Slots in `JUMP`.
-pub const JUMP_SLOTS: u32 = 1;
+pub const JUMP_SLOTS: u32 = 2;
+/// TC egress program: translates NAT backends' replies back to the VIP.
+pub const TC_EGRESS_PROGRAM: &str = "sluice_tc_egress";
 
 /// Policy is double-buffered: every policy map holds two generations and the
 /// `GENERATION` word says which one packets use. A change is written into the
@@ -121,13 +140,19 @@ pub enum Reason {
     /// (new-source rate cap reached, or the table refused the insert) and the
     /// shared overflow bucket was empty.
     MapFull = 8,
+    /// Addressed to a load-balanced service that has no usable backend (or,
+    /// in DSR mode, whose backend's neighbour entry is unknown).
+    NoBackend = 9,
+    /// An IP fragment addressed to a load-balanced service: sluice does not
+    /// balance fragments (later fragments carry no ports).
+    VipFragment = 10,
 }
 
 /// Room in the counter layout for reasons added later without a map migration.
 pub const REASON_SLOTS: u32 = 16;
 
 impl Reason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::Default,
         Self::AllowList,
         Self::DenyList,
@@ -137,6 +162,8 @@ impl Reason {
         Self::RateLimit,
         Self::SynDefence,
         Self::MapFull,
+        Self::NoBackend,
+        Self::VipFragment,
     ];
 
     #[must_use]
@@ -151,6 +178,8 @@ impl Reason {
             6 => Some(Self::RateLimit),
             7 => Some(Self::SynDefence),
             8 => Some(Self::MapFull),
+            9 => Some(Self::NoBackend),
+            10 => Some(Self::VipFragment),
             _ => None,
         }
     }
@@ -167,6 +196,8 @@ impl Reason {
             Self::RateLimit => "rate-limit",
             Self::SynDefence => "syn-defence",
             Self::MapFull => "map-full",
+            Self::NoBackend => "no-backend",
+            Self::VipFragment => "vip-fragment",
         }
     }
 }
@@ -607,7 +638,8 @@ pub struct FlowRecord {
     pub matched: u32,
     /// Sampling rate this record was taken at (1 = every packet).
     pub sample: u32,
-    pub _pad2: u32,
+    /// Load-balanced packets: the backend slot + 1; else 0.
+    pub backend: u32,
 }
 
 /// `FLOW_CONFIG[0]`.
@@ -687,6 +719,15 @@ mod pod {
     unsafe impl aya::Pod for super::FlowConfig {}
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::CaptureHeader {}
+    unsafe impl aya::Pod for super::lb::ServiceKey {}
+    unsafe impl aya::Pod for super::lb::Service {}
+    unsafe impl aya::Pod for super::lb::Backend {}
+    unsafe impl aya::Pod for super::lb::FlowKey {}
+    unsafe impl aya::Pod for super::lb::Conn {}
+    unsafe impl aya::Pod for super::lb::BackendKey {}
+    unsafe impl aya::Pod for super::lb::Vip {}
+    unsafe impl aya::Pod for super::lb::LbConfig {}
+    unsafe impl aya::Pod for super::lb::LbCounter {}
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::{
         DDOS_CONFIG, EVENTS, NEW_SOURCES, OVERFLOW_BKTS, RULE_BUCKETS, SRC_BUCKETS, STATS,
         SYN_VERIFIED,
     },
+    csum::{fold, ptr_mut as ptr_at, sum16},
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
@@ -40,7 +41,7 @@ pub fn bump(index: u32) {
 /// the bucket's time on with an atomic add (or a plain store when the bucket
 /// had gone idle — two CPUs racing there can each admit one extra packet).
 #[inline(always)]
-fn conform(b: *mut Bucket, now: u64, cost: u64, tolerance: u64) -> bool {
+pub fn conform(b: *mut Bucket, now: u64, cost: u64, tolerance: u64) -> bool {
     // SAFETY: b points at a live map value.
     unsafe {
         let tat = core::ptr::read_volatile(&raw const (*b).tat_ns);
@@ -365,37 +366,6 @@ pub fn answer_verifies(pkt: &Packet) -> bool {
         bump(stat::SYN_VERIFY_FAILED);
     }
     true
-}
-
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// Sum of the 16-bit big-endian words of `b`.
-#[inline(always)]
-fn sum16(b: &[u8]) -> u64 {
-    let mut s = 0u64;
-    let mut i = 0;
-    while i + 1 < b.len() {
-        s += u64::from(u16::from_be_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
-    s
 }
 
 const TCP_HDR: usize = 20;

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    EntryStats, Family, JUMP_SYN_CHALLENGE, L4, MAX_RULES, RULE_ACTION_LIMIT,
+    EntryStats, Family, JUMP_LB, JUMP_SYN_CHALLENGE, L4, MAX_RULES, RULE_ACTION_LIMIT,
     RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC,
     RULE_F_SYN, Reason, Rule, SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, counter_index,
     lpm_prefix_len,
@@ -18,9 +18,10 @@ use sluice_common::{
 
 use crate::{
     ddos::{self, Limit},
+    lb,
     maps::{
-        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, RULE_STATS, RULES,
-        SETTINGS,
+        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, LB_VERDICT, RULE_STATS,
+        RULES, SETTINGS,
     },
     observe,
     parse::{Packet, Parsed, parse},
@@ -71,11 +72,28 @@ pub fn run(ctx: &XdpContext) -> Action {
         ),
         Parsed::Ip(ref pkt) => (pkt.family, pkt.l4, judge(pkt, bytes), Some(pkt)),
     };
+    if let Some(p) = pkt {
+        if outcome.verdict != Verdict::Drop && !outcome.challenge && lb::is_vip(p) {
+            // The load balancer counts the packet and writes its flow
+            // record once it knows the backend (and the final verdict).
+            observe::capture(ctx, &outcome, bytes);
+            if let Some(v) = LB_VERDICT.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot; the tail call runs on this CPU next.
+                unsafe { *v = [outcome.reason as u32, outcome.matched] };
+            }
+            lb::hand_over(p);
+            // SAFETY: JUMP holds XDP programs only.
+            unsafe {
+                let _ = JUMP.tail_call(ctx, JUMP_LB);
+            }
+            // No LB program (cannot happen once loaded): the stack decides.
+        }
+    }
     count(
         counter_index(family, l4, outcome.verdict, outcome.reason),
         bytes,
     );
-    observe::flow(ctx, pkt, family, l4, &outcome, bytes);
+    observe::flow(ctx, pkt, family, l4, &outcome, bytes, 0);
     observe::capture(ctx, &outcome, bytes);
     if outcome.challenge {
         // The rewrite runs as its own program (verified on its own, not
@@ -116,7 +134,7 @@ fn malformed_action() -> Verdict {
 }
 
 #[inline(always)]
-fn count(index: u32, bytes: u64) {
+pub fn count(index: u32, bytes: u64) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {

@@ -7,13 +7,20 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the BPF atomic add")]
 
+mod csum;
 mod ddos;
 mod firewall;
+mod lb;
 mod maps;
 mod observe;
 pub mod parse;
+mod tc;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use firewall::Action;
 
 #[xdp]
@@ -32,6 +39,19 @@ pub fn sluice_syn_challenge(ctx: XdpContext) -> u32 {
         parse::Parsed::Ip(pkt) if pkt.is_syn() => ddos::challenge(&ctx, &pkt),
         _ => xdp_action::XDP_DROP,
     }
+}
+
+/// The load balancer. Reached only by a tail call from `sluice_xdp` for
+/// packets to a VIP the firewall let through; never attached.
+#[xdp]
+pub fn sluice_lb(ctx: XdpContext) -> u32 {
+    lb::run(&ctx)
+}
+
+/// TC egress: translates NAT backends' replies back to the VIP.
+#[classifier]
+pub fn sluice_tc_egress(ctx: TcContext) -> i32 {
+    tc::run(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,13 +2,16 @@
 //! User space opens them by the names in `sluice_common::map_names` and pins them.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
+    macros::{btf_map, map},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use sluice_common::{
     AddrKey, Bucket, CAPTURE_BYTES, COUNTER_SLOTS, CaptureConfig, Counter, DdosConfig,
     EVENTS_BYTES, EntryStats, FLOWS_BYTES, FlowConfig, GENERATIONS, JUMP_SLOTS, KeyV4, KeyV6,
-    LIST_CAPACITY, MAX_RULES, Rule, SOURCE_CAPACITY, Settings, SrcKey, VERIFIED_CAPACITY, stat,
+    LIST_CAPACITY, MAX_RULES, Rule, SOURCE_CAPACITY, Settings, SrcKey, VERIFIED_CAPACITY,
+    lb::{self, Backend, BackendKey, Conn, FlowKey, LbConfig, LbCounter, Service, ServiceKey, Vip},
+    stat,
 };
 
 /// Active policy generation (0 or 1). One u32; written only by the control
@@ -128,3 +131,79 @@ pub static CAPTURE: RingBuf = RingBuf::with_byte_size(CAPTURE_BYTES, 0);
 /// program is loaded. Fixed size.
 #[map]
 pub static JUMP: ProgramArray = ProgramArray::with_max_entries(JUMP_SLOTS, 0);
+
+// Load balancer. Services, backends and tables are written only by the
+// control plane; the kernel writes the connection table and counters.
+
+/// Services by (VIP, port, protocol), plus one marker entry per VIP (port
+/// 0, protocol 0) so a packet costs one lookup to learn it is not for a VIP.
+/// `MAX_SERVICES` x 2 entries (+ markers); the control plane refuses more.
+#[map]
+pub static LB_SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(lb::MAX_SERVICES * 3, 0);
+
+/// Backend slots (one per service member), indexed by slot. Fixed size;
+/// the control plane refuses members beyond `MAX_BACKENDS`.
+#[map]
+pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(lb::MAX_BACKENDS, 0);
+
+/// Per service id: its Maglev table (`TABLE_SIZE` backend slots). The
+/// control plane builds a new table and swaps it in with one update.
+#[btf_map]
+pub static LB_MAGLEV: ArrayOfMaps<
+    BtfArray<u32, { lb::TABLE_SIZE as usize }>,
+    { lb::MAX_SERVICES as usize },
+> = ArrayOfMaps::new();
+
+/// Connection table: client 5-tuple -> backend. LRU of `CONN_CAPACITY`:
+/// when full the least recently used connection is forgotten (its next
+/// packet is balanced again). New entries are rate-capped (`LB_CONFIG`),
+/// and what the cap or a failed insert leaves out is counted in `LB_STATS`.
+#[map]
+pub static LB_CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(lb::CONN_CAPACITY, 0);
+
+/// NAT backends -> the VIP their replies are translated back to (TC
+/// egress). One entry per NAT member (+ whole-VIP members); sized like
+/// `LB_BACKENDS`.
+#[map]
+pub static LB_REVERSE: HashMap<BackendKey, Vip> = HashMap::with_max_entries(lb::MAX_BACKENDS, 0);
+
+/// LB settings (`LbConfig`). One entry.
+#[map]
+pub static LB_CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// The new-connection cap's bucket. One entry.
+#[map]
+pub static LB_NEW_CONNS: Array<Bucket> = Array::with_max_entries(1, 0);
+
+/// Per-CPU LB event counters (`sluice_common::lb::lb_stat`). Fixed size.
+#[map]
+pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lb::lb_stat::SLOTS, 0);
+
+/// Per-CPU counters per service id / backend slot. Fixed size.
+#[map]
+pub static LB_SVC_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_SERVICES, 0);
+
+#[map]
+pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_BACKENDS, 0);
+
+/// What the firewall decided for a packet it hands to the LB program by a
+/// tail call: (reason, matched). Per-CPU scratch; one entry.
+#[map]
+pub static LB_VERDICT: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for the LB's FIB lookup (a 64-byte `bpf_fib_lookup`; as
+/// plain words, since that type's unions would break loading the object's
+/// BTF). Per-CPU; one entry.
+#[map]
+pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet as the main program parsed it, handed to the LB program with
+/// the tail call (`lb::PacketSlot`). Per-CPU scratch; one entry.
+#[map]
+pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Interfaces the LB may redirect to (ifindex -> ifindex), filled by attach.
+/// A backend behind an interface not in it is reached with a plain redirect.
+#[map]
+pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(256, 0);

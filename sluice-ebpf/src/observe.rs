@@ -44,11 +44,15 @@ pub fn flow(
     l4: L4,
     out: &Outcome,
     len: u64,
+    backend: u32,
 ) {
     let Some(cfg) = FLOW_CONFIG.get(0) else {
         return;
     };
-    let v = out.verdict as usize;
+    // Opaque to the optimiser: it knows a Verdict is < 3 and would drop the
+    // bounds check below, which the verifier needs when the verdict came
+    // through memory (the LB passes it back from a call).
+    let v = core::hint::black_box(out.verdict as usize);
     let sample = if v < 4 { cfg.sample[v] } else { 0 };
     if sample == 0 {
         return;
@@ -81,7 +85,7 @@ pub fn flow(
         (*r)._pad = 0;
         (*r).matched = out.matched;
         (*r).sample = sample;
-        (*r)._pad2 = 0;
+        (*r).backend = backend;
         match pkt {
             Some(p) => {
                 (*r).src = words_bytes(p.src);

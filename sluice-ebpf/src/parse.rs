@@ -33,6 +33,7 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const ICMP_MIN_LEN: usize = 8;
 
 /// What the pipeline needs to know about an IP packet.
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub family: Family,
     pub l4: L4,
@@ -48,6 +49,8 @@ pub struct Packet {
     /// TCP flags byte (0 when not TCP) and sequence number.
     pub tcp_flags: u8,
     pub tcp_seq: u32,
+    /// Part of a fragmented datagram (first or later fragment).
+    pub fragment: bool,
     /// Offsets of the IP header and of the transport header (valid for
     /// TCP/UDP/ICMP; equal to `l3_off` otherwise).
     pub l3_off: usize,
@@ -155,6 +158,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
     }
     let frags = u16::from_be_bytes(ip.frags);
     let more_fragments = frags & 0x2000 != 0;
+    let fragment = frags & 0x3fff != 0;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src[..4].copy_from_slice(&ip.src_addr);
@@ -170,9 +174,11 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         has_ports: false,
         tcp_flags: 0,
         tcp_seq: 0,
+        fragment: false,
         l3_off: off,
         l4_off: off,
     };
+    pkt.fragment = fragment;
     if frags & 0x1fff != 0 {
         // A later fragment carries no transport header.
         return Some(pkt);
@@ -204,6 +210,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         has_ports: false,
         tcp_flags: 0,
         tcp_seq: 0,
+        fragment: false,
         l3_off: off,
         l4_off: off,
     };
@@ -229,6 +236,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
                 let offset_flags = u16::from_be_bytes([h[2], h[3]]);
                 next = h[0];
                 more_fragments |= offset_flags & 1 != 0;
+                pkt.fragment = true;
                 if offset_flags & 0xfff8 != 0 {
                     if cur + 8 > end {
                         return None;

@@ -3,5 +3,6 @@
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
+pub mod lb;
 pub mod netns;
 pub mod policy;

@@ -5,6 +5,7 @@ pub mod api;
 pub mod core;
 pub mod ddos;
 pub mod flows;
+pub mod health;
 pub mod metrics;
 pub mod store;
 

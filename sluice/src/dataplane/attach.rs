@@ -6,13 +6,15 @@ use std::{ffi::CString, os::fd::AsFd as _, path::Path};
 use aya::{
     EbpfLoader,
     programs::{
-        ProgramInfo, Xdp, XdpMode,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
     },
 };
 use aya_obj::programs::XdpAttachType;
 use sluice_common::{
-    JUMP_SYN_CHALLENGE, ListId, SYN_CHALLENGE_PROGRAM, Verdict, XDP_PROGRAM, map_names,
+    JUMP_LB, JUMP_SYN_CHALLENGE, LB_PROGRAM, ListId, SYN_CHALLENGE_PROGRAM, TC_EGRESS_PROGRAM,
+    Verdict, XDP_PROGRAM, map_names,
 };
 
 use super::{
@@ -208,10 +210,18 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     };
     let result = (|| {
         let mut ebpf = load_program(root, &specs)?;
+        let _ = std::fs::remove_file(tc_prog_path(root));
+        tc_of(&mut ebpf)?
+            .pin(tc_prog_path(root))
+            .map_err(|e| DataplaneError::Io {
+                what: format!("pinning {}", tc_prog_path(root).display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let prog = xdp_of(&mut ebpf)?;
         // Settings must be initialised before any interface sees the program.
         PolicyMapsInit::run(root)?;
         super::runtime::initialise_if_needed(root)?;
+        super::lb::initialise_if_needed(root)?;
         prog.pin(root.prog()).map_err(|e| DataplaneError::Io {
             what: format!("pinning {}", root.prog().display()),
             source: std::io::Error::other(e.to_string()),
@@ -226,8 +236,45 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     if result.is_err() {
         cleanup(root);
         let _ = std::fs::remove_file(root.prog());
+        let _ = std::fs::remove_file(tc_prog_path(root));
     }
     result
+}
+
+/// Creates and pins `LB_MAGLEV` (an array of Maglev tables) when it is not
+/// pinned yet. Made here rather than by aya: aya creates the inner-map
+/// template with the object's BTF ids even when it loaded no BTF, which the
+/// kernel refuses; the loader then re-uses this pin.
+fn create_maglev_outer(root: &PinRoot) -> Result<(), DataplaneError> {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+    let path = root.map(map_names::LB_MAGLEV);
+    if path.exists() {
+        return Ok(());
+    }
+    let err = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source: std::io::Error| DataplaneError::Io { what, source }
+    };
+    let inner = sys::map_create(
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        4,
+        sluice_common::lb::TABLE_SIZE,
+        "lb_maglev_tmpl",
+        None,
+    )
+    .map_err(err("creating the inner template of"))?;
+    let outer = sys::map_create(
+        BPF_MAP_TYPE_ARRAY_OF_MAPS,
+        4,
+        4,
+        sluice_common::lb::MAX_SERVICES,
+        map_names::LB_MAGLEV,
+        Some(inner.as_fd()),
+    )
+    .map_err(err("creating"))?;
+    sys::obj_pin(outer.as_fd(), &path).map_err(err("pinning"))
 }
 
 /// Loads this build's object with every map bound to its pin under `root`
@@ -242,15 +289,20 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
     for (name, path) in &paths {
         loader.map_pin_path(name.as_str(), path.as_path());
     }
+    create_maglev_outer(root)?;
     let mut ebpf = loader.load(OBJECT).map_err(|e| {
         if super::is_permission(&format!("{e:?}")) {
             DataplaneError::Permission {
                 what: "loading the XDP program".into(),
             }
         } else {
-            DataplaneError::Load {
-                detail: format!("{e:#}"),
+            let mut detail = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                detail.push_str(&format!(": {s}"));
+                src = s.source();
             }
+            DataplaneError::Load { detail }
         }
     })?;
     xdp_of(&mut ebpf)?
@@ -259,6 +311,11 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
             detail: verifier_detail(&e),
         })?;
     fill_jumps(&mut ebpf)?;
+    tc_of(&mut ebpf)?
+        .load()
+        .map_err(|e| DataplaneError::Load {
+            detail: verifier_detail(&e),
+        })?;
     Ok(ebpf)
 }
 
@@ -266,22 +323,8 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
 /// `JUMP` map (which keeps them loaded; an upgrade replaces them).
 fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
     let load_err = |detail: String| DataplaneError::Load { detail };
-    let fd = {
-        let prog: &mut Xdp = ebpf
-            .program_mut(SYN_CHALLENGE_PROGRAM)
-            .ok_or_else(|| {
-                load_err(format!(
-                    "program {SYN_CHALLENGE_PROGRAM} missing from the object"
-                ))
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
-        prog.load().map_err(|e| load_err(verifier_detail(&e)))?;
-        prog.fd()
-            .map_err(|e| load_err(e.to_string()))?
-            .try_clone()
-            .map_err(|e| load_err(e.to_string()))?
-    };
+    let fd = load_jump_target(ebpf, SYN_CHALLENGE_PROGRAM)?;
+    let lb_fd = load_jump_target(ebpf, LB_PROGRAM)?;
     let map = ebpf
         .map_mut(map_names::JUMP)
         .ok_or_else(|| load_err(format!("map {} missing from the object", map_names::JUMP)))?;
@@ -289,7 +332,102 @@ fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
         .map_err(|e| DataplaneError::map_err("open", map_names::JUMP, e))?;
     jump.set(JUMP_SYN_CHALLENGE, &fd, 0)
         .map_err(|e| DataplaneError::map_err("write", map_names::JUMP, e))?;
+    jump.set(JUMP_LB, &lb_fd, 0)
+        .map_err(|e| DataplaneError::map_err("write", map_names::JUMP, e))?;
     Ok(())
+}
+
+/// Loads a program `sluice_xdp` tail-calls and returns its fd.
+fn load_jump_target(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+) -> Result<aya::programs::ProgramFd, DataplaneError> {
+    let load_err = |detail: String| DataplaneError::Load { detail };
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
+    prog.load().map_err(|e| load_err(verifier_detail(&e)))?;
+    prog.fd()
+        .map_err(|e| load_err(e.to_string()))?
+        .try_clone()
+        .map_err(|e| load_err(e.to_string()))
+}
+
+/// The TC egress program of a loaded object (loaded into the kernel).
+fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    let load_err = |detail: String| DataplaneError::Load { detail };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(TC_EGRESS_PROGRAM)
+        .ok_or_else(|| load_err(format!("program {TC_EGRESS_PROGRAM} missing from the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
+    Ok(prog)
+}
+
+fn tc_prog_path(root: &PinRoot) -> std::path::PathBuf {
+    root.prog_dir().join(TC_EGRESS_PROGRAM)
+}
+
+fn tc_links_dir(root: &PinRoot) -> std::path::PathBuf {
+    root.root.join("tc-links")
+}
+
+/// Pin of the TC egress link on `iface`: `tc-links/<netns>:<ifname>`.
+fn tc_link_path(root: &PinRoot, netns: &str, iface: &str) -> std::path::PathBuf {
+    tc_links_dir(root).join(format!("{netns}:{iface}"))
+}
+
+/// Attaches the TC egress program (reverse NAT) to `iface` with TCX and
+/// pins the link, unless a live one is pinned already; adds the interface
+/// to the LB's redirect targets.
+fn attach_tc(root: &PinRoot, iface: &str, index: u32, netns: &str) -> Result<(), DataplaneError> {
+    let attach_err = |detail: String| DataplaneError::Attach {
+        iface: iface.to_string(),
+        mode: "tc egress",
+        detail,
+    };
+    super::lb::add_tx_port(root, index)?;
+    let path = tc_link_path(root, netns, iface);
+    if path.exists() {
+        let live = sys::obj_get(&path)
+            .and_then(|fd| sys::link_info(&fd))
+            // A TCX link's info starts with its ifindex too.
+            .is_ok_and(|info| info.xdp_ifindex == index);
+        if live {
+            return Ok(());
+        }
+        std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+    }
+    let mut prog = SchedClassifier::from_pin(tc_prog_path(root))
+        .map_err(|e| attach_err(format!("opening the pinned TC program: {e}")))?;
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| attach_err(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default())))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+    std::fs::create_dir_all(tc_links_dir(root))
+        .map_err(io_err(format!("creating {}", tc_links_dir(root).display())))?;
+    fd_link.pin(&path).map_err(|e| DataplaneError::Io {
+        what: format!("pinning {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(())
+}
+
+/// Removes the TC egress link of `iface` (detaching it) and the interface
+/// from the redirect targets.
+fn detach_tc(root: &PinRoot, iface: &str, netns: &str) {
+    let path = tc_link_path(root, netns, iface);
+    let _ = std::fs::remove_file(path);
+    if let Some(index) = ifindex(iface) {
+        let _ = super::lb::remove_tx_port(root, index);
+    }
 }
 
 fn xdp_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DataplaneError> {
@@ -368,6 +506,7 @@ pub fn attach(
         let live = info.xdp_ifindex == index;
         let mode_differs = mode != AttachMode::Auto && mode != pinned_mode;
         if live && !mode_differs {
+            attach_tc(root, iface, index, netns)?;
             return Ok(AttachReport {
                 interface: iface.to_string(),
                 netns: netns.to_string(),
@@ -388,6 +527,15 @@ pub fn attach(
     }
 
     let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
+    if result.is_ok() {
+        if let Err(e) = attach_tc(root, iface, index, netns) {
+            // Both hooks or neither: the XDP link just made goes again.
+            if let Ok(r) = &result {
+                let _ = std::fs::remove_file(root.links_dir().join(link_pin_name(netns, iface, r.mode)));
+            }
+            result = Err(e);
+        }
+    }
     if let (Err(e), Some(old)) = (&result, previous_mode) {
         // A refused mode change must not leave the interface unfiltered.
         let restored = attach_prog(root, &mut prog, iface, index, old, netns).is_ok();
@@ -542,6 +690,7 @@ pub fn detach(root: &PinRoot, iface: &str, netns: &str) -> Result<DetachReport, 
         .unpin()
         .map_err(io_err(format!("removing {}", path.display())))?;
     drop(fd_link);
+    detach_tc(root, iface, netns);
     let removed_all = links.len() == 1;
     if removed_all {
         drop(lock);
@@ -652,6 +801,30 @@ pub struct UpgradeReport {
 /// policy and counters carry over. Maps this build cannot use are refused
 /// before anything changes. Same program (same tag) is left alone unless
 /// `force`.
+/// Moves every pinned TC egress link to the new object's TC program and
+/// re-pins it. Links whose swap fails keep the old program (it stays
+/// loaded while a link uses it).
+fn upgrade_tc(root: &PinRoot, ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
+    let path = tc_prog_path(root);
+    let old_fd = sys::obj_get(&path).ok();
+    let tc = tc_of(ebpf)?;
+    let new_fd = tc.fd().map_err(|e| DataplaneError::Load {
+        detail: e.to_string(),
+    })?;
+    if let (Some(old_fd), Ok(entries)) = (&old_fd, std::fs::read_dir(tc_links_dir(root))) {
+        for e in entries.flatten() {
+            if let Ok(link) = sys::obj_get(&e.path()) {
+                let _ = sys::link_update(link.as_fd(), new_fd.as_fd(), old_fd.as_fd());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    tc.pin(&path).map_err(|e| DataplaneError::Io {
+        what: format!("pinning {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneError> {
     if !root.is_set_up() {
         return Err(DataplaneError::NotAttached {
@@ -713,6 +886,8 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         swapped.push(link);
         report.links += 1;
     }
+    upgrade_tc(root, &mut ebpf)?;
+    let prog = xdp_of(&mut ebpf)?;
     // The pin follows the program the links now run; the old one is freed
     // once nothing references it.
     let _ = std::fs::remove_file(root.prog());

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod capture;
 pub mod flows;
+pub mod lb;
 pub mod pins;
 pub mod policy;
 pub mod runtime;

@@ -8,8 +8,10 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -72,6 +74,44 @@ pub fn map_update_batch(
     Ok(())
 }
 
+/// Every value of an array map of `u32` values with `len` entries, read
+/// with batched lookups.
+pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
+    let mut keys = vec![0u32; len as usize];
+    let mut values = vec![0u32; len as usize];
+    let mut done = 0usize;
+    let mut token = 0u32;
+    while done < len as usize {
+        let mut attr = BatchAttr {
+            in_batch: if done == 0 { 0 } else { (&raw const token) as u64 },
+            out_batch: (&raw mut token) as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: len - done as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let res = bpf(BPF_MAP_LOOKUP_BATCH, (&raw mut attr).cast(), size_of::<BatchAttr>());
+        done += attr.count as usize;
+        match res {
+            Ok(_) => {}
+            // ENOENT: the walk reached the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        if attr.count == 0 {
+            break;
+        }
+    }
+    let mut out = vec![0u32; len as usize];
+    for (k, v) in keys.iter().zip(&values).take(done) {
+        if let Some(slot) = out.get_mut(*k as usize) {
+            *slot = *v;
+        }
+    }
+    Ok(out)
+}
+
 /// Deletes `keys` in batches. Missing keys are an error (ENOENT) from the kernel.
 pub fn map_delete_batch(
     map: BorrowedFd<'_>,
@@ -101,6 +141,80 @@ pub fn map_delete_batch(
         }
     }
     Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes one element (aya has no delete for maps of maps).
+pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_DELETE_ELEM, (&raw mut attr).cast(), size_of::<ElemAttr>()).map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    _rest: [u32; 8],
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// Creates a map (without BTF). `inner` is the template of a map of maps.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+    inner: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..MapCreateAttr::default()
+    };
+    for (d, s) in attr.map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let fd = bpf(BPF_MAP_CREATE, (&raw mut attr).cast(), size_of::<MapCreateAttr>())?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object at `path`.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..ObjGetAttr::default()
+    };
+    bpf(BPF_OBJ_PIN, (&raw mut attr).cast(), size_of::<ObjGetAttr>()).map(|_| ())
 }
 
 #[repr(C)]

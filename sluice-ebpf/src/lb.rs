@@ -1,0 +1,501 @@
+//! The L4 load balancer: packets to a VIP that the firewall let through are
+//! pinned to a backend (connection table, else the service's Maglev table),
+//! rewritten (NAT: destination; DSR: MAC only) and sent with XDP_TX or a redirect.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    cty::c_void,
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use sluice_common::{
+    Family, L4, Reason, Verdict, counter_index,
+    lb::{
+        BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, CONN_F_CLOSED, Conn, FlowKey, LB_F_ENABLED,
+        MODE_DSR, NO_BACKEND, Service, ServiceKey, TABLE_SIZE, flow_hash, lb_stat,
+    },
+};
+
+use crate::{
+    csum::{apply, apply_udp4, delta, ptr_mut},
+    ddos::{conform, now},
+    firewall::{Outcome, count},
+    maps::{
+        LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_MAGLEV, LB_NEW_CONNS, LB_SERVICES,
+        LB_FIB, LB_PACKET, LB_STATS, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
+    },
+    observe,
+    parse::{Packet, TCP_FIN, TCP_RST},
+};
+
+const IPPROTO_TCP: u8 = 6;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const ETH_HLEN: usize = 14;
+/// A pinned connection's last-seen time is refreshed at most this often
+/// (a write per packet would bounce the entry's cache line between CPUs).
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn family_num(f: Family) -> u8 {
+    match f {
+        Family::V4 => 4,
+        Family::V6 => 6,
+        Family::Other => 0,
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(c) = LB_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
+
+/// True when load balancing is on and `pkt` is addressed to a VIP (one
+/// lookup of the VIP's marker entry). Called by the main program.
+#[inline(always)]
+pub fn is_vip(pkt: &Packet) -> bool {
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.flags & LB_F_ENABLED == 0 {
+        return false;
+    }
+    let key = ServiceKey {
+        addr: pkt.dst,
+        port: 0,
+        proto: 0,
+        family: family_num(pkt.family),
+        _pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { LB_SERVICES.get(&key).is_some() }
+}
+
+#[inline(always)]
+fn service_of(pkt: &Packet) -> Option<Service> {
+    let mut key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: family_num(pkt.family),
+        _pad: 0,
+    };
+    // SAFETY: read-only lookups of plain values, copied out.
+    unsafe {
+        if let Some(s) = LB_SERVICES.get(&key) {
+            return Some(*s);
+        }
+        key.port = 0;
+        LB_SERVICES.get(&key).copied()
+    }
+}
+
+#[inline(always)]
+fn account(slot_stats: &aya_ebpf::maps::PerCpuArray<sluice_common::lb::LbCounter>, i: u32, bytes: u64, new_conn: bool) {
+    if let Some(c) = slot_stats.get_ptr_mut(i) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_conn {
+                (*c).conns += 1;
+            }
+        }
+    }
+}
+
+/// A usable pinned backend for this packet, or None (balance afresh).
+#[inline(always)]
+fn pinned(key: &FlowKey, pkt: &Packet, svc: &Service, now: u64, idle_ns: u64) -> Option<u32> {
+    let c = LB_CONNS.get_ptr_mut(key)?;
+    // SAFETY: live map value; racing writers only store whole words.
+    let conn = unsafe { &mut *c };
+    let fresh = idle_ns == 0 || now.saturating_sub(conn.last_ns) <= idle_ns;
+    let reopened = pkt.is_syn() && conn.flags & CONN_F_CLOSED != 0;
+    let usable = fresh
+        && !reopened
+        && conn.service == svc.id
+        && match LB_BACKENDS.get(conn.backend) {
+            Some(b) => {
+                b.family != 0 && b.generation == conn.generation && b.flags & BACKEND_F_DOWN == 0
+            }
+            None => false,
+        };
+    if !usable {
+        bump(lb_stat::CONN_REBALANCED);
+        return None;
+    }
+    if now.saturating_sub(conn.last_ns) > REFRESH_NS {
+        conn.last_ns = now;
+    }
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 && conn.flags & CONN_F_CLOSED == 0 {
+        conn.flags |= CONN_F_CLOSED;
+    }
+    Some(conn.backend)
+}
+
+/// Picks a backend from the service's Maglev table.
+#[inline(always)]
+fn pick(pkt: &Packet, svc: &Service) -> u32 {
+    let idx = flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) % TABLE_SIZE;
+    match LB_MAGLEV.get_value(svc.id, &idx) {
+        Some(b) => *b,
+        None => NO_BACKEND,
+    }
+}
+
+/// The tail-called LB program: the packet is IP and addressed to a VIP.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    // What the firewall decided (it left counting and the flow record to us).
+    let (fw_reason, fw_matched) = match LB_VERDICT.get(0) {
+        Some(v) => (v[0], v[1]),
+        None => (Reason::Default as u32, 0),
+    };
+    let fw_reason = Reason::from_u32(fw_reason).unwrap_or(Reason::Default);
+    // The main program's parse, handed over with the tail call (parsing
+    // again would cost time and more stack than the verifier allows).
+    let Some(slot) = LB_PACKET.get_ptr(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the main program wrote a whole Packet into this CPU's slot
+    // just before the tail call; the layout fits (checked at compile time).
+    let pkt = unsafe { &*slot.cast::<Packet>() };
+    if pkt.l3_off > MAX_L3_OFF || pkt.l4_off > MAX_L4_OFF {
+        return xdp_action::XDP_PASS;
+    }
+    let d = decide(ctx, pkt, bytes);
+    let reason = match d.reason {
+        Some(r) => r,
+        None => fw_reason,
+    };
+    count(counter_index(pkt.family, pkt.l4, d.verdict, reason), bytes);
+    let out = Outcome {
+        verdict: d.verdict,
+        reason,
+        matched: if d.reason.is_none() { fw_matched } else { 0 },
+        challenge: false,
+    };
+    observe::flow(ctx, Some(pkt), pkt.family, pkt.l4, &out, bytes, d.backend);
+    d.action
+}
+
+/// Bounds of the header offsets the parser can produce (two VLAN tags; an
+/// IPv6 chain of extension headers), restated for the verifier: the
+/// handed-over offsets come from memory.
+const MAX_L3_OFF: usize = 22;
+const MAX_L4_OFF: usize = 2048;
+
+const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<PacketSlot>());
+
+/// Room for a `Packet` in `LB_PACKET`.
+pub type PacketSlot = [u64; 12];
+
+/// Hands the parsed packet to the LB program (called right before the tail call).
+#[inline(always)]
+pub fn hand_over(pkt: &Packet) {
+    if let Some(slot) = LB_PACKET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot large enough for a Packet; the tail call
+        // that reads it runs next on this CPU.
+        unsafe { slot.cast::<Packet>().write(*pkt) };
+    }
+}
+
+/// What the LB did with a packet.
+struct Decision {
+    verdict: Verdict,
+    /// None: the firewall's reason stands.
+    reason: Option<Reason>,
+    /// Backend slot + 1 (0: none).
+    backend: u32,
+    action: u32,
+}
+
+impl Decision {
+    const fn pass_on(action: u32, backend: u32) -> Self {
+        Self {
+            verdict: Verdict::Pass,
+            reason: None,
+            backend,
+            action,
+        }
+    }
+
+    const fn drop(reason: Reason, backend: u32) -> Self {
+        Self {
+            verdict: Verdict::Drop,
+            reason: Some(reason),
+            backend,
+            action: xdp_action::XDP_DROP,
+        }
+    }
+}
+
+// Its own call frame: the LB program's stack is near the verifier's limit.
+#[inline(never)]
+fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
+    if pkt.fragment {
+        return Decision::drop(Reason::VipFragment, 0);
+    }
+    let Some(svc) = service_of(pkt) else {
+        // A VIP, but no service for this port or protocol (ping, ...): the stack decides.
+        return Decision::pass_on(xdp_action::XDP_PASS, 0);
+    };
+    if !matches!(pkt.l4, L4::Tcp | L4::Udp) {
+        return Decision::pass_on(xdp_action::XDP_PASS, 0);
+    }
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return Decision::pass_on(xdp_action::XDP_PASS, 0);
+    };
+    let now = now();
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: family_num(pkt.family),
+        _pad: 0,
+    };
+    let idle = if matches!(pkt.l4, L4::Tcp) {
+        cfg.tcp_idle_ns
+    } else {
+        cfg.udp_idle_ns
+    };
+    let mut new_conn = false;
+    let id = match pinned(&key, pkt, &svc, now, idle) {
+        Some(id) => id,
+        None => {
+            let id = pick(pkt, &svc);
+            if id == NO_BACKEND {
+                account(&LB_SVC_STATS, svc.id, bytes, false);
+                return Decision::drop(Reason::NoBackend, 0);
+            }
+            new_conn = true;
+            record(&key, id, svc.id, now, cfg.new_conn_interval_ns, cfg.new_conn_tolerance_ns);
+            id
+        }
+    };
+    let Some(be) = LB_BACKENDS.get(id) else {
+        return Decision::drop(Reason::NoBackend, 0);
+    };
+    if be.family == 0 || (new_conn && be.flags & (BACKEND_F_DOWN | BACKEND_F_DRAINING) != 0) {
+        // The table still names a backend that just left it.
+        return Decision::drop(Reason::NoBackend, 0);
+    }
+    account(&LB_SVC_STATS, svc.id, bytes, new_conn);
+    account(&LB_BE_STATS, id, bytes, new_conn);
+    let dsr = svc.mode == MODE_DSR;
+    if !dsr && dnat(ctx, pkt, be) != 0 {
+        return Decision::drop(Reason::Malformed, id + 1);
+    }
+    let action = forward(ctx, pkt, be, dsr);
+    if action == xdp_action::XDP_DROP {
+        return Decision::drop(Reason::NoBackend, id + 1);
+    }
+    Decision::pass_on(action, id + 1)
+}
+
+/// Records a new connection unless the new-connection rate is exceeded.
+#[inline(always)]
+fn record(key: &FlowKey, id: u32, service: u32, now: u64, interval: u64, tolerance: u64) {
+    let room = match LB_NEW_CONNS.get_ptr_mut(0) {
+        Some(b) => interval == 0 || conform(b, now, interval, tolerance),
+        None => false,
+    };
+    if !room {
+        bump(lb_stat::CONN_CAPPED);
+        return;
+    }
+    let generation = match LB_BACKENDS.get(id) {
+        Some(b) => b.generation,
+        None => 0,
+    };
+    let conn = Conn {
+        backend: id,
+        generation,
+        service,
+        flags: 0,
+        created_ns: now,
+        last_ns: now,
+    };
+    if LB_CONNS.insert(key, &conn, 0).is_ok() {
+        bump(lb_stat::CONN_CREATED);
+    } else {
+        bump(lb_stat::CONN_INSERT_FAILED);
+    }
+}
+
+/// Rewrites the destination address (and port) to the backend's, with
+/// incremental IP and TCP/UDP checksum updates.
+// A call of its own keeps the LB program's stack frame under the limit.
+#[inline(never)]
+fn dnat(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> u32 {
+    match dnat_inner(ctx, pkt, be) {
+        Some(()) => 0,
+        None => 1,
+    }
+}
+
+#[inline(always)]
+fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
+    // Re-bounded here: the verifier checks this function on its own.
+    let l3 = core::hint::black_box(pkt.l3_off);
+    let l4 = core::hint::black_box(pkt.l4_off);
+    if l3 > MAX_L3_OFF || l4 > MAX_L4_OFF {
+        return None;
+    }
+    let tcp = pkt.proto == IPPROTO_TCP;
+    let check_off = if tcp { l4 + 16 } else { l4 + 6 };
+    let check = ptr_mut::<[u8; 2]>(ctx, check_off)?;
+    let mut d: u64;
+    match pkt.family {
+        Family::V4 => {
+            let dst = ptr_mut::<[u8; 4]>(ctx, l3 + 16)?;
+            let ipck = ptr_mut::<[u8; 2]>(ctx, l3 + 10)?;
+            let new = be.addr[0].to_ne_bytes();
+            let new = [new[0], new[1], new[2], new[3]];
+            // SAFETY: bounds-checked by ptr_mut.
+            let old = unsafe { *dst };
+            d = delta(&old, &new);
+            apply(ipck, d);
+            // SAFETY: as above.
+            unsafe { *dst = new };
+        }
+        Family::V6 => {
+            let dst = ptr_mut::<[u8; 16]>(ctx, l3 + 24)?;
+            let mut new = [0u8; 16];
+            new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
+            new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
+            // SAFETY: bounds-checked by ptr_mut.
+            let old = unsafe { *dst };
+            d = delta(&old, &new);
+            // SAFETY: as above.
+            unsafe { *dst = new };
+        }
+        Family::Other => return None,
+    }
+    if be.port != 0 && be.port != pkt.dport {
+        let port = ptr_mut::<[u8; 2]>(ctx, l4 + 2)?;
+        let new = be.port.to_be_bytes();
+        // SAFETY: bounds-checked by ptr_mut.
+        let old = unsafe { *port };
+        d += delta(&old, &new);
+        // SAFETY: as above.
+        unsafe { *port = new };
+    }
+    if !tcp && matches!(pkt.family, Family::V4) {
+        apply_udp4(check, d);
+    } else {
+        apply(check, d);
+    }
+    Some(())
+}
+
+/// Sends the rewritten frame towards the backend: the FIB gives the next
+/// hop's MAC and the egress interface. NAT frames whose next hop is not
+/// known go to the stack (which resolves it); DSR frames cannot (their
+/// destination is the VIP) and are dropped.
+// A call of its own keeps the LB program's stack frame under the limit.
+#[inline(never)]
+fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
+    let fallback = |ctx: &XdpContext| {
+        let _ = ctx;
+        if dsr {
+            bump(lb_stat::NO_NEIGHBOUR);
+            xdp_action::XDP_DROP
+        } else {
+            bump(lb_stat::TO_STACK);
+            xdp_action::XDP_PASS
+        }
+    };
+    // The 64-byte lookup lives in a per-CPU scratch slot: the LB program's
+    // stack is near the verifier's limit.
+    let Some(pp) = LB_FIB.get_ptr_mut(0) else {
+        return fallback(ctx);
+    };
+    let pp = pp.cast::<FibParams>();
+    // SAFETY: per-CPU slot, only this CPU uses it while the program runs.
+    let p = unsafe { &mut *pp };
+    // SAFETY: bpf_fib_lookup is plain data; zeroed is a valid start.
+    *p = unsafe { core::mem::zeroed() };
+    let ingress = ctx.ingress_ifindex() as u32;
+    p.ifindex = ingress;
+    p.l4_protocol = pkt.proto;
+    p.sport = pkt.sport.to_be();
+    p.dport = if be.port != 0 { be.port.to_be() } else { pkt.dport.to_be() };
+    let l3 = core::hint::black_box(pkt.l3_off);
+    if l3 > MAX_L3_OFF {
+        return fallback(ctx);
+    }
+    let tot = (ctx.data_end() - ctx.data()).saturating_sub(l3) as u16;
+    match pkt.family {
+        Family::V4 => {
+            p.family = AF_INET;
+            p.__bindgen_anon_1.tot_len = tot;
+            let s = pkt.src[0].to_ne_bytes();
+            let d = be.addr[0].to_ne_bytes();
+            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+        }
+        _ => {
+            p.family = AF_INET6;
+            p.__bindgen_anon_1.tot_len = tot;
+            p.__bindgen_anon_3.ipv6_src = words_u32(pkt.src);
+            p.__bindgen_anon_4.ipv6_dst = words_u32(be.addr);
+        }
+    }
+    // SAFETY: p is a valid bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast::<c_void>(),
+            pp,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return fallback(ctx);
+    }
+    if l3 != ETH_HLEN && !dsr {
+        // VLAN-tagged: the stack knows which tag the egress needs.
+        return fallback(ctx);
+    }
+    let Some(eth) = ptr_mut::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&p.dmac);
+    macs[6..].copy_from_slice(&p.smac);
+    // SAFETY: bounds-checked by ptr_mut.
+    unsafe { *eth = macs };
+    if p.ifindex == ingress {
+        bump(lb_stat::TX);
+        return xdp_action::XDP_TX;
+    }
+    bump(lb_stat::REDIRECT);
+    match LB_TX_PORTS.redirect(p.ifindex, 0) {
+        Ok(a) => a,
+        // SAFETY: plain helper call.
+        Err(_) => unsafe { bpf_redirect(p.ifindex, 0) as u32 },
+    }
+}
+
+/// `addr_words` words as the four network-order u32 words bpf_fib_lookup wants.
+#[inline(always)]
+fn words_u32(w: [u64; 2]) -> [u32; 4] {
+    let a = w[0].to_ne_bytes();
+    let b = w[1].to_ne_bytes();
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    ]
+}

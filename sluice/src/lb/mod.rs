@@ -1,0 +1,242 @@
+//! The L4 load balancer's user-space model: services (VIP, protocol, port,
+//! mode) and their backends as the user writes them, and Maglev tables.
+
+pub mod maglev;
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// How packets reach a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Destination rewritten to the backend; replies translated back to the
+    /// VIP on the way out. Backends route their replies through this host.
+    #[default]
+    Nat,
+    /// Direct server return on one L2 segment: only the destination MAC
+    /// changes; the backend holds the VIP (e.g. on `lo`) and answers the
+    /// client itself.
+    Dsr,
+}
+
+impl Mode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Nat => "nat",
+            Self::Dsr => "dsr",
+        }
+    }
+}
+
+/// What identifies a service: `VIP:PORT/PROTO` (`PORT` `*` = every port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceId {
+    pub vip: IpAddr,
+    /// 0 = every port.
+    pub port: u16,
+    pub proto: Proto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error(
+        "{text:?} is not a service: expected VIP:PORT[/tcp|/udp], e.g. 198.18.0.10:80/tcp, \
+         [2001:2::10]:443, or VIP:* for every port"
+    )]
+    Service { text: String },
+    #[error("{text:?} is not a backend: expected ADDR[:PORT], e.g. 198.18.1.2:8080 or [2001:2::5]:80")]
+    Backend { text: String },
+    #[error("unknown protocol {text:?}: a service is tcp or udp")]
+    Proto { text: String },
+}
+
+/// Splits `ADDR:PORT`, `[V6]:PORT`, `ADDR` or `[V6]`; `*` as port = 0.
+fn split_addr_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, tail) = rest.split_once(']')?;
+        let addr: IpAddr = addr.parse().ok()?;
+        if !addr.is_ipv6() {
+            return None;
+        }
+        return match tail {
+            "" => Some((addr, None)),
+            t => Some((addr, Some(parse_port(t.strip_prefix(':')?)?))),
+        };
+    }
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Some((addr, None));
+    }
+    let (addr, port) = s.rsplit_once(':')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    Some((IpAddr::V4(addr), Some(parse_port(port)?)))
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    if s == "*" {
+        return Some(0);
+    }
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => None,
+        Ok(p) => Some(p),
+    }
+}
+
+impl FromStr for Proto {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(ParseError::Proto { text: s.into() }),
+        }
+    }
+}
+
+impl FromStr for ServiceId {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = || ParseError::Service { text: s.into() };
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((a, p)) => (a, p.parse::<Proto>()?),
+            None => (s, Proto::Tcp),
+        };
+        let (vip, port) = split_addr_port(addr).ok_or_else(bad)?;
+        let port = port.ok_or_else(bad)?;
+        Ok(Self { vip, port, proto })
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = if self.port == 0 {
+            "*".to_string()
+        } else {
+            self.port.to_string()
+        };
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{port}/{}", self.proto.name()),
+            IpAddr::V6(a) => write!(f, "[{a}]:{port}/{}", self.proto.name()),
+        }
+    }
+}
+
+/// A backend's address: `ADDR[:PORT]` (no port = the port the client used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BackendAddr {
+    pub addr: IpAddr,
+    /// 0 = the packet's own destination port.
+    pub port: u16,
+}
+
+impl FromStr for BackendAddr {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let (addr, port) = split_addr_port(s).ok_or_else(|| ParseError::Backend { text: s.into() })?;
+        Ok(Self {
+            addr,
+            port: port.unwrap_or(0),
+        })
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.addr, self.port) {
+            (IpAddr::V4(a), 0) => write!(f, "{a}"),
+            (IpAddr::V6(a), 0) => write!(f, "[{a}]"),
+            (IpAddr::V4(a), p) => write!(f, "{a}:{p}"),
+            (IpAddr::V6(a), p) => write!(f, "[{a}]:{p}"),
+        }
+    }
+}
+
+/// A backend as desired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub addr: BackendAddr,
+    pub weight: u32,
+    /// No new connections; existing ones finish.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A service as desired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub id: ServiceId,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest weight accepted (keeps Maglev's credit arithmetic small).
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_ids_parse_and_print() {
+        let s: ServiceId = "198.18.0.10:80/tcp".parse().unwrap();
+        assert_eq!(s.to_string(), "198.18.0.10:80/tcp");
+        let s: ServiceId = "198.18.0.10:53/udp".parse().unwrap();
+        assert_eq!(s.proto, Proto::Udp);
+        let s: ServiceId = "[2001:2::10]:443".parse().unwrap();
+        assert_eq!(s.to_string(), "[2001:2::10]:443/tcp");
+        let s: ServiceId = "198.18.0.10:*/udp".parse().unwrap();
+        assert_eq!(s.port, 0);
+        for bad in [
+            "198.18.0.10",
+            "198.18.0.10:0",
+            "198.18.0.10:99999",
+            "2001:2::10:80",
+            "[198.18.0.1]:80",
+            "198.18.0.10:80/sctp",
+            "web:80",
+        ] {
+            assert!(bad.parse::<ServiceId>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn backend_addrs_parse_and_print() {
+        let b: BackendAddr = "198.18.1.2:8080".parse().unwrap();
+        assert_eq!((b.port, b.to_string().as_str()), (8080, "198.18.1.2:8080"));
+        let b: BackendAddr = "2001:2::5".parse().unwrap();
+        assert_eq!((b.port, b.to_string().as_str()), (0, "[2001:2::5]"));
+        let b: BackendAddr = "[2001:2::5]:80".parse().unwrap();
+        assert_eq!(b.port, 80);
+        assert!("198.18.1.2:x".parse::<BackendAddr>().is_err());
+        assert!("host:80".parse::<BackendAddr>().is_err());
+    }
+}
