@@ -467,6 +467,15 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         // VLAN-tagged: the stack knows which tag the egress needs.
         return fallback(ctx);
     }
+    // Redirect only where a redirect is known to land: the receiving
+    // interface (XDP_TX) or interfaces sluice is attached to (`LB_TX_PORTS`).
+    // A veth, for one, drops redirected frames unless its peer runs XDP.
+    let same = p.ifindex == ingress;
+    let in_ports = !same && LB_TX_PORTS.get(p.ifindex).is_some();
+    if !same && !in_ports && !dsr {
+        bump(lb_stat::TO_STACK);
+        return xdp_action::XDP_PASS;
+    }
     let Some(eth) = ptr_mut::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
@@ -475,13 +484,15 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
     macs[6..].copy_from_slice(&p.smac);
     // SAFETY: bounds-checked by ptr_mut.
     unsafe { *eth = macs };
-    if p.ifindex == ingress {
+    if same {
         bump(lb_stat::TX);
         return xdp_action::XDP_TX;
     }
     bump(lb_stat::REDIRECT);
     match LB_TX_PORTS.redirect(p.ifindex, 0) {
         Ok(a) => a,
+        // A DSR backend behind an interface sluice is not attached to: it
+        // can only leave from here.
         // SAFETY: plain helper call.
         Err(_) => unsafe { bpf_redirect(p.ifindex, 0) as u32 },
     }

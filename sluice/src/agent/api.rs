@@ -111,6 +111,7 @@ impl From<AgentError> for ApiError {
                 DataplaneError::ListFull { .. } | DataplaneError::TooManyRules { .. },
             ) => StatusCode::CONFLICT,
             AgentError::Dataplane(DataplaneError::NotAttached { .. }) => StatusCode::CONFLICT,
+            AgentError::Lb(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let diagnostics = match &e {
@@ -639,6 +640,34 @@ async fn detach_iface(
     .map(Json)
 }
 
+/// `GET /v1/lb`: services, backends, health, counters.
+async fn get_lb(State(core): State<Shared>) -> Result<Json<super::lb::LbView>, ApiError> {
+    with_core(&core, |c| {
+        let desired = c.state.desired();
+        Ok(super::lb::view(
+            &c.root,
+            Some(&desired.services),
+            c.checker.as_deref(),
+        )?)
+    })
+    .await
+    .map(Json)
+}
+
+/// `POST /v1/lb/change`: one change to the services.
+async fn lb_change(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    Json(change): Json<crate::lb::LbOp>,
+) -> Result<Json<Applied>, ApiError> {
+    let who = author(&peer, &headers);
+    let safe = safety(&headers);
+    with_core(&core, move |c| c.change(vec![Op::Lb { change }], &who, &safe))
+        .await
+        .map(Json)
+}
+
 /// The flow reader, given to the router as an extension by the agent.
 type FlowsExt = axum::Extension<Arc<super::flows::Flows>>;
 
@@ -728,6 +757,8 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/flows", get(get_flows))
         .route("/v1/flows/top", get(get_flows_top))
         .route("/v1/flows/stats", get(get_flows_stats))
+        .route("/v1/lb", get(get_lb))
+        .route("/v1/lb/change", post(lb_change))
         .with_state(core)
 }
 

@@ -35,7 +35,12 @@ pub enum AgentError {
     LockOut { probe: String, why: String },
     #[error("version {version} is not in the history (kept: {kept})")]
     NoSuchVersion { version: u64, kept: String },
+    #[error(transparent)]
+    Lb(#[from] dataplane::lb::LbError),
 }
+
+/// A backend of a service, as health checks and `down` sets name it.
+pub type MemberKey = (crate::lb::ServiceId, crate::lb::BackendAddr);
 
 /// What one reconcile did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -81,6 +86,14 @@ pub struct Core {
     refused_hash: Option<String>,
     /// `[ddos]` settings of the config file; kept in the kernel by the DDoS task.
     pub ddos: config::DdosSettings,
+    /// `[lb]` settings of the config file.
+    pub lb: config::LbSettings,
+    /// Backends health checks found down (left out of their tables).
+    pub health_down: std::collections::HashSet<MemberKey>,
+    /// The health checker (status for the API and metrics).
+    pub checker: Option<std::sync::Arc<super::health::Checker<MemberKey>>>,
+    /// What the LB maps were last made to match (skip identical re-applies).
+    lb_applied: Option<(Vec<crate::lb::ServiceSpec>, Vec<MemberKey>)>,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
@@ -122,6 +135,10 @@ impl Core {
             metrics: super::metrics::AgentMetrics::default(),
             refused_hash: None,
             ddos: config::DdosSettings::default(),
+            lb: config::LbSettings::default(),
+            health_down: std::collections::HashSet::new(),
+            checker: None,
+            lb_applied: None,
         };
         info!(
             resumed,
@@ -206,9 +223,82 @@ impl Core {
                 let change = change_to(&maps, &current, &desired.policy)?;
                 maps.commit(change)?;
             }
+            self.reconcile_lb(&desired, !strict)?;
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
+    }
+
+    /// Makes the LB maps match the desired services (minus the backends
+    /// health checks found down) and the `[lb]` settings. `force`: even when
+    /// nothing changed since the last apply (drift checks).
+    pub fn reconcile_lb(
+        &mut self,
+        desired: &crate::policy::Desired,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        if !self.root.is_set_up() {
+            return Ok(());
+        }
+        let cfg = dataplane::lb::config(&self.root)?;
+        let (interval, tolerance) = dataplane::runtime::gcra(
+            self.lb.new_connections_per_second,
+            self.lb.new_connections_burst,
+        );
+        if cfg.tcp_idle_ns != self.lb.tcp_idle_secs * 1_000_000_000
+            || cfg.udp_idle_ns != self.lb.udp_idle_secs * 1_000_000_000
+            || cfg.new_conn_interval_ns != interval
+            || cfg.new_conn_tolerance_ns != tolerance
+        {
+            dataplane::lb::set_conn_settings(
+                &self.root,
+                self.lb.tcp_idle_secs,
+                self.lb.udp_idle_secs,
+                self.lb.new_connections_per_second,
+                self.lb.new_connections_burst,
+            )?;
+        }
+        let specs: Vec<crate::lb::ServiceSpec> =
+            desired.services.iter().map(|s| s.spec.clone()).collect();
+        // Only members still in the desired state can be down.
+        self.health_down.retain(|(sid, b)| {
+            specs
+                .iter()
+                .any(|s| s.id == *sid && s.backends.iter().any(|x| x.addr == *b))
+        });
+        let mut down: Vec<MemberKey> = self.health_down.iter().copied().collect();
+        down.sort();
+        let key = (specs, down);
+        if !force && self.lb_applied.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let r = dataplane::lb::apply(&self.root, &key.0, &self.health_down)?;
+        if r.tables_rebuilt + r.backends_written + r.backends_freed + r.services_removed > 0 {
+            info!(
+                services_added = r.services_added,
+                services_removed = r.services_removed,
+                tables = r.tables_rebuilt,
+                backends_written = r.backends_written,
+                backends_freed = r.backends_freed,
+                "load balancer updated"
+            );
+        }
+        self.lb_applied = Some(key);
+        Ok(())
+    }
+
+    /// A health check changed its verdict on a backend: the tables follow.
+    pub fn set_health(&mut self, member: MemberKey, up: bool) -> Result<(), AgentError> {
+        let changed = if up {
+            self.health_down.remove(&member)
+        } else {
+            self.health_down.insert(member)
+        };
+        if changed {
+            let desired = self.state.desired();
+            self.reconcile_lb(&desired, false)?;
+        }
+        Ok(())
     }
 
     /// Replaces the state with `next` if the kernel takes it; on failure the
@@ -445,6 +535,7 @@ impl Core {
                 self.refused_hash = None;
                 if let Ok(cfg) = config::parse(&path, &text) {
                     self.ddos = cfg.ddos;
+                    self.lb = cfg.lb;
                 }
                 self.store.save(&self.state)?;
                 Ok(Some(applied))

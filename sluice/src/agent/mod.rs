@@ -6,6 +6,7 @@ pub mod core;
 pub mod ddos;
 pub mod flows;
 pub mod health;
+pub mod lb;
 pub mod metrics;
 pub mod store;
 
@@ -173,6 +174,13 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         }
     };
     core.ddos = cfg.ddos;
+    core.lb = cfg.lb;
+    {
+        let desired = core.state.desired();
+        if let Err(e) = core.reconcile_lb(&desired, true) {
+            warn!(error = %e, "cannot apply the [lb] settings yet; will retry");
+        }
+    }
     let socket_path = listener_path.clone();
     let flows = flows::Flows::new(core.root.clone(), flow_settings);
     // Sampling is on before the API answers, so no early packet goes unrecorded.
@@ -208,6 +216,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             None => None,
         };
         let ddos_task = tokio::spawn(ddos::run(shared.clone()));
+        let lb_task = tokio::spawn(lb::run(shared.clone()));
         let app = api::router(shared.clone()).layer(axum::Extension(flows.clone()));
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<api::Peer>());
 
@@ -262,6 +271,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         tasks.abort();
         flow_reader.abort();
         ddos_task.abort();
+        lb_task.abort();
         if let Some(t) = metrics_task {
             t.abort();
         }

@@ -4,6 +4,7 @@
 mod capture;
 mod client;
 mod flows;
+mod lb;
 mod output;
 mod top;
 
@@ -143,6 +144,8 @@ pub enum Command {
     /// A live view through the agent: packets and bits per second by verdict
     /// and reason, top sources and destinations, map occupancy, event counters.
     Top(top::TopArgs),
+    /// The L4 load balancer: services (VIPs) and their backends.
+    Lb(lb::LbArgs),
     /// The deny list: sources whose packets are dropped.
     Deny(ListArgs),
     /// The allow list: sources that are always passed (they skip deny and rules).
@@ -301,6 +304,8 @@ pub enum CliError {
     Capture(#[from] capture::CaptureCommandError),
     #[error("invalid --ttl '{ttl}': whole seconds from 1s to 365d, e.g. 90s, 10m, 2h, 7d")]
     BadTtl { ttl: String },
+    #[error(transparent)]
+    Lb(#[from] lb::LbCliError),
     #[error("--ttl applies to the deny list only")]
     TtlOnAllow,
     #[error(
@@ -443,6 +448,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             | Command::Rule {
                 action: RuleCommand::Add { .. } | RuleCommand::Del { .. }
             }
+            | Command::Lb(lb::LbArgs {
+                command: lb::LbCommand::Service { .. } | lb::LbCommand::Backend { .. }
+            })
     );
     match cli.command {
         Command::Attach { iface, mode } => {
@@ -460,6 +468,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let maps = PolicyMaps::open(&root)?;
             out.stats(&stats::collect(&maps, top)?);
         }
+        Command::Lb(args) => lb::direct(&root, &args, &out)?,
         Command::Deny(args) => list_command(&root, false, args, &out)?,
         Command::Allow(args) => list_command(&root, true, args, &out)?,
         Command::Rule { action } => rule_command(&root, action, &out)?,
@@ -559,6 +568,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
             );
         }
         Command::Status => out.status(&client.call(Method::GET, "/v1/status", None::<&()>)?),
+        Command::Lb(args) => lb::via_agent(client, args, out)?,
         Command::Stats { top } => {
             out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)
         }

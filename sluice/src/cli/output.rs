@@ -506,4 +506,77 @@ impl Out {
             .collect();
         table(&["ID", "POS", "RULE", "PACKETS", "BYTES"], &rows);
     }
+
+    pub fn lb(&self, v: &crate::agent::lb::LbView) {
+        if self.json {
+            print_json(&serde_json::to_value(v).expect("serialisable"));
+            return;
+        }
+        if v.services.is_empty() {
+            println!("no services");
+            return;
+        }
+        let table_size = f64::from(sluice_common::lb::TABLE_SIZE);
+        for (i, s) in v.services.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            println!(
+                "{} {}  packets {}  bytes {}  connections {}{}",
+                s.service,
+                s.mode,
+                s.packets,
+                human_bytes(s.bytes),
+                s.connections,
+                s.health_check
+                    .as_ref()
+                    .map(|h| format!("  health: {h}"))
+                    .unwrap_or_default()
+            );
+            if s.backends.is_empty() {
+                println!("  no backends: packets to it are dropped (reason no-backend)");
+                continue;
+            }
+            let rows: Vec<Vec<String>> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    vec![
+                        format!("  {}", b.backend),
+                        b.weight.to_string(),
+                        b.state.clone(),
+                        match &b.health_error {
+                            Some(e) => format!("{} ({e})", b.health),
+                            None => b.health.clone(),
+                        },
+                        format!("{:.1}%", b.table_slots as f64 * 100.0 / table_size),
+                        b.packets.to_string(),
+                        human_bytes(b.bytes),
+                        b.connections.to_string(),
+                        b.active.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "  BACKEND", "WEIGHT", "STATE", "HEALTH", "TABLE", "PACKETS", "BYTES", "CONNS",
+                    "ACTIVE",
+                ],
+                &rows,
+            );
+        }
+    }
+
+    pub fn lb_applied(&self, message: &str, r: &crate::dataplane::lb::ApplyReport) {
+        if self.json {
+            let mut v = serde_json::to_value(r).expect("serialisable");
+            v["message"] = json!(message);
+            print_json(&v);
+        } else {
+            println!(
+                "{message} ({} table(s) rebuilt, {} backend slot(s) written, {} freed)",
+                r.tables_rebuilt, r.backends_written, r.backends_freed
+            );
+        }
+    }
 }

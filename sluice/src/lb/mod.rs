@@ -196,6 +196,282 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
 }
 
+/// How the agent checks a service's backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthConf {
+    /// `tcp` (connect) or `http` (GET `path`, expect `expect`).
+    pub check: CheckKind,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_expect")]
+    pub expect: u16,
+    /// Port to check; default: the backend's port, else the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+const fn default_expect() -> u16 {
+    200
+}
+
+impl HealthConf {
+    /// Defaults: every 2 s, 1 s timeout, up after 2 passes, down after 3 failures.
+    pub fn new(check: CheckKind) -> Self {
+        Self {
+            check,
+            path: default_path(),
+            expect: default_expect(),
+            port: None,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+        }
+    }
+
+    pub fn to_spec(&self) -> crate::agent::health::CheckSpec {
+        crate::agent::health::CheckSpec {
+            probe: match self.check {
+                CheckKind::Tcp => crate::agent::health::Probe::Tcp,
+                CheckKind::Http => crate::agent::health::Probe::Http {
+                    path: self.path.clone(),
+                    expect_status: self.expect,
+                    host: None,
+                },
+            },
+            interval: std::time::Duration::from_millis(self.interval_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            rise: self.rise,
+            fall: self.fall,
+        }
+    }
+
+    /// Checks the settings (and that a port to check is known).
+    pub fn validate(&self, service: &ServiceSpec) -> Result<(), String> {
+        self.to_spec()
+            .validate()
+            .map_err(|e| format!("service {}: health check: {e}", service.id))?;
+        if self.port.is_none() && service.id.port == 0 {
+            if let Some(b) = service.backends.iter().find(|b| b.addr.port == 0) {
+                return Err(format!(
+                    "service {}: health check: backend {} has no port to check \
+                     (a whole-VIP service): give the check a port",
+                    service.id, b.addr
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the check for `backend` of `service` connects.
+    pub fn target(&self, service: &ServiceId, backend: &BackendAddr) -> std::net::SocketAddr {
+        let port = self
+            .port
+            .unwrap_or(if backend.port != 0 { backend.port } else { service.port });
+        std::net::SocketAddr::new(backend.addr, port)
+    }
+}
+
+/// A service the agent owns: the dataplane's part and the agent's health check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbService {
+    #[serde(flatten)]
+    pub spec: ServiceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConf>,
+}
+
+/// A change to the services (`sluice lb ...`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LbOp {
+    ServiceAdd {
+        service: LbService,
+    },
+    ServiceDel {
+        id: ServiceId,
+    },
+    BackendAdd {
+        service: ServiceId,
+        backend: BackendSpec,
+    },
+    BackendDel {
+        service: ServiceId,
+        backend: BackendAddr,
+    },
+    /// Changes a backend's weight and/or drain state.
+    BackendSet {
+        service: ServiceId,
+        backend: BackendAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        draining: Option<bool>,
+    },
+}
+
+impl LbOp {
+    /// Applies the change. `strict` (a new request) refuses changes that do
+    /// not fit (a service that exists already, a backend that is absent);
+    /// replaying onto a new base skips them.
+    pub fn apply(&self, services: &mut Vec<LbService>, strict: bool) -> Result<(), String> {
+        let find = |services: &mut Vec<LbService>, id: &ServiceId| {
+            services.iter().position(|s| s.spec.id == *id)
+        };
+        match self {
+            Self::ServiceAdd { service } => match find(services, &service.spec.id) {
+                Some(_) if strict => {
+                    return Err(format!(
+                        "service {} exists already (change its backends with `sluice lb backend ...`, \
+                         or delete it first)",
+                        service.spec.id
+                    ));
+                }
+                Some(i) => services[i] = service.clone(),
+                None => services.push(service.clone()),
+            },
+            Self::ServiceDel { id } => match find(services, id) {
+                Some(i) => {
+                    services.remove(i);
+                }
+                None if strict => return Err(format!("no service {id}")),
+                None => {}
+            },
+            Self::BackendAdd { service, backend } => {
+                let Some(i) = find(services, service) else {
+                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                };
+                let list = &mut services[i].spec.backends;
+                match list.iter().position(|b| b.addr == backend.addr) {
+                    Some(_) if strict => {
+                        return Err(format!(
+                            "service {service} has backend {} already (change its weight with \
+                             `sluice lb backend weight`)",
+                            backend.addr
+                        ));
+                    }
+                    Some(j) => list[j] = backend.clone(),
+                    None => list.push(backend.clone()),
+                }
+            }
+            Self::BackendDel { service, backend } => {
+                let Some(i) = find(services, service) else {
+                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                };
+                let list = &mut services[i].spec.backends;
+                match list.iter().position(|b| b.addr == *backend) {
+                    Some(j) => {
+                        list.remove(j);
+                    }
+                    None if strict => {
+                        return Err(format!("service {service} has no backend {backend}"));
+                    }
+                    None => {}
+                }
+            }
+            Self::BackendSet {
+                service,
+                backend,
+                weight,
+                draining,
+            } => {
+                let Some(i) = find(services, service) else {
+                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                };
+                match services[i].spec.backends.iter_mut().find(|b| b.addr == *backend) {
+                    Some(b) => {
+                        if let Some(w) = weight {
+                            b.weight = *w;
+                        }
+                        if let Some(d) = draining {
+                            b.draining = *d;
+                        }
+                    }
+                    None if strict => {
+                        return Err(format!("service {service} has no backend {backend}"));
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::ServiceAdd { service } => format!(
+                "lb service add {} ({}, {} backends)",
+                service.spec.id,
+                service.spec.mode.name(),
+                service.spec.backends.len()
+            ),
+            Self::ServiceDel { id } => format!("lb service del {id}"),
+            Self::BackendAdd { service, backend } => format!(
+                "lb backend add {service} {} weight {}",
+                backend.addr, backend.weight
+            ),
+            Self::BackendDel { service, backend } => format!("lb backend del {service} {backend}"),
+            Self::BackendSet {
+                service,
+                backend,
+                weight,
+                draining,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(w) = weight {
+                    parts.push(format!("weight {w}"));
+                }
+                match draining {
+                    Some(true) => parts.push("drain".into()),
+                    Some(false) => parts.push("undrain".into()),
+                    None => {}
+                }
+                format!("lb backend {service} {backend} {}", parts.join(", "))
+            }
+        }
+    }
+}
+
+/// Checks services as a whole: what the dataplane can hold and translate,
+/// weights, health settings.
+pub fn validate(services: &[LbService]) -> Result<(), String> {
+    let specs: Vec<ServiceSpec> = services.iter().map(|s| s.spec.clone()).collect();
+    let mut seen = std::collections::HashSet::new();
+    for s in services {
+        if !seen.insert(s.spec.id) {
+            return Err(format!("service {} is defined twice", s.spec.id));
+        }
+        for b in &s.spec.backends {
+            if !(1..=MAX_WEIGHT).contains(&b.weight) {
+                return Err(format!(
+                    "service {}: backend {} weight {} is out of range (1 to {MAX_WEIGHT}; \
+                     drain a backend to take it out)",
+                    s.spec.id, b.addr, b.weight
+                ));
+            }
+        }
+        if let Some(h) = &s.health {
+            h.validate(&s.spec)?;
+        }
+    }
+    crate::dataplane::lb::validate(&specs).map_err(|e| e.to_string())
+}
+
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest weight accepted (keeps Maglev's credit arithmetic small).

@@ -160,6 +160,72 @@ pub struct Config {
     pub desired: Desired,
     pub flows: FlowSettings,
     pub ddos: DdosSettings,
+    pub lb: LbSettings,
+}
+
+/// The `[lb]` table: the connection table's timeouts and new-entry cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbSettings {
+    pub tcp_idle_secs: u64,
+    pub udp_idle_secs: u64,
+    pub new_connections_per_second: u64,
+    pub new_connections_burst: u64,
+}
+
+impl Default for LbSettings {
+    fn default() -> Self {
+        use crate::dataplane::lb::{DEFAULT_NEW_CONNS_PER_S, DEFAULT_TCP_IDLE_S, DEFAULT_UDP_IDLE_S};
+        Self {
+            tcp_idle_secs: DEFAULT_TCP_IDLE_S,
+            udp_idle_secs: DEFAULT_UDP_IDLE_S,
+            new_connections_per_second: DEFAULT_NEW_CONNS_PER_S,
+            new_connections_burst: DEFAULT_NEW_CONNS_PER_S,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLb {
+    conn_tcp_idle: Option<Spanned<String>>,
+    conn_udp_idle: Option<Spanned<String>>,
+    new_connections_per_second: Option<Spanned<i64>>,
+    new_connections_burst: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    vip: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBackend {
+    Addr(String),
+    Full {
+        addr: String,
+        weight: Option<i64>,
+        #[serde(default)]
+        drain: bool,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: String,
+    path: Option<String>,
+    expect: Option<i64>,
+    port: Option<i64>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +245,10 @@ struct RawConfig {
     flows: RawFlows,
     #[serde(default)]
     ddos: RawDdos,
+    #[serde(default)]
+    lb: RawLb,
+    #[serde(default, rename = "service")]
+    services: Vec<Spanned<RawService>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -392,6 +462,173 @@ fn ddos_settings(pos: &Positions<'_>, raw: &RawDdos, diags: &mut Vec<Diagnostic>
     d
 }
 
+/// The `[lb]` table, defaults filled in.
+fn lb_settings(pos: &Positions<'_>, raw: &RawLb, diags: &mut Vec<Diagnostic>) -> LbSettings {
+    const MAX: u64 = 1_000_000_000;
+    let mut l = LbSettings::default();
+    for (name, v, into) in [
+        ("conn_tcp_idle", &raw.conn_tcp_idle, &mut l.tcp_idle_secs),
+        ("conn_udp_idle", &raw.conn_udp_idle, &mut l.udp_idle_secs),
+    ] {
+        if let Some(v) = v {
+            match super::parse_duration_ms(v.get_ref())
+                .filter(|ms| ms % 1000 == 0 && (1_000..=7 * 86_400_000).contains(ms))
+            {
+                Some(ms) => *into = ms / 1000,
+                None => diags.push(pos.span(
+                    v,
+                    format!(
+                        "{name} must be whole seconds from 1s to 7d (e.g. \"15m\"), found {:?}",
+                        v.get_ref()
+                    ),
+                )),
+            }
+        }
+    }
+    if let Some(v) = &raw.new_connections_per_second {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if n <= MAX => {
+                l.new_connections_per_second = n;
+                l.new_connections_burst = n.max(1);
+            }
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "new_connections_per_second must be between 0 (no cap) and {MAX}, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(v) = &raw.new_connections_burst {
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if (1..=MAX).contains(&n) => l.new_connections_burst = n,
+            _ => diags.push(pos.span(
+                v,
+                format!("new_connections_burst must be between 1 and {MAX}, found {}", v.get_ref()),
+            )),
+        }
+    }
+    l
+}
+
+/// One `[[service]]` table.
+fn service(
+    pos: &Positions<'_>,
+    raw: &Spanned<RawService>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::lb::LbService> {
+    use crate::lb::{BackendSpec, CheckKind, DEFAULT_WEIGHT, HealthConf, LbService, Mode, ServiceSpec};
+    let r = raw.get_ref();
+    let before = diags.len();
+    let id = match r.vip.get_ref().parse::<crate::lb::ServiceId>() {
+        Ok(id) => Some(id),
+        Err(e) => {
+            diags.push(pos.span(&r.vip, e.to_string()));
+            None
+        }
+    };
+    let mode = match r.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+        None | Some((_, "nat")) => Mode::Nat,
+        Some((_, "dsr")) => Mode::Dsr,
+        Some((m, other)) => {
+            diags.push(pos.span(m, format!("mode must be nat or dsr, found {other:?}")));
+            Mode::Nat
+        }
+    };
+    let mut backends = Vec::new();
+    for b in &r.backends {
+        let (addr, weight, drain) = match b.get_ref() {
+            RawBackend::Addr(a) => (a.as_str(), None, false),
+            RawBackend::Full { addr, weight, drain } => (addr.as_str(), *weight, *drain),
+        };
+        let addr = match addr.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                diags.push(pos.span(b, format!("{e}")));
+                continue;
+            }
+        };
+        let weight = match weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) => match u32::try_from(w) {
+                Ok(w) if (1..=crate::lb::MAX_WEIGHT).contains(&w) => w,
+                _ => {
+                    diags.push(pos.span(
+                        b,
+                        format!("weight must be 1 to {}, found {w}", crate::lb::MAX_WEIGHT),
+                    ));
+                    continue;
+                }
+            },
+        };
+        backends.push(BackendSpec {
+            addr,
+            weight,
+            draining: drain,
+        });
+    }
+    let health = r.health.as_ref().and_then(|h| {
+        let raw = h.get_ref();
+        let check = match raw.check.as_str() {
+            "tcp" => CheckKind::Tcp,
+            "http" => CheckKind::Http,
+            other => {
+                diags.push(pos.span(h, format!("health check must be tcp or http, found {other:?}")));
+                return None;
+            }
+        };
+        let mut c = HealthConf::new(check);
+        let mut bad = |msg: String| diags.push(pos.span(h, msg));
+        if let Some(p) = &raw.path {
+            c.path.clone_from(p);
+        }
+        if let Some(e) = raw.expect {
+            match u16::try_from(e) {
+                Ok(e) => c.expect = e,
+                Err(_) => bad(format!("expect must be an HTTP status, found {e}")),
+            }
+        }
+        if let Some(p) = raw.port {
+            match u16::try_from(p) {
+                Ok(p) if p != 0 => c.port = Some(p),
+                _ => bad(format!("port must be 1 to 65535, found {p}")),
+            }
+        }
+        for (name, v, into) in [
+            ("interval", &raw.interval, &mut c.interval_ms),
+            ("timeout", &raw.timeout, &mut c.timeout_ms),
+        ] {
+            if let Some(v) = v {
+                match super::parse_duration_ms(v).filter(|ms| (1..=3_600_000).contains(ms)) {
+                    Some(ms) => *into = ms,
+                    None => bad(format!("{name} must be a duration up to 1h (e.g. \"2s\"), found {v:?}")),
+                }
+            }
+        }
+        for (name, v, into) in [("rise", raw.rise, &mut c.rise), ("fall", raw.fall, &mut c.fall)] {
+            if let Some(v) = v {
+                match u32::try_from(v) {
+                    Ok(n) if (1..=100).contains(&n) => *into = n,
+                    _ => bad(format!("{name} must be 1 to 100, found {v}")),
+                }
+            }
+        }
+        Some(c)
+    });
+    if diags.len() > before {
+        return None;
+    }
+    Some(LbService {
+        spec: ServiceSpec {
+            id: id?,
+            mode,
+            backends,
+        },
+        health,
+    })
+}
+
 /// Parses and validates configuration text. `path` is used for messages and
 /// to resolve relative prefix files.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
@@ -560,6 +797,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     }
     let flows = flow_settings(&pos, &raw.flows, &mut diags);
     let ddos = ddos_settings(&pos, &raw.ddos, &mut diags);
+    let lb = lb_settings(&pos, &raw.lb, &mut diags);
+    let mut services = Vec::new();
+    for s in &raw.services {
+        if let Some(svc) = service(&pos, s, &mut diags) {
+            services.push(svc);
+        }
+    }
+    if diags.is_empty() {
+        if let Err(e) = crate::lb::validate(&services) {
+            let at = raw.services.first().map_or(0, |s| s.span().start);
+            diags.push(pos.at(at, e));
+        }
+    }
     diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
         Ok(Config {
@@ -569,9 +819,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 interfaces,
                 policy,
                 temp_deny: std::collections::BTreeMap::new(),
+                services,
             },
             flows,
             ddos,
+            lb,
         })
     } else {
         Err(ConfigErrors(diags))

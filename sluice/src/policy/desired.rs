@@ -94,6 +94,9 @@ pub struct Desired {
     /// is also in `policy.deny` until the agent expires it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub temp_deny: BTreeMap<IpNet, TempDeny>,
+    /// Load-balanced services (`[[service]]`, `sluice lb ...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<crate::lb::LbService>,
 }
 
 /// Why a temporary deny entry exists and when it goes.
@@ -313,6 +316,10 @@ pub enum Op {
     Expire {
         prefixes: Vec<IpNet>,
     },
+    /// A change to the load balancer's services.
+    Lb {
+        change: crate::lb::LbOp,
+    },
 }
 
 impl Op {
@@ -404,6 +411,12 @@ impl Op {
                     .retain(|i| !(i.name == interface.name && i.netns == interface.netns));
                 d.interfaces.push(interface.clone());
             }
+            Self::Lb { change } => {
+                change.apply(&mut d.services, strict)?;
+                if strict {
+                    crate::lb::validate(&d.services)?;
+                }
+            }
             Self::Detach { name, netns } => {
                 let before = d.interfaces.len();
                 d.interfaces
@@ -453,6 +466,7 @@ impl Op {
                 prefixes, reason, ..
             } => format!("deny add {} (temporary: {reason})", nets(prefixes)),
             Self::Expire { prefixes } => format!("expired deny {}", nets(prefixes)),
+            Self::Lb { change } => change.describe(),
         }
     }
 }
@@ -548,6 +562,22 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
         out.push(Op::Audit {
             on: fin.policy.audit,
         });
+    }
+    // Services: gone ones deleted, new or changed ones given whole (a
+    // replayed add replaces).
+    for b in &base.services {
+        if !fin.services.iter().any(|f| f.spec.id == b.spec.id) {
+            out.push(Op::Lb {
+                change: crate::lb::LbOp::ServiceDel { id: b.spec.id },
+            });
+        }
+    }
+    for f in &fin.services {
+        if !base.services.contains(f) {
+            out.push(Op::Lb {
+                change: crate::lb::LbOp::ServiceAdd { service: f.clone() },
+            });
+        }
     }
     out
 }

@@ -1,0 +1,439 @@
+//! The load balancer end to end: a client namespace, an LB namespace running
+//! the agent (sluice attached to its client-facing veth), and backend
+//! namespaces running real TCP servers. Real connections to the VIP, over
+//! IPv4 and IPv6: spread by weight, pinned across a backend add, kept off a
+//! drained backend, and moved off a killed backend once health checks see
+//! it. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent::{AgentEnv, AgentProc},
+    netns::Netns,
+};
+use serde_json::Value;
+use sluice::lb::maglev;
+use sluice_common::{
+    addr_words,
+    lb::{TABLE_SIZE, flow_hash},
+};
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
+const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
+const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 1);
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
+const SERVICE_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+fn backend_v4(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 11 + i, 2)
+}
+
+fn backend_v6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 2)
+}
+
+/// A TCP server in a backend namespace: answers each connection with its
+/// name, then echoes lines until the client closes. `stop` closes the
+/// listener and every open connection (a killed process).
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, name: &str) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, BACKEND_PORT))
+                .expect("bind the backend's port (dual-stack)");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            let mut conns: Vec<JoinHandle<()>> = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let name = name.clone();
+                        let flag = flag.clone();
+                        conns.push(thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                            if writeln!(s, "{name}").is_err() {
+                                return;
+                            }
+                            let mut r = BufReader::new(s.try_clone().expect("clone"));
+                            let mut line = String::new();
+                            while !flag.load(Ordering::Relaxed) {
+                                line.clear();
+                                match r.read_line(&mut line) {
+                                    Ok(0) => return,
+                                    Ok(_) => {
+                                        if s.write_all(line.as_bytes()).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
+                                }
+                            }
+                            // Killed: reset rather than close politely.
+                            let sock = socket2::SockRef::from(&s);
+                            let _ = sock.set_linger(Some(Duration::ZERO));
+                        }));
+                        conns.retain(|c| !c.is_finished());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            drop(listener);
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("backend server did not start");
+        Server {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Joins two namespaces with a veth pair and addresses both ends.
+fn veth(a: &Netns, a_if: &str, a_addrs: (Ipv4Addr, Ipv6Addr), b: &Netns, b_if: &str, b_addrs: (Ipv4Addr, Ipv6Addr)) {
+    a.exec_ok(["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()]);
+    for (ns, ifname, (v4, v6)) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+        ns.exec_ok(["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
+        ns.exec_ok(["ip", "-6", "addr", "add", &format!("{v6}/64"), "dev", ifname, "nodad"]);
+        ns.exec_ok(["ip", "link", "set", "dev", ifname, "up"]);
+    }
+}
+
+struct Backend {
+    ns: Netns,
+    name: String,
+    server: Server,
+}
+
+struct Topo {
+    client: Netns,
+    lb: Netns,
+    lb_if: String,
+    backends: Vec<Backend>,
+}
+
+impl Topo {
+    fn new(tag: &str, n: u8) -> Topo {
+        let client = Netns::new(&format!("{tag}-c"));
+        let lb = Netns::new(&format!("{tag}-l"));
+        let id = std::process::id() % 10_000;
+        let lb_if = format!("lbc{id}");
+        veth(&client, &format!("cl{id}"), (CLIENT4, CLIENT6), &lb, &lb_if, (LB4, LB6));
+        client.exec_ok(["ip", "route", "add", &format!("{VIP4}/32"), "via", &LB4.to_string()]);
+        client.exec_ok(["ip", "-6", "route", "add", &format!("{VIP6}/128"), "via", &LB6.to_string()]);
+        lb.exec_ok(["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        lb.exec_ok(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        let mut backends = Vec::new();
+        for i in 0..n {
+            let ns = Netns::new(&format!("{tag}-b{i}"));
+            let lb_side = (Ipv4Addr::new(198, 18, 11 + i, 1), Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 1));
+            veth(&lb, &format!("lb{i}{id}"), lb_side, &ns, &format!("be{i}{id}"), (backend_v4(i), backend_v6(i)));
+            ns.exec_ok(["ip", "route", "add", "default", "via", &lb_side.0.to_string()]);
+            ns.exec_ok(["ip", "-6", "route", "add", "default", "via", &lb_side.1.to_string()]);
+            let name = format!("b{i}");
+            let server = Server::start(&ns, &name);
+            backends.push(Backend { ns, name, server });
+        }
+        Topo {
+            client,
+            lb,
+            lb_if,
+            backends,
+        }
+    }
+}
+
+/// One connection from the client namespace to `vip`, from source port
+/// `sport`: the backend's name, or None if it failed.
+fn connect_once(vip: IpAddr, sport: u16) -> Option<(String, TcpStream)> {
+    let local: SocketAddr = match vip {
+        IpAddr::V4(_) => (CLIENT4, sport).into(),
+        IpAddr::V6(_) => (CLIENT6, sport).into(),
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .ok()?;
+    sock.set_reuse_address(true).ok()?;
+    sock.bind(&local.into()).ok()?;
+    sock.connect_timeout(&SocketAddr::new(vip, SERVICE_PORT).into(), Duration::from_secs(2))
+        .ok()?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut line = String::new();
+    BufReader::new(s.try_clone().ok()?).read_line(&mut line).ok()?;
+    let name = line.trim().to_string();
+    (!name.is_empty()).then_some((name, s))
+}
+
+/// Short connections from the client namespace from each port of `ports`:
+/// (source port, backend name or None).
+fn connect_many(client: &Netns, vip: IpAddr, ports: std::ops::Range<u16>) -> Vec<(u16, Option<String>)> {
+    client.run(move || {
+        ports
+            .map(|p| (p, connect_once(vip, p).map(|(n, _)| n)))
+            .collect()
+    })
+}
+
+/// Which backend name the dataplane must pick for a new flow from `sport`,
+/// predicted from the Maglev table built here from the same members.
+fn predict(vip: IpAddr, sport: u16, members: &[(String, u32)]) -> String {
+    let list: Vec<maglev::Member<'_>> = members
+        .iter()
+        .enumerate()
+        .map(|(i, (name, weight))| maglev::Member {
+            name,
+            slot: i as u32,
+            weight: *weight,
+        })
+        .collect();
+    let table = maglev::build(&list, TABLE_SIZE).expect("table");
+    let (src, dst) = match vip {
+        IpAddr::V4(v) => (words(CLIENT4.into()), words(v.into())),
+        IpAddr::V6(v) => (words(CLIENT6.into()), words(v.into())),
+    };
+    let slot = table[(flow_hash(src, dst, sport, SERVICE_PORT, 6) % TABLE_SIZE) as usize];
+    members[slot as usize].0.clone()
+}
+
+fn words(a: IpAddr) -> [u64; 2] {
+    let mut b = [0u8; 16];
+    match a {
+        IpAddr::V4(v) => b[..4].copy_from_slice(&v.octets()),
+        IpAddr::V6(v) => b.copy_from_slice(&v.octets()),
+    }
+    addr_words(&b)
+}
+
+fn counts(results: &[(u16, Option<String>)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, r) in results {
+        *m.entry(r.clone().unwrap_or_else(|| "FAILED".into())).or_default() += 1;
+    }
+    m
+}
+
+fn lb_json(env: &AgentEnv) -> Value {
+    env.cli_json(&["lb", "list", "--json"])
+}
+
+fn backend_row<'a>(v: &'a Value, service: &str, backend: &str) -> &'a Value {
+    v["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["service"] == service))
+        .and_then(|s| s["backends"].as_array())
+        .and_then(|b| b.iter().find(|x| x["backend"] == backend))
+        .unwrap_or_else(|| panic!("no backend {backend} of {service} in {v:#}"))
+}
+
+#[test]
+fn nat_balances_real_connections_v4_and_v6() {
+    let mut topo = Topo::new("lbe", 4);
+    let env = AgentEnv::new("lbe");
+    let b = |i: u8, v6: bool| {
+        if v6 {
+            format!("[{}]:{BACKEND_PORT}", backend_v6(i))
+        } else {
+            format!("{}:{BACKEND_PORT}", backend_v4(i))
+        }
+    };
+    // Weights 1, 2, 3 over backends b0, b1, b2 (b3 is added later).
+    let service_toml = |vip: String, v6: bool| {
+        format!(
+            "[[service]]\nvip = \"{vip}\"\nmode = \"nat\"\nbackends = [\n  {{ addr = \"{}\", weight = 1 }},\n  {{ addr = \"{}\", weight = 2 }},\n  {{ addr = \"{}\", weight = 3 }},\n]\nhealth = {{ check = \"tcp\", interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n\n",
+            b(0, v6),
+            b(1, v6),
+            b(2, v6)
+        )
+    };
+    let svc4 = format!("{VIP4}:{SERVICE_PORT}/tcp");
+    let svc6 = format!("[{VIP6}]:{SERVICE_PORT}/tcp");
+    env.write_config(&format!(
+        "[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}",
+        topo.lb_if,
+        service_toml(format!("{VIP4}:{SERVICE_PORT}"), false),
+        service_toml(format!("[{VIP6}]:{SERVICE_PORT}"), true),
+    ));
+    let netns_arg = format!("--net={}", topo.lb.path().display());
+    let _agent = AgentProc::start_wrapped(&env, &["nsenter", &netns_arg], &[]);
+
+    let weights = [("b0", 1u32), ("b1", 2), ("b2", 3)];
+    for (vip, first) in [(IpAddr::V4(VIP4), 20_000u16), (IpAddr::V6(VIP6), 30_000)] {
+        // 1,000 connections: each on the backend the Maglev table predicts,
+        // and the split within 10% of the weights.
+        let results = connect_many(&topo.client, vip, first..first + 1000);
+        let c = counts(&results);
+        println!("{vip}: {c:?}");
+        assert_eq!(c.get("FAILED"), None, "{vip}: failed connections: {c:?}");
+        let members: Vec<(String, u32)> = weights.iter().map(|(n, w)| ((*n).to_string(), *w)).collect();
+        let names = |i: usize| members[i].0.clone();
+        let total: u32 = weights.iter().map(|(_, w)| w).sum();
+        for (i, (name, w)) in weights.iter().enumerate() {
+            let expected = 1000.0 * f64::from(*w) / f64::from(total);
+            let got = c.get(*name).copied().unwrap_or(0) as f64;
+            assert!(
+                (got - expected).abs() <= 0.10 * expected,
+                "{vip}: {name} got {got} connections, expected {expected:.0} ±10% ({c:?}) [{}]",
+                names(i)
+            );
+        }
+        // The table maps names to slots by its own member names: use the
+        // addresses the agent gave it.
+        let addr_members: Vec<(String, u32)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, (_, w))| (b(i as u8, vip.is_ipv6()), *w))
+            .collect();
+        let mut wrong = 0;
+        for (port, got) in &results {
+            let want = predict(vip, *port, &addr_members);
+            let idx = addr_members.iter().position(|(n, _)| *n == want).expect("member");
+            if got.as_deref() != Some(weights[idx].0) {
+                wrong += 1;
+            }
+        }
+        assert_eq!(wrong, 0, "{vip}: connections not on the backend the Maglev table predicts");
+    }
+
+    // Long-lived connections survive adding a backend (the table changes;
+    // the connection table keeps them where they are).
+    let held: Vec<(String, TcpStream)> = topo
+        .client
+        .run(|| (40_000..40_030).filter_map(|p| connect_once(IpAddr::V4(VIP4), p)).collect());
+    assert_eq!(held.len(), 30);
+    env.cli_ok(&["lb", "backend", "add", &svc4, &b(3, false), "--weight", "3"]);
+    let results = connect_many(&topo.client, IpAddr::V4(VIP4), 41_000..41_400);
+    let c = counts(&results);
+    println!("after adding b3: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert!(c.get("b3").copied().unwrap_or(0) > 60, "the added backend takes new connections: {c:?}");
+    let echoed = topo.client.run(move || {
+        held.into_iter()
+            .map(|(name, mut s)| {
+                let ok = writeln!(s, "ping-{name}").is_ok() && {
+                    let mut line = String::new();
+                    BufReader::new(&s).read_line(&mut line).is_ok() && line.trim() == format!("ping-{name}")
+                };
+                (name, s, ok)
+            })
+            .collect::<Vec<_>>()
+    });
+    let broken: Vec<&String> = echoed.iter().filter(|(_, _, ok)| !ok).map(|(n, _, _)| n).collect();
+    assert!(broken.is_empty(), "connections broken by adding a backend: {broken:?}");
+    // The held connections are open: the connection table counts them active.
+    let v = lb_json(&env);
+    let active: u64 = (0..4)
+        .map(|i| backend_row(&v, &svc4, &b(i, false))["active"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(active >= 30, "30 held connections, {active} active: {v:#}");
+
+    // Drain b1: its open connections go on; no new connection reaches it.
+    let on_b1: Vec<TcpStream> = echoed.into_iter().filter(|(n, _, _)| n == "b1").map(|(_, s, _)| s).collect();
+    assert!(!on_b1.is_empty(), "some held connection is on b1");
+    env.cli_ok(&["lb", "backend", "drain", &svc4, &b(1, false)]);
+    let results = connect_many(&topo.client, IpAddr::V4(VIP4), 42_000..42_300);
+    let c = counts(&results);
+    println!("b1 drained: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert_eq!(c.get("b1"), None, "a drained backend got new connections: {c:?}");
+    let still = topo.client.run(move || {
+        on_b1
+            .into_iter()
+            .filter(|s| {
+                let mut s = s;
+                writeln!(s, "still").is_ok() && {
+                    let mut line = String::new();
+                    BufReader::new(s).read_line(&mut line).is_ok() && line.trim() == "still"
+                }
+            })
+            .count()
+    });
+    assert!(still > 0, "connections on the drained backend must go on");
+    let v = lb_json(&env);
+    assert_eq!(backend_row(&v, &svc4, &b(1, false))["state"], "draining", "{v:#}");
+
+    // Kill b2: health checks take it out, and clients keep succeeding.
+    topo.backends[2].server.kill();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(10);
+    let detected = loop {
+        let v = lb_json(&env);
+        if backend_row(&v, &svc4, &b(2, false))["health"] == "down" {
+            break killed.elapsed();
+        }
+        assert!(Instant::now() < deadline, "killed backend not detected in 10 s: {v:#}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    // fall (2) failed checks 200 ms apart, plus the listing's own delay.
+    println!("b2 detected down {detected:?} after it was killed");
+    let results = connect_many(&topo.client, IpAddr::V4(VIP4), 43_000..43_300);
+    let c = counts(&results);
+    println!("b2 killed: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "clients failed after the dead backend was taken out: {c:?}");
+    assert_eq!(c.get("b2"), None, "{c:?}");
+    let results = connect_many(&topo.client, IpAddr::V6(VIP6), 31_000..31_300);
+    let c = counts(&results);
+    println!("IPv6 with b2 killed: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert_eq!(c.get("b2"), None, "{c:?}");
+
+    // Counters: the service saw every connection.
+    let v = lb_json(&env);
+    let row = backend_row(&v, &svc6, &b(0, true));
+    assert!(row["connections"].as_u64().unwrap_or(0) > 0, "{v:#}");
+    let _ = &topo.backends[0].ns;
+    let _ = &topo.backends[0].name;
+}
