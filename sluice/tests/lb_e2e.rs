@@ -302,7 +302,7 @@ fn nat_balances_real_connections_v4_and_v6() {
     let svc4 = format!("{VIP4}:{SERVICE_PORT}/tcp");
     let svc6 = format!("[{VIP6}]:{SERVICE_PORT}/tcp");
     env.write_config(&format!(
-        "[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}",
+        "[flows]\nsample_pass = 1\n\n[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}",
         topo.lb_if,
         service_toml(format!("{VIP4}:{SERVICE_PORT}"), false),
         service_toml(format!("[{VIP6}]:{SERVICE_PORT}"), true),
@@ -389,19 +389,40 @@ fn nat_balances_real_connections_v4_and_v6() {
     println!("b1 drained: {c:?}");
     assert_eq!(c.get("FAILED"), None, "{c:?}");
     assert_eq!(c.get("b1"), None, "a drained backend got new connections: {c:?}");
-    let still = topo.client.run(move || {
-        on_b1
-            .into_iter()
-            .filter(|s| {
-                let mut s = s;
-                writeln!(s, "still").is_ok() && {
-                    let mut line = String::new();
-                    BufReader::new(s).read_line(&mut line).is_ok() && line.trim() == "still"
-                }
+    // Each round trip on a held b1 connection: true if it echoed.
+    fn echo(s: &TcpStream) -> bool {
+        let mut w = s;
+        writeln!(w, "still").is_ok() && {
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).is_ok() && line.trim() == "still"
+        }
+    }
+    let on_b1 = Arc::new(on_b1);
+    let held_b1 = on_b1.clone();
+    let still = topo.client.run(move || held_b1.iter().filter(|s| echo(s)).count());
+    assert_eq!(still, on_b1.len(), "connections on the drained backend must go on");
+    // Flow records name the backend and its state (the reader learns
+    // backend states about once a second: keep the drained connections busy).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // One JSON record per line.
+        let out = env.cli_ok(&["flows", "--json", "--port", &SERVICE_PORT.to_string()]);
+        let tagged = String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|x| {
+                x["backend"] == b(1, false).as_str() && x["backend_state"] == "draining"
             })
-            .count()
-    });
-    assert!(still > 0, "connections on the drained backend must go on");
+        });
+        if tagged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no flow record names the drained backend as draining"
+        );
+        thread::sleep(Duration::from_millis(300));
+        let held_b1 = on_b1.clone();
+        topo.client.run(move || held_b1.iter().filter(|s| echo(s)).count());
+    }
     let v = lb_json(&env);
     assert_eq!(backend_row(&v, &svc4, &b(1, false))["state"], "draining", "{v:#}");
 

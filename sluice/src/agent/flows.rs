@@ -346,7 +346,17 @@ pub struct FlowEvent {
     /// Wall-clock time, Unix nanoseconds.
     pub time_ns: u64,
     pub interface: Option<Arc<str>>,
+    /// Load-balanced: the backend and its state when the record was read.
+    pub backend: Option<BackendTag>,
     pub rec: FlowRecord,
+}
+
+/// A backend as flow records name it: address and state (`active`,
+/// `draining`, or `down` when health checks failed it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTag {
+    pub backend: Arc<str>,
+    pub state: &'static str,
 }
 
 /// A flow record as the API and `sluice flows --json` show it.
@@ -388,6 +398,12 @@ pub struct FlowView {
     pub len: u32,
     /// The record stands for 1 in `sample` packets.
     pub sample: u32,
+    /// Load-balanced packets: the backend chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Its state then: active, draining, or down (health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state: Option<String>,
 }
 
 impl FlowEvent {
@@ -433,6 +449,8 @@ impl FlowEvent {
             prefix_len,
             len: r.len,
             sample: r.sample,
+            backend: self.backend.as_ref().map(|b| b.backend.to_string()),
+            backend_state: self.backend.as_ref().map(|b| b.state.to_string()),
         }
     }
 }
@@ -619,6 +637,8 @@ pub struct Flows {
     settings: Mutex<FlowSettings>,
     poke: Notify,
     ifnames: Mutex<HashMap<u32, Arc<str>>>,
+    /// Backend slot -> backend, refreshed with the interface names.
+    backends: Mutex<HashMap<u32, BackendTag>>,
     records_read: AtomicU64,
     follower_lost: AtomicU64,
     reading: AtomicBool,
@@ -651,6 +671,7 @@ impl Flows {
             settings: Mutex::new(settings),
             poke: Notify::new(),
             ifnames: Mutex::new(HashMap::new()),
+            backends: Mutex::new(HashMap::new()),
             records_read: AtomicU64::new(0),
             follower_lost: AtomicU64::new(0),
             reading: AtomicBool::new(false),
@@ -709,6 +730,7 @@ impl Flows {
         let realtime = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
         let boottime = clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
         let names = lock(&self.ifnames);
+        let backends = lock(&self.backends);
         let mut st = lock(&self.state);
         let following = self.tx.receiver_count() > 0;
         for r in records {
@@ -718,6 +740,10 @@ impl Flows {
                 seq: st.seq,
                 time_ns: u64::try_from(wall.max(0)).unwrap_or(u64::MAX),
                 interface: names.get(&r.ifindex).cloned(),
+                backend: r
+                    .backend
+                    .checked_sub(1)
+                    .and_then(|slot| backends.get(&slot).cloned()),
                 rec: *r,
             };
             self.total(&mut st, &ev);
@@ -1009,6 +1035,30 @@ impl Flows {
         axum::body::Body::new(ChannelBody(rx))
     }
 
+    fn set_backends(&self, services: &[dataplane::lb::ServiceState]) {
+        let map = services
+            .iter()
+            .flat_map(|s| s.members.iter())
+            .map(|m| {
+                let state = if m.down {
+                    "down"
+                } else if m.draining {
+                    "draining"
+                } else {
+                    "active"
+                };
+                (
+                    m.slot,
+                    BackendTag {
+                        backend: Arc::from(m.backend.to_string()),
+                        state,
+                    },
+                )
+            })
+            .collect();
+        *lock(&self.backends) = map;
+    }
+
     fn set_names(&self, attachments: &[attach::Attachment]) {
         let mut by_index: HashMap<u32, Vec<&str>> = HashMap::new();
         for a in attachments {
@@ -1062,6 +1112,7 @@ struct Check {
     identity: Option<u64>,
     applied: Result<Option<bool>, dataplane::DataplaneError>,
     attachments: Option<Vec<attach::Attachment>>,
+    backends: Option<Vec<dataplane::lb::ServiceState>>,
 }
 
 /// Starts the reader task: it opens the ring when the dataplane exists,
@@ -1135,11 +1186,17 @@ async fn check(
         attachments: names
             .then(|| attach::status(&root).ok().map(|s| s.attachments))
             .flatten(),
+        backends: (names && root.is_set_up())
+            .then(|| dataplane::lb::read(&root).ok())
+            .flatten(),
     })
     .await;
     let Ok(found) = found else { return };
     if let Some(a) = &found.attachments {
         flows.set_names(a);
+    }
+    if let Some(b) = &found.backends {
+        flows.set_backends(b);
     }
     match &found.applied {
         Ok(Some(true)) => {

@@ -220,9 +220,77 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         }
     }
     flow_metrics(&mut r, core, m);
+    lb_metrics(&mut r, core);
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");
     out
+}
+
+/// Per service and backend: packets, bytes, connections, active
+/// connections, weight and health; and the LB event counters.
+fn lb_metrics(r: &mut Registry, core: &Core) {
+    let desired = core.state.desired();
+    if desired.services.is_empty() {
+        return;
+    }
+    let Ok(view) = super::lb::view(&core.root, Some(&desired.services), core.checker.as_deref())
+    else {
+        return;
+    };
+    let svc_packets: Family<Labels, Counter> = Family::default();
+    let svc_bytes: Family<Labels, Counter> = Family::default();
+    let svc_conns: Family<Labels, Counter> = Family::default();
+    let be_packets: Family<Labels, Counter> = Family::default();
+    let be_bytes: Family<Labels, Counter> = Family::default();
+    let be_conns: Family<Labels, Counter> = Family::default();
+    let be_active: Family<Labels, Gauge> = Family::default();
+    let be_up: Family<Labels, Gauge> = Family::default();
+    let be_weight: Family<Labels, Gauge> = Family::default();
+    for s in &view.services {
+        let sl = labels(&[("service", &s.service), ("mode", &s.mode)]);
+        svc_packets.get_or_create(&sl).inc_by(s.packets);
+        svc_bytes.get_or_create(&sl).inc_by(s.bytes);
+        svc_conns.get_or_create(&sl).inc_by(s.connections);
+        for b in &s.backends {
+            let bl = labels(&[("service", &s.service), ("backend", &b.backend)]);
+            be_packets.get_or_create(&bl).inc_by(b.packets);
+            be_bytes.get_or_create(&bl).inc_by(b.bytes);
+            be_conns.get_or_create(&bl).inc_by(b.connections);
+            be_active
+                .get_or_create(&bl)
+                .set(i64::try_from(b.active).unwrap_or(i64::MAX));
+            be_up.get_or_create(&bl).set(i64::from(b.health != "down"));
+            be_weight
+                .get_or_create(&bl)
+                .set(if b.state == "active" { i64::from(b.weight) } else { 0 });
+        }
+    }
+    r.register("sluice_lb_service_packets", "Packets balanced per service", svc_packets);
+    r.register("sluice_lb_service_bytes", "Bytes balanced per service", svc_bytes);
+    r.register("sluice_lb_service_connections", "Connections balanced per service", svc_conns);
+    r.register("sluice_lb_backend_packets", "Packets sent to each backend", be_packets);
+    r.register("sluice_lb_backend_bytes", "Bytes sent to each backend", be_bytes);
+    r.register("sluice_lb_backend_connections", "Connections balanced to each backend", be_conns);
+    r.register(
+        "sluice_lb_backend_active_connections",
+        "Open connections in the connection table per backend",
+        be_active,
+    );
+    r.register(
+        "sluice_lb_backend_up",
+        "1 unless health checks found the backend down",
+        be_up,
+    );
+    r.register(
+        "sluice_lb_backend_weight",
+        "Weight in the Maglev table (0 while draining or down)",
+        be_weight,
+    );
+    let events: Family<Labels, Counter> = Family::default();
+    for (name, v) in &view.events {
+        events.get_or_create(&labels(&[("event", name)])).inc_by(*v);
+    }
+    r.register("sluice_lb_events", "Load balancer events (connection table, forwarding paths)", events);
 }
 
 /// The flow reader's figures and every `STATS` event counter.

@@ -343,8 +343,13 @@ fn line(r: &FlowView) -> String {
     } else {
         String::new()
     };
+    let backend = match (&r.backend, &r.backend_state) {
+        (Some(b), Some(state)) if state != "active" => format!("  -> {b} ({state})"),
+        (Some(b), _) => format!("  -> {b}"),
+        _ => String::new(),
+    };
     format!(
-        "{}  {iface}  {endpoints}  {}  {}  {reason}  {}B{sampled}",
+        "{}  {iface}  {endpoints}  {}  {}  {reason}  {}B{sampled}{backend}",
         local_time(r.time_ns),
         protocol(&r.protocol, r.proto, &r.tcp_flags),
         r.verdict,
