@@ -24,7 +24,7 @@ use crate::{
     firewall::{Outcome, count},
     maps::{
         LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_MAGLEV, LB_NEW_CONNS, LB_SERVICES,
-        LB_FIB, LB_PACKET, LB_STATS, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
+        LB_FIB, LB_PACKET, LB_STATS, LB_SVC_MODE_DSR, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
     },
     observe,
     parse::{Packet, TCP_FIN, TCP_RST},
@@ -170,7 +170,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     if pkt.l3_off > MAX_L3_OFF || pkt.l4_off > MAX_L4_OFF {
         return xdp_action::XDP_PASS;
     }
-    let d = decide(ctx, pkt, bytes);
+    // ICMP errors are handled here, not in `decide`: each of the two
+    // needs most of the stack the verifier allows a chain of calls.
+    let d = if !pkt.fragment && matches!(pkt.l4, L4::Icmp | L4::Icmpv6) {
+        icmp_decision(ctx, pkt)
+    } else {
+        decide(ctx, pkt, bytes)
+    };
     let reason = match d.reason {
         Some(r) => r,
         None => fw_reason,
@@ -300,6 +306,185 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
         return Decision::drop(Reason::NoBackend, id + 1);
     }
     Decision::pass_on(action, id + 1)
+}
+
+#[inline(always)]
+fn icmp_decision(ctx: &XdpContext, pkt: &Packet) -> Decision {
+    let id = icmp_error(ctx, pkt);
+    if id == NO_BACKEND {
+        return Decision::pass_on(xdp_action::XDP_PASS, 0);
+    }
+    let Some(be) = LB_BACKENDS.get(id) else {
+        return Decision::pass_on(xdp_action::XDP_PASS, 0);
+    };
+    let dsr = LB_SVC_MODE_DSR.get(0).is_some_and(|m| *m != 0);
+    let action = forward(ctx, pkt, be, dsr);
+    if action == xdp_action::XDP_DROP {
+        return Decision::drop(Reason::NoBackend, id + 1);
+    }
+    Decision::pass_on(action, id + 1)
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+/// ICMPv6 errors are types 1 (unreachable) to 4 (parameter problem).
+const ICMPV6_ERROR_MAX: u8 = 4;
+
+/// An ICMP error about a balanced connection (a router on the way to the
+/// client saying "fragmentation needed", ...), addressed to the VIP: finds
+/// the connection from the packet quoted inside, and for NAT rewrites the
+/// outer destination and the quoted source to the backend (checksums
+/// updated). Returns the backend slot (its mode in `LB_SVC_MODE_DSR`), or
+/// `NO_BACKEND` when the error is about nothing sluice balanced.
+// Its own call frame: the LB program's stack is near the verifier's limit.
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    icmp_error_inner(ctx, pkt).unwrap_or(NO_BACKEND)
+}
+
+#[inline(always)]
+fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    let l3 = core::hint::black_box(pkt.l3_off);
+    let l4 = core::hint::black_box(pkt.l4_off);
+    if l3 > MAX_L3_OFF || l4 > MAX_L4_OFF {
+        return None;
+    }
+    let v4 = matches!(pkt.family, Family::V4);
+    // SAFETY (all reads and writes below): bounds-checked by ptr_mut.
+    // Reads are at least 2 bytes: for 1-byte reads the compiler turns the
+    // bounds check into a form the verifier does not follow.
+    let ty = unsafe { (*ptr_mut::<[u8; 2]>(ctx, l4)?)[0] };
+    let error = if v4 {
+        matches!(ty, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB)
+    } else {
+        (1..=ICMPV6_ERROR_MAX).contains(&ty)
+    };
+    if !error {
+        return None;
+    }
+    let i3 = l4 + 8;
+    // The quoted packet: what the VIP sent the client.
+    let (inner_src_off, inner_proto, i4) = if v4 {
+        let vihl = unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3)?)[0] };
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        (i3 + 12, unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 8)?)[1] }, i3 + ihl)
+    } else {
+        (i3 + 8, unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 6)?)[0] }, i3 + 40)
+    };
+    if inner_proto != IPPROTO_TCP && inner_proto != 17 {
+        return None;
+    }
+    let ports = unsafe { *ptr_mut::<[u8; 4]>(ctx, i4)? };
+    let inner_sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let inner_dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let mut isrc = [0u8; 16];
+    let mut idst = [0u8; 16];
+    if v4 {
+        let a = unsafe { *ptr_mut::<[u8; 4]>(ctx, inner_src_off)? };
+        let b = unsafe { *ptr_mut::<[u8; 4]>(ctx, inner_src_off + 4)? };
+        isrc[..4].copy_from_slice(&a);
+        idst[..4].copy_from_slice(&b);
+    } else {
+        isrc = unsafe { *ptr_mut::<[u8; 16]>(ctx, inner_src_off)? };
+        idst = unsafe { *ptr_mut::<[u8; 16]>(ctx, inner_src_off + 16)? };
+    }
+    let vip = sluice_common::addr_words(&isrc);
+    // The quoted packet came from the VIP the error is addressed to.
+    if vip != pkt.dst {
+        return None;
+    }
+    let key = FlowKey {
+        src: sluice_common::addr_words(&idst),
+        dst: vip,
+        sport: inner_dport,
+        dport: inner_sport,
+        proto: inner_proto,
+        family: family_num(pkt.family),
+        _pad: 0,
+    };
+    let conn = LB_CONNS.get_ptr(&key)?;
+    // SAFETY: live map value.
+    let (id, service) = unsafe { ((*conn).backend, (*conn).service) };
+    let be = LB_BACKENDS.get(id)?;
+    if be.family == 0 {
+        return None;
+    }
+    let svc_key = ServiceKey {
+        addr: vip,
+        port: inner_sport,
+        proto: inner_proto,
+        family: family_num(pkt.family),
+        _pad: 0,
+    };
+    // SAFETY: read-only lookups of plain values.
+    let svc = unsafe {
+        match LB_SERVICES.get(&svc_key) {
+            Some(s) => *s,
+            None => *LB_SERVICES.get(&ServiceKey { port: 0, ..svc_key })?,
+        }
+    };
+    if svc.id != service {
+        return None;
+    }
+    let dsr = svc.mode == MODE_DSR;
+    if let Some(m) = LB_SVC_MODE_DSR.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *m = u32::from(dsr) };
+    }
+    bump(lb_stat::ICMP_TRANSLATED);
+    if dsr {
+        return Some(id);
+    }
+    let mut new = [0u8; 16];
+    new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
+    new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
+    let check = ptr_mut::<[u8; 2]>(ctx, l4 + 2)?;
+    let mut icmp_delta = 0u64;
+    if v4 {
+        let dst = ptr_mut::<[u8; 4]>(ctx, l3 + 16)?;
+        let ipck = ptr_mut::<[u8; 2]>(ctx, l3 + 10)?;
+        let n4 = [new[0], new[1], new[2], new[3]];
+        unsafe {
+            apply(ipck, delta(&*dst, &n4));
+            *dst = n4;
+        }
+        let isrc_p = ptr_mut::<[u8; 4]>(ctx, inner_src_off)?;
+        let ick = ptr_mut::<[u8; 2]>(ctx, i3 + 10)?;
+        unsafe {
+            let d = delta(&*isrc_p, &n4);
+            icmp_delta += d;
+            let old_ck = *ick;
+            apply(ick, d);
+            icmp_delta += delta(&old_ck, &*ick);
+            *isrc_p = n4;
+        }
+    } else {
+        let dst = ptr_mut::<[u8; 16]>(ctx, l3 + 24)?;
+        unsafe {
+            // ICMPv6's checksum covers the pseudo-header (outer addresses).
+            icmp_delta += delta(&*dst, &new);
+            *dst = new;
+        }
+        let isrc_p = ptr_mut::<[u8; 16]>(ctx, inner_src_off)?;
+        unsafe {
+            icmp_delta += delta(&*isrc_p, &new);
+            *isrc_p = new;
+        }
+    }
+    if be.port != 0 && be.port != inner_sport {
+        let sp = ptr_mut::<[u8; 2]>(ctx, i4)?;
+        let np = be.port.to_be_bytes();
+        unsafe {
+            icmp_delta += delta(&*sp, &np);
+            *sp = np;
+        }
+    }
+    apply(check, icmp_delta);
+    Some(id)
 }
 
 /// Records a new connection unless the new-connection rate is exceeded.

@@ -203,6 +203,11 @@ pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
 
+/// The mode (1 = DSR) of the service an ICMP error was matched to, for the
+/// forwarding that follows. Per-CPU scratch; one entry.
+#[map]
+pub static LB_SVC_MODE_DSR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Interfaces the LB may redirect to (ifindex -> ifindex), filled by attach.
 /// A backend behind an interface not in it is reached with a plain redirect.
 #[map]

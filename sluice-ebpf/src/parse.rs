@@ -330,6 +330,7 @@ fn parse_l4(
             }
             ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
             pkt.l4 = L4::Icmp;
+            pkt.l4_off = off;
         }
         IPPROTO_ICMPV6 if matches!(pkt.family, Family::V6) => {
             if len < ICMP_MIN_LEN {
@@ -337,6 +338,7 @@ fn parse_l4(
             }
             ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
             pkt.l4 = L4::Icmpv6;
+            pkt.l4_off = off;
         }
         _ => pkt.l4 = L4::Other,
     }

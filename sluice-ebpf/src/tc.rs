@@ -16,6 +16,142 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Difference of two equal-length buffers for `l4_csum_replace` (diff mode).
+#[inline(always)]
+fn diff<const N: usize>(old: &mut [u8; N], new: &mut [u8; N]) -> Option<u64> {
+    // SAFETY: both buffers are N bytes on the stack (N a multiple of 4).
+    let d = unsafe {
+        bpf_csum_diff(
+            old.as_mut_ptr().cast(),
+            N as u32,
+            new.as_mut_ptr().cast(),
+            N as u32,
+            0,
+        )
+    };
+    u64::try_from(d).ok()
+}
+
+/// An ICMP error a NAT backend sends a client about a translated
+/// connection ("port unreachable", ...): its source and the quoted
+/// packet's destination become the VIP (and service port), so the client
+/// can match it to its connection. Checksums: the outer IP header's, the
+/// quoted IPv4 header's, and the ICMP checksum over all of it.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
+    let ty = ctx.load::<u8>(l4).ok()?;
+    let error = if v6 {
+        (1..=4).contains(&ty)
+    } else {
+        matches!(ty, 3 | 11 | 12)
+    };
+    if !error {
+        return None;
+    }
+    let i3 = l4 + 8;
+    let (proto, idst_off, i4) = if v6 {
+        (ctx.load::<u8>(i3 + 6).ok()?, i3 + 24, i3 + 40)
+    } else {
+        let vihl = ctx.load::<u8>(i3).ok()?;
+        (
+            ctx.load::<u8>(i3 + 9).ok()?,
+            i3 + 16,
+            i3 + usize::from(vihl & 0x0f) * 4,
+        )
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let dport = u16::from_be(ctx.load::<u16>(i4 + 2).ok()?);
+    let check = l4 + 2;
+    let vip = if v6 {
+        let mut idst = ctx.load::<[u8; 16]>(idst_off).ok()?;
+        let mut osrc = ctx.load::<[u8; 16]>(l3 + 8).ok()?;
+        // Only errors the backend itself sends.
+        if osrc != idst {
+            return None;
+        }
+        let mut key = BackendKey {
+            addr: sluice_common::addr_words(&idst),
+            port: dport,
+            proto,
+            family: 6,
+            _pad: 0,
+        };
+        let vip = lookup(&mut key)?;
+        let mut new = [0u8; 16];
+        new[..8].copy_from_slice(&vip.addr[0].to_ne_bytes());
+        new[8..].copy_from_slice(&vip.addr[1].to_ne_bytes());
+        let mut new2 = new;
+        let d_outer = diff(&mut osrc, &mut new)?;
+        ctx.l4_csum_replace(check, 0, d_outer, u64::from(BPF_F_PSEUDO_HDR))
+            .ok()?;
+        ctx.store(l3 + 8, &new, 0).ok()?;
+        let d_inner = diff(&mut idst, &mut new2)?;
+        ctx.l4_csum_replace(check, 0, d_inner, 0).ok()?;
+        ctx.store(idst_off, &new2, 0).ok()?;
+        vip
+    } else {
+        let idst = ctx.load::<[u8; 4]>(idst_off).ok()?;
+        let osrc = ctx.load::<[u8; 4]>(l3 + 12).ok()?;
+        if osrc != idst {
+            return None;
+        }
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&idst);
+        let mut key = BackendKey {
+            addr: sluice_common::addr_words(&a),
+            port: dport,
+            proto,
+            family: 4,
+            _pad: 0,
+        };
+        let vip = lookup(&mut key)?;
+        let v = vip.addr[0].to_ne_bytes();
+        let new = [v[0], v[1], v[2], v[3]];
+        let from = u64::from(u32::from_ne_bytes(idst));
+        let to = u64::from(u32::from_ne_bytes(new));
+        // Outer source: the IP checksum (ICMPv4 has no pseudo-header).
+        ctx.l3_csum_replace(l3 + 10, from, to, 4).ok()?;
+        ctx.store(l3 + 12, &new, 0).ok()?;
+        // Quoted destination: its own header checksum, and the ICMP
+        // checksum for both changes.
+        let old_ck = ctx.load::<u16>(i3 + 10).ok()?;
+        let mut sum = u64::from(!u16::from_be(old_ck));
+        for w in [[idst[0], idst[1]], [idst[2], idst[3]]] {
+            sum += u64::from(!u16::from_be_bytes(w));
+        }
+        for w in [[new[0], new[1]], [new[2], new[3]]] {
+            sum += u64::from(u16::from_be_bytes(w));
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let new_ck = (!(sum as u16)).to_be();
+        ctx.store(i3 + 10, &new_ck, 0).ok()?;
+        ctx.store(idst_off, &new, 0).ok()?;
+        ctx.l4_csum_replace(check, from, to, 4).ok()?;
+        ctx.l4_csum_replace(check, u64::from(old_ck), u64::from(new_ck), 2)
+            .ok()?;
+        vip
+    };
+    // The quoted destination port (the quoted L4 checksum is left alone:
+    // receivers do not check it).
+    if vip.port != 0 && vip.port != dport {
+        ctx.l4_csum_replace(
+            check,
+            u64::from(dport.to_be()),
+            u64::from(vip.port.to_be()),
+            2,
+        )
+        .ok()?;
+        ctx.store(i4 + 2, &vip.port.to_be(), 0).ok()?;
+    }
+    bump(lb_stat::ICMP_TRANSLATED);
+    Some(())
+}
 
 /// Always lets the packet go on (TCX_NEXT): this program only rewrites.
 #[inline(always)]
@@ -60,10 +196,13 @@ fn translate(ctx: &TcContext) -> Option<()> {
                 return None;
             }
             let proto = ctx.load::<u8>(l3 + 9).ok()?;
+            let l4 = l3 + usize::from(vihl & 0x0f) * 4;
+            if proto == IPPROTO_ICMP {
+                return icmp_error(ctx, l3, l4, false);
+            }
             if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
                 return None;
             }
-            let l4 = l3 + usize::from(vihl & 0x0f) * 4;
             let src = ctx.load::<[u8; 4]>(l3 + 12).ok()?;
             let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
             let mut a = [0u8; 16];
@@ -96,10 +235,13 @@ fn translate(ctx: &TcContext) -> Option<()> {
             // Replies carry no extension headers in practice; ones that do are
             // left alone (documented).
             let proto = ctx.load::<u8>(l3 + 6).ok()?;
+            let l4 = l3 + 40;
+            if proto == IPPROTO_ICMPV6 {
+                return icmp_error(ctx, l3, l4, true);
+            }
             if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
                 return None;
             }
-            let l4 = l3 + 40;
             let mut src = ctx.load::<[u8; 16]>(l3 + 8).ok()?;
             let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
             let mut key = BackendKey {
