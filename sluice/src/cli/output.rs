@@ -323,6 +323,27 @@ impl Out {
             })
             .collect();
         table(&["LIST", "FAMILY", "ENTRIES", "CAPACITY"], &rows);
+        if !s.services.is_empty() {
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .services
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.service.clone(),
+                        v.mode.clone(),
+                        v.backends.to_string(),
+                        v.active.to_string(),
+                        v.draining.to_string(),
+                        v.down.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &["SERVICE", "MODE", "BACKENDS", "ACTIVE", "DRAINING", "DOWN"],
+                &rows,
+            );
+        }
     }
 
     pub fn stats(&self, s: &Stats) {

@@ -132,6 +132,21 @@ pub struct Status {
     pub rules: Option<u32>,
     pub rule_capacity: u32,
     pub lists: Vec<ListStatus>,
+    /// Load-balanced services: backends in each state.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub mode: String,
+    pub backends: usize,
+    /// Taking new connections.
+    pub active: usize,
+    pub draining: usize,
+    /// Failed their health checks.
+    pub down: usize,
 }
 
 /// Pin name of a link: `<netns>:<ifname>:<mode>` (interface names cannot
@@ -721,6 +736,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         rules: None,
         rule_capacity: sluice_common::MAX_RULES,
         lists: Vec::new(),
+        services: Vec::new(),
     };
     if !root.root.exists() {
         return Ok(st);
@@ -770,6 +786,18 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
                 .to_string(),
                 entries: s.list_len[list as usize],
                 capacity: sluice_common::LIST_CAPACITY,
+            });
+        }
+        for svc in super::lb::read(root)? {
+            let down = svc.members.iter().filter(|m| m.down).count();
+            let draining = svc.members.iter().filter(|m| !m.down && m.draining).count();
+            st.services.push(ServiceStatus {
+                service: svc.id.to_string(),
+                mode: svc.mode.name().to_string(),
+                backends: svc.members.len(),
+                active: svc.members.len() - down - draining,
+                draining,
+                down,
             });
         }
     }

@@ -515,4 +515,67 @@ mod tests {
         assert!("198.18.1.2:x".parse::<BackendAddr>().is_err());
         assert!("host:80".parse::<BackendAddr>().is_err());
     }
+
+    fn service(id: &str, backends: &[&str]) -> LbService {
+        LbService {
+            spec: ServiceSpec {
+                id: id.parse().unwrap(),
+                mode: Mode::Nat,
+                backends: backends
+                    .iter()
+                    .map(|b| BackendSpec {
+                        addr: b.parse().unwrap(),
+                        weight: 1,
+                        draining: false,
+                    })
+                    .collect(),
+            },
+            health: None,
+        }
+    }
+
+    #[test]
+    fn changes_apply_and_refuse_what_does_not_fit() {
+        let id: ServiceId = "198.18.0.10:80/tcp".parse().unwrap();
+        let b: BackendAddr = "198.18.1.2:8080".parse().unwrap();
+        let mut all = vec![service("198.18.0.10:80/tcp", &["198.18.1.2:8080"])];
+        let add_again = LbOp::ServiceAdd {
+            service: service("198.18.0.10:80/tcp", &[]),
+        };
+        assert!(add_again.apply(&mut all, true).unwrap_err().contains("exists already"));
+        // Replayed (not strict): replaces.
+        add_again.apply(&mut all, false).unwrap();
+        assert!(all[0].spec.backends.is_empty());
+        let add = LbOp::BackendAdd {
+            service: id,
+            backend: BackendSpec { addr: b, weight: 2, draining: false },
+        };
+        add.apply(&mut all, true).unwrap();
+        assert!(add.apply(&mut all, true).unwrap_err().contains("already"));
+        LbOp::BackendSet { service: id, backend: b, weight: Some(5), draining: Some(true) }
+            .apply(&mut all, true)
+            .unwrap();
+        assert_eq!((all[0].spec.backends[0].weight, all[0].spec.backends[0].draining), (5, true));
+        let other: BackendAddr = "198.18.1.9".parse().unwrap();
+        for op in [
+            LbOp::BackendDel { service: id, backend: other },
+            LbOp::BackendSet { service: id, backend: other, weight: Some(1), draining: None },
+        ] {
+            assert!(op.apply(&mut all, true).unwrap_err().contains("has no backend"), "{op:?}");
+            op.apply(&mut all, false).unwrap();
+        }
+        let gone: ServiceId = "198.18.0.11:80/tcp".parse().unwrap();
+        assert!(LbOp::ServiceDel { id: gone }.apply(&mut all, true).unwrap_err().contains("no service"));
+        LbOp::ServiceDel { id }.apply(&mut all, true).unwrap();
+        assert!(all.is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut s = service("198.18.0.10:80/tcp", &["198.18.1.2:8080"]);
+        s.spec.backends[0].weight = MAX_WEIGHT + 1;
+        assert!(validate(&[s]).unwrap_err().contains("weight"));
+        let a = service("198.18.0.10:80/tcp", &["198.18.1.2:8080"]);
+        assert!(validate(&[a.clone(), a]).unwrap_err().contains("defined twice"));
+    }
 }

@@ -1060,4 +1060,59 @@ mod tests {
             assert!(gm.contains(wm), "{gm:?} should contain {wm:?}");
         }
     }
+
+    #[test]
+    fn services_parse_with_backends_weights_and_health() {
+        let text = r#"
+[lb]
+conn_tcp_idle = "10m"
+new_connections_per_second = 5000
+
+[[service]]
+vip = "198.18.0.10:80/tcp"
+backends = ["198.18.1.2:8080", { addr = "198.18.1.3:8080", weight = 3, drain = true }]
+health = { check = "http", path = "/healthz", expect = 204, interval = "500ms", timeout = "200ms", rise = 1, fall = 4 }
+
+[[service]]
+vip = "[2001:2::10]:*/udp"
+mode = "dsr"
+backends = ["2001:2::5"]
+"#;
+        let cfg = parse(Path::new("/etc/sluice/t.toml"), text).expect("valid");
+        assert_eq!(cfg.lb.tcp_idle_secs, 600);
+        assert_eq!(cfg.lb.new_connections_per_second, 5000);
+        let s = &cfg.desired.services;
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].spec.id.to_string(), "198.18.0.10:80/tcp");
+        assert_eq!(s[0].spec.backends[1].weight, 3);
+        assert!(s[0].spec.backends[1].draining);
+        let h = s[0].health.as_ref().expect("health");
+        assert_eq!((h.path.as_str(), h.expect, h.interval_ms, h.timeout_ms, h.rise, h.fall), ("/healthz", 204, 500, 200, 1, 4));
+        assert_eq!(s[1].spec.mode, crate::lb::Mode::Dsr);
+        assert_eq!(s[1].spec.id.port, 0);
+    }
+
+    #[test]
+    fn bad_services_are_reported_with_their_positions() {
+        let cases = [
+            ("[[service]]\nvip = \"198.18.0.10\"\n", "is not a service"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"tunnel\"\n", "mode must be nat or dsr"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"host:80\"]\n", "is not a backend"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [{ addr = \"198.18.1.2\", weight = 0 }]\n", "weight must be 1 to"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"icmp\" }\n", "health check must be tcp or http"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"2001:2::5\"]\n", "is IPv6, the VIP is IPv4"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"198.18.1.2:81\"]\n[[service]]\nvip = \"198.18.0.11:80\"\nbackends = [\"198.18.1.2:81\"]\n", "is behind two NAT services"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"dsr\"\nbackends = [\"198.18.1.2:81\"]\n", "DSR backend keeps the client's destination port"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\n[[service]]\nvip = \"198.18.0.10:80\"\n", "defined twice"),
+            ("[[service]]\nvip = \"198.18.0.10:*\"\nbackends = [\"198.18.1.2\"]\nhealth = { check = \"tcp\" }\n", "give the check a port"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"tcp\", interval = \"1s\", timeout = \"2s\" }\n", "health check"),
+            ("[lb]\nconn_tcp_idle = \"0s\"\n", "conn_tcp_idle must be whole seconds"),
+        ];
+        for (text, want) in cases {
+            let got = errors(text);
+            assert_eq!(got.len(), 1, "{text}: {got:?}");
+            assert!(got[0].2.contains(want), "{text}: {:?} should contain {want:?}", got[0].2);
+            assert!(got[0].0 >= 1, "{text}: no position");
+        }
+    }
 }

@@ -497,6 +497,7 @@ mod tests {
                 entries: 3,
                 capacity: 1_048_576,
             }],
+            services: Vec::new(),
         }
     }
 
