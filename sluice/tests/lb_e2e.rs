@@ -457,4 +457,25 @@ fn nat_balances_real_connections_v4_and_v6() {
     assert!(row["connections"].as_u64().unwrap_or(0) > 0, "{v:#}");
     let _ = &topo.backends[0].ns;
     let _ = &topo.backends[0].name;
+
+    // Bad changes are refused whole, naming the problem.
+    for (args, want) in [
+        (vec!["lb", "backend", "add", svc4.as_str(), &b(0, false)], "already"),
+        (
+            vec!["lb", "service", "add", "198.19.0.11:80", "--backend", &b(0, false)],
+            "is behind two NAT services",
+        ),
+        (vec!["lb", "backend", "del", svc4.as_str(), "198.18.99.2:8080"], "has no backend"),
+        (vec!["lb", "backend", "weight", svc4.as_str(), &b(0, false), "0"], "out of range"),
+        (vec!["lb", "service", "add", "198.19.0.12"], "is not a service"),
+    ] {
+        let out = env.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+        println!("$ sluice {}\n{err}", args.join(" "));
+    }
+    let out = env.cli_ok(&["lb", "list"]);
+    println!("$ sluice lb list\n{}", String::from_utf8_lossy(&out.stdout));
+    let out = env.cli_ok(&["status"]);
+    println!("$ sluice status\n{}", String::from_utf8_lossy(&out.stdout));
 }
