@@ -28,6 +28,22 @@ pub const MODE_NAT: u32 = 0;
 /// `Service::mode`: direct server return on the same L2 segment: only the
 /// destination MAC changes; the backend holds the VIP and answers the client.
 pub const MODE_DSR: u32 = 1;
+/// `Service::mode`: direct server return through a VXLAN tunnel: the frame
+/// is encapsulated (outer IPv4/UDP 4789, the service's VNI) to the
+/// backend, which decapsulates it, holds the VIP and answers the client.
+pub const MODE_VXLAN: u32 = 2;
+/// The VXLAN UDP port (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+
+/// The inner destination MAC of VXLAN-encapsulated frames for `vni`:
+/// 02:73:6c (locally administered, "sl") and the VNI. A backend's VXLAN
+/// device gets this address (`ip link add vx0 type vxlan id VNI ... address
+/// MAC`), so no per-backend MAC has to be configured.
+#[must_use]
+pub const fn vxlan_mac(vni: u32) -> [u8; 6] {
+    let v = vni.to_be_bytes();
+    [0x02, 0x73, 0x6c, v[1], v[2], v[3]]
+}
 
 /// `Backend::flags`: takes no new connections; existing ones go on.
 pub const BACKEND_F_DRAINING: u32 = 1 << 0;
@@ -68,7 +84,8 @@ pub struct Service {
     pub mode: u32,
     /// Usable backends in the table (0: packets are dropped, reason `no-backend`).
     pub backends: u32,
-    pub _pad: u32,
+    /// `MODE_VXLAN`: the VXLAN network identifier (24 bits).
+    pub vni: u32,
 }
 
 /// Value of `LB_BACKENDS` (indexed by backend slot).
@@ -191,7 +208,9 @@ pub mod lb_stat {
     /// NAT packets handed to the stack (no route, neighbour unknown, or the
     /// egress interface not in `LB_TX_PORTS`).
     pub const TO_STACK: u32 = 6;
-    /// DSR packets dropped: the backend's neighbour is unknown.
+    /// DSR and VXLAN packets dropped: the backend's neighbour (or the next
+    /// hop's) is unknown, or (VXLAN) the egress is not an interface sluice
+    /// is attached to.
     pub const NO_NEIGHBOUR: u32 = 7;
     /// Replies translated back to the VIP (TC egress).
     pub const REVERSE_NAT: u32 = 8;

@@ -62,6 +62,21 @@ pub fn apply(field: *mut [u8; 2], delta: u64) {
     }
 }
 
+/// As `apply`, for a UDP checksum over IPv6, which is never 0: a computed 0
+/// is sent as 0xffff.
+#[inline(always)]
+pub fn apply_udp6(field: *mut [u8; 2], delta: u64) {
+    // SAFETY: the caller bounds-checked `field` inside the frame.
+    unsafe {
+        let hc = u16::from_be_bytes(*field);
+        let mut c = fold(u64::from(!hc) + delta);
+        if c == 0 {
+            c = 0xffff;
+        }
+        *field = c.to_be_bytes();
+    }
+}
+
 /// As `apply`, for a UDP checksum over IPv4, where 0 means "none" (left
 /// as is) and a computed 0 is sent as 0xffff.
 #[inline(always)]

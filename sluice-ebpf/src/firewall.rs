@@ -79,7 +79,14 @@ pub fn run(ctx: &XdpContext) -> Action {
             observe::capture(ctx, &outcome, bytes);
             if let Some(v) = LB_VERDICT.get_ptr_mut(0) {
                 // SAFETY: per-CPU slot; the tail call runs on this CPU next.
-                unsafe { *v = [outcome.reason as u32, outcome.matched] };
+                unsafe {
+                    *v = [
+                        outcome.reason as u32,
+                        outcome.matched,
+                        outcome.verdict as u32,
+                        0,
+                    ];
+                };
             }
             lb::hand_over(p);
             // SAFETY: JUMP holds XDP programs only.

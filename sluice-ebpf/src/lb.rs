@@ -7,24 +7,25 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
     },
     cty::c_void,
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use sluice_common::{
     Family, L4, Reason, Verdict, counter_index,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, CONN_F_CLOSED, Conn, FlowKey, LB_F_ENABLED,
-        MODE_DSR, NO_BACKEND, Service, ServiceKey, TABLE_SIZE, flow_hash, lb_stat,
+        MODE_DSR, MODE_NAT, MODE_VXLAN, NO_BACKEND, Service, ServiceKey, TABLE_SIZE, VXLAN_PORT,
+        flow_hash, lb_stat,
     },
 };
 
 use crate::{
-    csum::{apply, apply_udp4, delta, ptr_mut},
+    csum::{apply, apply_udp4, apply_udp6, delta, fold, ptr_mut, sum16},
     ddos::{conform, now},
     firewall::{Outcome, count},
     maps::{
         LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_MAGLEV, LB_NEW_CONNS, LB_SERVICES,
-        LB_FIB, LB_PACKET, LB_STATS, LB_SVC_MODE_DSR, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
+        LB_FIB, LB_PACKET, LB_STATS, LB_ICMP_SVC, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
     },
     observe,
     parse::{Packet, TCP_FIN, TCP_RST},
@@ -115,7 +116,9 @@ fn pinned(key: &FlowKey, pkt: &Packet, svc: &Service, now: u64, idle_ns: u64) ->
     let c = LB_CONNS.get_ptr_mut(key)?;
     // SAFETY: live map value; racing writers only store whole words.
     let conn = unsafe { &mut *c };
-    let fresh = idle_ns == 0 || now.saturating_sub(conn.last_ns) <= idle_ns;
+    // `last_ns` lags the latest packet by up to REFRESH_NS: allow for it, so
+    // a connection never idle longer than the timeout is never rebalanced.
+    let fresh = idle_ns == 0 || now.saturating_sub(conn.last_ns) <= idle_ns + REFRESH_NS;
     let reopened = pkt.is_syn() && conn.flags & CONN_F_CLOSED != 0;
     let usable = fresh
         && !reopened
@@ -154,9 +157,9 @@ fn pick(pkt: &Packet, svc: &Service) -> u32 {
 pub fn run(ctx: &XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // What the firewall decided (it left counting and the flow record to us).
-    let (fw_reason, fw_matched) = match LB_VERDICT.get(0) {
-        Some(v) => (v[0], v[1]),
-        None => (Reason::Default as u32, 0),
+    let (fw_reason, fw_matched, fw_audit) = match LB_VERDICT.get(0) {
+        Some(v) => (v[0], v[1], v[2] == Verdict::Audit as u32),
+        None => (Reason::Default as u32, 0, false),
     };
     let fw_reason = Reason::from_u32(fw_reason).unwrap_or(Reason::Default);
     // The main program's parse, handed over with the tail call (parsing
@@ -181,9 +184,15 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Some(r) => r,
         None => fw_reason,
     };
-    count(counter_index(pkt.family, pkt.l4, d.verdict, reason), bytes);
+    // Passed on in audit mode: the firewall would have dropped it.
+    let verdict = if fw_audit && d.verdict == Verdict::Pass {
+        Verdict::Audit
+    } else {
+        d.verdict
+    };
+    count(counter_index(pkt.family, pkt.l4, verdict, reason), bytes);
     let out = Outcome {
-        verdict: d.verdict,
+        verdict,
         reason,
         matched: if d.reason.is_none() { fw_matched } else { 0 },
         challenge: false,
@@ -275,6 +284,7 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
         cfg.udp_idle_ns
     };
     let mut new_conn = false;
+    let mut counted = false;
     let id = match pinned(&key, pkt, &svc, now, idle) {
         Some(id) => id,
         None => {
@@ -284,7 +294,11 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
                 return Decision::drop(Reason::NoBackend, 0);
             }
             new_conn = true;
-            record(&key, id, svc.id, now, cfg.new_conn_interval_ns, cfg.new_conn_tolerance_ns);
+            let recorded =
+                record(&key, id, svc.id, now, cfg.new_conn_interval_ns, cfg.new_conn_tolerance_ns);
+            // A connection is counted once: when recorded, or (past the cap)
+            // at its SYN; a UDP flow past the cap is not counted.
+            counted = recorded || pkt.is_syn();
             id
         }
     };
@@ -295,13 +309,16 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
         // The table still names a backend that just left it.
         return Decision::drop(Reason::NoBackend, 0);
     }
-    account(&LB_SVC_STATS, svc.id, bytes, new_conn);
-    account(&LB_BE_STATS, id, bytes, new_conn);
-    let dsr = svc.mode == MODE_DSR;
-    if !dsr && dnat(ctx, pkt, be) != 0 {
+    account(&LB_SVC_STATS, svc.id, bytes, counted);
+    account(&LB_BE_STATS, id, bytes, counted);
+    if svc.mode == MODE_NAT && dnat(ctx, pkt, be) != 0 {
         return Decision::drop(Reason::Malformed, id + 1);
     }
-    let action = forward(ctx, pkt, be, dsr);
+    let action = if svc.mode == MODE_VXLAN {
+        encap(ctx, pkt, be, svc.vni)
+    } else {
+        forward(ctx, pkt, be, svc.mode == MODE_DSR)
+    };
     if action == xdp_action::XDP_DROP {
         return Decision::drop(Reason::NoBackend, id + 1);
     }
@@ -317,8 +334,15 @@ fn icmp_decision(ctx: &XdpContext, pkt: &Packet) -> Decision {
     let Some(be) = LB_BACKENDS.get(id) else {
         return Decision::pass_on(xdp_action::XDP_PASS, 0);
     };
-    let dsr = LB_SVC_MODE_DSR.get(0).is_some_and(|m| *m != 0);
-    let action = forward(ctx, pkt, be, dsr);
+    let (mode, vni) = match LB_ICMP_SVC.get(0) {
+        Some(m) => (m[0], m[1]),
+        None => (MODE_NAT, 0),
+    };
+    let action = if mode == MODE_VXLAN {
+        encap(ctx, pkt, be, vni)
+    } else {
+        forward(ctx, pkt, be, mode == MODE_DSR)
+    };
     if action == xdp_action::XDP_DROP {
         return Decision::drop(Reason::NoBackend, id + 1);
     }
@@ -335,7 +359,7 @@ const ICMPV6_ERROR_MAX: u8 = 4;
 /// client saying "fragmentation needed", ...), addressed to the VIP: finds
 /// the connection from the packet quoted inside, and for NAT rewrites the
 /// outer destination and the quoted source to the backend (checksums
-/// updated). Returns the backend slot (its mode in `LB_SVC_MODE_DSR`), or
+/// updated). Returns the backend slot (its service's mode in `LB_ICMP_SVC`), or
 /// `NO_BACKEND` when the error is about nothing sluice balanced.
 // Its own call frame: the LB program's stack is near the verifier's limit.
 #[inline(never)]
@@ -430,13 +454,12 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     if svc.id != service {
         return None;
     }
-    let dsr = svc.mode == MODE_DSR;
-    if let Some(m) = LB_SVC_MODE_DSR.get_ptr_mut(0) {
+    if let Some(m) = LB_ICMP_SVC.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
-        unsafe { *m = u32::from(dsr) };
+        unsafe { *m = [svc.mode, svc.vni] };
     }
     bump(lb_stat::ICMP_TRANSLATED);
-    if dsr {
+    if svc.mode != MODE_NAT {
         return Some(id);
     }
     let mut new = [0u8; 16];
@@ -487,16 +510,20 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     Some(id)
 }
 
-/// Records a new connection unless the new-connection rate is exceeded.
+/// Records a new connection unless the new-connection rate is exceeded;
+/// true when recorded.
 #[inline(always)]
-fn record(key: &FlowKey, id: u32, service: u32, now: u64, interval: u64, tolerance: u64) {
+fn record(key: &FlowKey, id: u32, service: u32, now: u64, interval: u64, tolerance: u64) -> bool {
     let room = match LB_NEW_CONNS.get_ptr_mut(0) {
         Some(b) => interval == 0 || conform(b, now, interval, tolerance),
         None => false,
     };
     if !room {
         bump(lb_stat::CONN_CAPPED);
-        return;
+        // An entry this flow replaces (closed, idle, its backend gone) must
+        // not keep pinning the rest of it elsewhere than this packet went.
+        let _ = LB_CONNS.remove(key);
+        return false;
     }
     let generation = match LB_BACKENDS.get(id) {
         Some(b) => b.generation,
@@ -512,8 +539,11 @@ fn record(key: &FlowKey, id: u32, service: u32, now: u64, interval: u64, toleran
     };
     if LB_CONNS.insert(key, &conn, 0).is_ok() {
         bump(lb_stat::CONN_CREATED);
+        true
     } else {
         bump(lb_stat::CONN_INSERT_FAILED);
+        let _ = LB_CONNS.remove(key);
+        false
     }
 }
 
@@ -575,10 +605,10 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
         // SAFETY: as above.
         unsafe { *port = new };
     }
-    if !tcp && matches!(pkt.family, Family::V4) {
-        apply_udp4(check, d);
-    } else {
-        apply(check, d);
+    match (tcp, pkt.family) {
+        (false, Family::V4) => apply_udp4(check, d),
+        (false, _) => apply_udp6(check, d),
+        _ => apply(check, d),
     }
     Some(())
 }
@@ -648,8 +678,9 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return fallback(ctx);
     }
-    if l3 != ETH_HLEN && !dsr {
-        // VLAN-tagged: the stack knows which tag the egress needs.
+    if l3 != ETH_HLEN && (!dsr || p.ifindex != ingress) {
+        // VLAN-tagged: the stack knows which tag the egress needs (NAT); a
+        // DSR frame can only go back out where it came in, tag and all.
         return fallback(ctx);
     }
     // Redirect only where a redirect is known to land: the receiving
@@ -681,6 +712,113 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         // SAFETY: plain helper call.
         Err(_) => unsafe { bpf_redirect(p.ifindex, 0) as u32 },
     }
+}
+
+/// Outer headers of a VXLAN-encapsulated frame: Ethernet, IPv4, UDP, VXLAN.
+const VXLAN_HDRS: usize = 14 + 20 + 8 + 8;
+const BPF_FIB_LOOKUP_SRC: u32 = 16;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// Encapsulates the frame in VXLAN to the backend (`MODE_VXLAN`): outer
+/// source = this host's address on the route to the backend (from the FIB),
+/// UDP source port from the flow hash (so the path spreads flows as ECMP
+/// would), VNI of the service. The inner frame keeps the client's packet
+/// untouched but for its MACs: the destination becomes `vxlan_mac(vni)`,
+/// which the backend's VXLAN device must have (TCP takes only frames
+/// addressed to the receiving device). Sent with XDP_TX or a redirect
+/// to an interface sluice is attached to; otherwise (next hop unresolved,
+/// another egress) dropped and counted (`no_neighbour`).
+// A call of its own keeps the LB program's stack frame under the limit.
+#[inline(never)]
+fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
+    if be.family != 4 {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(pp) = LB_FIB.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let pp = pp.cast::<FibParams>();
+    // SAFETY: per-CPU slot, only this CPU uses it while the program runs.
+    let p = unsafe { &mut *pp };
+    // SAFETY: bpf_fib_lookup is plain data; zeroed is a valid start.
+    *p = unsafe { core::mem::zeroed() };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let inner_len = ctx.data_end() - ctx.data();
+    let sport = 0xc000 | (flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) as u16 & 0x3fff);
+    p.family = AF_INET;
+    p.ifindex = ingress;
+    p.l4_protocol = 17;
+    p.sport = sport.to_be();
+    p.dport = VXLAN_PORT.to_be();
+    p.__bindgen_anon_1.tot_len = (inner_len + VXLAN_HDRS - 14) as u16;
+    let d = be.addr[0].to_ne_bytes();
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+    // SAFETY: p is a valid bpf_fib_lookup in map memory.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast::<c_void>(),
+            pp,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    let known = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    if !known && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        bump(lb_stat::NO_NEIGHBOUR);
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the lookup filled the source address (BPF_FIB_LOOKUP_SRC).
+    let src = unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+    let (dmac, smac, oif) = (p.dmac, p.smac, p.ifindex);
+    // SAFETY: growing the headroom by a fixed amount.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VXLAN_HDRS as i32)) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(h) = ptr_mut::<[u8; VXLAN_HDRS + 12]>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let ip_len = ((inner_len + VXLAN_HDRS - 14) as u16).to_be_bytes();
+    let udp_len = ((inner_len + 16) as u16).to_be_bytes();
+    let sp = sport.to_be_bytes();
+    let vp = VXLAN_PORT.to_be_bytes();
+    let v = vni.to_be_bytes();
+    // Sent from here only to where a frame lands (see `forward`). The stack
+    // cannot take the rest: it drops packets that arrive with one of its own
+    // addresses as their source.
+    let tx = known && oif == ingress;
+    let redirect = known && !tx && LB_TX_PORTS.get(oif).is_some();
+    if !tx && !redirect {
+        bump(lb_stat::NO_NEIGHBOUR);
+        return xdp_action::XDP_DROP;
+    }
+    let dst = dmac;
+    let mut ip = [
+        0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, 17, 0, 0, src[0], src[1], src[2],
+        src[3], d[0], d[1], d[2], d[3],
+    ];
+    let c = fold(sum16(&ip)).to_be_bytes();
+    ip[10] = c[0];
+    ip[11] = c[1];
+    // SAFETY: bounds-checked by ptr_mut; the whole outer header plus the
+    // inner MACs are written.
+    unsafe {
+        let h = &mut *h;
+        h[..6].copy_from_slice(&dst);
+        h[6..12].copy_from_slice(&smac);
+        h[12] = 0x08;
+        h[13] = 0x00;
+        h[14..34].copy_from_slice(&ip);
+        h[34..42].copy_from_slice(&[sp[0], sp[1], vp[0], vp[1], udp_len[0], udp_len[1], 0, 0]);
+        h[42..50].copy_from_slice(&[0x08, 0, 0, 0, v[1], v[2], v[3], 0]);
+        h[50..56].copy_from_slice(&sluice_common::lb::vxlan_mac(vni));
+        h[56..62].copy_from_slice(&smac);
+    }
+    if tx {
+        bump(lb_stat::TX);
+        return xdp_action::XDP_TX;
+    }
+    bump(lb_stat::REDIRECT);
+    LB_TX_PORTS.redirect(oif, 0).unwrap_or(xdp_action::XDP_DROP)
 }
 
 /// `addr_words` words as the four network-order u32 words bpf_fib_lookup wants.

@@ -188,9 +188,9 @@ pub static LB_SVC_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(
 pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_BACKENDS, 0);
 
 /// What the firewall decided for a packet it hands to the LB program by a
-/// tail call: (reason, matched). Per-CPU scratch; one entry.
+/// tail call: (reason, matched, verdict, 0). Per-CPU scratch; one entry.
 #[map]
-pub static LB_VERDICT: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_VERDICT: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for the LB's FIB lookup (a 64-byte `bpf_fib_lookup`; as
 /// plain words, since that type's unions would break loading the object's
@@ -203,10 +203,10 @@ pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
 
-/// The mode (1 = DSR) of the service an ICMP error was matched to, for the
-/// forwarding that follows. Per-CPU scratch; one entry.
+/// The service an ICMP error was matched to, for the forwarding that
+/// follows: its mode and VNI. Per-CPU scratch; one entry.
 #[map]
-pub static LB_SVC_MODE_DSR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_ICMP_SVC: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Interfaces the LB may redirect to (ifindex -> ifindex), filled by attach.
 /// A backend behind an interface not in it is reached with a plain redirect.

@@ -269,10 +269,17 @@ fn translate(ctx: &TcContext) -> Option<()> {
                 return None;
             }
             let check = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
-            ctx.l4_csum_replace(check, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
+            // A UDP checksum over IPv6 is never 0: a computed 0 is sent as
+            // 0xffff (the original is never 0 either).
+            let mangled = if proto == IPPROTO_UDP {
+                u64::from(BPF_F_MARK_MANGLED_0)
+            } else {
+                0
+            };
+            ctx.l4_csum_replace(check, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR) | mangled)
                 .ok()?;
             ctx.store(l3 + 8, &new, 0).ok()?;
-            rewrite_port(ctx, l4, check, sport, vip.port, 0)?;
+            rewrite_port(ctx, l4, check, sport, vip.port, mangled)?;
         }
         _ => return None,
     }

@@ -46,8 +46,13 @@ pub enum ServiceCommand {
         /// nat: rewrite the destination, translate replies back (backends
         /// route through this host); dsr: MAC rewrite only, backends hold the
         /// VIP and answer clients directly (same L2 segment).
+        /// vxlan: DSR through a VXLAN tunnel (outer IPv4, UDP 4789) to
+        /// backends anywhere routable; needs --vni.
         #[arg(long, value_enum, default_value = "nat")]
         mode: ModeArg,
+        /// The VXLAN network id of the backends' VXLAN devices (--mode vxlan).
+        #[arg(long, value_name = "VNI")]
+        vni: Option<u32>,
         /// A backend ADDR[:PORT][,weight=N]; repeat for more.
         #[arg(long = "backend", value_name = "BACKEND")]
         backends: Vec<String>,
@@ -114,6 +119,7 @@ pub enum BackendCommand {
 pub enum ModeArg {
     Nat,
     Dsr,
+    Vxlan,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -171,6 +177,7 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
             ServiceCommand::Add {
                 service,
                 mode,
+                vni,
                 backends,
                 health,
                 health_path,
@@ -206,9 +213,21 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                     service: LbService {
                         spec: ServiceSpec {
                             id: *service,
-                            mode: match mode {
-                                ModeArg::Nat => Mode::Nat,
-                                ModeArg::Dsr => Mode::Dsr,
+                            mode: match (mode, vni) {
+                                (ModeArg::Vxlan, Some(vni)) => Mode::Vxlan { vni: *vni },
+                                (ModeArg::Vxlan, None) => {
+                                    return Err(LbCliError::Refused(
+                                        "--mode vxlan needs --vni (the backends' VXLAN network id)"
+                                            .into(),
+                                    ));
+                                }
+                                (_, Some(_)) => {
+                                    return Err(LbCliError::Refused(
+                                        "--vni goes with --mode vxlan".into(),
+                                    ));
+                                }
+                                (ModeArg::Nat, None) => Mode::Nat,
+                                (ModeArg::Dsr, None) => Mode::Dsr,
                             },
                             backends,
                         },

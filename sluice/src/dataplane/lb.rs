@@ -13,7 +13,7 @@ use sluice_common::{
     addr_words,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, BackendKey, CONN_F_CLOSED, Conn, FlowKey,
-        LB_F_ENABLED, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT,
+        LB_F_ENABLED, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, MODE_VXLAN,
         Service, ServiceKey, TABLE_SIZE, Vip, lb_stat,
     },
     map_names,
@@ -53,6 +53,15 @@ pub enum LbError {
         backend: BackendAddr,
         vip_family: u8,
         backend_family: u8,
+    },
+    #[error("service {service}: VNI {vni} is out of range (0 to 16777215)")]
+    Vni { service: ServiceId, vni: u32 },
+    #[error(
+        "service {service}: VXLAN backends are reached over IPv4; {backend} is IPv6"
+    )]
+    VxlanFamily {
+        service: ServiceId,
+        backend: BackendAddr,
     },
     #[error(
         "service {service}: a DSR backend keeps the client's destination port; \
@@ -334,6 +343,14 @@ pub fn validate(services: &[ServiceSpec]) -> Result<(), LbError> {
     }
     let mut reverse: StdHashMap<(BackendAddr, Proto), ServiceId> = StdHashMap::new();
     for s in services {
+        if let Mode::Vxlan { vni } = s.mode
+            && vni > crate::lb::MAX_VNI
+        {
+            return Err(LbError::Vni {
+                service: s.id,
+                vni,
+            });
+        }
         let mut seen = HashSet::new();
         for b in &s.backends {
             if !seen.insert(b.addr) {
@@ -342,7 +359,14 @@ pub fn validate(services: &[ServiceSpec]) -> Result<(), LbError> {
                     backend: b.addr,
                 });
             }
-            if family(b.addr.addr) != family(s.id.vip) {
+            if let Mode::Vxlan { .. } = s.mode {
+                if !b.addr.addr.is_ipv4() {
+                    return Err(LbError::VxlanFamily {
+                        service: s.id,
+                        backend: b.addr,
+                    });
+                }
+            } else if family(b.addr.addr) != family(s.id.vip) {
                 return Err(LbError::FamilyMismatch {
                     service: s.id,
                     backend: b.addr,
@@ -356,7 +380,7 @@ pub fn validate(services: &[ServiceSpec]) -> Result<(), LbError> {
                     backend: b.addr,
                 });
             }
-            if s.mode == Mode::Dsr && b.addr.port != 0 && b.addr.port != s.id.port {
+            if s.mode != Mode::Nat && b.addr.port != 0 && b.addr.port != s.id.port {
                 return Err(LbError::DsrPort {
                     service: s.id,
                     backend: b.addr,
@@ -537,9 +561,13 @@ pub fn apply(
             mode: match s.mode {
                 Mode::Nat => MODE_NAT,
                 Mode::Dsr => MODE_DSR,
+                Mode::Vxlan { .. } => MODE_VXLAN,
             },
             backends: usable,
-            _pad: 0,
+            vni: match s.mode {
+                Mode::Vxlan { vni } => vni,
+                _ => 0,
+            },
         };
         if current.get(&key) != Some(&value) {
             maps.services
@@ -682,7 +710,11 @@ pub fn read(root: &PinRoot) -> Result<Vec<ServiceState>, DataplaneError> {
         out.push(ServiceState {
             id,
             slot: v.id,
-            mode: if v.mode == MODE_DSR { Mode::Dsr } else { Mode::Nat },
+            mode: match v.mode {
+                MODE_DSR => Mode::Dsr,
+                MODE_VXLAN => Mode::Vxlan { vni: v.vni },
+                _ => Mode::Nat,
+            },
             members,
         });
     }

@@ -43,13 +43,21 @@ pub enum Mode {
     /// changes; the backend holds the VIP (e.g. on `lo`) and answers the
     /// client itself.
     Dsr,
+    /// Direct server return through a VXLAN tunnel (outer IPv4, UDP 4789):
+    /// backends anywhere routable, each with a VXLAN device for `vni`, the
+    /// VIP, and a route back to clients that does not need this host.
+    Vxlan { vni: u32 },
 }
+
+/// Largest VXLAN network identifier (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
 
 impl Mode {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Nat => "nat",
             Self::Dsr => "dsr",
+            Self::Vxlan { .. } => "vxlan",
         }
     }
 }

@@ -198,6 +198,7 @@ struct RawLb {
 struct RawService {
     vip: Spanned<String>,
     mode: Option<Spanned<String>>,
+    vni: Option<Spanned<i64>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     health: Option<Spanned<RawHealth>>,
@@ -531,11 +532,30 @@ fn service(
     let mode = match r.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
         None | Some((_, "nat")) => Mode::Nat,
         Some((_, "dsr")) => Mode::Dsr,
+        Some((m, "vxlan")) => match &r.vni {
+            Some(v) => match u32::try_from(*v.get_ref()) {
+                Ok(n) if n <= crate::lb::MAX_VNI => Mode::Vxlan { vni: n },
+                _ => {
+                    diags.push(pos.span(v, format!("vni must be 0 to {}, found {}", crate::lb::MAX_VNI, v.get_ref())));
+                    Mode::Nat
+                }
+            },
+            None => {
+                diags.push(pos.span(m, "mode vxlan needs a vni (the backends' VXLAN network id)"));
+                Mode::Nat
+            }
+        },
         Some((m, other)) => {
-            diags.push(pos.span(m, format!("mode must be nat or dsr, found {other:?}")));
+            diags.push(pos.span(m, format!("mode must be nat, dsr or vxlan, found {other:?}")));
             Mode::Nat
         }
     };
+    if let Some(v) = &r.vni
+        && !matches!(mode, Mode::Vxlan { .. })
+        && diags.len() == before
+    {
+        diags.push(pos.span(v, "vni goes with mode = \"vxlan\""));
+    }
     let mut backends = Vec::new();
     for b in &r.backends {
         let (addr, weight, drain) = match b.get_ref() {
@@ -1096,7 +1116,11 @@ backends = ["2001:2::5"]
     fn bad_services_are_reported_with_their_positions() {
         let cases = [
             ("[[service]]\nvip = \"198.18.0.10\"\n", "is not a service"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"tunnel\"\n", "mode must be nat or dsr"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"tunnel\"\n", "mode must be nat, dsr or vxlan"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\n", "needs a vni"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nvni = 5\n", "vni goes with"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 16777216\n", "vni must be"),
+            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 7\nbackends = [\"2001:2::5\"]\n", "reached over IPv4"),
             ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"host:80\"]\n", "is not a backend"),
             ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [{ addr = \"198.18.1.2\", weight = 0 }]\n", "weight must be 1 to"),
             ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"icmp\" }\n", "health check must be tcp or http"),
