@@ -451,6 +451,19 @@ fn nat_balances_real_connections_v4_and_v6() {
     assert_eq!(c.get("FAILED"), None, "{c:?}");
     assert_eq!(c.get("b2"), None, "{c:?}");
 
+    // b2 comes back: health checks put it back in the table.
+    topo.backends[2].server = Server::start(&topo.backends[2].ns, "b2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_row(&lb_json(&env), &svc4, &b(2, false))["health"] != "up" {
+        assert!(Instant::now() < deadline, "restarted backend not back up in 10 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let results = connect_many(&topo.client, IpAddr::V4(VIP4), 44_000..44_300);
+    let c = counts(&results);
+    println!("b2 back: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert!(c.get("b2").copied().unwrap_or(0) > 30, "the recovered backend takes connections again: {c:?}");
+
     // Counters: the service saw every connection.
     let v = lb_json(&env);
     let row = backend_row(&v, &svc6, &b(0, true));

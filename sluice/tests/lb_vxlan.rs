@@ -218,7 +218,7 @@ fn vxlan_dsr_serves_real_connections() {
 
     let env = AgentEnv::new("vx");
     env.write_config(&format!(
-        "[[interface]]\nname = \"{l_if}\"\nmode = \"native\"\n\n[[interface]]\nname = \"{lb_be}\"\nmode = \"native\"\n\n[[service]]\nvip = \"{VIP4}:80/tcp\"\nmode = \"vxlan\"\nvni = {VNI}\nbackends = [\"{BE4}\"]\nhealth = {{ check = \"tcp\", port = 80, interval = \"200ms\", timeout = \"150ms\" }}\n"
+        "[lb]\nconnections = 4096\n\n[[interface]]\nname = \"{l_if}\"\nmode = \"native\"\n\n[[interface]]\nname = \"{lb_be}\"\nmode = \"native\"\n\n[[service]]\nvip = \"{VIP4}:80/tcp\"\nmode = \"vxlan\"\nvni = {VNI}\nbackends = [\"{BE4}\"]\nhealth = {{ check = \"tcp\", port = 80, interval = \"200ms\", timeout = \"150ms\" }}\n"
     ));
     let netns_arg = format!("--net={}", lb.path().display());
     let _agent = AgentProc::start_wrapped(&env, &["nsenter", &netns_arg], &[]);
@@ -255,6 +255,7 @@ fn vxlan_dsr_serves_real_connections() {
     let v = env.cli_json(&["lb", "list", "--json"]);
     let row = &v["services"][0];
     assert_eq!(row["mode"], "vxlan", "{v:#}");
+    assert_eq!(v["connection_capacity"], 4096, "[lb] connections sizes the table: {v:#}");
     assert!(row["connections"].as_u64().unwrap_or(0) >= 50, "{v:#}");
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();

@@ -543,6 +543,10 @@ fn random_material_is_judged_consistently() {
             Reason::RateLimit | Reason::SynDefence | Reason::MapFull => {
                 panic!("the model judged {:?} without a limit rule", out.reason)
             }
+            // The model has no load balancer.
+            Reason::NoBackend | Reason::VipFragment => {
+                panic!("the model judged {:?} without a service", out.reason)
+            }
         }
     }
     for family in [Family::V4, Family::V6] {

@@ -94,6 +94,8 @@ pub struct Core {
     pub checker: Option<std::sync::Arc<super::health::Checker<MemberKey>>>,
     /// What the LB maps were last made to match (skip identical re-applies).
     lb_applied: Option<(Vec<crate::lb::ServiceSpec>, Vec<MemberKey>)>,
+    /// `[lb] connections` value already warned about (pinned size differs).
+    lb_size_warned: Option<u32>,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
@@ -139,6 +141,7 @@ impl Core {
             health_down: std::collections::HashSet::new(),
             checker: None,
             lb_applied: None,
+            lb_size_warned: None,
         };
         info!(
             resumed,
@@ -257,6 +260,18 @@ impl Core {
                 self.lb.new_connections_per_second,
                 self.lb.new_connections_burst,
             )?;
+        }
+        if let Ok(n) = dataplane::lb::pinned_conn_capacity(&self.root)
+            && n != self.lb.connections
+            && self.lb_size_warned != Some(self.lb.connections)
+        {
+            warn!(
+                pinned = n,
+                configured = self.lb.connections,
+                "[lb] connections differs from the pinned connection table's size; it applies when the \
+                 dataplane is created again (detach every interface, then attach)"
+            );
+            self.lb_size_warned = Some(self.lb.connections);
         }
         let specs: Vec<crate::lb::ServiceSpec> =
             desired.services.iter().map(|s| s.spec.clone()).collect();

@@ -113,6 +113,9 @@ pub struct LbView {
     pub events: Vec<(String, u64)>,
     /// Connection-table entries walked to count active connections.
     pub connection_entries: u64,
+    /// The connection table's capacity.
+    #[serde(default)]
+    pub connection_capacity: u32,
 }
 
 fn describe_check(h: &crate::lb::HealthConf) -> String {
@@ -149,6 +152,7 @@ pub fn view(
             .map(|(n, v)| (n.to_string(), v))
             .collect(),
         connection_entries: walked,
+        connection_capacity: maps::pinned_conn_capacity(root)?,
         ..LbView::default()
     };
     for s in state {

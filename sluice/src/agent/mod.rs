@@ -165,6 +165,8 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             source,
         })?;
     let std_listener = bind_socket(&listener_path)?;
+    // The connection table is sized when the dataplane is first created.
+    crate::dataplane::lb::set_conn_capacity(cfg.lb.connections);
     let started = Core::start(settings, Some((opts.config.clone(), text)));
     let (mut core, report) = match started {
         Ok(r) => r,

@@ -304,6 +304,8 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
     for (name, path) in &paths {
         loader.map_pin_path(name.as_str(), path.as_path());
     }
+    // Used only when the table is created; a pinned one keeps its size.
+    loader.set_max_entries(map_names::LB_CONNS, super::lb::conn_capacity());
     create_maglev_outer(root)?;
     let mut ebpf = loader.load(OBJECT).map_err(|e| {
         if super::is_permission(&format!("{e:?}")) {

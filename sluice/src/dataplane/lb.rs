@@ -32,6 +32,34 @@ where
     })
 }
 
+/// Connections the connection table is created with (the agent sets it
+/// from `[lb] connections` before it first attaches).
+static CONN_CAPACITY_WANTED: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(sluice_common::lb::CONN_CAPACITY);
+
+/// Smallest and largest connection table sluice creates.
+pub const MIN_CONNS: u32 = 1024;
+pub const MAX_CONNS: u32 = 1 << 26;
+
+pub fn set_conn_capacity(n: u32) {
+    CONN_CAPACITY_WANTED.store(n.clamp(MIN_CONNS, MAX_CONNS), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn conn_capacity() -> u32 {
+    CONN_CAPACITY_WANTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The pinned connection table's capacity.
+pub fn pinned_conn_capacity(root: &PinRoot) -> Result<u32, DataplaneError> {
+    let path = root.map(map_names::LB_CONNS);
+    aya::maps::MapInfo::from_pin(&path)
+        .map(|i| i.max_entries())
+        .map_err(|e| DataplaneError::PinnedMap {
+            path,
+            detail: e.to_string(),
+        })
+}
+
 /// Defaults of a fresh dataplane: a TCP connection idle for 15 minutes (UDP:
 /// 5 minutes) is balanced afresh; at most 100,000 new connection-table
 /// entries per second (burst 100,000).

@@ -225,10 +225,12 @@ pub fn check_pinned_maps(root: &PinRoot, specs: &[MapSpec]) -> Result<(), Datapl
         };
         // The kernel may report extra internal flag bits; compare the ones we set.
         let flags_ok = found.flags & spec.flags == spec.flags;
+        // The connection table is sized when it is created (`[lb] connections`).
+        let sized = spec.name == sluice_common::map_names::LB_CONNS;
         if found.map_type != spec.map_type
             || found.key_size != spec.key_size
             || found.value_size != spec.value_size
-            || found.max_entries != spec.max_entries
+            || (found.max_entries != spec.max_entries && !sized)
             || !flags_ok
         {
             return Err(DataplaneError::IncompatibleMap {

@@ -170,6 +170,8 @@ pub struct LbSettings {
     pub udp_idle_secs: u64,
     pub new_connections_per_second: u64,
     pub new_connections_burst: u64,
+    /// Connection-table capacity, used when the table is created.
+    pub connections: u32,
 }
 
 impl Default for LbSettings {
@@ -180,6 +182,7 @@ impl Default for LbSettings {
             udp_idle_secs: DEFAULT_UDP_IDLE_S,
             new_connections_per_second: DEFAULT_NEW_CONNS_PER_S,
             new_connections_burst: DEFAULT_NEW_CONNS_PER_S,
+            connections: sluice_common::lb::CONN_CAPACITY,
         }
     }
 }
@@ -191,6 +194,7 @@ struct RawLb {
     conn_udp_idle: Option<Spanned<String>>,
     new_connections_per_second: Option<Spanned<i64>>,
     new_connections_burst: Option<Spanned<i64>>,
+    connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -496,6 +500,19 @@ fn lb_settings(pos: &Positions<'_>, raw: &RawLb, diags: &mut Vec<Diagnostic>) ->
                 v,
                 format!(
                     "new_connections_per_second must be between 0 (no cap) and {MAX}, found {}",
+                    v.get_ref()
+                ),
+            )),
+        }
+    }
+    if let Some(v) = &raw.connections {
+        use crate::dataplane::lb::{MAX_CONNS, MIN_CONNS};
+        match u32::try_from(*v.get_ref()) {
+            Ok(n) if (MIN_CONNS..=MAX_CONNS).contains(&n) => l.connections = n,
+            _ => diags.push(pos.span(
+                v,
+                format!(
+                    "connections must be between {MIN_CONNS} and {MAX_CONNS}, found {}",
                     v.get_ref()
                 ),
             )),
@@ -1087,6 +1104,7 @@ mod tests {
 [lb]
 conn_tcp_idle = "10m"
 new_connections_per_second = 5000
+connections = 4096
 
 [[service]]
 vip = "198.18.0.10:80/tcp"
@@ -1101,6 +1119,7 @@ backends = ["2001:2::5"]
         let cfg = parse(Path::new("/etc/sluice/t.toml"), text).expect("valid");
         assert_eq!(cfg.lb.tcp_idle_secs, 600);
         assert_eq!(cfg.lb.new_connections_per_second, 5000);
+        assert_eq!(cfg.lb.connections, 4096);
         let s = &cfg.desired.services;
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].spec.id.to_string(), "198.18.0.10:80/tcp");
@@ -1131,6 +1150,7 @@ backends = ["2001:2::5"]
             ("[[service]]\nvip = \"198.18.0.10:*\"\nbackends = [\"198.18.1.2\"]\nhealth = { check = \"tcp\" }\n", "give the check a port"),
             ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"tcp\", interval = \"1s\", timeout = \"2s\" }\n", "health check"),
             ("[lb]\nconn_tcp_idle = \"0s\"\n", "conn_tcp_idle must be whole seconds"),
+            ("[lb]\nconnections = 10\n", "connections must be between"),
         ];
         for (text, want) in cases {
             let got = errors(text);
