@@ -285,6 +285,9 @@ mod tests {
         let a = flow_hash([1, 0], [2, 0], 1000, 80, 6) % TABLE_SIZE;
         let b = flow_hash([1, 0], [2, 0], 1001, 80, 6) % TABLE_SIZE;
         assert_ne!(a, b);
-        assert_ne!(flow_hash([1, 0], [2, 0], 1000, 80, 6), flow_hash([1, 0], [2, 0], 1000, 80, 17));
+        assert_ne!(
+            flow_hash([1, 0], [2, 0], 1000, 80, 6),
+            flow_hash([1, 0], [2, 0], 1000, 80, 17)
+        );
     }
 }

@@ -15,11 +15,11 @@ use sluice_common::{
 };
 
 use crate::{
+    csum::{fold, ptr_mut as ptr_at, sum16},
     maps::{
         DDOS_CONFIG, EVENTS, NEW_SOURCES, OVERFLOW_BKTS, RULE_BUCKETS, SRC_BUCKETS, STATS,
         SYN_VERIFIED,
     },
-    csum::{fold, ptr_mut as ptr_at, sum16},
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
 };
 

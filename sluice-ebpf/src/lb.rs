@@ -3,9 +3,7 @@
 //! rewritten (NAT: destination; DSR: MAC only) and sent with XDP_TX or a redirect.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
-    },
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     cty::c_void,
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
@@ -24,8 +22,8 @@ use crate::{
     ddos::{conform, now},
     firewall::{Outcome, count},
     maps::{
-        LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_MAGLEV, LB_NEW_CONNS, LB_SERVICES,
-        LB_FIB, LB_PACKET, LB_STATS, LB_ICMP_SVC, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
+        LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_FIB, LB_ICMP_SVC, LB_MAGLEV,
+        LB_NEW_CONNS, LB_PACKET, LB_SERVICES, LB_STATS, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
     },
     observe,
     parse::{Packet, TCP_FIN, TCP_RST},
@@ -97,7 +95,12 @@ fn service_of(pkt: &Packet) -> Option<Service> {
 }
 
 #[inline(always)]
-fn account(slot_stats: &aya_ebpf::maps::PerCpuArray<sluice_common::lb::LbCounter>, i: u32, bytes: u64, new_conn: bool) {
+fn account(
+    slot_stats: &aya_ebpf::maps::PerCpuArray<sluice_common::lb::LbCounter>,
+    i: u32,
+    bytes: u64,
+    new_conn: bool,
+) {
     if let Some(c) = slot_stats.get_ptr_mut(i) {
         // SAFETY: per-CPU slot.
         unsafe {
@@ -294,8 +297,14 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
                 return Decision::drop(Reason::NoBackend, 0);
             }
             new_conn = true;
-            let recorded =
-                record(&key, id, svc.id, now, cfg.new_conn_interval_ns, cfg.new_conn_tolerance_ns);
+            let recorded = record(
+                &key,
+                id,
+                svc.id,
+                now,
+                cfg.new_conn_interval_ns,
+                cfg.new_conn_tolerance_ns,
+            );
             // A connection is counted once: when recorded, or (past the cap)
             // at its SYN; a UDP flow past the cap is not counted.
             counted = recorded || pkt.is_syn();
@@ -380,7 +389,10 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     // bounds check into a form the verifier does not follow.
     let ty = unsafe { (*ptr_mut::<[u8; 2]>(ctx, l4)?)[0] };
     let error = if v4 {
-        matches!(ty, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB)
+        matches!(
+            ty,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        )
     } else {
         (1..=ICMPV6_ERROR_MAX).contains(&ty)
     };
@@ -395,9 +407,17 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         if vihl >> 4 != 4 || ihl < 20 {
             return None;
         }
-        (i3 + 12, unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 8)?)[1] }, i3 + ihl)
+        (
+            i3 + 12,
+            unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 8)?)[1] },
+            i3 + ihl,
+        )
     } else {
-        (i3 + 8, unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 6)?)[0] }, i3 + 40)
+        (
+            i3 + 8,
+            unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 6)?)[0] },
+            i3 + 40,
+        )
     };
     if inner_proto != IPPROTO_TCP && inner_proto != 17 {
         return None;
@@ -644,7 +664,11 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
     p.ifindex = ingress;
     p.l4_protocol = pkt.proto;
     p.sport = pkt.sport.to_be();
-    p.dport = if be.port != 0 { be.port.to_be() } else { pkt.dport.to_be() };
+    p.dport = if be.port != 0 {
+        be.port.to_be()
+    } else {
+        pkt.dport.to_be()
+    };
     let l3 = core::hint::black_box(pkt.l3_off);
     if l3 > MAX_L3_OFF {
         return fallback(ctx);
@@ -744,7 +768,8 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     *p = unsafe { core::mem::zeroed() };
     let ingress = ctx.ingress_ifindex() as u32;
     let inner_len = ctx.data_end() - ctx.data();
-    let sport = 0xc000 | (flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) as u16 & 0x3fff);
+    let sport =
+        0xc000 | (flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) as u16 & 0x3fff);
     p.family = AF_INET;
     p.ifindex = ingress;
     p.l4_protocol = 17;
@@ -793,8 +818,8 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     }
     let dst = dmac;
     let mut ip = [
-        0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, 17, 0, 0, src[0], src[1], src[2],
-        src[3], d[0], d[1], d[2], d[3],
+        0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, 17, 0, 0, src[0], src[1], src[2], src[3],
+        d[0], d[1], d[2], d[3],
     ];
     let c = fold(sum16(&ip)).to_be_bytes();
     ip[10] = c[0];

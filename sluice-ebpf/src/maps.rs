@@ -182,7 +182,8 @@ pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lb::lb_sta
 
 /// Per-CPU counters per service id / backend slot. Fixed size.
 #[map]
-pub static LB_SVC_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_SERVICES, 0);
+pub static LB_SVC_STATS: PerCpuArray<LbCounter> =
+    PerCpuArray::with_max_entries(lb::MAX_SERVICES, 0);
 
 #[map]
 pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_BACKENDS, 0);

@@ -217,7 +217,11 @@ fn translate(ctx: &TcContext) -> Option<()> {
             let vip = lookup(&mut key)?;
             let v = vip.addr[0].to_ne_bytes();
             let new = [v[0], v[1], v[2], v[3]];
-            let check = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+            let check = if proto == IPPROTO_TCP {
+                l4 + 16
+            } else {
+                l4 + 6
+            };
             let from = u64::from(u32::from_ne_bytes(src));
             let to = u64::from(u32::from_ne_bytes(new));
             let mangled = if proto == IPPROTO_UDP {
@@ -257,18 +261,16 @@ fn translate(ctx: &TcContext) -> Option<()> {
             new[8..].copy_from_slice(&vip.addr[1].to_ne_bytes());
             // SAFETY: both buffers are 16 bytes on the stack.
             let diff = unsafe {
-                bpf_csum_diff(
-                    src.as_mut_ptr().cast(),
-                    16,
-                    new.as_mut_ptr().cast(),
-                    16,
-                    0,
-                )
+                bpf_csum_diff(src.as_mut_ptr().cast(), 16, new.as_mut_ptr().cast(), 16, 0)
             };
             if diff < 0 {
                 return None;
             }
-            let check = if proto == IPPROTO_TCP { l4 + 16 } else { l4 + 6 };
+            let check = if proto == IPPROTO_TCP {
+                l4 + 16
+            } else {
+                l4 + 6
+            };
             // A UDP checksum over IPv6 is never 0: a computed 0 is sent as
             // 0xffff (the original is never 0 either).
             let mangled = if proto == IPPROTO_UDP {

@@ -140,11 +140,39 @@ impl Drop for Server {
 }
 
 /// Joins two namespaces with a veth pair and addresses both ends.
-fn veth(a: &Netns, a_if: &str, a_addrs: (Ipv4Addr, Ipv6Addr), b: &Netns, b_if: &str, b_addrs: (Ipv4Addr, Ipv6Addr)) {
-    a.exec_ok(["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()]);
+fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_addrs: (Ipv4Addr, Ipv6Addr),
+    b: &Netns,
+    b_if: &str,
+    b_addrs: (Ipv4Addr, Ipv6Addr),
+) {
+    a.exec_ok([
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
     for (ns, ifname, (v4, v6)) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
         ns.exec_ok(["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
-        ns.exec_ok(["ip", "-6", "addr", "add", &format!("{v6}/64"), "dev", ifname, "nodad"]);
+        ns.exec_ok([
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            ifname,
+            "nodad",
+        ]);
         ns.exec_ok(["ip", "link", "set", "dev", ifname, "up"]);
     }
 }
@@ -168,18 +196,65 @@ impl Topo {
         let lb = Netns::new(&format!("{tag}-l"));
         let id = std::process::id() % 10_000;
         let lb_if = format!("lbc{id}");
-        veth(&client, &format!("cl{id}"), (CLIENT4, CLIENT6), &lb, &lb_if, (LB4, LB6));
-        client.exec_ok(["ip", "route", "add", &format!("{VIP4}/32"), "via", &LB4.to_string()]);
-        client.exec_ok(["ip", "-6", "route", "add", &format!("{VIP6}/128"), "via", &LB6.to_string()]);
+        veth(
+            &client,
+            &format!("cl{id}"),
+            (CLIENT4, CLIENT6),
+            &lb,
+            &lb_if,
+            (LB4, LB6),
+        );
+        client.exec_ok([
+            "ip",
+            "route",
+            "add",
+            &format!("{VIP4}/32"),
+            "via",
+            &LB4.to_string(),
+        ]);
+        client.exec_ok([
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            &LB6.to_string(),
+        ]);
         lb.exec_ok(["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         lb.exec_ok(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let mut backends = Vec::new();
         for i in 0..n {
             let ns = Netns::new(&format!("{tag}-b{i}"));
-            let lb_side = (Ipv4Addr::new(198, 18, 11 + i, 1), Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 1));
-            veth(&lb, &format!("lb{i}{id}"), lb_side, &ns, &format!("be{i}{id}"), (backend_v4(i), backend_v6(i)));
-            ns.exec_ok(["ip", "route", "add", "default", "via", &lb_side.0.to_string()]);
-            ns.exec_ok(["ip", "-6", "route", "add", "default", "via", &lb_side.1.to_string()]);
+            let lb_side = (
+                Ipv4Addr::new(198, 18, 11 + i, 1),
+                Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 1),
+            );
+            veth(
+                &lb,
+                &format!("lb{i}{id}"),
+                lb_side,
+                &ns,
+                &format!("be{i}{id}"),
+                (backend_v4(i), backend_v6(i)),
+            );
+            ns.exec_ok([
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &lb_side.0.to_string(),
+            ]);
+            ns.exec_ok([
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &lb_side.1.to_string(),
+            ]);
             let name = format!("b{i}");
             let server = Server::start(&ns, &name);
             backends.push(Backend { ns, name, server });
@@ -208,19 +283,28 @@ fn connect_once(vip: IpAddr, sport: u16) -> Option<(String, TcpStream)> {
     .ok()?;
     sock.set_reuse_address(true).ok()?;
     sock.bind(&local.into()).ok()?;
-    sock.connect_timeout(&SocketAddr::new(vip, SERVICE_PORT).into(), Duration::from_secs(2))
-        .ok()?;
+    sock.connect_timeout(
+        &SocketAddr::new(vip, SERVICE_PORT).into(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
     let s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let mut line = String::new();
-    BufReader::new(s.try_clone().ok()?).read_line(&mut line).ok()?;
+    BufReader::new(s.try_clone().ok()?)
+        .read_line(&mut line)
+        .ok()?;
     let name = line.trim().to_string();
     (!name.is_empty()).then_some((name, s))
 }
 
 /// Short connections from the client namespace from each port of `ports`:
 /// (source port, backend name or None).
-fn connect_many(client: &Netns, vip: IpAddr, ports: std::ops::Range<u16>) -> Vec<(u16, Option<String>)> {
+fn connect_many(
+    client: &Netns,
+    vip: IpAddr,
+    ports: std::ops::Range<u16>,
+) -> Vec<(u16, Option<String>)> {
     client.run(move || {
         ports
             .map(|p| (p, connect_once(vip, p).map(|(n, _)| n)))
@@ -261,7 +345,8 @@ fn words(a: IpAddr) -> [u64; 2] {
 fn counts(results: &[(u16, Option<String>)]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for (_, r) in results {
-        *m.entry(r.clone().unwrap_or_else(|| "FAILED".into())).or_default() += 1;
+        *m.entry(r.clone().unwrap_or_else(|| "FAILED".into()))
+            .or_default() += 1;
     }
     m
 }
@@ -318,7 +403,10 @@ fn nat_balances_real_connections_v4_and_v6() {
         let c = counts(&results);
         println!("{vip}: {c:?}");
         assert_eq!(c.get("FAILED"), None, "{vip}: failed connections: {c:?}");
-        let members: Vec<(String, u32)> = weights.iter().map(|(n, w)| ((*n).to_string(), *w)).collect();
+        let members: Vec<(String, u32)> = weights
+            .iter()
+            .map(|(n, w)| ((*n).to_string(), *w))
+            .collect();
         let names = |i: usize| members[i].0.clone();
         let total: u32 = weights.iter().map(|(_, w)| w).sum();
         for (i, (name, w)) in weights.iter().enumerate() {
@@ -340,55 +428,86 @@ fn nat_balances_real_connections_v4_and_v6() {
         let mut wrong = 0;
         for (port, got) in &results {
             let want = predict(vip, *port, &addr_members);
-            let idx = addr_members.iter().position(|(n, _)| *n == want).expect("member");
+            let idx = addr_members
+                .iter()
+                .position(|(n, _)| *n == want)
+                .expect("member");
             if got.as_deref() != Some(weights[idx].0) {
                 wrong += 1;
             }
         }
-        assert_eq!(wrong, 0, "{vip}: connections not on the backend the Maglev table predicts");
+        assert_eq!(
+            wrong, 0,
+            "{vip}: connections not on the backend the Maglev table predicts"
+        );
     }
 
     // Long-lived connections survive adding a backend (the table changes;
     // the connection table keeps them where they are).
-    let held: Vec<(String, TcpStream)> = topo
-        .client
-        .run(|| (40_000..40_030).filter_map(|p| connect_once(IpAddr::V4(VIP4), p)).collect());
+    let held: Vec<(String, TcpStream)> = topo.client.run(|| {
+        (40_000..40_030)
+            .filter_map(|p| connect_once(IpAddr::V4(VIP4), p))
+            .collect()
+    });
     assert_eq!(held.len(), 30);
     env.cli_ok(&["lb", "backend", "add", &svc4, &b(3, false), "--weight", "3"]);
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), 41_000..41_400);
     let c = counts(&results);
     println!("after adding b3: {c:?}");
     assert_eq!(c.get("FAILED"), None, "{c:?}");
-    assert!(c.get("b3").copied().unwrap_or(0) > 60, "the added backend takes new connections: {c:?}");
+    assert!(
+        c.get("b3").copied().unwrap_or(0) > 60,
+        "the added backend takes new connections: {c:?}"
+    );
     let echoed = topo.client.run(move || {
         held.into_iter()
             .map(|(name, mut s)| {
                 let ok = writeln!(s, "ping-{name}").is_ok() && {
                     let mut line = String::new();
-                    BufReader::new(&s).read_line(&mut line).is_ok() && line.trim() == format!("ping-{name}")
+                    BufReader::new(&s).read_line(&mut line).is_ok()
+                        && line.trim() == format!("ping-{name}")
                 };
                 (name, s, ok)
             })
             .collect::<Vec<_>>()
     });
-    let broken: Vec<&String> = echoed.iter().filter(|(_, _, ok)| !ok).map(|(n, _, _)| n).collect();
-    assert!(broken.is_empty(), "connections broken by adding a backend: {broken:?}");
+    let broken: Vec<&String> = echoed
+        .iter()
+        .filter(|(_, _, ok)| !ok)
+        .map(|(n, _, _)| n)
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "connections broken by adding a backend: {broken:?}"
+    );
     // The held connections are open: the connection table counts them active.
     let v = lb_json(&env);
     let active: u64 = (0..4)
-        .map(|i| backend_row(&v, &svc4, &b(i, false))["active"].as_u64().unwrap_or(0))
+        .map(|i| {
+            backend_row(&v, &svc4, &b(i, false))["active"]
+                .as_u64()
+                .unwrap_or(0)
+        })
         .sum();
     assert!(active >= 30, "30 held connections, {active} active: {v:#}");
 
     // Drain b1: its open connections go on; no new connection reaches it.
-    let on_b1: Vec<TcpStream> = echoed.into_iter().filter(|(n, _, _)| n == "b1").map(|(_, s, _)| s).collect();
+    let on_b1: Vec<TcpStream> = echoed
+        .into_iter()
+        .filter(|(n, _, _)| n == "b1")
+        .map(|(_, s, _)| s)
+        .collect();
     assert!(!on_b1.is_empty(), "some held connection is on b1");
     env.cli_ok(&["lb", "backend", "drain", &svc4, &b(1, false)]);
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), 42_000..42_300);
     let c = counts(&results);
     println!("b1 drained: {c:?}");
     assert_eq!(c.get("FAILED"), None, "{c:?}");
-    assert_eq!(c.get("b1"), None, "a drained backend got new connections: {c:?}");
+    assert_eq!(
+        c.get("b1"),
+        None,
+        "a drained backend got new connections: {c:?}"
+    );
     // Each round trip on a held b1 connection: true if it echoed.
     fn echo(s: &TcpStream) -> bool {
         let mut w = s;
@@ -399,8 +518,14 @@ fn nat_balances_real_connections_v4_and_v6() {
     }
     let on_b1 = Arc::new(on_b1);
     let held_b1 = on_b1.clone();
-    let still = topo.client.run(move || held_b1.iter().filter(|s| echo(s)).count());
-    assert_eq!(still, on_b1.len(), "connections on the drained backend must go on");
+    let still = topo
+        .client
+        .run(move || held_b1.iter().filter(|s| echo(s)).count());
+    assert_eq!(
+        still,
+        on_b1.len(),
+        "connections on the drained backend must go on"
+    );
     // Flow records name the backend and its state (the reader learns
     // backend states about once a second: keep the drained connections busy).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -421,10 +546,15 @@ fn nat_balances_real_connections_v4_and_v6() {
         );
         thread::sleep(Duration::from_millis(300));
         let held_b1 = on_b1.clone();
-        topo.client.run(move || held_b1.iter().filter(|s| echo(s)).count());
+        topo.client
+            .run(move || held_b1.iter().filter(|s| echo(s)).count());
     }
     let v = lb_json(&env);
-    assert_eq!(backend_row(&v, &svc4, &b(1, false))["state"], "draining", "{v:#}");
+    assert_eq!(
+        backend_row(&v, &svc4, &b(1, false))["state"],
+        "draining",
+        "{v:#}"
+    );
 
     // Kill b2: health checks take it out, and clients keep succeeding.
     topo.backends[2].server.kill();
@@ -435,7 +565,10 @@ fn nat_balances_real_connections_v4_and_v6() {
         if backend_row(&v, &svc4, &b(2, false))["health"] == "down" {
             break killed.elapsed();
         }
-        assert!(Instant::now() < deadline, "killed backend not detected in 10 s: {v:#}");
+        assert!(
+            Instant::now() < deadline,
+            "killed backend not detected in 10 s: {v:#}"
+        );
         thread::sleep(Duration::from_millis(100));
     };
     // fall (2) failed checks 200 ms apart, plus the listing's own delay.
@@ -443,7 +576,11 @@ fn nat_balances_real_connections_v4_and_v6() {
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), 43_000..43_300);
     let c = counts(&results);
     println!("b2 killed: {c:?}");
-    assert_eq!(c.get("FAILED"), None, "clients failed after the dead backend was taken out: {c:?}");
+    assert_eq!(
+        c.get("FAILED"),
+        None,
+        "clients failed after the dead backend was taken out: {c:?}"
+    );
     assert_eq!(c.get("b2"), None, "{c:?}");
     let results = connect_many(&topo.client, IpAddr::V6(VIP6), 31_000..31_300);
     let c = counts(&results);
@@ -455,14 +592,20 @@ fn nat_balances_real_connections_v4_and_v6() {
     topo.backends[2].server = Server::start(&topo.backends[2].ns, "b2");
     let deadline = Instant::now() + Duration::from_secs(10);
     while backend_row(&lb_json(&env), &svc4, &b(2, false))["health"] != "up" {
-        assert!(Instant::now() < deadline, "restarted backend not back up in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "restarted backend not back up in 10 s"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), 44_000..44_300);
     let c = counts(&results);
     println!("b2 back: {c:?}");
     assert_eq!(c.get("FAILED"), None, "{c:?}");
-    assert!(c.get("b2").copied().unwrap_or(0) > 30, "the recovered backend takes connections again: {c:?}");
+    assert!(
+        c.get("b2").copied().unwrap_or(0) > 30,
+        "the recovered backend takes connections again: {c:?}"
+    );
 
     // Counters: the service saw every connection.
     let v = lb_json(&env);
@@ -473,18 +616,40 @@ fn nat_balances_real_connections_v4_and_v6() {
 
     // Bad changes are refused whole, naming the problem.
     for (args, want) in [
-        (vec!["lb", "backend", "add", svc4.as_str(), &b(0, false)], "already"),
         (
-            vec!["lb", "service", "add", "198.19.0.11:80", "--backend", &b(0, false)],
+            vec!["lb", "backend", "add", svc4.as_str(), &b(0, false)],
+            "already",
+        ),
+        (
+            vec![
+                "lb",
+                "service",
+                "add",
+                "198.19.0.11:80",
+                "--backend",
+                &b(0, false),
+            ],
             "is behind two NAT services",
         ),
-        (vec!["lb", "backend", "del", svc4.as_str(), "198.18.99.2:8080"], "has no backend"),
-        (vec!["lb", "backend", "weight", svc4.as_str(), &b(0, false), "0"], "out of range"),
-        (vec!["lb", "service", "add", "198.19.0.12"], "is not a service"),
+        (
+            vec!["lb", "backend", "del", svc4.as_str(), "198.18.99.2:8080"],
+            "has no backend",
+        ),
+        (
+            vec!["lb", "backend", "weight", svc4.as_str(), &b(0, false), "0"],
+            "out of range",
+        ),
+        (
+            vec!["lb", "service", "add", "198.19.0.12"],
+            "is not a service",
+        ),
     ] {
         let out = env.cli(&args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
         println!("$ sluice {}\n{err}", args.join(" "));
     }
     let out = env.cli_ok(&["lb", "list"]);

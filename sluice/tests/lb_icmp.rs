@@ -19,7 +19,10 @@ use common::{
     kernel::{hex, new_sandbox},
 };
 use sluice::{
-    dataplane::{lb as lbmaps, sandbox::{Sandbox, XDP_PASS}},
+    dataplane::{
+        lb as lbmaps,
+        sandbox::{Sandbox, XDP_PASS},
+    },
     lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::{lb::lb_stat, map_names};
@@ -119,12 +122,18 @@ fn frag_needed_to_the_vip_goes_to_the_backend_ipv4() {
         .unwrap();
     assert_eq!(r.action, XDP_PASS);
     // A router says the VIP's reply (VIP:80 -> client:5000) was too big.
-    let reply = Frame::v4(VIP4, CLIENT4).udp(80, 5000).payload(&[7; 1400]).build();
+    let reply = Frame::v4(VIP4, CLIENT4)
+        .udp(80, 5000)
+        .payload(&[7; 1400])
+        .build();
     let error = Frame::v4(ROUTER4, VIP4)
         .proto(1, icmp4(3, 4, [0, 0, 0x05, 0xdc], &quote(&reply, 20)))
         .build();
     // To the backend, quoting what the backend sent (backend:8080 -> client).
-    let backend_reply = Frame::v4(BE4, CLIENT4).udp(8080, 5000).payload(&[7; 1400]).build();
+    let backend_reply = Frame::v4(BE4, CLIENT4)
+        .udp(8080, 5000)
+        .payload(&[7; 1400])
+        .build();
     let mut backend_quote = quote(&backend_reply, 20);
     // The quoted UDP checksum is left as it was.
     backend_quote[26..28].copy_from_slice(&quote(&reply, 20)[26..28]);
@@ -132,12 +141,18 @@ fn frag_needed_to_the_vip_goes_to_the_backend_ipv4() {
         .proto(1, icmp4(3, 4, [0, 0, 0x05, 0xdc], &backend_quote))
         .build();
     let (r, out) = sb.run_out(&error).unwrap();
-    assert_eq!(r.action, XDP_PASS, "no route in the test namespace: to the stack");
+    assert_eq!(
+        r.action, XDP_PASS,
+        "no route in the test namespace: to the stack"
+    );
     assert_frame("ICMPv4 frag-needed to the VIP", &out, &want);
     assert_eq!(stat(&sb, lb_stat::ICMP_TRANSLATED), 1);
 
     // An error about a connection sluice never saw: untouched.
-    let other = Frame::v4(VIP4, CLIENT4).udp(80, 5001).payload(&[7; 100]).build();
+    let other = Frame::v4(VIP4, CLIENT4)
+        .udp(80, 5001)
+        .payload(&[7; 100])
+        .build();
     let error = Frame::v4(ROUTER4, VIP4)
         .proto(1, icmp4(3, 4, [0, 0, 0x05, 0xdc], &quote(&other, 20)))
         .build();
@@ -158,15 +173,27 @@ fn packet_too_big_to_the_vip_goes_to_the_backend_ipv6() {
         .run_out(&Frame::v6(CLIENT6, VIP6).udp(5000, 80).payload(b"q").build())
         .unwrap();
     assert_eq!(r.action, XDP_PASS);
-    let reply = Frame::v6(VIP6, CLIENT6).udp(80, 5000).payload(&[7; 1400]).build();
-    let error = Frame::v6(ROUTER6, VIP6)
-        .proto(58, icmp6(ROUTER6, VIP6, 2, 0, [0, 0, 0x05, 0x00], &quote(&reply, 40)))
+    let reply = Frame::v6(VIP6, CLIENT6)
+        .udp(80, 5000)
+        .payload(&[7; 1400])
         .build();
-    let backend_reply = Frame::v6(BE6, CLIENT6).udp(8080, 5000).payload(&[7; 1400]).build();
+    let error = Frame::v6(ROUTER6, VIP6)
+        .proto(
+            58,
+            icmp6(ROUTER6, VIP6, 2, 0, [0, 0, 0x05, 0x00], &quote(&reply, 40)),
+        )
+        .build();
+    let backend_reply = Frame::v6(BE6, CLIENT6)
+        .udp(8080, 5000)
+        .payload(&[7; 1400])
+        .build();
     let mut backend_quote = quote(&backend_reply, 40);
     backend_quote[46..48].copy_from_slice(&quote(&reply, 40)[46..48]);
     let want = Frame::v6(ROUTER6, BE6)
-        .proto(58, icmp6(ROUTER6, BE6, 2, 0, [0, 0, 0x05, 0x00], &backend_quote))
+        .proto(
+            58,
+            icmp6(ROUTER6, BE6, 2, 0, [0, 0, 0x05, 0x00], &backend_quote),
+        )
         .build();
     let (r, out) = sb.run_out(&error).unwrap();
     assert_eq!(r.action, XDP_PASS);
@@ -178,14 +205,22 @@ fn packet_too_big_to_the_vip_goes_to_the_backend_ipv6() {
 fn backend_errors_leave_from_the_vip() {
     // IPv4: the backend says port unreachable about client:5000 -> backend:8080.
     let sb = setup(VIP4.into(), "198.18.1.2:8080");
-    let sent = Frame::v4(CLIENT4, BE4).udp(5000, 8080).payload(b"hello").build();
+    let sent = Frame::v4(CLIENT4, BE4)
+        .udp(5000, 8080)
+        .payload(b"hello")
+        .build();
     let error = Frame::v4(BE4, CLIENT4)
         .proto(1, icmp4(3, 3, [0; 4], &quote(&sent, 20)))
         .build();
-    let as_sent = Frame::v4(CLIENT4, VIP4).udp(5000, 80).payload(b"hello").build();
+    let as_sent = Frame::v4(CLIENT4, VIP4)
+        .udp(5000, 80)
+        .payload(b"hello")
+        .build();
     let mut q = quote(&as_sent, 20);
     q[26..28].copy_from_slice(&quote(&sent, 20)[26..28]);
-    let want = Frame::v4(VIP4, CLIENT4).proto(1, icmp4(3, 3, [0; 4], &q)).build();
+    let want = Frame::v4(VIP4, CLIENT4)
+        .proto(1, icmp4(3, 3, [0; 4], &q))
+        .build();
     let (rc, out) = run_tc(&sb, &error);
     assert_eq!(rc, -1, "TC always lets packets go on");
     assert_frame("ICMPv4 port unreachable from the backend", &out, &want);
@@ -199,11 +234,17 @@ fn backend_errors_leave_from_the_vip() {
 
     // IPv6.
     let sb = setup(VIP6.into(), "[2001:2:0:1::2]:8080");
-    let sent = Frame::v6(CLIENT6, BE6).udp(5000, 8080).payload(b"hello").build();
+    let sent = Frame::v6(CLIENT6, BE6)
+        .udp(5000, 8080)
+        .payload(b"hello")
+        .build();
     let error = Frame::v6(BE6, CLIENT6)
         .proto(58, icmp6(BE6, CLIENT6, 1, 4, [0; 4], &quote(&sent, 40)))
         .build();
-    let as_sent = Frame::v6(CLIENT6, VIP6).udp(5000, 80).payload(b"hello").build();
+    let as_sent = Frame::v6(CLIENT6, VIP6)
+        .udp(5000, 80)
+        .payload(b"hello")
+        .build();
     let mut q = quote(&as_sent, 40);
     q[46..48].copy_from_slice(&quote(&sent, 40)[46..48]);
     let want = Frame::v6(VIP6, CLIENT6)

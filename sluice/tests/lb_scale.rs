@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::{
-    collections::HashSet,
-    net::Ipv4Addr,
-    time::Instant,
-};
+use std::{collections::HashSet, net::Ipv4Addr, time::Instant};
 
 use common::{frames::Frame, kernel::new_sandbox};
 use sluice::{
@@ -24,9 +20,13 @@ fn service(i: u32, backends: u32) -> ServiceSpec {
         mode: Mode::Nat,
         backends: (0..backends)
             .map(|b| BackendSpec {
-                addr: format!("{}:{}", Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8), 8000 + b)
-                    .parse()
-                    .unwrap(),
+                addr: format!(
+                    "{}:{}",
+                    Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8),
+                    8000 + b
+                )
+                .parse()
+                .unwrap(),
                 weight: 1 + b % 3,
                 draining: false,
             })
@@ -40,7 +40,10 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
     let services: Vec<ServiceSpec> = (0..512).map(|i| service(i, 8)).collect();
     let started = Instant::now();
     let r = lbmaps::apply(sb.root(), &services, &HashSet::new()).expect("512 x 8 fit");
-    println!("512 services, 4,096 backends applied in {:?}", started.elapsed());
+    println!(
+        "512 services, 4,096 backends applied in {:?}",
+        started.elapsed()
+    );
     assert_eq!(r.services_added, 512);
     assert_eq!(r.tables_rebuilt, 512);
     assert_eq!(r.backends_written, 4096);
@@ -54,14 +57,21 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
     // Every service balances: a SYN to each VIP comes out addressed to one
     // of that service's backends.
     for (i, s) in services.iter().enumerate() {
-        let std::net::IpAddr::V4(vip) = s.id.vip else { unreachable!() };
-        let frame = Frame::v4(Ipv4Addr::new(198, 18, 250, 1), vip).tcp(40000 + i as u16, 80).tcp_flags(0x02).build();
+        let std::net::IpAddr::V4(vip) = s.id.vip else {
+            unreachable!()
+        };
+        let frame = Frame::v4(Ipv4Addr::new(198, 18, 250, 1), vip)
+            .tcp(40000 + i as u16, 80)
+            .tcp_flags(0x02)
+            .build();
         let (r, out) = sb.run_out(&frame).unwrap();
         assert_eq!(r.action, XDP_PASS);
         let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         let port = u16::from_be_bytes([out[36], out[37]]);
         assert!(
-            s.backends.iter().any(|b| b.addr.addr == std::net::IpAddr::V4(dst) && b.addr.port == port),
+            s.backends
+                .iter()
+                .any(|b| b.addr.addr == std::net::IpAddr::V4(dst) && b.addr.port == port),
             "{}: went to {dst}:{port}",
             s.id
         );
@@ -76,5 +86,9 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
     assert!(wide.iter().map(|s| s.backends.len()).sum::<usize>() > MAX_BACKENDS as usize);
     let err = lbmaps::apply(sb.root(), &wide, &HashSet::new()).unwrap_err();
     assert!(err.to_string().contains("too many backends"), "{err}");
-    assert_eq!(lbmaps::read(sb.root()).unwrap().len(), 512, "a refused apply changes nothing");
+    assert_eq!(
+        lbmaps::read(sb.root()).unwrap().len(),
+        512,
+        "a refused apply changes nothing"
+    );
 }

@@ -64,7 +64,13 @@ fn spec(vip: &str, backend: &str, mode: Mode) -> ServiceSpec {
 /// The frame the LB must send: outer Ethernet, IPv4 (DF, TTL 64), UDP 4789
 /// (no checksum), VXLAN with the VNI, then the client's frame addressed to
 /// the VNI's MAC, from the LB's.
-fn encapsulated(outer_dst: [u8; 6], lb_mac: [u8; 6], src: Ipv4Addr, inner: &[u8], sport: u16) -> Vec<u8> {
+fn encapsulated(
+    outer_dst: [u8; 6],
+    lb_mac: [u8; 6],
+    src: Ipv4Addr,
+    inner: &[u8],
+    sport: u16,
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&outer_dst);
     out.extend_from_slice(&lb_mac);
@@ -98,13 +104,29 @@ fn vxlan_encapsulation_exact_bytes() {
     let peer = Netns::new("vxq");
     let id = std::process::id() % 100_000;
     let (lb_if, be_if) = (format!("vl{id}"), format!("vb{id}"));
-    ns.exec_ok(["ip", "link", "add", &lb_if, "type", "veth", "peer", "name", &be_if, "netns", peer.name()]);
+    ns.exec_ok([
+        "ip",
+        "link",
+        "add",
+        &lb_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &be_if,
+        "netns",
+        peer.name(),
+    ]);
     ns.exec_ok(["ip", "addr", "add", &format!("{BE_LB}/24"), "dev", &lb_if]);
     ns.exec_ok(["ip", "link", "set", "dev", &lb_if, "up"]);
     peer.exec_ok(["ip", "link", "set", "dev", &be_if, "up"]);
     ns.exec_ok(["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     let lb_mac = link_mac(&ns, &lb_if);
-    let inner = Frame::v4(CLIENT4, VIP4).tcp(40000, 80).tcp_flags(0x02).payload(b"hi").build();
+    let inner = Frame::v4(CLIENT4, VIP4)
+        .tcp(40000, 80)
+        .tcp_flags(0x02)
+        .payload(b"hi")
+        .build();
     let sport = 0xc000 | (flow_hash(words(CLIENT4), words(VIP4), 40000, 80, 6) as u16 & 0x3fff);
     let frame = inner.clone();
     // Everything from here runs on a thread inside the namespace (the FIB
@@ -113,13 +135,27 @@ fn vxlan_encapsulation_exact_bytes() {
         let sb = new_sandbox();
         lbmaps::apply(
             sb.root(),
-            &[spec("198.19.1.10:80/tcp", "198.18.21.2", Mode::Vxlan { vni: VNI })],
+            &[spec(
+                "198.19.1.10:80/tcp",
+                "198.18.21.2",
+                Mode::Vxlan { vni: VNI },
+            )],
             &HashSet::new(),
         )
         .unwrap();
         let first = sb.run_out(&frame).unwrap();
         let status = std::process::Command::new("ip")
-            .args(["neigh", "replace", &BE4.to_string(), "lladdr", "02:00:00:00:21:02", "dev", &lb_if, "nud", "permanent"])
+            .args([
+                "neigh",
+                "replace",
+                &BE4.to_string(),
+                "lladdr",
+                "02:00:00:00:21:02",
+                "dev",
+                &lb_if,
+                "nud",
+                "permanent",
+            ])
             .status()
             .expect("ip neigh");
         assert!(status.success());
@@ -138,12 +174,22 @@ fn vxlan_encapsulation_exact_bytes() {
     // the veth).
     let want = encapsulated(BE_MAC, lb_mac, BE_LB, &inner, sport);
     assert_eq!(second.0, XDP_REDIRECT);
-    assert!(second.1 == want, "VXLAN\n got:\n{}\nwant:\n{}", hex(&second.1), hex(&want));
+    assert!(
+        second.1 == want,
+        "VXLAN\n got:\n{}\nwant:\n{}",
+        hex(&second.1),
+        hex(&want)
+    );
     drop(peer);
 }
 
 /// A server on `port` in a namespace: answers each connection with `name`.
-fn serve(ns: &Netns, port: u16, name: &'static str, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+fn serve(
+    ns: &Netns,
+    port: u16,
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = ns.spawn(move || {
         let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).expect("bind");
@@ -159,7 +205,8 @@ fn serve(ns: &Netns, port: u16, name: &'static str, stop: Arc<AtomicBool>) -> th
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
     h
 }
 
@@ -169,9 +216,38 @@ fn vxlan_dsr_serves_real_connections() {
     let lb = Netns::new("vxl");
     let be = Netns::new("vxb");
     let id = std::process::id() % 10_000;
-    let (c_if, l_if, lb_be, be_if) = (format!("c{id}"), format!("l{id}"), format!("lx{id}"), format!("bx{id}"));
-    client.exec_ok(["ip", "link", "add", &c_if, "type", "veth", "peer", "name", &l_if, "netns", lb.name()]);
-    lb.exec_ok(["ip", "link", "add", &lb_be, "type", "veth", "peer", "name", &be_if, "netns", be.name()]);
+    let (c_if, l_if, lb_be, be_if) = (
+        format!("c{id}"),
+        format!("l{id}"),
+        format!("lx{id}"),
+        format!("bx{id}"),
+    );
+    client.exec_ok([
+        "ip",
+        "link",
+        "add",
+        &c_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &l_if,
+        "netns",
+        lb.name(),
+    ]);
+    lb.exec_ok([
+        "ip",
+        "link",
+        "add",
+        &lb_be,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &be_if,
+        "netns",
+        be.name(),
+    ]);
     for (ns, ifname, addr) in [
         (&client, &c_if, CLIENT4),
         (&lb, &l_if, LB4),
@@ -181,7 +257,14 @@ fn vxlan_dsr_serves_real_connections() {
         ns.exec_ok(["ip", "addr", "add", &format!("{addr}/24"), "dev", ifname]);
         ns.exec_ok(["ip", "link", "set", "dev", ifname, "up"]);
     }
-    client.exec_ok(["ip", "route", "add", &format!("{VIP4}/32"), "via", &LB4.to_string()]);
+    client.exec_ok([
+        "ip",
+        "route",
+        "add",
+        &format!("{VIP4}/32"),
+        "via",
+        &LB4.to_string(),
+    ]);
     // A veth hands partial (offloaded) checksums across; frames XDP sends on
     // would carry them unfinished. Real NICs deliver full checksums.
     client.exec_ok(["ethtool", "-K", &c_if, "tx", "off"]);
@@ -191,7 +274,24 @@ fn vxlan_dsr_serves_real_connections() {
     be.exec_ok(["ip", "addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
     be.exec_ok(["ip", "route", "add", "default", "via", &BE_LB.to_string()]);
     let mac = vxlan_mac(VNI).map(|b| format!("{b:02x}")).join(":");
-    be.exec_ok(["ip", "link", "add", "vx0", "address", &mac, "type", "vxlan", "id", &VNI.to_string(), "dstport", "4789", "local", &BE4.to_string(), "dev", &be_if]);
+    be.exec_ok([
+        "ip",
+        "link",
+        "add",
+        "vx0",
+        "address",
+        &mac,
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "dstport",
+        "4789",
+        "local",
+        &BE4.to_string(),
+        "dev",
+        &be_if,
+    ]);
     be.exec_ok(["ip", "link", "set", "dev", "vx0", "up"]);
     for k in ["all", "default", "vx0", &be_if, "lo"] {
         be.exec(["sysctl", "-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")]);
@@ -226,7 +326,10 @@ fn vxlan_dsr_serves_real_connections() {
     let ok = client.run(|| {
         (0..50)
             .filter(|_| {
-                let Ok(s) = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(VIP4), 80), Duration::from_secs(2)) else {
+                let Ok(s) = TcpStream::connect_timeout(
+                    &SocketAddr::new(IpAddr::V4(VIP4), 80),
+                    Duration::from_secs(2),
+                ) else {
                     return false;
                 };
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -255,7 +358,10 @@ fn vxlan_dsr_serves_real_connections() {
     let v = env.cli_json(&["lb", "list", "--json"]);
     let row = &v["services"][0];
     assert_eq!(row["mode"], "vxlan", "{v:#}");
-    assert_eq!(v["connection_capacity"], 4096, "[lb] connections sizes the table: {v:#}");
+    assert_eq!(
+        v["connection_capacity"], 4096,
+        "[lb] connections sizes the table: {v:#}"
+    );
     assert!(row["connections"].as_u64().unwrap_or(0) >= 50, "{v:#}");
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();

@@ -663,9 +663,11 @@ async fn lb_change(
 ) -> Result<Json<Applied>, ApiError> {
     let who = author(&peer, &headers);
     let safe = safety(&headers);
-    with_core(&core, move |c| c.change(vec![Op::Lb { change }], &who, &safe))
-        .await
-        .map(Json)
+    with_core(&core, move |c| {
+        c.change(vec![Op::Lb { change }], &who, &safe)
+    })
+    .await
+    .map(Json)
 }
 
 /// The flow reader, given to the router as an extension by the agent.

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::{
     api::Shared,
     core::MemberKey,
-    health::{Checker, CheckSpec, Health},
+    health::{CheckSpec, Checker, Health},
 };
 
 /// The health-check targets the desired services name.
@@ -20,7 +20,11 @@ fn targets(core: &super::core::Core) -> Vec<(MemberKey, std::net::SocketAddr, Ch
             continue;
         };
         for b in &s.spec.backends {
-            out.push(((s.spec.id, b.addr), h.target(&s.spec.id, &b.addr), h.to_spec()));
+            out.push((
+                (s.spec.id, b.addr),
+                h.target(&s.spec.id, &b.addr),
+                h.to_spec(),
+            ));
         }
     }
     out
@@ -44,11 +48,11 @@ pub async fn run(core: Shared) {
                     .await
                     .ok()
                     .flatten();
-                if let Some(now) = now {
-                    if last.as_ref() != Some(&now) {
-                        checker.set_targets(now.clone());
-                        last = Some(now);
-                    }
+                if let Some(now) = now
+                    && last.as_ref() != Some(&now)
+                {
+                    checker.set_targets(now.clone());
+                    last = Some(now);
                 }
             }
             Some(t) = transitions.recv() => {
@@ -143,8 +147,10 @@ pub fn view(
     use crate::dataplane::lb as maps;
     let state = maps::read(root)?;
     let svc_counters = maps::service_counters(root, state.iter().map(|s| s.slot))?;
-    let be_counters =
-        maps::backend_counters(root, state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)))?;
+    let be_counters = maps::backend_counters(
+        root,
+        state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)),
+    )?;
     let (active, walked) = maps::active_connections(root)?;
     let mut out = LbView {
         events: maps::stats(root)?

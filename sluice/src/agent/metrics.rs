@@ -260,17 +260,43 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
                 .get_or_create(&bl)
                 .set(i64::try_from(b.active).unwrap_or(i64::MAX));
             be_up.get_or_create(&bl).set(i64::from(b.health != "down"));
-            be_weight
-                .get_or_create(&bl)
-                .set(if b.state == "active" { i64::from(b.weight) } else { 0 });
+            be_weight.get_or_create(&bl).set(if b.state == "active" {
+                i64::from(b.weight)
+            } else {
+                0
+            });
         }
     }
-    r.register("sluice_lb_service_packets", "Packets balanced per service", svc_packets);
-    r.register("sluice_lb_service_bytes", "Bytes balanced per service", svc_bytes);
-    r.register("sluice_lb_service_connections", "Connections balanced per service", svc_conns);
-    r.register("sluice_lb_backend_packets", "Packets sent to each backend", be_packets);
-    r.register("sluice_lb_backend_bytes", "Bytes sent to each backend", be_bytes);
-    r.register("sluice_lb_backend_connections", "Connections balanced to each backend", be_conns);
+    r.register(
+        "sluice_lb_service_packets",
+        "Packets balanced per service",
+        svc_packets,
+    );
+    r.register(
+        "sluice_lb_service_bytes",
+        "Bytes balanced per service",
+        svc_bytes,
+    );
+    r.register(
+        "sluice_lb_service_connections",
+        "Connections balanced per service",
+        svc_conns,
+    );
+    r.register(
+        "sluice_lb_backend_packets",
+        "Packets sent to each backend",
+        be_packets,
+    );
+    r.register(
+        "sluice_lb_backend_bytes",
+        "Bytes sent to each backend",
+        be_bytes,
+    );
+    r.register(
+        "sluice_lb_backend_connections",
+        "Connections balanced to each backend",
+        be_conns,
+    );
     r.register(
         "sluice_lb_backend_active_connections",
         "Open connections in the connection table per backend",
@@ -290,7 +316,11 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
     for (name, v) in &view.events {
         events.get_or_create(&labels(&[("event", name)])).inc_by(*v);
     }
-    r.register("sluice_lb_events", "Load balancer events (connection table, forwarding paths)", events);
+    r.register(
+        "sluice_lb_events",
+        "Load balancer events (connection table, forwarding paths)",
+        events,
+    );
 }
 
 /// The flow reader's figures and every `STATS` event counter.

@@ -580,7 +580,14 @@ impl Out {
                 .collect();
             table(
                 &[
-                    "  BACKEND", "WEIGHT", "STATE", "HEALTH", "TABLE", "PACKETS", "BYTES", "CONNS",
+                    "  BACKEND",
+                    "WEIGHT",
+                    "STATE",
+                    "HEALTH",
+                    "TABLE",
+                    "PACKETS",
+                    "BYTES",
+                    "CONNS",
                     "ACTIVE",
                 ],
                 &rows,

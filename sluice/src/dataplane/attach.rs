@@ -305,7 +305,7 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
         loader.map_pin_path(name.as_str(), path.as_path());
     }
     // Used only when the table is created; a pinned one keeps its size.
-    loader.set_max_entries(map_names::LB_CONNS, super::lb::conn_capacity());
+    loader.map_max_entries(map_names::LB_CONNS, super::lb::conn_capacity());
     create_maglev_outer(root)?;
     let mut ebpf = loader.load(OBJECT).map_err(|e| {
         if super::is_permission(&format!("{e:?}")) {
@@ -328,11 +328,9 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
             detail: verifier_detail(&e),
         })?;
     fill_jumps(&mut ebpf)?;
-    tc_of(&mut ebpf)?
-        .load()
-        .map_err(|e| DataplaneError::Load {
-            detail: verifier_detail(&e),
-        })?;
+    tc_of(&mut ebpf)?.load().map_err(|e| DataplaneError::Load {
+        detail: verifier_detail(&e),
+    })?;
     Ok(ebpf)
 }
 
@@ -377,7 +375,11 @@ fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
     let load_err = |detail: String| DataplaneError::Load { detail };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(TC_EGRESS_PROGRAM)
-        .ok_or_else(|| load_err(format!("program {TC_EGRESS_PROGRAM} missing from the object")))?
+        .ok_or_else(|| {
+            load_err(format!(
+                "program {TC_EGRESS_PROGRAM} missing from the object"
+            ))
+        })?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
     Ok(prog)
@@ -425,7 +427,14 @@ fn attach_tc(root: &PinRoot, iface: &str, index: u32, netns: &str) -> Result<(),
             TcAttachType::Egress,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .map_err(|e| attach_err(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default())))?;
+        .map_err(|e| {
+            attach_err(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
     let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
     let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
     std::fs::create_dir_all(tc_links_dir(root))
@@ -544,14 +553,12 @@ pub fn attach(
     }
 
     let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
-    if result.is_ok() {
-        if let Err(e) = attach_tc(root, iface, index, netns) {
-            // Both hooks or neither: the XDP link just made goes again.
-            if let Ok(r) = &result {
-                let _ = std::fs::remove_file(root.links_dir().join(link_pin_name(netns, iface, r.mode)));
-            }
-            result = Err(e);
-        }
+    if let Ok(r) = &result
+        && let Err(e) = attach_tc(root, iface, index, netns)
+    {
+        // Both hooks or neither: the XDP link just made goes again.
+        let _ = std::fs::remove_file(root.links_dir().join(link_pin_name(netns, iface, r.mode)));
+        result = Err(e);
     }
     if let (Err(e), Some(old)) = (&result, previous_mode) {
         // A refused mode change must not leave the interface unfiltered.

@@ -13,8 +13,8 @@ use sluice_common::{
     addr_words,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, BackendKey, CONN_F_CLOSED, Conn, FlowKey,
-        LB_F_ENABLED, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, MODE_VXLAN,
-        Service, ServiceKey, TABLE_SIZE, Vip, lb_stat,
+        LB_F_ENABLED, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT,
+        MODE_VXLAN, Service, ServiceKey, TABLE_SIZE, Vip, lb_stat,
     },
     map_names,
 };
@@ -42,7 +42,10 @@ pub const MIN_CONNS: u32 = 1024;
 pub const MAX_CONNS: u32 = 1 << 26;
 
 pub fn set_conn_capacity(n: u32) {
-    CONN_CAPACITY_WANTED.store(n.clamp(MIN_CONNS, MAX_CONNS), std::sync::atomic::Ordering::Relaxed);
+    CONN_CAPACITY_WANTED.store(
+        n.clamp(MIN_CONNS, MAX_CONNS),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 pub fn conn_capacity() -> u32 {
@@ -75,7 +78,9 @@ pub enum LbError {
     TooManyServices { max: u32 },
     #[error("too many backends: sluice holds at most {max} (service members, all services)")]
     TooManyBackends { max: u32 },
-    #[error("service {service}: backend {backend} is IPv{backend_family}, the VIP is IPv{vip_family}")]
+    #[error(
+        "service {service}: backend {backend} is IPv{backend_family}, the VIP is IPv{vip_family}"
+    )]
     FamilyMismatch {
         service: ServiceId,
         backend: BackendAddr,
@@ -84,9 +89,7 @@ pub enum LbError {
     },
     #[error("service {service}: VNI {vni} is out of range (0 to 16777215)")]
     Vni { service: ServiceId, vni: u32 },
-    #[error(
-        "service {service}: VXLAN backends are reached over IPv4; {backend} is IPv6"
-    )]
+    #[error("service {service}: VXLAN backends are reached over IPv4; {backend} is IPv6")]
     VxlanFamily {
         service: ServiceId,
         backend: BackendAddr,
@@ -374,10 +377,7 @@ pub fn validate(services: &[ServiceSpec]) -> Result<(), LbError> {
         if let Mode::Vxlan { vni } = s.mode
             && vni > crate::lb::MAX_VNI
         {
-            return Err(LbError::Vni {
-                service: s.id,
-                vni,
-            });
+            return Err(LbError::Vni { service: s.id, vni });
         }
         let mut seen = HashSet::new();
         for b in &s.backends {
@@ -417,17 +417,21 @@ pub fn validate(services: &[ServiceSpec]) -> Result<(), LbError> {
             if s.mode == Mode::Nat {
                 let reply = BackendAddr {
                     addr: b.addr.addr,
-                    port: if b.addr.port == 0 { s.id.port } else { b.addr.port },
+                    port: if b.addr.port == 0 {
+                        s.id.port
+                    } else {
+                        b.addr.port
+                    },
                 };
-                if let Some(first) = reverse.insert((reply, s.id.proto), s.id) {
-                    if first != s.id {
-                        return Err(LbError::ReverseConflict {
-                            backend: reply,
-                            proto: s.id.proto.name(),
-                            first,
-                            second: s.id,
-                        });
-                    }
+                if let Some(first) = reverse.insert((reply, s.id.proto), s.id)
+                    && first != s.id
+                {
+                    return Err(LbError::ReverseConflict {
+                        backend: reply,
+                        proto: s.id.proto.name(),
+                        first,
+                        second: s.id,
+                    });
                 }
             }
         }
@@ -555,9 +559,7 @@ pub fn apply(
     for (((s, &id), m), old) in services.iter().zip(&ids).zip(&members).zip(&old_inputs) {
         let mut inputs: Vec<(u32, u32)> = m
             .iter()
-            .map(|&(slot, b, is_down)| {
-                (slot, if b.draining || is_down { 0 } else { b.weight })
-            })
+            .map(|&(slot, b, is_down)| (slot, if b.draining || is_down { 0 } else { b.weight }))
             .collect();
         inputs.sort_unstable();
         let key = service_key(&s.id);
@@ -624,7 +626,11 @@ pub fn apply(
             continue;
         }
         for b in &s.backends {
-            let port = if b.addr.port == 0 { s.id.port } else { b.addr.port };
+            let port = if b.addr.port == 0 {
+                s.id.port
+            } else {
+                b.addr.port
+            };
             want_rev.insert(
                 BackendKey {
                     addr: words(b.addr.addr),
@@ -644,8 +650,7 @@ pub fn apply(
     }
     let mut have_rev: Vec<(BackendKey, Vip)> = Vec::new();
     for item in maps.reverse.iter() {
-        have_rev
-            .push(item.map_err(|e| DataplaneError::map_err("read", map_names::LB_REVERSE, e))?);
+        have_rev.push(item.map_err(|e| DataplaneError::map_err("read", map_names::LB_REVERSE, e))?);
     }
     for (k, v) in &want_rev {
         if !have_rev.iter().any(|(hk, hv)| hk == k && hv == v) {
@@ -734,7 +739,7 @@ pub fn read(root: &PinRoot) -> Result<Vec<ServiceState>, DataplaneError> {
                 table_slots: counts.get(&(i as u32)).copied().unwrap_or(0),
             })
             .collect();
-        members.sort_by(|a, b| a.backend.cmp(&b.backend));
+        members.sort_by_key(|m| m.backend);
         out.push(ServiceState {
             id,
             slot: v.id,

@@ -83,7 +83,11 @@ pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
     let mut token = 0u32;
     while done < len as usize {
         let mut attr = BatchAttr {
-            in_batch: if done == 0 { 0 } else { (&raw const token) as u64 },
+            in_batch: if done == 0 {
+                0
+            } else {
+                (&raw const token) as u64
+            },
             out_batch: (&raw mut token) as u64,
             keys: keys[done..].as_mut_ptr() as u64,
             values: values[done..].as_mut_ptr() as u64,
@@ -91,7 +95,11 @@ pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let res = bpf(BPF_MAP_LOOKUP_BATCH, (&raw mut attr).cast(), size_of::<BatchAttr>());
+        let res = bpf(
+            BPF_MAP_LOOKUP_BATCH,
+            (&raw mut attr).cast(),
+            size_of::<BatchAttr>(),
+        );
         done += attr.count as usize;
         match res {
             Ok(_) => {}
@@ -160,7 +168,12 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
         key: key.as_ptr() as u64,
         ..ElemAttr::default()
     };
-    bpf(BPF_MAP_DELETE_ELEM, (&raw mut attr).cast(), size_of::<ElemAttr>()).map(|_| ())
+    bpf(
+        BPF_MAP_DELETE_ELEM,
+        (&raw mut attr).cast(),
+        size_of::<ElemAttr>(),
+    )
+    .map(|_| ())
 }
 
 #[repr(C)]
@@ -200,7 +213,11 @@ pub fn map_create(
     for (d, s) in attr.map_name.iter_mut().zip(name.bytes().take(15)) {
         *d = s;
     }
-    let fd = bpf(BPF_MAP_CREATE, (&raw mut attr).cast(), size_of::<MapCreateAttr>())?;
+    let fd = bpf(
+        BPF_MAP_CREATE,
+        (&raw mut attr).cast(),
+        size_of::<MapCreateAttr>(),
+    )?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -78,7 +78,9 @@ pub enum ParseError {
          [2001:2::10]:443, or VIP:* for every port"
     )]
     Service { text: String },
-    #[error("{text:?} is not a backend: expected ADDR[:PORT], e.g. 198.18.1.2:8080 or [2001:2::5]:80")]
+    #[error(
+        "{text:?} is not a backend: expected ADDR[:PORT], e.g. 198.18.1.2:8080 or [2001:2::5]:80"
+    )]
     Backend { text: String },
     #[error("unknown protocol {text:?}: a service is tcp or udp")]
     Proto { text: String },
@@ -165,7 +167,8 @@ pub struct BackendAddr {
 impl FromStr for BackendAddr {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
-        let (addr, port) = split_addr_port(s).ok_or_else(|| ParseError::Backend { text: s.into() })?;
+        let (addr, port) =
+            split_addr_port(s).ok_or_else(|| ParseError::Backend { text: s.into() })?;
         Ok(Self {
             addr,
             port: port.unwrap_or(0),
@@ -274,23 +277,26 @@ impl HealthConf {
         self.to_spec()
             .validate()
             .map_err(|e| format!("service {}: health check: {e}", service.id))?;
-        if self.port.is_none() && service.id.port == 0 {
-            if let Some(b) = service.backends.iter().find(|b| b.addr.port == 0) {
-                return Err(format!(
-                    "service {}: health check: backend {} has no port to check \
-                     (a whole-VIP service): give the check a port",
-                    service.id, b.addr
-                ));
-            }
+        if self.port.is_none()
+            && service.id.port == 0
+            && let Some(b) = service.backends.iter().find(|b| b.addr.port == 0)
+        {
+            return Err(format!(
+                "service {}: health check: backend {} has no port to check \
+                 (a whole-VIP service): give the check a port",
+                service.id, b.addr
+            ));
         }
         Ok(())
     }
 
     /// Where the check for `backend` of `service` connects.
     pub fn target(&self, service: &ServiceId, backend: &BackendAddr) -> std::net::SocketAddr {
-        let port = self
-            .port
-            .unwrap_or(if backend.port != 0 { backend.port } else { service.port });
+        let port = self.port.unwrap_or(if backend.port != 0 {
+            backend.port
+        } else {
+            service.port
+        });
         std::net::SocketAddr::new(backend.addr, port)
     }
 }
@@ -362,7 +368,11 @@ impl LbOp {
             },
             Self::BackendAdd { service, backend } => {
                 let Some(i) = find(services, service) else {
-                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                    return if strict {
+                        Err(format!("no service {service}"))
+                    } else {
+                        Ok(())
+                    };
                 };
                 let list = &mut services[i].spec.backends;
                 match list.iter().position(|b| b.addr == backend.addr) {
@@ -379,7 +389,11 @@ impl LbOp {
             }
             Self::BackendDel { service, backend } => {
                 let Some(i) = find(services, service) else {
-                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                    return if strict {
+                        Err(format!("no service {service}"))
+                    } else {
+                        Ok(())
+                    };
                 };
                 let list = &mut services[i].spec.backends;
                 match list.iter().position(|b| b.addr == *backend) {
@@ -399,9 +413,18 @@ impl LbOp {
                 draining,
             } => {
                 let Some(i) = find(services, service) else {
-                    return if strict { Err(format!("no service {service}")) } else { Ok(()) };
+                    return if strict {
+                        Err(format!("no service {service}"))
+                    } else {
+                        Ok(())
+                    };
                 };
-                match services[i].spec.backends.iter_mut().find(|b| b.addr == *backend) {
+                match services[i]
+                    .spec
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.addr == *backend)
+                {
                     Some(b) => {
                         if let Some(w) = weight {
                             b.weight = *w;
@@ -550,30 +573,68 @@ mod tests {
         let add_again = LbOp::ServiceAdd {
             service: service("198.18.0.10:80/tcp", &[]),
         };
-        assert!(add_again.apply(&mut all, true).unwrap_err().contains("exists already"));
+        assert!(
+            add_again
+                .apply(&mut all, true)
+                .unwrap_err()
+                .contains("exists already")
+        );
         // Replayed (not strict): replaces.
         add_again.apply(&mut all, false).unwrap();
         assert!(all[0].spec.backends.is_empty());
         let add = LbOp::BackendAdd {
             service: id,
-            backend: BackendSpec { addr: b, weight: 2, draining: false },
+            backend: BackendSpec {
+                addr: b,
+                weight: 2,
+                draining: false,
+            },
         };
         add.apply(&mut all, true).unwrap();
         assert!(add.apply(&mut all, true).unwrap_err().contains("already"));
-        LbOp::BackendSet { service: id, backend: b, weight: Some(5), draining: Some(true) }
-            .apply(&mut all, true)
-            .unwrap();
-        assert_eq!((all[0].spec.backends[0].weight, all[0].spec.backends[0].draining), (5, true));
+        LbOp::BackendSet {
+            service: id,
+            backend: b,
+            weight: Some(5),
+            draining: Some(true),
+        }
+        .apply(&mut all, true)
+        .unwrap();
+        assert_eq!(
+            (
+                all[0].spec.backends[0].weight,
+                all[0].spec.backends[0].draining
+            ),
+            (5, true)
+        );
         let other: BackendAddr = "198.18.1.9".parse().unwrap();
         for op in [
-            LbOp::BackendDel { service: id, backend: other },
-            LbOp::BackendSet { service: id, backend: other, weight: Some(1), draining: None },
+            LbOp::BackendDel {
+                service: id,
+                backend: other,
+            },
+            LbOp::BackendSet {
+                service: id,
+                backend: other,
+                weight: Some(1),
+                draining: None,
+            },
         ] {
-            assert!(op.apply(&mut all, true).unwrap_err().contains("has no backend"), "{op:?}");
+            assert!(
+                op.apply(&mut all, true)
+                    .unwrap_err()
+                    .contains("has no backend"),
+                "{op:?}"
+            );
             op.apply(&mut all, false).unwrap();
         }
         let gone: ServiceId = "198.18.0.11:80/tcp".parse().unwrap();
-        assert!(LbOp::ServiceDel { id: gone }.apply(&mut all, true).unwrap_err().contains("no service"));
+        assert!(
+            LbOp::ServiceDel { id: gone }
+                .apply(&mut all, true)
+                .unwrap_err()
+                .contains("no service")
+        );
         LbOp::ServiceDel { id }.apply(&mut all, true).unwrap();
         assert!(all.is_empty());
     }
@@ -584,6 +645,10 @@ mod tests {
         s.spec.backends[0].weight = MAX_WEIGHT + 1;
         assert!(validate(&[s]).unwrap_err().contains("weight"));
         let a = service("198.18.0.10:80/tcp", &["198.18.1.2:8080"]);
-        assert!(validate(&[a.clone(), a]).unwrap_err().contains("defined twice"));
+        assert!(
+            validate(&[a.clone(), a])
+                .unwrap_err()
+                .contains("defined twice")
+        );
     }
 }

@@ -176,7 +176,9 @@ pub struct LbSettings {
 
 impl Default for LbSettings {
     fn default() -> Self {
-        use crate::dataplane::lb::{DEFAULT_NEW_CONNS_PER_S, DEFAULT_TCP_IDLE_S, DEFAULT_UDP_IDLE_S};
+        use crate::dataplane::lb::{
+            DEFAULT_NEW_CONNS_PER_S, DEFAULT_TCP_IDLE_S, DEFAULT_UDP_IDLE_S,
+        };
         Self {
             tcp_idle_secs: DEFAULT_TCP_IDLE_S,
             udp_idle_secs: DEFAULT_UDP_IDLE_S,
@@ -523,7 +525,10 @@ fn lb_settings(pos: &Positions<'_>, raw: &RawLb, diags: &mut Vec<Diagnostic>) ->
             Ok(n) if (1..=MAX).contains(&n) => l.new_connections_burst = n,
             _ => diags.push(pos.span(
                 v,
-                format!("new_connections_burst must be between 1 and {MAX}, found {}", v.get_ref()),
+                format!(
+                    "new_connections_burst must be between 1 and {MAX}, found {}",
+                    v.get_ref()
+                ),
             )),
         }
     }
@@ -536,7 +541,9 @@ fn service(
     raw: &Spanned<RawService>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<crate::lb::LbService> {
-    use crate::lb::{BackendSpec, CheckKind, DEFAULT_WEIGHT, HealthConf, LbService, Mode, ServiceSpec};
+    use crate::lb::{
+        BackendSpec, CheckKind, DEFAULT_WEIGHT, HealthConf, LbService, Mode, ServiceSpec,
+    };
     let r = raw.get_ref();
     let before = diags.len();
     let id = match r.vip.get_ref().parse::<crate::lb::ServiceId>() {
@@ -553,7 +560,14 @@ fn service(
             Some(v) => match u32::try_from(*v.get_ref()) {
                 Ok(n) if n <= crate::lb::MAX_VNI => Mode::Vxlan { vni: n },
                 _ => {
-                    diags.push(pos.span(v, format!("vni must be 0 to {}, found {}", crate::lb::MAX_VNI, v.get_ref())));
+                    diags.push(pos.span(
+                        v,
+                        format!(
+                            "vni must be 0 to {}, found {}",
+                            crate::lb::MAX_VNI,
+                            v.get_ref()
+                        ),
+                    ));
                     Mode::Nat
                 }
             },
@@ -563,7 +577,10 @@ fn service(
             }
         },
         Some((m, other)) => {
-            diags.push(pos.span(m, format!("mode must be nat, dsr or vxlan, found {other:?}")));
+            diags.push(pos.span(
+                m,
+                format!("mode must be nat, dsr or vxlan, found {other:?}"),
+            ));
             Mode::Nat
         }
     };
@@ -577,7 +594,11 @@ fn service(
     for b in &r.backends {
         let (addr, weight, drain) = match b.get_ref() {
             RawBackend::Addr(a) => (a.as_str(), None, false),
-            RawBackend::Full { addr, weight, drain } => (addr.as_str(), *weight, *drain),
+            RawBackend::Full {
+                addr,
+                weight,
+                drain,
+            } => (addr.as_str(), *weight, *drain),
         };
         let addr = match addr.parse() {
             Ok(a) => a,
@@ -611,7 +632,10 @@ fn service(
             "tcp" => CheckKind::Tcp,
             "http" => CheckKind::Http,
             other => {
-                diags.push(pos.span(h, format!("health check must be tcp or http, found {other:?}")));
+                diags.push(pos.span(
+                    h,
+                    format!("health check must be tcp or http, found {other:?}"),
+                ));
                 return None;
             }
         };
@@ -639,11 +663,16 @@ fn service(
             if let Some(v) = v {
                 match super::parse_duration_ms(v).filter(|ms| (1..=3_600_000).contains(ms)) {
                     Some(ms) => *into = ms,
-                    None => bad(format!("{name} must be a duration up to 1h (e.g. \"2s\"), found {v:?}")),
+                    None => bad(format!(
+                        "{name} must be a duration up to 1h (e.g. \"2s\"), found {v:?}"
+                    )),
                 }
             }
         }
-        for (name, v, into) in [("rise", raw.rise, &mut c.rise), ("fall", raw.fall, &mut c.fall)] {
+        for (name, v, into) in [
+            ("rise", raw.rise, &mut c.rise),
+            ("fall", raw.fall, &mut c.fall),
+        ] {
             if let Some(v) = v {
                 match u32::try_from(v) {
                     Ok(n) if (1..=100).contains(&n) => *into = n,
@@ -841,11 +870,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             services.push(svc);
         }
     }
-    if diags.is_empty() {
-        if let Err(e) = crate::lb::validate(&services) {
-            let at = raw.services.first().map_or(0, |s| s.span().start);
-            diags.push(pos.at(at, e));
-        }
+    if diags.is_empty()
+        && let Err(e) = crate::lb::validate(&services)
+    {
+        let at = raw.services.first().map_or(0, |s| s.span().start);
+        diags.push(pos.at(at, e));
     }
     diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
@@ -1126,7 +1155,17 @@ backends = ["2001:2::5"]
         assert_eq!(s[0].spec.backends[1].weight, 3);
         assert!(s[0].spec.backends[1].draining);
         let h = s[0].health.as_ref().expect("health");
-        assert_eq!((h.path.as_str(), h.expect, h.interval_ms, h.timeout_ms, h.rise, h.fall), ("/healthz", 204, 500, 200, 1, 4));
+        assert_eq!(
+            (
+                h.path.as_str(),
+                h.expect,
+                h.interval_ms,
+                h.timeout_ms,
+                h.rise,
+                h.fall
+            ),
+            ("/healthz", 204, 500, 200, 1, 4)
+        );
         assert_eq!(s[1].spec.mode, crate::lb::Mode::Dsr);
         assert_eq!(s[1].spec.id.port, 0);
     }
@@ -1135,27 +1174,76 @@ backends = ["2001:2::5"]
     fn bad_services_are_reported_with_their_positions() {
         let cases = [
             ("[[service]]\nvip = \"198.18.0.10\"\n", "is not a service"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"tunnel\"\n", "mode must be nat, dsr or vxlan"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\n", "needs a vni"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nvni = 5\n", "vni goes with"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 16777216\n", "vni must be"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 7\nbackends = [\"2001:2::5\"]\n", "reached over IPv4"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"host:80\"]\n", "is not a backend"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [{ addr = \"198.18.1.2\", weight = 0 }]\n", "weight must be 1 to"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"icmp\" }\n", "health check must be tcp or http"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"2001:2::5\"]\n", "is IPv6, the VIP is IPv4"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"198.18.1.2:81\"]\n[[service]]\nvip = \"198.18.0.11:80\"\nbackends = [\"198.18.1.2:81\"]\n", "is behind two NAT services"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"dsr\"\nbackends = [\"198.18.1.2:81\"]\n", "DSR backend keeps the client's destination port"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\n[[service]]\nvip = \"198.18.0.10:80\"\n", "defined twice"),
-            ("[[service]]\nvip = \"198.18.0.10:*\"\nbackends = [\"198.18.1.2\"]\nhealth = { check = \"tcp\" }\n", "give the check a port"),
-            ("[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"tcp\", interval = \"1s\", timeout = \"2s\" }\n", "health check"),
-            ("[lb]\nconn_tcp_idle = \"0s\"\n", "conn_tcp_idle must be whole seconds"),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"tunnel\"\n",
+                "mode must be nat, dsr or vxlan",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\n",
+                "needs a vni",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nvni = 5\n",
+                "vni goes with",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 16777216\n",
+                "vni must be",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"vxlan\"\nvni = 7\nbackends = [\"2001:2::5\"]\n",
+                "reached over IPv4",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"host:80\"]\n",
+                "is not a backend",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [{ addr = \"198.18.1.2\", weight = 0 }]\n",
+                "weight must be 1 to",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"icmp\" }\n",
+                "health check must be tcp or http",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"2001:2::5\"]\n",
+                "is IPv6, the VIP is IPv4",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"198.18.1.2:81\"]\n[[service]]\nvip = \"198.18.0.11:80\"\nbackends = [\"198.18.1.2:81\"]\n",
+                "is behind two NAT services",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nmode = \"dsr\"\nbackends = [\"198.18.1.2:81\"]\n",
+                "DSR backend keeps the client's destination port",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\n[[service]]\nvip = \"198.18.0.10:80\"\n",
+                "defined twice",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:*\"\nbackends = [\"198.18.1.2\"]\nhealth = { check = \"tcp\" }\n",
+                "give the check a port",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"tcp\", interval = \"1s\", timeout = \"2s\" }\n",
+                "health check",
+            ),
+            (
+                "[lb]\nconn_tcp_idle = \"0s\"\n",
+                "conn_tcp_idle must be whole seconds",
+            ),
             ("[lb]\nconnections = 10\n", "connections must be between"),
         ];
         for (text, want) in cases {
             let got = errors(text);
             assert_eq!(got.len(), 1, "{text}: {got:?}");
-            assert!(got[0].2.contains(want), "{text}: {:?} should contain {want:?}", got[0].2);
+            assert!(
+                got[0].2.contains(want),
+                "{text}: {:?} should contain {want:?}",
+                got[0].2
+            );
             assert!(got[0].0 >= 1, "{text}: no position");
         }
     }
