@@ -3,7 +3,8 @@
 //! Sections: 1. per-packet cost of sluice's XDP program against a minimal
 //! reference lookup (BPF_PROG_TEST_RUN); 2. live drop rate against iptables,
 //! ipset and nftables; 3. rule scale and update time; 4. control-plane
-//! latency and the agent; 5. per-packet cost of the DDoS stage.
+//! latency and the agent; 5. per-packet cost of the DDoS stage; 6. the load
+//! balancer (per-packet cost, Maglev table updates).
 //!
 //! Prints a table per section, writes OUT/results.json, and on a full run
 //! docs/benchmarks.md. Needs root. Everything it creates (network
@@ -24,6 +25,7 @@ mod s2_live;
 mod s3_scale;
 mod s4_control;
 mod s5_ddos;
+mod s6_lb;
 mod stats;
 mod util;
 
@@ -48,6 +50,8 @@ enum Only {
     Control,
     /// 5. DDoS stage cost
     Ddos,
+    /// 6. load balancer
+    Lb,
 }
 
 /// sluice's benchmarks: per-packet cost, live drop rate, rule scale,
@@ -227,12 +231,13 @@ fn run(args: &Args) -> Result<bool> {
         machine.loadavg_start
     );
     type SectionFn = fn(&Plan) -> Result<stats::Section>;
-    let sections: [(Only, &str, SectionFn); 5] = [
+    let sections: [(Only, &str, SectionFn); 6] = [
         (Only::PerPacket, "per-packet cost", s1_per_packet::run),
         (Only::Live, "live drop rate", s2_live::run),
         (Only::Scale, "rule scale and update time", s3_scale::run),
         (Only::Control, "control plane", s4_control::run),
         (Only::Ddos, "DDoS stage cost", s5_ddos::run),
+        (Only::Lb, "load balancer", s6_lb::run),
     ];
     let mut done = Vec::new();
     let mut errors = Vec::new();

@@ -70,7 +70,7 @@ fn short_status(status: &str) -> String {
 }
 
 /// "median [min–max]" or the status.
-fn cell(m: Option<&Measurement>) -> String {
+pub(crate) fn cell(m: Option<&Measurement>) -> String {
     match m {
         None => "-".into(),
         Some(m) if !m.ok() => short_status(&m.status),
@@ -84,7 +84,7 @@ fn cell(m: Option<&Measurement>) -> String {
     }
 }
 
-fn extra(m: Option<&Measurement>, key: &str, fmt: impl Fn(f64) -> String) -> String {
+pub(crate) fn extra(m: Option<&Measurement>, key: &str, fmt: impl Fn(f64) -> String) -> String {
     m.and_then(|m| m.extra.get(key).copied())
         .map_or_else(|| "-".into(), fmt)
 }
@@ -239,6 +239,7 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             }
             vec![t]
         }
+        "lb" => crate::s6_lb::tables(sec),
         "live" => {
             let mut t = Table::new(
                 &sec.title,
