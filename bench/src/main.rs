@@ -4,7 +4,7 @@
 //! reference lookup (BPF_PROG_TEST_RUN); 2. live drop rate against iptables,
 //! ipset and nftables; 3. rule scale and update time; 4. control-plane
 //! latency and the agent; 5. per-packet cost of the DDoS stage; 6. the load
-//! balancer (per-packet cost, Maglev table updates).
+//! balancer (per-packet cost, live forwarding, Maglev table updates).
 //!
 //! Prints a table per section, writes OUT/results.json, and on a full run
 //! docs/benchmarks.md. Needs root. Everything it creates (network
@@ -26,6 +26,7 @@ mod s3_scale;
 mod s4_control;
 mod s5_ddos;
 mod s6_lb;
+mod s6_lb_live;
 mod stats;
 mod util;
 

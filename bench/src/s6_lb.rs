@@ -1,7 +1,7 @@
 //! Section 6: the load balancer. Per-packet cost of the LB path (new flow,
 //! established flow, IPv6, DSR) against the same program on traffic that is
-//! not for a VIP; control-plane time to build and swap Maglev tables, up to
-//! 512 services x 8 backends.
+//! not for a VIP; live Mpps forwarded through a DSR service; control-plane
+//! time to build and swap Maglev tables, up to 512 services x 8 backends.
 
 use std::{
     collections::HashSet,
@@ -32,7 +32,8 @@ use crate::{
     Plan,
     frames::{self, L4, Spec},
     netns::{Lab, PinDir},
-    report::{Table, cell, extra, group},
+    report::{Table, cell, extra, group, num},
+    s6_lb_live,
     stats::{Measurement, Section, percentile},
     util,
 };
@@ -57,8 +58,18 @@ pub fn method(plan: &Plan) -> String {
          not recorded: what a SYN flood's packets cost). Every measured call is checked: verdict, and LB_STATS deltas (hits \
          create no entry, new flows create exactly one each, over-cap packets are capped, non-VIP packets touch no LB \
          counter). Cells are medians over {runs} runs; +ns is a row's median minus its baseline's. \
-         Live forwarding through the LB is not measured yet (see issue 6's note): in the live harness the LB handled only \
-         the first ~1,000 frames of a flood. \
+         Live: the harness of section 2 (generator namespace flooding 64-byte UDP frames from 65,536 sources over a veth, \
+         {w:.2} s window after {wu:.2} s warm-up, fresh namespaces per run, configurations in turn inside each run). The \
+         generator's veth runs bench_drop_all in every configuration so frames sent back to it are taken off its rings and \
+         counted. LB: a DSR service on the receiver's own address (every UDP port), 4 backends behind the same veth \
+         (routes and permanent neighbours): the LB balances each frame, gives it the backend's MAC and sends it back out \
+         with XDP_TX; Mpps = frames that arrived back at the generator's veth per second of the window. DSR rather than \
+         NAT because the generator (BPF_PROG_TEST_RUN live frames) recycles its pages: a NAT rewrite of the destination \
+         would leave the recycled frames addressed to a backend instead of the VIP. Its baseline is a reflector on the \
+         same path (bench_trafficgen attached to the receiver: rewrite the source, XDP_TX), counted the same way; the \
+         firewall rows (ceiling XDP_DROP, sluice deny-list drop, sluice pass to the stack) count frames the receiver took \
+         off its rings, as in section 2. Checks: the LB's XDP_TX counter matches the frames the receiver took in and \
+         nothing reached its stack. \
          Control plane: a sluice Sandbox; `lb::apply` timed from call to return (backends written, Maglev table of \
          {TABLE_SIZE} slots built, filled into a new array with one batched update and swapped in with one map update). \
          From empty: one service with 100 / 1,000 backends, and {services} services x {per} backends; one table rebuilt: a \
@@ -67,6 +78,8 @@ pub fn method(plan: &Plan) -> String {
         rep = plan.pp_repeat,
         k = singles(plan),
         runs = plan.runs,
+        w = plan.live_window.as_secs_f64(),
+        wu = plan.live_warmup.as_secs_f64(),
     )
 }
 
@@ -86,6 +99,10 @@ pub fn run(plan: &Plan) -> Result<Section> {
     sec.facts.insert("singles".into(), singles(plan).into());
     eprintln!("  lb: per-packet cost");
     for m in per_packet(plan)? {
+        sec.push(m);
+    }
+    util::check_stop()?;
+    for m in s6_lb_live::run(plan)? {
         sec.push(m);
     }
     util::check_stop()?;
@@ -961,6 +978,20 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             .to_vec(),
         rows: Vec::new(),
     };
+    let mut live = Table {
+        title: "Live forwarding through the LB (veth, 64-byte frames)".into(),
+        header: [
+            "configuration",
+            "Mpps",
+            "counted at",
+            "vs baseline",
+            "offered Mpps",
+            "out/in",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: Vec::new(),
+    };
     let mut cp = Table {
         title: "LB control plane".into(),
         header: ["operation", "ms"].map(String::from).to_vec(),
@@ -991,11 +1022,33 @@ pub fn tables(sec: &Section) -> Vec<Table> {
                 cell(Some(m)),
                 extra(Some(m), "over_baseline_ns", |x| format!("{x:+.0}")),
             ]);
+        } else if m.id.starts_with("live/") {
+            let vs = if m.extra.contains_key("ratio_to_reflect") {
+                extra(Some(m), "ratio_to_reflect", |x| {
+                    format!("{:.0}% of reflect", x * 100.0)
+                })
+            } else {
+                extra(Some(m), "ratio_to_ceiling", |x| {
+                    format!("{:.0}% of ceiling", x * 100.0)
+                })
+            };
+            live.rows.push(vec![
+                m.label.clone(),
+                cell(Some(m)),
+                m.params
+                    .get("counted_at")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-")
+                    .to_string(),
+                vs,
+                extra(Some(m), "offered_mpps", num),
+                extra(Some(m), "out_in_fraction", |x| format!("{:.0}%", x * 100.0)),
+            ]);
         } else {
             cp.rows.push(vec![m.label.clone(), cell(Some(m))]);
         }
     }
-    vec![pp, cp]
+    vec![pp, live, cp]
 }
 
 #[cfg(test)]
