@@ -47,7 +47,9 @@ fn lock_out_guard_protects_the_session_and_metrics() {
     let versions = history_len(&env);
 
     // Denying the session's own source is refused, naming what and why.
-    let out = cli_from_session(&env, &ssh, &["deny", "add", &format!("{}/24", lab.a_v4)]);
+    let o = lab.a_v4.octets();
+    let session_net = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let out = cli_from_session(&env, &ssh, &["deny", "add", &session_net]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

@@ -8,8 +8,9 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, Path, Query, State},
+    extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Query, Request, State},
     http::StatusCode,
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{delete, get, post, put},
 };
@@ -17,7 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
-use super::core::{AgentError, Applied, Core};
+use super::core::{AgentError, Applied, Core, Ctx};
 use crate::{
     dataplane::{DataplaneError, PolicyMaps, stats},
     policy::{self, Action, Interface, Op, RuleRow, RuleSpec, config::ConfigErrors},
@@ -60,7 +61,7 @@ fn author(peer: &Peer, headers: &axum::http::HeaderMap) -> String {
     let user = headers
         .get("x-sluice-user")
         .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() < 64)
+        .filter(|s| !s.is_empty() && s.len() < 64 && !s.chars().any(char::is_control))
         .map_or_else(from_uid, str::to_string);
     match (peer.uid, peer.pid) {
         (Some(uid), Some(pid)) => format!("{user} (uid {uid}, pid {pid})"),
@@ -81,6 +82,146 @@ fn safety(headers: &axum::http::HeaderMap) -> super::core::Safety {
     }
 }
 
+/// The request id the caller chose (`X-Sluice-Request`: letters, digits,
+/// `-`, at most 64), or one made here; it is kept in history so a caller
+/// that lost the connection can find out what became of its change.
+fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-sluice-request")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .map_or_else(new_request_id, str::to_string)
+}
+
+/// A fresh request id: 16 hex digits from the kernel's random source.
+pub fn new_request_id() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Who asks, with which request id and safety settings.
+fn ctx(peer: &Peer, headers: &axum::http::HeaderMap) -> Ctx {
+    Ctx {
+        author: author(peer, headers),
+        request: Some(request_id(headers)),
+        safety: safety(headers),
+        retry_interfaces: false,
+    }
+}
+
+/// The largest request body the API takes: 512 MiB (a million IPv6
+/// prefixes as JSON take about 45 MiB).
+pub const BODY_LIMIT: usize = 512 << 20;
+
+/// A JSON request body: a body that is not JSON, misses fields, or has
+/// fields the endpoint does not know is a 400 with the JSON error body.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => {
+                let status = match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError(
+                    status,
+                    ErrorBody {
+                        error: rejection.body_text(),
+                        diagnostics: Vec::new(),
+                    },
+                ))
+            }
+        }
+    }
+}
+
+/// Every error the API answers is the JSON error body, also those axum
+/// makes itself (unknown path, wrong method, bad path or query parameter,
+/// body too large); 415 and 422 become 400.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return resp;
+    }
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let status = match status {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY => {
+            StatusCode::BAD_REQUEST
+        }
+        s => s,
+    };
+    let error = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    ApiError(
+        status,
+        ErrorBody {
+            error,
+            diagnostics: Vec::new(),
+        },
+    )
+    .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        ErrorBody {
+            error: "no such endpoint (see GET /openapi.json)".into(),
+            diagnostics: Vec::new(),
+        },
+    )
+}
+
+/// Text a user sends that is shown and logged again (a reason): refused
+/// when it holds control characters (a newline would fake a row in `deny
+/// list`, an escape sequence would rewrite the terminal).
+fn plain_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.chars().any(char::is_control) {
+        return Err(bad_request(format!(
+            "{what} must not contain control characters (newlines, escapes)"
+        )));
+    }
+    if s.len() > max {
+        return Err(bad_request(format!("{what} is longer than {max} bytes")));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
@@ -98,15 +239,19 @@ impl IntoResponse for ApiError {
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
-        let status = match &e {
+        let status = match e.root_cause() {
             AgentError::Config(_) | AgentError::Refused(_) => StatusCode::BAD_REQUEST,
-            AgentError::LockOut { .. } => StatusCode::CONFLICT,
+            AgentError::LockOut { .. } | AgentError::DenyEverything { .. } => StatusCode::CONFLICT,
             AgentError::NoSuchVersion { .. } => StatusCode::NOT_FOUND,
+            AgentError::HistoryMismatch { .. } => StatusCode::CONFLICT,
             AgentError::Dataplane(
                 DataplaneError::NotInList { .. }
                 | DataplaneError::NoSuchRule { .. }
-                | DataplaneError::BadPosition { .. },
+                | DataplaneError::BadPosition { .. }
+                | DataplaneError::UnknownInterface { .. }
+                | DataplaneError::NotAttachedTo { .. },
             ) => StatusCode::BAD_REQUEST,
+            AgentError::Netns(_) => StatusCode::BAD_REQUEST,
             AgentError::Dataplane(
                 DataplaneError::ListFull { .. } | DataplaneError::TooManyRules { .. },
             ) => StatusCode::CONFLICT,
@@ -114,7 +259,7 @@ impl From<AgentError> for ApiError {
             AgentError::Lb(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let diagnostics = match &e {
+        let diagnostics = match e.root_cause() {
             AgentError::Config(ConfigErrors(d)) => d.clone(),
             _ => Vec::new(),
         };
@@ -173,6 +318,9 @@ pub struct Info {
     pub policy_version: u64,
     pub base_source: String,
     pub runtime_changes: usize,
+    /// A change an agent crash interrupted, finished or undone at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<String>,
 }
 
 async fn info(State(core): State<Shared>) -> Result<Json<Info>, ApiError> {
@@ -186,6 +334,7 @@ async fn info(State(core): State<Shared>) -> Result<Json<Info>, ApiError> {
             policy_version: c.state.current_version(),
             base_source: c.state.base_source.clone(),
             runtime_changes: c.state.overlay.len(),
+            recovered: c.recovered.clone(),
         })
     })
     .await
@@ -240,7 +389,7 @@ async fn get_events(State(core): State<Shared>) -> Result<Json<EventsBody>, ApiE
             dataplane,
             escalated_sources: c.metrics.escalations.get(),
             deny_expirations: c.metrics.expirations.get(),
-            temporary_denies: c.state.desired().temp_deny.len(),
+            temporary_denies: c.desired.temp_deny.len(),
         })
     })
     .await
@@ -281,9 +430,8 @@ async fn get_list(
         let mut entries = maps.list_entries(v4)?;
         entries.extend(maps.list_entries(v6)?);
         if !allow {
-            let temp = c.state.desired().temp_deny;
             for e in &mut entries {
-                e.temporary = temp.get(&e.prefix).cloned();
+                e.temporary = c.desired.temp_deny.get(&e.prefix).cloned();
             }
         }
         Ok(ListBody {
@@ -296,6 +444,7 @@ async fn get_list(
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrefixesBody {
     pub prefixes: Vec<IpNet>,
     /// Deny add only: remove the entries after this many seconds.
@@ -311,13 +460,17 @@ async fn list_change(
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
     Path((kind, verb)): Path<(String, String)>,
-    Json(body): Json<PrefixesBody>,
+    ApiJson(body): ApiJson<PrefixesBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let allow = list_kind(&kind)?;
     if body.prefixes.is_empty() {
         return Err(bad_request("no prefixes given"));
     }
-    let who = author(&peer, &headers);
+    if let Some(r) = &body.reason {
+        plain_text("reason", r, 200)?;
+    }
+    let ctx = ctx(&peer, &headers);
+    let who = ctx.author.clone();
     if body.ttl_secs.is_some() && (allow || verb != "add") {
         return Err(bad_request("ttl_secs applies to deny add only"));
     }
@@ -350,8 +503,7 @@ async fn list_change(
             )));
         }
     };
-    let safe = safety(&headers);
-    with_core(&core, move |c| c.change(vec![op], &who, &safe))
+    with_core(&core, move |c| c.change(vec![op], &ctx))
         .await
         .map(Json)
 }
@@ -377,6 +529,7 @@ async fn get_rules(State(core): State<Shared>) -> Result<Json<RulesBody>, ApiErr
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleAddBody {
     pub rule: RuleSpec,
     pub at: Option<usize>,
@@ -394,19 +547,17 @@ async fn add_rule(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(body): Json<RuleAddBody>,
+    ApiJson(body): ApiJson<RuleAddBody>,
 ) -> Result<Json<RuleAdded>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
+    let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| {
-        let position = body.at.unwrap_or(c.state.desired().policy.rules.len());
+        let position = body.at.unwrap_or(c.desired.policy.rules.len());
         let applied = c.change(
             vec![Op::RuleAdd {
                 at: body.at,
                 rule: body.rule,
             }],
-            &who,
-            &safe,
+            &ctx,
         )?;
         let rule_id = rule_rows(c)?
             .iter()
@@ -428,20 +579,20 @@ async fn del_rule(
     headers: axum::http::HeaderMap,
     Path(id): Path<u32>,
 ) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
+    let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| {
         let rows = rule_rows(c)?;
         let Some(row) = rows.into_iter().find(|r| r.id == id) else {
             return Err(DataplaneError::NoSuchRule { id }.into());
         };
-        c.change(vec![Op::RuleDel { rule: row.rule }], &who, &safe)
+        c.change(vec![Op::RuleDel { rule: row.rule }], &ctx)
     })
     .await
     .map(Json)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleDelBody {
     pub ids: Vec<u32>,
 }
@@ -451,13 +602,12 @@ async fn del_rules(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(body): Json<RuleDelBody>,
+    ApiJson(body): ApiJson<RuleDelBody>,
 ) -> Result<Json<Applied>, ApiError> {
     if body.ids.is_empty() {
         return Err(bad_request("no rule ids given"));
     }
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
+    let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| {
         let rows = rule_rows(c)?;
         let mut ops = Vec::new();
@@ -469,13 +619,14 @@ async fn del_rules(
                 rule: row.rule.clone(),
             });
         }
-        c.change(ops, &who, &safe)
+        c.change(ops, &ctx)
     })
     .await
     .map(Json)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SettingsBody {
     pub default: Option<Action>,
     pub malformed: Option<Action>,
@@ -487,7 +638,7 @@ async fn put_settings(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(body): Json<SettingsBody>,
+    ApiJson(body): ApiJson<SettingsBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let mut ops = Vec::new();
     if let Some(action) = body.default {
@@ -504,39 +655,72 @@ async fn put_settings(
             "nothing to set (default, malformed and/or audit)",
         ));
     }
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
-    with_core(&core, move |c| c.change(ops, &who, &safe))
+    let ctx = ctx(&peer, &headers);
+    with_core(&core, move |c| c.change(ops, &ctx))
         .await
         .map(Json)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileBody {
     pub path: PathBuf,
     pub text: String,
 }
 
-async fn apply_policy(
-    State(core): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: axum::http::HeaderMap,
-    Json(body): Json<FileBody>,
-) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
-    with_core(&core, move |c| {
-        c.apply_file(body.path, &body.text, &who, &safe)
+/// Limits the API applies, fixed when the agent starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `[agent] file_size_limit`: the largest list file a config may name.
+    pub file_size_limit: u64,
+}
+
+/// Parses a config the caller sent, reading the list files it names,
+/// outside the agent's lock (a slow or huge file never holds up the agent).
+async fn parse_sent(
+    limits: Limits,
+    body: FileBody,
+) -> Result<(PathBuf, crate::policy::config::Config, String), ApiError> {
+    let FileBody { path, text } = body;
+    tokio::task::spawn_blocking(move || {
+        let cfg = crate::policy::config::parse_with(&path, &text, Some(limits.file_size_limit))
+            .map_err(|e| ApiError::from(AgentError::Config(e)))?;
+        let hash = super::store::content_hash(&text);
+        Ok((path, cfg, hash))
     })
     .await
-    .map(Json)
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody {
+                error: e.to_string(),
+                diagnostics: Vec::new(),
+            },
+        )
+    })?
+}
+
+async fn apply_policy(
+    State(core): State<Shared>,
+    axum::Extension(limits): axum::Extension<Limits>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<FileBody>,
+) -> Result<Json<Applied>, ApiError> {
+    let ctx = ctx(&peer, &headers);
+    let (path, cfg, hash) = parse_sent(limits, body).await?;
+    with_core(&core, move |c| c.apply_config(&path, cfg, hash, &ctx))
+        .await
+        .map(Json)
 }
 
 async fn diff_policy(
     State(core): State<Shared>,
-    Json(body): Json<FileBody>,
+    axum::Extension(limits): axum::Extension<Limits>,
+    ApiJson(body): ApiJson<FileBody>,
 ) -> Result<Json<policy::PolicyDiff>, ApiError> {
-    with_core(&core, move |c| c.diff_file(body.path, &body.text))
+    let (_, cfg, _) = parse_sent(limits, body).await?;
+    with_core(&core, move |c| Ok(c.diff_config(&cfg)))
         .await
         .map(Json)
 }
@@ -553,6 +737,12 @@ pub struct HistoryEntry {
     pub default: Action,
     pub malformed: Action,
     pub current: bool,
+    /// The request that made it (the CLI sends one per command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// List entries, rules and settings this version changed.
+    #[serde(default)]
+    pub changes: usize,
 }
 
 async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
@@ -566,12 +756,14 @@ async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, 
                 time: v.time,
                 author: v.author.clone(),
                 cause: v.cause.clone(),
-                deny: v.policy.deny.len(),
-                allow: v.policy.allow.len(),
-                rules: v.policy.rules.len(),
-                default: v.policy.default,
-                malformed: v.policy.malformed,
+                deny: v.summary.deny,
+                allow: v.summary.allow,
+                rules: v.summary.rules,
+                default: v.summary.default,
+                malformed: v.summary.malformed,
                 current: v.number == current,
+                request: v.request.clone(),
+                changes: v.delta.size(),
             })
             .collect())
     })
@@ -580,6 +772,7 @@ async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, 
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     pub version: Option<u64>,
 }
@@ -588,16 +781,16 @@ async fn rollback(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(body): Json<RollbackBody>,
+    ApiJson(body): ApiJson<RollbackBody>,
 ) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
-    with_core(&core, move |c| c.rollback(body.version, &who, &safe))
+    let ctx = ctx(&peer, &headers);
+    with_core(&core, move |c| c.rollback(body.version, &ctx))
         .await
         .map(Json)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetachBody {
     pub name: String,
     pub netns: Option<String>,
@@ -607,12 +800,11 @@ async fn attach_iface(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(interface): Json<Interface>,
+    ApiJson(interface): ApiJson<Interface>,
 ) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
+    let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| {
-        c.change(vec![Op::Attach { interface }], &who, &safe)
+        c.change(vec![Op::Attach { interface }], &ctx)
     })
     .await
     .map(Json)
@@ -622,18 +814,16 @@ async fn detach_iface(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(body): Json<DetachBody>,
+    ApiJson(body): ApiJson<DetachBody>,
 ) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
+    let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| {
         c.change(
             vec![Op::Detach {
                 name: body.name,
                 netns: body.netns,
             }],
-            &who,
-            &safe,
+            &ctx,
         )
     })
     .await
@@ -643,10 +833,9 @@ async fn detach_iface(
 /// `GET /v1/lb`: services, backends, health, counters.
 async fn get_lb(State(core): State<Shared>) -> Result<Json<super::lb::LbView>, ApiError> {
     with_core(&core, |c| {
-        let desired = c.state.desired();
         Ok(super::lb::view(
             &c.root,
-            Some(&desired.services),
+            Some(&c.desired.services),
             c.checker.as_deref(),
         )?)
     })
@@ -659,15 +848,12 @@ async fn lb_change(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    Json(change): Json<crate::lb::LbOp>,
+    ApiJson(change): ApiJson<crate::lb::LbOp>,
 ) -> Result<Json<Applied>, ApiError> {
-    let who = author(&peer, &headers);
-    let safe = safety(&headers);
-    with_core(&core, move |c| {
-        c.change(vec![Op::Lb { change }], &who, &safe)
-    })
-    .await
-    .map(Json)
+    let ctx = ctx(&peer, &headers);
+    with_core(&core, move |c| c.change(vec![Op::Lb { change }], &ctx))
+        .await
+        .map(Json)
 }
 
 /// The flow reader, given to the router as an extension by the agent.
@@ -761,6 +947,9 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/flows/stats", get(get_flows_stats))
         .route("/v1/lb", get(get_lb))
         .route("/v1/lb/change", post(lb_change))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(core)
 }
 

@@ -1,17 +1,28 @@
-//! The agent's state machine: desired state in, reconcile against the pins,
-//! every change all-or-nothing (kernel and store), versions kept for rollback.
-//! Blocking; the API runs it on a blocking thread behind a mutex.
+//! The agent's state machine: desired state in, the kernel made to match,
+//! every change all-or-nothing (kernel and store) and journaled, versions
+//! kept for rollback. Blocking; the API runs it on a blocking thread behind
+//! a mutex.
+//!
+//! One path carries every change (`run_step`): compute the change's delta on
+//! the desired state in place, check it (lock-out guard, deny-everything),
+//! journal it, write only the delta to the kernel, read it back from the
+//! maps the attached program uses, then journal the outcome. A change costs
+//! time and bytes in proportion to itself, not to the policy's size.
 
 use std::{path::PathBuf, time::Instant};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::store::{State, Store, StoreError, content_hash};
+use super::store::{self, Pending, Record, State, Step, Store, StoreError, Summary, Version};
 use crate::{
-    dataplane::{self, DataplaneError, PinRoot, PolicyMaps, attach},
+    dataplane::{
+        self, DataplaneError, PinRoot, PolicyMaps, attach, integrity,
+        lockfile::{LockError, OwnerLock},
+    },
     policy::{
-        Op, PolicyDiff, change_to,
+        self, Delta, Desired, Op, Policy, PolicyDiff,
         config::{self, AgentSettings, ConfigErrors},
+        delta::fingerprint,
         pinned_policy,
     },
 };
@@ -33,10 +44,64 @@ pub enum AgentError {
          if you really mean it"
     )]
     LockOut { probe: String, why: String },
+    #[error(
+        "deny {prefix} drops every {family} packet that no allow entry passes; repeat with \
+         --force if you really mean it"
+    )]
+    DenyEverything {
+        prefix: String,
+        family: &'static str,
+    },
     #[error("version {version} is not in the history (kept: {kept})")]
     NoSuchVersion { version: u64, kept: String },
+    #[error(
+        "version {version} cannot be rebuilt from the history (its fingerprint does not match); \
+         the history is not trustworthy for rollback: apply a config file instead"
+    )]
+    HistoryMismatch { version: u64 },
     #[error(transparent)]
     Lb(#[from] dataplane::lb::LbError),
+    #[error(
+        "pin root {root} is owned by {owner}; one agent per pin root (stop it, or give this \
+         agent another [agent] pin_root)"
+    )]
+    Owned {
+        root: PathBuf,
+        owner: crate::dataplane::lockfile::Owner,
+    },
+    #[error("owner lock for pin root {root}: {source}")]
+    OwnerLock {
+        root: PathBuf,
+        #[source]
+        source: LockError,
+    },
+    /// A change that failed after it was journaled: what failed, and whether
+    /// the previous state was put back (checked in the kernel).
+    #[error(
+        "{error}; {}",
+        match restored {
+            Ok(()) => "nothing changed: the previous policy is in force (checked in the kernel)"
+                .to_string(),
+            Err(e) => format!(
+                "PUTTING THE PREVIOUS POLICY BACK FAILED ({e}): the kernel may hold part of the \
+                 change; the agent retries at its next drift check"
+            ),
+        }
+    )]
+    Failed {
+        error: Box<AgentError>,
+        restored: Result<(), String>,
+    },
+}
+
+impl AgentError {
+    /// The error behind a [`AgentError::Failed`] wrapper.
+    pub fn root_cause(&self) -> &AgentError {
+        match self {
+            Self::Failed { error, .. } => error.root_cause(),
+            other => other,
+        }
+    }
 }
 
 /// A backend of a service, as health checks and `down` sets name it.
@@ -53,6 +118,9 @@ pub struct ReconcileReport {
     /// Entries, rules and settings that had to change in the maps.
     pub changes: usize,
     pub millis: f64,
+    /// Map pins put back to the maps the attached programs read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired_pins: Vec<String>,
 }
 
 /// What must keep working after a change: the caller's own session, and the
@@ -63,12 +131,46 @@ pub struct Safety {
     pub force: bool,
 }
 
+/// Who asks for a change, and how.
+#[derive(Debug, Clone, Default)]
+pub struct Ctx {
+    pub author: String,
+    /// The caller's request id (`X-Sluice-Request`), kept in history.
+    pub request: Option<String>,
+    pub safety: Safety,
+    /// An interface that cannot be attached yet is logged and retried by the
+    /// drift check instead of refusing the change (the config file at start,
+    /// where a namespace may appear later).
+    pub retry_interfaces: bool,
+}
+
+impl Ctx {
+    pub fn agent(author: &str) -> Self {
+        Self {
+            author: author.to_string(),
+            request: None,
+            safety: Safety::default(),
+            retry_interfaces: false,
+        }
+    }
+}
+
 /// The result of a change through the agent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     pub version: u64,
     pub diff: PolicyDiff,
     pub reconcile: ReconcileReport,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+/// A change computed on the desired state but not yet final.
+struct Prepared {
+    step: Step,
+    delta: Delta,
+    /// The desired state before, when the step replaced it whole.
+    old: Option<Desired>,
 }
 
 pub struct Core {
@@ -77,10 +179,21 @@ pub struct Core {
     pub root: PinRoot,
     store: Store,
     pub state: State,
+    /// Desired state (the base with the overlay on top), kept up to date
+    /// change by change.
+    pub desired: Desired,
+    /// `policy::delta::fingerprint` of `desired.policy`.
+    fingerprint: u64,
     /// Counters for the metrics endpoint.
     pub applies: u64,
     pub apply_failures: u64,
     pub drift_corrections: u64,
+    /// Map pins put back to the maps the attached programs read.
+    pub integrity_repairs: u64,
+    /// Problems the last integrity check found and could not mend.
+    pub integrity_problems: usize,
+    /// Changes a crash interrupted that were finished or undone on start.
+    pub recovered: Option<String>,
     pub metrics: super::metrics::AgentMetrics,
     /// Hash of a config file version the agent refused (not retried).
     refused_hash: Option<String>,
@@ -96,44 +209,71 @@ pub struct Core {
     lb_applied: Option<(Vec<crate::lb::ServiceSpec>, Vec<MemberKey>)>,
     /// `[lb] connections` value already warned about (pinned size differs).
     lb_size_warned: Option<u32>,
+    /// Held while the agent runs: one owner per pin root.
+    _owner: OwnerLock,
 }
 
 fn iface_label(i: &crate::policy::Interface) -> String {
     format!("{}:{}", i.netns.as_deref().unwrap_or("host"), i.name)
 }
 
+/// "deny 0.0.0.0/0": drops everything the allow list does not pass.
+fn deny_everything(delta: &Delta) -> Option<&ipnet::IpNet> {
+    delta.deny_add.iter().find(|n| n.prefix_len() == 0)
+}
+
 impl Core {
-    /// Loads the saved state, takes in the config file if it changed since,
-    /// and makes the pins match.
+    /// Takes ownership of the pin root, loads the store (replaying the
+    /// journal, finishing or undoing a change a crash interrupted), takes in
+    /// the config file if it changed since, and makes the pins match.
     pub fn start(
         settings: AgentSettings,
-        config: Option<(PathBuf, String)>,
+        config: Option<(PathBuf, config::Config, String)>,
     ) -> Result<(Self, ReconcileReport), AgentError> {
-        let store = Store::open(&settings.state_dir)?;
-        let saved = store.load()?;
-        let resumed = saved.is_some();
-        let mut state = saved.unwrap_or_default();
-        let mut cause = None;
-        if let Some((path, text)) = &config {
-            let hash = content_hash(text);
-            if hash != state.config_hash {
-                let cfg = config::parse(path, text)?;
-                state.base = cfg.desired;
-                state.base_source = path.display().to_string();
-                state.base_hash = hash.clone();
-                state.config_hash = hash;
-                cause = Some(format!("config file {} loaded", path.display()));
-            }
+        let owner =
+            OwnerLock::acquire(&settings.pin_root, &settings.socket).map_err(|e| match e {
+                LockError::Busy { .. } => {
+                    match crate::dataplane::lockfile::owner_of(&settings.pin_root) {
+                        Ok(Some(owner)) => AgentError::Owned {
+                            root: settings.pin_root.clone(),
+                            owner,
+                        },
+                        _ => AgentError::OwnerLock {
+                            root: settings.pin_root.clone(),
+                            source: e,
+                        },
+                    }
+                }
+                other => AgentError::OwnerLock {
+                    root: settings.pin_root.clone(),
+                    source: other,
+                },
+            })?;
+        let mut store = Store::open(&settings.state_dir)?;
+        let loaded = store.load()?;
+        if loaded.torn_tail {
+            warn!(
+                "the journal's last line was torn by a crash while it was written; dropped it (that record never took effect)"
+            );
         }
+        let resumed = loaded.state.is_some() || !loaded.committed.is_empty();
+        let state = loaded.state.unwrap_or_default();
+        let desired = state.replay();
+        let fingerprint = fingerprint(&desired.policy);
         let mut core = Self {
             root: PinRoot::new(&settings.pin_root),
             settings,
-            config_path: config.map(|(p, _)| p),
+            config_path: config.as_ref().map(|(p, _, _)| p.clone()),
             store,
             state,
+            desired,
+            fingerprint,
             applies: 0,
             apply_failures: 0,
             drift_corrections: 0,
+            integrity_repairs: 0,
+            integrity_problems: 0,
+            recovered: None,
             metrics: super::metrics::AgentMetrics::default(),
             refused_hash: None,
             ddos: config::DdosSettings::default(),
@@ -142,46 +282,306 @@ impl Core {
             checker: None,
             lb_applied: None,
             lb_size_warned: None,
+            _owner: owner,
         };
+        // Replay what the journal holds after the snapshot.
+        let replayed = loaded.committed.len();
+        for (p, version) in loaded.committed {
+            let prepared = core.prepare(&p.step, false)?;
+            let made = core.finish(prepared, &p);
+            if made != version {
+                warn!(
+                    seq = p.seq,
+                    ?made,
+                    ?version,
+                    "a replayed journal record made another version than recorded"
+                );
+            }
+        }
+        if let Some(v) = core.state.history.back()
+            && v.fingerprint != core.fingerprint
+        {
+            error!(
+                version = v.number,
+                "the desired state does not match the fingerprint of the last version in history; \
+                 rollback will refuse versions it cannot rebuild exactly"
+            );
+        }
         info!(
             resumed,
+            replayed,
             version = core.state.current_version(),
             pinned = core.root.is_set_up(),
             "agent state loaded"
         );
         if core.root.is_set_up() {
+            core.repair_integrity("start")?;
             // A new build takes over the running links atomically, maps kept.
             let up = attach::upgrade(&core.root, false)?;
             if !up.unchanged {
                 info!(old = %up.old_tag, new = %up.new_tag, links = up.links, "program upgraded on the live links; maps kept");
             }
         }
+        if let Some(p) = loaded.pending {
+            core.recover(p)?;
+        }
+        let mut config_applied = false;
+        if let Some((path, cfg, hash)) = config
+            && hash != core.state.config_hash
+        {
+            core.run_step(
+                Step::Base {
+                    base: cfg.desired,
+                    source: path.display().to_string(),
+                    hash: hash.clone(),
+                    config_hash: Some(hash),
+                },
+                &Ctx {
+                    author: "agent".into(),
+                    request: None,
+                    // The agent's own file is the operator's intent.
+                    safety: Safety {
+                        session: None,
+                        force: true,
+                    },
+                    retry_interfaces: true,
+                },
+                format!("config file {} loaded", path.display()),
+            )?;
+            config_applied = true;
+        }
         let report = core.reconcile(false)?;
-        if report.changes > 0 && cause.is_none() {
+        if report.changes > 0 {
             warn!(
                 changes = report.changes,
                 "pinned maps differed from the saved desired state; corrected"
             );
         }
-        if let Some(cause) = cause {
-            core.state.record("agent", cause, core.settings.history);
-        } else if core.state.history.is_empty() {
-            core.state
-                .record("agent", "agent started".into(), core.settings.history);
+        if core.state.history.is_empty() && !config_applied {
+            core.run_step(Step::Note, &Ctx::agent("agent"), "agent started".into())?;
         }
-        core.store.save(&core.state)?;
+        // Start each run from a compact store.
+        if core.store.sizes().1 > 0 {
+            core.snapshot()?;
+        }
         Ok((core, report))
     }
 
-    /// Makes links and maps match the desired state. `strict`: an interface
-    /// that cannot be attached is an error (a user's change); otherwise it is
-    /// logged and retried by the next drift check (start, timers), so a
-    /// namespace that appears later is picked up.
+    /// A change the journal shows as begun but never finished: the agent
+    /// died while carrying it out. If the kernel already judges packets by
+    /// its result, it is finished; otherwise it is undone. Either way history
+    /// says so.
+    fn recover(&mut self, p: Pending) -> Result<(), AgentError> {
+        let prepared = self.prepare(&p.step, false)?;
+        let kernel = if self.root.is_set_up() {
+            let mut maps = PolicyMaps::open(&self.root)?;
+            maps.repair()?;
+            Some(pinned_policy(&maps)?)
+        } else {
+            None
+        };
+        // A change that touches no policy (interfaces, services) is finished:
+        // applying it again is harmless and it is what was asked.
+        let completed =
+            prepared.delta.policy_is_empty() || kernel.as_ref() == Some(&self.desired.policy);
+        let request = p.request.clone().unwrap_or_else(|| "-".into());
+        if completed {
+            self.store.append(&Record::Commit {
+                seq: p.seq,
+                version: Some(self.state.current_version() + 1),
+            })?;
+            let mut p = p;
+            p.cause = format!(
+                "{} (interrupted by an agent crash; finished when it restarted)",
+                p.cause
+            );
+            let v = self.finish(prepared, &p);
+            warn!(version = v, request = %request, cause = %p.cause, "an interrupted change had taken effect in the kernel: finished it");
+            self.recovered = Some(format!("finished: {} (request {request})", p.cause));
+        } else {
+            self.cancel(prepared);
+            self.store.append(&Record::Abort {
+                seq: p.seq,
+                error: "interrupted by an agent crash before it took effect; undone when the agent restarted".into(),
+            })?;
+            let cause = format!(
+                "undone after a crash: {} (request {request}, by {}) had not taken effect",
+                p.cause, p.author
+            );
+            warn!(request = %request, cause = %p.cause, "an interrupted change had not taken effect in the kernel: undid it");
+            self.recovered = Some(cause.clone());
+            self.run_step(Step::Note, &Ctx::agent("agent (recovery)"), cause)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `step` to the desired state in place; returns what changed.
+    /// `strict`: a new request (ops that do not fit are refused).
+    fn prepare(&mut self, step: &Step, strict: bool) -> Result<Prepared, AgentError> {
+        let (delta, old) = match step {
+            Step::Ops { ops } => (
+                policy::delta::apply_ops(&mut self.desired, ops, strict)
+                    .map_err(AgentError::Refused)?,
+                None,
+            ),
+            Step::Base { base, .. } => {
+                let mut next = base.clone();
+                for op in &self.state.overlay {
+                    let _ = op.apply(&mut next, false);
+                }
+                let delta = Delta::between(&self.desired, &next);
+                (delta, Some(std::mem::replace(&mut self.desired, next)))
+            }
+            Step::Rollback { to } => {
+                let target = self.policy_at(*to)?;
+                let mut next = self.desired.clone();
+                next.policy = target;
+                let deny = &next.policy.deny;
+                next.temp_deny.retain(|n, _| deny.contains(n));
+                let delta = Delta::between(&self.desired, &next);
+                (delta, Some(std::mem::replace(&mut self.desired, next)))
+            }
+            Step::Note => (Delta::default(), None),
+        };
+        Ok(Prepared {
+            step: step.clone(),
+            delta,
+            old,
+        })
+    }
+
+    /// Puts the desired state back as it was before `prepare`.
+    fn cancel(&mut self, p: Prepared) {
+        match p.old {
+            Some(old) => self.desired = old,
+            None => p.delta.inverse().apply_to(&mut self.desired),
+        }
+    }
+
+    /// Makes a prepared change final in the state (base, overlay, history).
+    /// Returns the version it made, if any.
+    fn finish(&mut self, p: Prepared, meta: &Pending) -> Option<u64> {
+        match &p.step {
+            Step::Ops { ops } => self.state.overlay.extend(ops.iter().cloned()),
+            Step::Base {
+                base,
+                source,
+                hash,
+                config_hash,
+            } => {
+                self.state.base = base.clone();
+                self.state.base_source.clone_from(source);
+                self.state.base_hash.clone_from(hash);
+                if let Some(h) = config_hash {
+                    self.state.config_hash.clone_from(h);
+                }
+            }
+            Step::Rollback { .. } => {
+                // The restored policy becomes the base's; runtime policy
+                // changes go, runtime interfaces and services stay.
+                self.state.base.policy = self.desired.policy.clone();
+                self.state.base.temp_deny = self.desired.temp_deny.clone();
+                self.state
+                    .overlay
+                    .retain(|o| matches!(o, Op::Attach { .. } | Op::Detach { .. } | Op::Lb { .. }));
+            }
+            Step::Note => {}
+        }
+        self.fingerprint = p
+            .delta
+            .fingerprint_after(self.fingerprint, &self.desired.policy);
+        if p.delta.is_empty() && !matches!(p.step, Step::Note) {
+            return None;
+        }
+        let number = self.state.current_version() + 1;
+        self.state.history.push_back(Version {
+            number,
+            time: meta.time,
+            author: meta.author.clone(),
+            cause: meta.cause.clone(),
+            request: meta.request.clone(),
+            delta: p.delta,
+            fingerprint: self.fingerprint,
+            summary: Summary::of(&self.desired.policy),
+        });
+        while self.state.history.len() > self.settings.history.max(1) {
+            self.state.history.pop_front();
+        }
+        Some(number)
+    }
+
+    /// The policy of a kept version, rebuilt from the current one by undoing
+    /// the versions after it, and checked against its fingerprint.
+    pub fn policy_at(&self, version: u64) -> Result<Policy, AgentError> {
+        let Some(v) = self.state.history.iter().find(|v| v.number == version) else {
+            let kept: Vec<String> = self
+                .state
+                .history
+                .iter()
+                .map(|v| v.number.to_string())
+                .collect();
+            return Err(AgentError::NoSuchVersion {
+                version,
+                kept: kept.join(", "),
+            });
+        };
+        let mut p = self.desired.policy.clone();
+        for later in self.state.history.iter().rev() {
+            if later.number <= version {
+                break;
+            }
+            later.delta.inverse().apply_to_policy(&mut p);
+        }
+        if fingerprint(&p) != v.fingerprint {
+            return Err(AgentError::HistoryMismatch { version });
+        }
+        Ok(p)
+    }
+
+    /// Makes links and maps match the desired state, reading the whole
+    /// policy back from the kernel (start and drift checks; changes write
+    /// only their delta). `strict`: an interface that cannot be attached is
+    /// an error; otherwise it is logged and retried by the next drift check,
+    /// so a namespace that appears later is picked up.
     pub fn reconcile(&mut self, strict: bool) -> Result<ReconcileReport, AgentError> {
         let started = Instant::now();
-        let desired = self.state.desired();
         let mut report = ReconcileReport::default();
-        for iface in &desired.interfaces {
+        if self.root.is_set_up() {
+            report.repaired_pins = self.repair_integrity("drift check")?;
+        }
+        self.reconcile_interfaces(strict, &mut report)?;
+        if self.root.is_set_up() {
+            let mut maps = PolicyMaps::open(&self.root)?;
+            let repaired = maps.repair()?;
+            let current = pinned_policy(&maps)?;
+            if current != self.desired.policy {
+                let delta = Delta::between_policies(&current, &self.desired.policy);
+                report.changes = delta.size();
+                let change = policy::change_for(&maps, &delta, &self.desired.policy)?;
+                let r = maps.commit(change.clone())?;
+                if let Some(why) = r.resync_pending {
+                    warn!(why = %why, "the standby generation could not be brought up to date; retried at the next change");
+                }
+                maps.verify_bound()?;
+                maps.verify_applied(&change)?;
+            } else if repaired {
+                warn!("an interrupted change had left the standby generation behind; repaired");
+            }
+            self.reconcile_lb(!strict)?;
+        }
+        report.millis = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(report)
+    }
+
+    /// Attaches every desired interface, then detaches the links desired
+    /// state no longer names (after the new ones exist: the last detach
+    /// would remove the maps).
+    fn reconcile_interfaces(
+        &mut self,
+        strict: bool,
+        report: &mut ReconcileReport,
+    ) -> Result<(), AgentError> {
+        for iface in &self.desired.interfaces {
             let root = self.root.clone();
             let (name, mode, ns) = (iface.name.clone(), iface.mode, iface.netns.clone());
             let label = crate::netns::label(ns.as_deref());
@@ -199,16 +599,19 @@ impl Core {
                 }
                 Err(e) => return Err(e),
             };
+            for f in &r.repaired {
+                error!(finding = %f, "a map pin did not lead to the map the attached program reads; pinned the program's own map again");
+                self.integrity_repairs += 1;
+                report.repaired_pins.push(f.to_string());
+            }
             if !r.readopted {
                 info!(interface = %iface_label(iface), mode = r.mode.name(), program = r.program_id, "attached");
                 report.attached.push(iface_label(iface));
             }
         }
-        // Links the desired state no longer names, after the new ones exist
-        // (the last detach would remove the maps).
         let st = attach::status(&self.root)?;
         for a in &st.attachments {
-            let wanted = desired.interfaces.iter().any(|i| {
+            let wanted = self.desired.interfaces.iter().any(|i| {
                 i.name == a.interface && crate::netns::label(i.netns.as_deref()) == a.netns
             });
             if !wanted {
@@ -217,29 +620,94 @@ impl Core {
                 report.detached.push(format!("{}:{}", a.netns, a.interface));
             }
         }
-        if self.root.is_set_up() {
-            let mut maps = PolicyMaps::open(&self.root)?;
-            let current = pinned_policy(&maps)?;
-            if current != desired.policy {
-                let diff = PolicyDiff::between(&current, &desired.policy);
-                report.changes = diff.size();
-                let change = change_to(&maps, &current, &desired.policy)?;
-                maps.commit(change)?;
+        Ok(())
+    }
+
+    /// Checks that the pinned maps are the ones the attached programs read;
+    /// pins the programs' own maps again where they are not (said loudly);
+    /// programs that disagree among themselves are all loaded again with
+    /// the pinned maps. Returns what was repaired.
+    fn repair_integrity(&mut self, when: &str) -> Result<Vec<String>, AgentError> {
+        let report = {
+            let _lock = dataplane::pins::RootLock::acquire(&self.root.root)?;
+            integrity::repair(&self.root)?
+        };
+        let mut repaired: Vec<String> = Vec::new();
+        for f in &report.repaired {
+            error!(when, finding = %f, "a map pin did not lead to the map the attached program reads; pinned the program's own map again (writes through the old pin would have changed nothing packets see)");
+            self.integrity_repairs += 1;
+            repaired.push(f.to_string());
+        }
+        self.integrity_problems = report.findings.len();
+        if !report.findings.is_empty() {
+            for f in &report.findings {
+                error!(when, finding = %f, "live programs read different maps; loading every program again with the pinned maps");
             }
-            self.reconcile_lb(&desired, !strict)?;
+            let up = attach::upgrade(&self.root, true)?;
+            self.integrity_repairs += up.reloaded_for.len() as u64;
+            repaired.extend(up.reloaded_for.iter().map(ToString::to_string));
+            self.integrity_problems = integrity::check(&self.root)?.findings.len();
+        }
+        Ok(repaired)
+    }
+
+    /// Writes a change's delta to the kernel: interfaces, then the policy
+    /// (one generation flip, read back from the maps the program uses),
+    /// then the load balancer.
+    fn apply_delta(
+        &mut self,
+        delta: &Delta,
+        strict_interfaces: bool,
+    ) -> Result<ReconcileReport, AgentError> {
+        let started = Instant::now();
+        let mut report = ReconcileReport::default();
+        if delta.interfaces.is_some() {
+            self.reconcile_interfaces(strict_interfaces, &mut report)?;
+        }
+        if self.root.is_set_up() {
+            if !delta.policy_is_empty() {
+                let mut maps = PolicyMaps::open(&self.root)?;
+                let change = policy::change_for(&maps, delta, &self.desired.policy)?;
+                let r = maps.commit(change.clone())?;
+                if let Some(why) = r.resync_pending {
+                    warn!(why = %why, "the change is in force; the standby generation could not be brought up to date (retried at the next change)");
+                }
+                if r.missing > 0 {
+                    warn!(
+                        missing = r.missing,
+                        "entries to delete were not in the maps (drift); the result is as desired"
+                    );
+                }
+                maps.verify_bound()?;
+                maps.verify_applied(&change)?;
+                report.changes = delta.size();
+            }
+            if delta.services.is_some() || delta.interfaces.is_some() {
+                self.reconcile_lb(false)?;
+            }
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
     }
 
+    /// After a failed change: the kernel goes back to the (restored) desired
+    /// state. The inverse delta first (cheap); if that fails, a full
+    /// reconcile.
+    fn restore_kernel(&mut self, delta: &Delta) -> Result<(), String> {
+        let undo = delta.inverse();
+        match self.apply_delta(&undo, false) {
+            Ok(_) => Ok(()),
+            Err(first) => {
+                warn!(error = %first, "undoing the failed change's delta failed; reconciling everything");
+                self.reconcile(false).map(|_| ()).map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// Makes the LB maps match the desired services (minus the backends
     /// health checks found down) and the `[lb]` settings. `force`: even when
     /// nothing changed since the last apply (drift checks).
-    pub fn reconcile_lb(
-        &mut self,
-        desired: &crate::policy::Desired,
-        force: bool,
-    ) -> Result<(), AgentError> {
+    pub fn reconcile_lb(&mut self, force: bool) -> Result<(), AgentError> {
         if !self.root.is_set_up() {
             return Ok(());
         }
@@ -273,8 +741,12 @@ impl Core {
             );
             self.lb_size_warned = Some(self.lb.connections);
         }
-        let specs: Vec<crate::lb::ServiceSpec> =
-            desired.services.iter().map(|s| s.spec.clone()).collect();
+        let specs: Vec<crate::lb::ServiceSpec> = self
+            .desired
+            .services
+            .iter()
+            .map(|s| s.spec.clone())
+            .collect();
         // Only members still in the desired state can be down.
         self.health_down.retain(|(sid, b)| {
             specs
@@ -310,20 +782,25 @@ impl Core {
             self.health_down.insert(member)
         };
         if changed {
-            let desired = self.state.desired();
-            self.reconcile_lb(&desired, false)?;
+            self.reconcile_lb(false)?;
         }
         Ok(())
     }
 
-    /// Replaces the state with `next` if the kernel takes it; on failure the
-    /// old state is restored everywhere and the error returned.
-    /// Refuses a policy that would drop the caller's session or the metrics
-    /// endpoint (the API is a unix socket, out of XDP's reach).
-    fn guard(&self, policy: &crate::policy::Policy, safety: &Safety) -> Result<(), AgentError> {
-        if safety.force {
+    /// Refuses a change that would drop the caller's session or the metrics
+    /// endpoint (the API is a unix socket, out of XDP's reach), or that adds
+    /// a deny-everything entry, unless forced.
+    fn guard(&self, delta: &Delta, safety: &Safety) -> Result<(), AgentError> {
+        if safety.force || delta.policy_is_empty() {
             return Ok(());
         }
+        if let Some(n) = deny_everything(delta) {
+            return Err(AgentError::DenyEverything {
+                prefix: n.to_string(),
+                family: if n.addr().is_ipv4() { "IPv4" } else { "IPv6" },
+            });
+        }
+        let policy = &self.desired.policy;
         let mut probes: Vec<crate::policy::eval::Probe> = safety.session.iter().cloned().collect();
         if let Some(addr) = self.settings.metrics
             && !addr.ip().is_loopback()
@@ -354,238 +831,258 @@ impl Core {
         Ok(())
     }
 
-    fn commit_state(
-        &mut self,
-        next: State,
-        author: &str,
-        cause: String,
-        safety: &Safety,
-    ) -> Result<Applied, AgentError> {
-        if next.desired() == self.state.desired() {
-            // Nothing would change (a repeated setting, a file with the same
-            // policy): keep the bookkeeping, record no version.
-            self.state = next;
-            self.store.save(&self.state)?;
-            return Ok(Applied {
-                version: self.state.current_version(),
-                diff: PolicyDiff::default(),
-                reconcile: ReconcileReport::default(),
-            });
-        }
-        if let Err(e) = self.guard(&next.desired().policy, safety) {
-            self.apply_failures += 1;
-            return Err(e);
-        }
+    /// The one path of every change: see the module's description.
+    fn run_step(&mut self, step: Step, ctx: &Ctx, cause: String) -> Result<Applied, AgentError> {
         let started = Instant::now();
-        let before = self.state.desired().policy;
-        let old = std::mem::replace(&mut self.state, next);
-        let result = self.commit_inner(old, before, author, cause);
+        let result = self.run_step_inner(step, ctx, cause);
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.applies += 1,
+            Err(_) => self.apply_failures += 1,
+        }
         result
     }
 
-    fn commit_inner(
+    fn run_step_inner(
         &mut self,
-        old: State,
-        before: crate::policy::Policy,
-        author: &str,
+        step: Step,
+        ctx: &Ctx,
         cause: String,
     ) -> Result<Applied, AgentError> {
-        match self.reconcile(true) {
-            Ok(reconcile) => {
-                let version = self
-                    .state
-                    .record(author, cause.clone(), self.settings.history);
-                if let Err(e) = self.store.save(&self.state) {
-                    // Keep kernel and store in step: undo in the kernel too.
-                    self.state = old;
-                    let _ = self.reconcile(false);
-                    self.apply_failures += 1;
-                    return Err(e.into());
-                }
-                self.applies += 1;
-                let diff = PolicyDiff::between(&before, &self.state.desired().policy);
-                info!(version, author, cause = %cause, changes = reconcile.changes, millis = reconcile.millis, "applied");
-                Ok(Applied {
-                    version,
-                    diff,
-                    reconcile,
-                })
-            }
+        let prepared = self.prepare(&step, true)?;
+        let meta = Pending {
+            seq: 0,
+            time: store::unix_now(),
+            author: ctx.author.clone(),
+            cause,
+            request: ctx.request.clone(),
+            step: Step::Note,
+        };
+        let bookkeeping_only = prepared.delta.is_empty() && !matches!(step, Step::Note);
+        if bookkeeping_only && !matches!(step, Step::Base { .. }) {
+            // Nothing would change (a repeated setting): no version.
+            self.cancel(prepared);
+            return Ok(self.unchanged(ctx));
+        }
+        if let Err(e) = self.guard(&prepared.delta, &ctx.safety) {
+            self.cancel(prepared);
+            return Err(e);
+        }
+        let seq = self.store.next_seq();
+        let begin = Record::Begin {
+            seq,
+            time: meta.time,
+            author: meta.author.clone(),
+            cause: meta.cause.clone(),
+            request: meta.request.clone(),
+            step: step.clone(),
+        };
+        if let Err(e) = self.store.append(&begin) {
+            self.cancel(prepared);
+            return Err(e.into());
+        }
+        let report = if bookkeeping_only {
+            // A file with the same policy: the base's source changes, the kernel not.
+            Ok(ReconcileReport::default())
+        } else {
+            self.apply_delta(&prepared.delta, !ctx.retry_interfaces)
+        };
+        let report = match report {
+            Ok(r) => r,
             Err(e) => {
-                warn!(error = %e, cause = %cause, "change refused; previous state restored");
-                self.state = old;
-                let _ = self.reconcile(false);
-                self.apply_failures += 1;
-                Err(e)
+                warn!(error = %e, cause = %meta.cause, "change refused; putting the previous state back");
+                let delta = prepared.delta.clone();
+                self.cancel(prepared);
+                let restored = self.restore_kernel(&delta);
+                if let Err(r) = &restored {
+                    error!(error = %r, "putting the previous state back failed; the drift check retries");
+                }
+                if let Err(j) = self.store.append(&Record::Abort {
+                    seq,
+                    error: e.to_string(),
+                }) {
+                    warn!(error = %j, "journaling the refusal failed; a restart works it out from the kernel");
+                }
+                return Err(AgentError::Failed {
+                    error: Box::new(e),
+                    restored,
+                });
             }
+        };
+        let version = (!bookkeeping_only).then(|| self.state.current_version() + 1);
+        if let Err(e) = self.store.append(&Record::Commit { seq, version }) {
+            // Unrecorded means undone: kernel and store stay in step.
+            error!(error = %e, "journaling the change failed; undoing it in the kernel");
+            let delta = prepared.delta.clone();
+            self.cancel(prepared);
+            let restored = self.restore_kernel(&delta);
+            let _ = self.store.append(&Record::Abort {
+                seq,
+                error: e.to_string(),
+            });
+            return Err(AgentError::Failed {
+                error: Box::new(e.into()),
+                restored,
+            });
+        }
+        let diff = prepared.delta.policy_diff();
+        let made = self.finish(prepared, &meta);
+        debug_assert_eq!(made, version);
+        if self.store.wants_snapshot()
+            && let Err(e) = self.snapshot()
+        {
+            warn!(error = %e, "writing a new snapshot failed; the journal keeps everything");
+        }
+        let version = self.state.current_version();
+        info!(version, author = %meta.author, cause = %meta.cause, changes = report.changes, millis = report.millis, "applied");
+        Ok(Applied {
+            version,
+            diff,
+            reconcile: report,
+            request: ctx.request.clone(),
+        })
+    }
+
+    fn unchanged(&self, ctx: &Ctx) -> Applied {
+        Applied {
+            version: self.state.current_version(),
+            diff: PolicyDiff::default(),
+            reconcile: ReconcileReport::default(),
+            request: ctx.request.clone(),
         }
     }
 
-    /// Drops overlay ops that no longer do anything (keeps the store lean).
-    pub fn compact_overlay(&mut self) {
+    /// Folds the journal into a new snapshot (the overlay compacted first).
+    fn snapshot(&mut self) -> Result<(), AgentError> {
         let compact = crate::policy::compact_overlay(&self.state.base, &self.state.overlay);
         if compact != self.state.overlay {
             self.state.overlay = compact;
-            if let Err(e) = self.store.save(&self.state) {
-                warn!(error = %e, "saving the compacted overlay failed");
-            }
         }
+        self.state.seq = self.store.next_seq().saturating_sub(1);
+        self.store.snapshot(&self.state)?;
+        Ok(())
     }
 
     /// A runtime change (CLI through the API).
-    pub fn change(
-        &mut self,
-        ops: Vec<Op>,
-        author: &str,
-        safety: &Safety,
-    ) -> Result<Applied, AgentError> {
-        let mut next = self.state.clone();
-        let mut desired = next.desired();
-        for op in &ops {
-            if let Err(e) = op.apply(&mut desired, true) {
-                self.apply_failures += 1;
-                return Err(AgentError::Refused(e));
-            }
-        }
+    pub fn change(&mut self, ops: Vec<Op>, ctx: &Ctx) -> Result<Applied, AgentError> {
         let cause = ops.iter().map(Op::describe).collect::<Vec<_>>().join("; ");
-        next.overlay.extend(ops);
-        next.overlay = crate::policy::compact_overlay(&next.base, &next.overlay);
-        self.commit_state(next, author, cause, safety)
+        self.run_step(Step::Ops { ops }, ctx, cause)
     }
 
-    /// `sluice apply FILE`: the file becomes the base; runtime changes stay on top.
-    pub fn apply_file(
+    /// `sluice apply FILE`: the file (parsed by the caller, outside the
+    /// agent's lock) becomes the base; runtime changes stay on top.
+    pub fn apply_config(
         &mut self,
-        path: PathBuf,
-        text: &str,
-        author: &str,
-        safety: &Safety,
+        path: &std::path::Path,
+        cfg: config::Config,
+        hash: String,
+        ctx: &Ctx,
     ) -> Result<Applied, AgentError> {
-        let cfg = match config::parse(&path, text) {
-            Ok(c) => c,
-            Err(e) => {
-                self.apply_failures += 1;
-                return Err(e.into());
-            }
-        };
-        let mut next = self.state.clone();
-        next.base = cfg.desired;
-        next.base_source = path.display().to_string();
-        next.base_hash = content_hash(text);
-        self.commit_state(next, author, format!("applied {}", path.display()), safety)
-    }
-
-    /// What applying the file would change.
-    pub fn diff_file(&self, path: PathBuf, text: &str) -> Result<PolicyDiff, AgentError> {
-        let cfg = config::parse(&path, text)?;
-        let mut next = self.state.clone();
-        next.base = cfg.desired;
-        Ok(PolicyDiff::between(
-            &self.state.desired().policy,
-            &next.desired().policy,
-        ))
-    }
-
-    /// Goes back to the policy of `version` (default: the one before the current).
-    pub fn rollback(
-        &mut self,
-        version: Option<u64>,
-        author: &str,
-        safety: &Safety,
-    ) -> Result<Applied, AgentError> {
-        let current = self.state.current_version();
-        let target = version.unwrap_or(current.saturating_sub(1));
-        let Some(v) = self
-            .state
-            .history
-            .iter()
-            .find(|v| v.number == target)
-            .cloned()
-        else {
-            let kept: Vec<String> = self
-                .state
-                .history
-                .iter()
-                .map(|v| v.number.to_string())
-                .collect();
-            return Err(AgentError::NoSuchVersion {
-                version: target,
-                kept: kept.join(", "),
-            });
-        };
-        let mut next = self.state.clone();
-        next.base.policy = v.policy;
-        next.overlay.clear();
-        self.commit_state(
-            next,
-            author,
-            format!("rollback to version {target}"),
-            safety,
+        self.run_step(
+            Step::Base {
+                base: cfg.desired,
+                source: path.display().to_string(),
+                hash,
+                config_hash: None,
+            },
+            ctx,
+            format!("applied {}", path.display()),
         )
     }
 
-    /// Re-reads the agent's own config file (SIGHUP, or it changed on disk).
-    pub fn reload(&mut self) -> Result<Option<Applied>, AgentError> {
+    /// What applying a parsed file would change.
+    pub fn diff_config(&self, cfg: &config::Config) -> PolicyDiff {
+        let mut next = cfg.desired.clone();
+        for op in &self.state.overlay {
+            let _ = op.apply(&mut next, false);
+        }
+        Delta::between_policies(&self.desired.policy, &next.policy).policy_diff()
+    }
+
+    /// Goes back to the policy of `version` (default: the one before the current).
+    pub fn rollback(&mut self, version: Option<u64>, ctx: &Ctx) -> Result<Applied, AgentError> {
+        let current = self.state.current_version();
+        let target = version.unwrap_or(current.saturating_sub(1));
+        self.run_step(
+            Step::Rollback { to: target },
+            ctx,
+            format!("rollback to version {target}"),
+        )
+    }
+
+    /// SIGHUP: a file refused before is tried again.
+    pub fn forget_refused(&mut self) {
+        self.refused_hash = None;
+    }
+
+    /// Whether `hash` is a config file content the agent has taken in or
+    /// refused already (nothing to do on a reload).
+    pub fn config_known(&self, hash: &str, forced: bool) -> bool {
+        hash == self.state.config_hash || (!forced && self.refused_hash.as_deref() == Some(hash))
+    }
+
+    /// Takes in the agent's own config file (read and parsed by the caller,
+    /// outside the lock; `Err`: the file could not be parsed).
+    pub fn reload_parsed(
+        &mut self,
+        hash: String,
+        parsed: Result<config::Config, ConfigErrors>,
+    ) -> Result<Option<Applied>, AgentError> {
         let Some(path) = self.config_path.clone() else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            AgentError::Config(ConfigErrors(vec![config::Diagnostic {
-                file: path.clone(),
-                line: 0,
-                column: 0,
-                message: format!("cannot read: {e}"),
-            }]))
-        })?;
-        let hash = content_hash(&text);
         if hash == self.state.config_hash {
             return Ok(None);
         }
-        match self.apply_file(path.clone(), &text, "agent (reload)", &Safety::default()) {
+        let cfg = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                // Not retried until the file changes again (or SIGHUP).
+                self.refused_hash = Some(hash);
+                return Err(e.into());
+            }
+        };
+        let (ddos, lb) = (cfg.ddos, cfg.lb);
+        let result = self.run_step(
+            Step::Base {
+                base: cfg.desired,
+                source: path.display().to_string(),
+                hash: hash.clone(),
+                config_hash: Some(hash.clone()),
+            },
+            &Ctx {
+                author: "agent (reload)".into(),
+                request: None,
+                safety: Safety::default(),
+                retry_interfaces: false,
+            },
+            format!("applied {}", path.display()),
+        );
+        match result {
             Ok(applied) => {
-                self.state.config_hash = hash;
                 self.refused_hash = None;
-                if let Ok(cfg) = config::parse(&path, &text) {
-                    self.ddos = cfg.ddos;
-                    self.lb = cfg.lb;
-                }
-                self.store.save(&self.state)?;
+                self.ddos = ddos;
+                self.lb = lb;
                 Ok(Some(applied))
             }
             Err(e) => {
-                // Not retried until the file changes again (or SIGHUP).
                 self.refused_hash = Some(hash);
                 Err(e)
             }
         }
     }
 
-    /// SIGHUP: reload even a file that was refused before.
-    pub fn reload_now(&mut self) -> Result<Option<Applied>, AgentError> {
-        self.refused_hash = None;
-        self.reload()
-    }
-
-    /// Hash of the config file on disk, to notice edits cheaply.
-    pub fn config_changed(&self) -> bool {
-        self.config_path
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .map(|t| content_hash(&t))
-            .is_some_and(|h| h != self.state.config_hash && Some(&h) != self.refused_hash.as_ref())
-    }
-
     /// Compares the pins with desired state and corrects any drift.
     pub fn check_drift(&mut self) -> Result<usize, AgentError> {
         let r = self.reconcile(false)?;
-        let n = r.changes + r.attached.len() + r.detached.len();
+        let n = r.changes + r.attached.len() + r.detached.len() + r.repaired_pins.len();
         if n > 0 {
             self.drift_corrections += 1;
             warn!(
                 changes = n,
+                repaired_pins = r.repaired_pins.len(),
                 "drift: pins differed from desired state; corrected"
             );
         }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{
     api::Shared,
-    core::{Core, Safety},
+    core::{Core, Ctx, Safety},
 };
 use crate::{dataplane::runtime, policy::Op};
 
@@ -81,17 +81,15 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, out: &mut Vec<Escala
 /// whose time is up. Runs on a blocking thread with the core locked.
 pub fn settle(core: &mut Core, reports: &[Escalation]) {
     let now = unix_now();
-    // Temporary entries only come from `DenyFor` ops in the overlay: without
-    // reports or a due one, there is nothing to do (and the desired state,
-    // which can hold a million prefixes, is not rebuilt every tick).
-    let due = core.state.overlay.iter().any(|o| match o {
-        Op::DenyFor { expires_unix, .. } => *expires_unix <= now,
-        _ => false,
-    });
+    let due = core
+        .desired
+        .temp_deny
+        .values()
+        .any(|t| t.expires_unix <= now);
     if reports.is_empty() && !due {
         return;
     }
-    let desired = core.state.desired();
+    let desired = &core.desired;
     let fresh: Vec<Escalation> = reports
         .iter()
         .filter(|e| prefix_of(e).is_some_and(|n| !desired.policy.deny.contains(&n)))
@@ -109,7 +107,7 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
         // Denying a source cannot cut off the agent's own listeners
         // beyond what the guard already allows; escalation is automatic, so
         // it is not held back by a guard meant for human sessions.
-        match core.change(ops, AUTHOR, &Safety::default()) {
+        match core.change(ops, &Ctx::agent(AUTHOR)) {
             Ok(a) => {
                 info!(sources = n, version = a.version, "escalated sources denied");
                 core.metrics.escalations.inc_by(n as u64);
@@ -117,25 +115,26 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
             Err(e) => warn!(error = %e, sources = n, "escalation refused"),
         }
     }
-    let expired: Vec<IpNet> = desired
+    let expired: Vec<IpNet> = core
+        .desired
         .temp_deny
         .iter()
         .filter(|(_, t)| t.expires_unix <= now)
         .map(|(n, _)| *n)
         .collect();
-    if expired.is_empty() && due {
-        // A due `DenyFor` whose entries are gone (made permanent, deleted):
-        // compact it away so the overlay stops looking due.
-        core.compact_overlay();
-    }
     if !expired.is_empty() {
         let n = expired.len();
         let op = Op::Expire { prefixes: expired };
-        let safety = Safety {
-            session: None,
-            force: true,
+        let ctx = Ctx {
+            author: AUTHOR.into(),
+            request: None,
+            safety: Safety {
+                session: None,
+                force: true,
+            },
+            retry_interfaces: false,
         };
-        match core.change(vec![op], AUTHOR, &safety) {
+        match core.change(vec![op], &ctx) {
             Ok(a) => info!(
                 entries = n,
                 version = a.version,

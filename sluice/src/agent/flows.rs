@@ -94,7 +94,7 @@ pub fn parse_reason(s: &str) -> Result<Reason, FilterError> {
 }
 
 pub fn parse_cidr(s: &str) -> Result<IpNet, FilterError> {
-    crate::policy::parse_prefix(s).map_err(|_| FilterError::Prefix { value: s.into() })
+    crate::policy::parse_prefix_lenient(s).map_err(|_| FilterError::Prefix { value: s.into() })
 }
 
 pub fn parse_port(s: &str) -> Result<u16, FilterError> {
@@ -1236,11 +1236,15 @@ async fn check(
 pub async fn reload_settings(core: &super::api::Shared, flows: &Arc<Flows>) {
     let core = core.clone();
     let settings = tokio::task::spawn_blocking(move || {
-        let (path, hash) = {
+        let (path, hash, limit) = {
             let c = core.lock().ok()?;
-            (c.config_path.clone()?, c.state.config_hash.clone())
+            (
+                c.config_path.clone()?,
+                c.state.config_hash.clone(),
+                c.settings.file_size_limit,
+            )
         };
-        let text = std::fs::read_to_string(&path).ok()?;
+        let text = crate::policy::config::read(&path, limit).ok()?;
         if super::store::content_hash(&text) != hash {
             return None;
         }

@@ -13,9 +13,8 @@ use super::{
 
 /// The health-check targets the desired services name.
 fn targets(core: &super::core::Core) -> Vec<(MemberKey, std::net::SocketAddr, CheckSpec)> {
-    let desired = core.state.desired();
     let mut out = Vec::new();
-    for s in &desired.services {
+    for s in &core.desired.services {
         let Some(h) = &s.health else {
             continue;
         };

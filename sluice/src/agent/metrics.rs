@@ -114,7 +114,7 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         &mut r,
         "sluice_agent_temporary_denies",
         "Deny entries that expire (escalated sources, deny add --ttl)",
-        core.state.desired().temp_deny.len() as i64,
+        core.desired.temp_deny.len() as i64,
     );
 
     let up = match attach::status(&core.root) {
@@ -229,12 +229,14 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
 /// Per service and backend: packets, bytes, connections, active
 /// connections, weight and health; and the LB event counters.
 fn lb_metrics(r: &mut Registry, core: &Core) {
-    let desired = core.state.desired();
-    if desired.services.is_empty() {
+    if core.desired.services.is_empty() {
         return;
     }
-    let Ok(view) = super::lb::view(&core.root, Some(&desired.services), core.checker.as_deref())
-    else {
+    let Ok(view) = super::lb::view(
+        &core.root,
+        Some(&core.desired.services),
+        core.checker.as_deref(),
+    ) else {
         return;
     };
     let svc_packets: Family<Labels, Counter> = Family::default();

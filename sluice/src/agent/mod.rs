@@ -144,15 +144,12 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             missing: missing.join(", "),
         });
     }
-    let text = std::fs::read_to_string(&opts.config).map_err(|e| {
-        AgentError::Config(config::ConfigErrors(vec![config::Diagnostic {
-            file: opts.config.clone(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        }]))
-    })?;
+    let text = config::read(&opts.config, crate::policy::files::DEFAULT_FILE_SIZE_LIMIT)
+        .map_err(AgentError::from)?;
     let cfg = config::parse(&opts.config, &text).map_err(AgentError::from)?;
+    let limits = api::Limits {
+        file_size_limit: cfg.agent.file_size_limit,
+    };
     let settings = cfg.agent.clone();
     let flow_settings = cfg.flows;
     let listener_path = settings.socket.clone();
@@ -167,7 +164,9 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
     let std_listener = bind_socket(&listener_path)?;
     // The connection table is sized when the dataplane is first created.
     crate::dataplane::lb::set_conn_capacity(cfg.lb.connections);
-    let started = Core::start(settings, Some((opts.config.clone(), text)));
+    let hash = store::content_hash(&text);
+    let (ddos, lb) = (cfg.ddos, cfg.lb);
+    let started = Core::start(settings, Some((opts.config.clone(), cfg, hash)));
     let (mut core, report) = match started {
         Ok(r) => r,
         Err(e) => {
@@ -175,13 +174,10 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
-    core.ddos = cfg.ddos;
-    core.lb = cfg.lb;
-    {
-        let desired = core.state.desired();
-        if let Err(e) = core.reconcile_lb(&desired, true) {
-            warn!(error = %e, "cannot apply the [lb] settings yet; will retry");
-        }
+    core.ddos = ddos;
+    core.lb = lb;
+    if let Err(e) = core.reconcile_lb(true) {
+        warn!(error = %e, "cannot apply the [lb] settings yet; will retry");
     }
     let socket_path = listener_path.clone();
     let flows = flows::Flows::new(core.root.clone(), flow_settings);
@@ -219,7 +215,9 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         };
         let ddos_task = tokio::spawn(ddos::run(shared.clone()));
         let lb_task = tokio::spawn(lb::run(shared.clone()));
-        let app = api::router(shared.clone()).layer(axum::Extension(flows.clone()));
+        let app = api::router(shared.clone())
+            .layer(axum::Extension(flows.clone()))
+            .layer(axum::Extension(limits));
         let server = axum::serve(listener, app.into_make_service_with_connect_info::<api::Peer>());
 
         let mut term = signal(SignalKind::terminate()).map_err(|source| RunError::Socket { path: listener_path.clone(), source })?;
@@ -240,11 +238,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                     }
                     _ = tick.tick() => {
                         since_drift += Duration::from_secs(1);
-                        let changed = {
-                            let c = background.clone();
-                            tokio::task::spawn_blocking(move || c.lock().map(|c| c.config_changed()).unwrap_or(false)).await.unwrap_or(false)
-                        };
-                        if changed {
+                        if config_changed(&background).await {
                             info!("config file changed on disk: reloading");
                             reload(&background, false).await;
                             flows::reload_settings(&background, &background_flows).await;
@@ -295,13 +289,56 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
     result
 }
 
+/// The agent's config file: where, its size limit, and whether `hash` is known.
+fn config_file(core: &api::Shared) -> Option<(PathBuf, u64)> {
+    let c = core.lock().ok()?;
+    Some((c.config_path.clone()?, c.settings.file_size_limit))
+}
+
+/// Whether the config file on disk differs from what the agent took in (or
+/// refused). Reads the file outside the agent's lock.
+async fn config_changed(core: &api::Shared) -> bool {
+    let c = core.clone();
+    tokio::task::spawn_blocking(move || {
+        let Some((path, limit)) = config_file(&c) else {
+            return false;
+        };
+        let Ok(text) = config::read(&path, limit) else {
+            return false;
+        };
+        let hash = store::content_hash(&text);
+        c.lock().is_ok_and(|c| !c.config_known(&hash, false))
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Re-reads the config file (read and parsed outside the agent's lock; the
+/// lock is taken only to apply it).
 async fn reload(core: &api::Shared, forced: bool) {
     let c = core.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        c.lock()
-            .map_err(|_| ())
-            .map(|mut c| if forced { c.reload_now() } else { c.reload() })
-    })
+    let r = tokio::task::spawn_blocking(
+        move || -> Result<Result<Option<core::Applied>, AgentError>, ()> {
+            let (path, limit) = config_file(&c).ok_or(())?;
+            let parsed = config::read(&path, limit).and_then(|text| {
+                let hash = store::content_hash(&text);
+                Ok((hash, config::parse_with(&path, &text, Some(limit))))
+            });
+            let mut guard = c.lock().map_err(|_| ())?;
+            if forced {
+                guard.forget_refused();
+            }
+            match parsed {
+                Ok((hash, cfg)) => {
+                    if guard.config_known(&hash, forced) {
+                        return Ok(Ok(None));
+                    }
+                    Ok(guard.reload_parsed(hash, cfg))
+                }
+                Err(e) => Ok(Err(AgentError::from(e))),
+            }
+        },
+    )
     .await;
     match r {
         Ok(Ok(Ok(Some(applied)))) => info!(

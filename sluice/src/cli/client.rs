@@ -17,6 +17,16 @@ pub enum ClientError {
     Permission { path: PathBuf },
     #[error("talking to the agent at {path}: {reason}")]
     Transport { path: PathBuf, reason: String },
+    #[error(
+        "the agent at {path} went away while carrying out this change (request {request}: \
+         {reason}); an agent finishes or undoes an interrupted change when it starts again, \
+         and `sluice history` then shows which"
+    )]
+    Interrupted {
+        path: PathBuf,
+        request: String,
+        reason: String,
+    },
     #[error("the agent refused: {}{}", .body.error, if .body.diagnostics.is_empty() { String::new() } else { format!("\n{}", .body.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")) })]
     Refused { status: u16, body: ErrorBody },
 }
@@ -95,9 +105,12 @@ impl Client {
             Some(b) => serde_json::to_vec(b).map_err(|e| transport(e.to_string()))?,
             None => Vec::new(),
         };
+        let request = crate::agent::api::new_request_id();
+        let changes = method != Method::GET;
         let req = Request::builder()
             .method(method)
             .uri(path)
+            .header("x-sluice-request", &request)
             .header("host", "sluice")
             .header("content-type", "application/json")
             .header("x-sluice-user", user())
@@ -108,6 +121,21 @@ impl Client {
             .header("x-sluice-force", if self.force { "1" } else { "0" })
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| transport(e.to_string()))?;
+        let interrupted = |reason: String| {
+            if changes {
+                ClientError::Interrupted {
+                    path: socket.clone(),
+                    request: request.clone(),
+                    reason,
+                }
+            } else {
+                transport(reason)
+            }
+        };
+        // A peer that closes the socket while the body is still being sent
+        // (it refused the request, or died) must give an error, not kill
+        // the CLI with SIGPIPE (which it otherwise leaves at its default).
+        let _sigpipe = SigpipeBlocked::new();
         let (status, bytes) = self.rt.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
@@ -119,13 +147,13 @@ impl Client {
             let resp = sender
                 .send_request(req)
                 .await
-                .map_err(|e| transport(e.to_string()))?;
+                .map_err(|e| interrupted(e.to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| transport(e.to_string()))?
+                .map_err(|e| interrupted(e.to_string()))?
                 .to_bytes();
             Ok::<_, ClientError>((status, bytes))
         })?;
@@ -140,6 +168,46 @@ impl Client {
                 status: status.as_u16(),
                 body,
             })
+        }
+    }
+}
+
+/// Blocks SIGPIPE for this thread while it lives; a SIGPIPE raised by a
+/// write to a closed socket meanwhile is taken off the pending set before
+/// the old mask comes back (the write itself fails with EPIPE).
+struct SigpipeBlocked {
+    old: libc::sigset_t,
+}
+
+impl SigpipeBlocked {
+    fn new() -> Self {
+        // SAFETY: plain signal-mask calls on sets this function owns.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGPIPE);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, &raw mut old);
+            Self { old }
+        }
+    }
+}
+
+impl Drop for SigpipeBlocked {
+    fn drop(&mut self) {
+        // SAFETY: as above; a zero timeout only polls the pending set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGPIPE);
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            while libc::sigtimedwait(&raw const set, std::ptr::null_mut(), &raw const zero)
+                == libc::SIGPIPE
+            {}
+            libc::pthread_sigmask(libc::SIG_SETMASK, &raw const self.old, std::ptr::null_mut());
         }
     }
 }

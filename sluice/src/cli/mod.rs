@@ -64,6 +64,18 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_agent: bool,
 
+    /// The largest file the CLI reads (`--file`, `check`, `apply`, `diff`),
+    /// e.g. 256MiB; only regular files are read.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_FILE_SIZE_LIMIT",
+        default_value = "256MiB",
+        value_name = "SIZE",
+        value_parser = parse_size_arg
+    )]
+    pub file_size_limit: u64,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -309,18 +321,46 @@ pub enum CliError {
     #[error("--ttl applies to the deny list only")]
     TtlOnAllow,
     #[error(
-        "--ttl needs the agent: it is what removes the entries when their time is up          (start `sluice agent`, or add without --ttl)"
+        "--ttl needs the agent: it is what removes the entries when their time is up \
+         (start `sluice agent`, or add without --ttl)"
     )]
     TtlNeedsAgent,
+    #[error(
+        "pin root {root} is owned by {owner}: make changes through it (--socket {}), or pass \
+         --no-agent to change the pins directly (its next drift check undoes what differs from \
+         its desired state)",
+        owner.socket.display()
+    )]
+    Owned {
+        root: PathBuf,
+        owner: crate::dataplane::lockfile::Owner,
+    },
+    #[error("reading the pin root's owner lock: {0}")]
+    OwnerLock(String),
+    #[error(
+        "deny {prefix} drops every packet of its family that no allow entry passes; repeat with \
+         --force if you really mean it"
+    )]
+    DenyEverything { prefix: String },
+    #[error(
+        "--reason must not contain control characters (newlines, escapes) and at most 200 bytes"
+    )]
+    BadReason,
 }
 
-fn gather_prefixes(args: &PrefixArgs) -> Result<Vec<IpNet>, CliError> {
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::policy::files::parse_size(s)
+        .filter(|n| *n >= 1024)
+        .ok_or_else(|| format!("'{s}' is not a size of at least 1024 bytes (e.g. 256MiB)"))
+}
+
+fn gather_prefixes(args: &PrefixArgs, limit: u64) -> Result<Vec<IpNet>, CliError> {
     let mut out = Vec::new();
     for p in &args.prefixes {
         out.push(policy::parse_prefix(p)?);
     }
     if let Some(f) = &args.file {
-        out.extend(policy::read_prefix_file(f)?);
+        out.extend(policy::read_prefix_file(f, limit)?);
     }
     if out.is_empty() {
         return Err(CliError::NoPrefixes);
@@ -355,17 +395,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             return Ok(());
         }
         Command::Check { file } => {
-            let cfg = crate::policy::config::load(file)?;
+            let text = crate::policy::config::read(file, cli.file_size_limit)?;
+            let cfg = crate::policy::config::parse(file, &text)?;
             out.checked(&cfg);
             return Ok(());
         }
         Command::Apply { file } | Command::Diff { file } => {
-            let text = std::fs::read_to_string(file).map_err(|e| CliError::Read {
-                path: file.clone(),
-                reason: e.to_string(),
-            })?;
+            let text = crate::policy::config::read(file, cli.file_size_limit)?;
             // Check here too, so a bad file is reported even with no agent.
-            crate::policy::config::parse(file, &text)?;
+            crate::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
             let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone());
             let body = crate::agent::api::FileBody { path, text };
@@ -452,6 +490,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 command: lb::LbCommand::Service { .. } | lb::LbCommand::Backend { .. }
             })
     );
+    if changes && !cli.no_agent {
+        // An agent owns this pin root but is not the one at --socket (or
+        // does not answer): changing the pins behind its back would be
+        // undone at its next drift check, or fight it.
+        if let Some(owner) = crate::dataplane::lockfile::owner_of(&cli.pin_root)
+            .map_err(|e| CliError::OwnerLock(e.to_string()))?
+        {
+            return Err(CliError::Owned {
+                root: cli.pin_root.clone(),
+                owner,
+            });
+        }
+    }
+    let limit = cli.file_size_limit;
+    let force = cli.force;
     match cli.command {
         Command::Attach { iface, mode } => {
             let report = attach::attach(&root, &iface, mode, &label)?;
@@ -469,12 +522,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.stats(&stats::collect(&maps, top)?);
         }
         Command::Lb(args) => lb::direct(&root, &args, &out)?,
-        Command::Deny(args) => list_command(&root, false, args, &out)?,
-        Command::Allow(args) => list_command(&root, true, args, &out)?,
+        Command::Deny(args) => list_command(&root, false, args, limit, force, &out)?,
+        Command::Allow(args) => list_command(&root, true, args, limit, force, &out)?,
         Command::Rule { action } => rule_command(&root, action, &out)?,
         Command::Default { action } => {
             let mut maps = PolicyMaps::open(&root)?;
-            let report = maps.commit(Change {
+            let report = maps.commit_verified(Change {
                 default_action: Some(action.into()),
                 ..Change::default()
             })?;
@@ -486,7 +539,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Audit { state } => {
             let mut maps = PolicyMaps::open(&root)?;
             let on = state == OnOff::On;
-            let report = maps.commit(Change {
+            let report = maps.commit_verified(Change {
                 audit: Some(on),
                 ..Change::default()
             })?;
@@ -497,7 +550,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Malformed { action } => {
             let mut maps = PolicyMaps::open(&root)?;
-            let report = maps.commit(Change {
+            let report = maps.commit_verified(Change {
                 malformed_action: Some(action.into()),
                 ..Change::default()
             })?;
@@ -585,10 +638,16 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     reason,
                 }) => {
                     let ttl_secs = ttl.as_deref().map(ttl_secs).transpose()?;
+                    if reason
+                        .as_deref()
+                        .is_some_and(|r| r.len() > 200 || r.chars().any(char::is_control))
+                    {
+                        return Err(CliError::BadReason);
+                    }
                     if ttl_secs.is_some() && kind == "allow" {
                         return Err(CliError::TtlOnAllow);
                     }
-                    let prefixes = gather_prefixes(p)?;
+                    let prefixes = gather_prefixes(p, cli.file_size_limit)?;
                     let n = prefixes.len();
                     let a: Applied = client.call(
                         Method::POST,
@@ -602,7 +661,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     out.applied(&format!("{kind} add: {n} prefix(es)"), &a);
                 }
                 ListCommand::Del(p) => {
-                    let prefixes = gather_prefixes(p)?;
+                    let prefixes = gather_prefixes(p, cli.file_size_limit)?;
                     let n = prefixes.len();
                     let a: Applied = client.call(
                         Method::POST,
@@ -716,6 +775,8 @@ fn list_command(
     root: &PinRoot,
     allow: bool,
     args: ListArgs,
+    limit: u64,
+    force: bool,
     out: &output::Out,
 ) -> Result<(), CliError> {
     let kind = if allow { "allow" } else { "deny" };
@@ -730,12 +791,21 @@ fn list_command(
                 }
                 return Err(CliError::TtlNeedsAgent);
             }
-            let nets = gather_prefixes(&p)?;
+            let nets = gather_prefixes(&p, limit)?;
+            if !allow
+                && !force
+                && let Some(n) = nets.iter().find(|n| n.prefix_len() == 0)
+            {
+                return Err(CliError::DenyEverything {
+                    prefix: n.to_string(),
+                });
+            }
             let mut maps = PolicyMaps::open(root)?;
-            let report = maps.commit(Change {
+            let change = Change {
                 add: nets.iter().map(|n| (list_for(allow, n), *n)).collect(),
                 ..Change::default()
-            })?;
+            };
+            let report = maps.commit_verified(change)?;
             out.done(
                 &format!(
                     "{kind} list: {} added, {} already present",
@@ -745,12 +815,13 @@ fn list_command(
             );
         }
         ListCommand::Del(p) => {
-            let nets = gather_prefixes(&p)?;
+            let nets = gather_prefixes(&p, limit)?;
             let mut maps = PolicyMaps::open(root)?;
-            let report = maps.commit(Change {
+            let change = Change {
                 del: nets.iter().map(|n| (list_for(allow, n), *n)).collect(),
                 ..Change::default()
-            })?;
+            };
+            let report = maps.commit_verified(change)?;
             out.done(&format!("{kind} list: {} removed", report.deleted), &report);
         }
         ListCommand::List => {
@@ -783,7 +854,7 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
                 .into());
             }
             rules.insert(pos, spec.to_rule());
-            let report = maps.commit(Change {
+            let report = maps.commit_verified(Change {
                 rules: Some(rules),
                 ..Change::default()
             })?;
@@ -802,7 +873,7 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
                 }
             }
             rules.retain(|r| !ids.contains(&r.id));
-            let report = maps.commit(Change {
+            let report = maps.commit_verified(Change {
                 rules: Some(rules),
                 ..Change::default()
             })?;

@@ -89,6 +89,11 @@ fn format_time(secs: u64) -> String {
 
 impl Out {
     pub fn attach(&self, r: &AttachReport) {
+        if !self.json {
+            for f in &r.repaired {
+                println!("repaired: {f}; pinned the program's own map again");
+            }
+        }
         if self.json {
             print_json(&serde_json::to_value(r).expect("serialisable"));
         } else if r.readopted {
@@ -140,6 +145,12 @@ impl Out {
                 println!("note: an interrupted earlier change was repaired first");
             }
             println!("{message}");
+            if let Some(why) = &r.resync_pending {
+                println!(
+                    "note: the change is in force; copying it into the standby generation \
+                     failed ({why}); the next change repairs it"
+                );
+            }
         }
     }
 
@@ -157,6 +168,14 @@ impl Out {
     }
 
     pub fn upgrade(&self, r: &crate::dataplane::attach::UpgradeReport) {
+        if !self.json {
+            for f in &r.repaired {
+                println!("repaired: {f}; pinned the program's own map again");
+            }
+            for f in &r.reloaded_for {
+                println!("reloading every program with the pinned maps: {f}");
+            }
+        }
         if self.json {
             print_json(&serde_json::to_value(r).expect("serialisable"));
         } else if r.unchanged {
@@ -250,6 +269,27 @@ impl Out {
             println!("not attached anywhere");
             return;
         };
+        if let Some(i) = &s.integrity {
+            if i.is_ok() {
+                println!(
+                    "maps:     the pinned maps are the ones the {} live program(s) read ({} checked)",
+                    i.programs.len(),
+                    i.maps_checked
+                );
+            } else {
+                println!(
+                    "maps:     MISMATCH: what the pins hold is not what packets are judged by"
+                );
+                for f in &i.findings {
+                    println!("          - {f}");
+                }
+                println!(
+                    "          `sluice upgrade` pins the programs' own maps again (a running agent \
+                     does this itself); policy not shown"
+                );
+                return;
+            }
+        }
         println!(
             "program:  {} id {} tag {} ({} bytes JITed{})",
             p.name,

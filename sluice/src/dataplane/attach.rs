@@ -75,6 +75,9 @@ pub struct AttachReport {
     pub readopted: bool,
     pub program_id: u32,
     pub link_id: u32,
+    /// Map pins that were put back to the maps the programs read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<super::integrity::Finding>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -135,6 +138,9 @@ pub struct Status {
     /// Load-balanced services: backends in each state.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// Whether the pinned maps are the ones the live programs read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<super::integrity::Report>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -516,6 +522,9 @@ pub fn attach(
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     }
     let _lock = RootLock::acquire(&root.root)?;
+    // Pins that lost the programs' maps get them back before anything is
+    // attached with, or written through, them.
+    let repaired = repair_pins(root)?;
 
     // Load (or open) the program and check the pinned maps before touching
     // any live link, so a refusal leaves the interface filtered as it was.
@@ -541,6 +550,7 @@ pub fn attach(
                 readopted: true,
                 program_id: info.prog_id,
                 link_id: info.id,
+                repaired,
             });
         }
         // The interface it was attached to is gone (or was re-created), or a
@@ -552,7 +562,10 @@ pub fn attach(
         }
     }
 
-    let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
+    let mut result = attach_prog(root, &mut prog, iface, index, mode, netns).map(|mut r| {
+        r.repaired = repaired;
+        r
+    });
     if let Ok(r) = &result
         && let Err(e) = attach_tc(root, iface, index, netns)
     {
@@ -586,6 +599,22 @@ pub fn attach(
         let _ = pins::remove_tree(&root.root);
     }
     result
+}
+
+/// Re-pins the programs' own maps where a pin went missing or was
+/// replaced (see `integrity`); refuses when live programs disagree about a
+/// map (only `upgrade` mends that). The caller holds the root lock.
+fn repair_pins(root: &PinRoot) -> Result<Vec<super::integrity::Finding>, DataplaneError> {
+    if !root.prog().exists() {
+        return Ok(Vec::new());
+    }
+    let report = super::integrity::repair(root)?;
+    if !report.findings.is_empty() {
+        return Err(DataplaneError::Unbound {
+            findings: report.findings,
+        });
+    }
+    Ok(report.repaired)
 }
 
 fn attach_prog(
@@ -648,6 +677,7 @@ fn attach_prog(
         readopted: false,
         program_id: info.program_id(),
         link_id: info.id(),
+        repaired: Vec::new(),
     })
 }
 
@@ -746,6 +776,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         rule_capacity: sluice_common::MAX_RULES,
         lists: Vec::new(),
         services: Vec::new(),
+        integrity: None,
     };
     if !root.root.exists() {
         return Ok(st);
@@ -777,6 +808,14 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
             jited_bytes: info.size_jitted(),
             verified_insns: info.verified_instruction_count(),
         });
+        let integrity = super::integrity::check(root)?;
+        let ok = integrity.is_ok();
+        st.integrity = Some(integrity);
+        if !ok {
+            // What the pins hold is not what packets get: show no policy
+            // rather than a wrong one.
+            return Ok(st);
+        }
         let maps = PolicyMaps::open(root)?;
         let g = maps.active_generation()?;
         let s = maps.settings(g)?;
@@ -831,6 +870,13 @@ pub struct UpgradeReport {
     /// Attachments whose interface is gone (left as they are; detach them).
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// Map pins put back to the maps the live programs read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<super::integrity::Finding>,
+    /// Live programs disagreed about these maps: every program was loaded
+    /// again with the pinned maps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reloaded_for: Vec<super::integrity::Finding>,
 }
 
 /// Swaps this build's program in on every pinned link, atomically per link
@@ -869,6 +915,12 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         });
     }
     let _lock = RootLock::acquire(&root.root)?;
+    // Pins first go back to the maps the programs read, so the new program
+    // is loaded with the maps packets are judged by today.
+    let integrity = super::integrity::repair(root)?;
+    // Live programs that read different maps under one name are mended only
+    // by loading every program again with the pinned maps.
+    let force = force || !integrity.findings.is_empty();
     let specs = pins::expected_maps(OBJECT)?;
     pins::check_pinned_maps(root, &specs)?;
     let old = ProgramInfo::from_pin(root.prog()).map_err(|e| DataplaneError::PinnedMap {
@@ -891,6 +943,8 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         links: 0,
         unchanged: false,
         skipped: Vec::new(),
+        repaired: integrity.repaired,
+        reloaded_for: integrity.findings,
     };
     if old.tag() == new.tag() && !force {
         report.unchanged = true;

@@ -2,12 +2,8 @@
 //! tells the XDP program what to copy, reads the copies, and switches it off.
 
 use std::{
-    fs::{File, OpenOptions},
-    io::{self, Read as _, Write as _},
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
-    },
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -16,11 +12,11 @@ use sluice_common::{
     CAPTURE_BYTES, CAPTURE_SNAP, CaptureConfig, CaptureHeader, Reason, Verdict, map_names, stat,
 };
 
-use super::{DataplaneError, PinRoot, policy::open_map};
-
-/// Where capture locks live: a bpffs pin root cannot hold a regular file to
-/// lock, and /run is cleared on boot together with any stale lock.
-pub const LOCK_DIR: &str = "/run/sluice";
+use super::{
+    DataplaneError, PinRoot,
+    lockfile::{self, LockError, LockFile},
+    policy::open_map,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -48,93 +44,34 @@ fn holder(pid: Option<u32>) -> String {
     pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
 }
 
-/// The lock file for `root`: its canonical path with `%` and `/` escaped, so
-/// two spellings of one root share a lock and two roots never do.
+/// The capture lock file of `root`.
 #[must_use]
 pub fn lock_path(root: &Path) -> PathBuf {
-    let canonical = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    let text = canonical.to_string_lossy();
-    let mut name = String::from("capture-");
-    for c in text.trim_start_matches('/').chars() {
-        match c {
-            '%' => name.push_str("%25"),
-            '/' => name.push_str("%2F"),
-            c => name.push(c),
-        }
-    }
-    name.push_str(".lock");
-    Path::new(LOCK_DIR).join(name)
+    lockfile::path_for("capture", root)
 }
 
 /// An exclusive, non-blocking lock on capturing from one pin root. The lock
 /// file holds the owner's pid and is removed on release.
 #[derive(Debug)]
-pub struct CaptureLock {
-    file: File,
-    path: PathBuf,
-}
+pub struct CaptureLock(LockFile);
 
 impl CaptureLock {
     pub fn acquire(root: &PinRoot) -> Result<Self, CaptureError> {
         let path = lock_path(&root.root);
-        let lock_err = |source| CaptureError::Lock {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(LOCK_DIR).map_err(lock_err)?;
-        // A releasing owner unlinks the file while still holding it, so the
-        // file we lock may be gone from the path by then: retry on a new one.
-        for _ in 0..100 {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(lock_err)?;
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(lock_err(e));
-                }
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                return Err(CaptureError::Busy {
-                    root: root.root.clone(),
-                    pid: text.trim().parse().ok(),
-                    lock: path,
-                });
-            }
-            let same = match (file.metadata(), std::fs::metadata(&path)) {
-                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-                _ => false,
-            };
-            if !same {
-                continue;
-            }
-            file.set_len(0).map_err(lock_err)?;
-            writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
-            return Ok(Self { file, path });
+        match LockFile::acquire(&path, &std::process::id().to_string()) {
+            Ok(l) => Ok(Self(l)),
+            Err(LockError::Busy { path, holder }) => Err(CaptureError::Busy {
+                root: root.root.clone(),
+                pid: holder.parse().ok(),
+                lock: path,
+            }),
+            Err(LockError::Io { path, source }) => Err(CaptureError::Lock { path, source }),
         }
-        Err(lock_err(io::Error::other(
-            "the lock file kept being replaced",
-        )))
     }
 
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for CaptureLock {
-    fn drop(&mut self) {
-        // Unlink before unlocking (closing): a waiter that locked the
-        // unlinked file notices and retries on a fresh one.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = self.file.flush();
+        self.0.path()
     }
 }
 

@@ -4,7 +4,9 @@
 pub mod attach;
 pub mod capture;
 pub mod flows;
+pub mod integrity;
 pub mod lb;
+pub mod lockfile;
 pub mod pins;
 pub mod policy;
 pub mod runtime;
@@ -99,6 +101,15 @@ pub enum DataplaneError {
     NoSuchRule { id: u32 },
     #[error("rule position {at} is out of range (there are {len} rules)")]
     BadPosition { at: usize, len: usize },
+    #[error(
+        "the attached program does not read the maps sluice would write ({}); nothing was \
+         changed. `sluice upgrade` pins the program's own maps again (the agent does this \
+         itself)",
+        findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Unbound { findings: Vec<integrity::Finding> },
+    #[error("the maps do not hold what was just written: {what}")]
+    Readback { what: String },
     #[error("{op} on map {map} failed: {detail}")]
     Map {
         op: &'static str,

@@ -53,6 +53,10 @@ pub struct Change {
     pub malformed_action: Option<Verdict>,
     /// Policy-wide audit mode on or off.
     pub audit: Option<bool>,
+    /// A deletion of an entry that is not there is skipped (and counted)
+    /// instead of refusing the change: the agent's changes say what the
+    /// result must be, whatever drift the maps have.
+    pub tolerate_missing: bool,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -64,8 +68,15 @@ pub struct ChangeReport {
     pub generation: u32,
     /// Ids given to rules this change added.
     pub new_rule_ids: Vec<u32>,
+    /// Deletions of entries that were not there (`tolerate_missing`).
+    #[serde(default)]
+    pub missing: usize,
     /// A crash had left a change half-done; it was repaired first.
     pub repaired: bool,
+    /// The change is in force, but copying it into the other generation
+    /// failed (why); the next change or drift check finishes that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_pending: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -299,10 +310,17 @@ pub struct PolicyMaps {
     allow_v6: List<KeyV6>,
     /// Where the maps are pinned (for the DDoS stage's rule buckets).
     root: PinRoot,
+    /// The id of every map opened above, checked against the live programs.
+    ids: Vec<(&'static str, u32)>,
     _lock: Option<RootLock>,
 }
 
-pub(crate) fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, DataplaneError> {
+/// Opens the map pinned as `name`, with its id (to compare with the maps
+/// the attached program reads).
+pub(crate) fn open_map_with_id(
+    root: &PinRoot,
+    name: &'static str,
+) -> Result<(Map, u32), DataplaneError> {
     let path = root.map(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         let detail = e.to_string();
@@ -317,31 +335,90 @@ pub(crate) fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, Datapl
             }
         }
     })?;
-    Map::from_map_data(data).map_err(|e| DataplaneError::PinnedMap {
+    let id = data
+        .info()
+        .map_err(|e| DataplaneError::PinnedMap {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?
+        .id();
+    let map = Map::from_map_data(data).map_err(|e| DataplaneError::PinnedMap {
         path,
         detail: e.to_string(),
-    })
+    })?;
+    Ok((map, id))
 }
 
-macro_rules! typed {
-    ($root:expr, $name:expr) => {
-        open_map($root, $name)?
-            .try_into()
-            .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
-                path: $root.map($name),
-                detail: e.to_string(),
-            })?
-    };
+pub(crate) fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, DataplaneError> {
+    open_map_with_id(root, name).map(|(m, _)| m)
 }
 
-fn open_list<K: AddrKey>(root: &PinRoot, id: ListId) -> Result<List<K>, DataplaneError> {
+/// Opens a pinned map as the typed map `T`, noting its id in `ids`.
+fn open_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    root: &PinRoot,
+    name: &'static str,
+    ids: &mut Vec<(&'static str, u32)>,
+) -> Result<T, DataplaneError> {
+    let (map, id) = open_map_with_id(root, name)?;
+    ids.push((name, id));
+    map.try_into()
+        .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
+            path: root.map(name),
+            detail: e.to_string(),
+        })
+}
+
+fn open_list<K: AddrKey>(
+    root: &PinRoot,
+    id: ListId,
+    ids: &mut Vec<(&'static str, u32)>,
+) -> Result<List<K>, DataplaneError> {
     let name = id.map_name();
-    let trie: LpmTrie<MapData, K, EntryStats> = typed!(root, name);
-    let fd = sys::obj_get(&root.map(name)).map_err(|source| DataplaneError::Io {
-        what: format!("opening {}", root.map(name).display()),
+    let trie: LpmTrie<MapData, K, EntryStats> = open_typed(root, name, ids)?;
+    // A second descriptor of the same map (not of the pin, which could be
+    // replaced in between) for batched syscalls.
+    let map_id = ids.last().map_or(0, |(_, i)| *i);
+    let fd = sys::map_fd_by_id(map_id).map_err(|source| DataplaneError::Io {
+        what: format!("opening {name} (map id {map_id})"),
         source,
     })?;
     Ok(List { id, trie, fd })
+}
+
+/// Refuses maps that are not the ones the live programs read: a write to
+/// them would report success and change nothing packets see.
+fn verify_bound(root: &PinRoot, ids: &[(&'static str, u32)]) -> Result<(), DataplaneError> {
+    let names = ids.iter().map(|(n, _)| (*n).to_string()).collect();
+    let (_, used) = super::integrity::used_maps(root, &names)?;
+    let mut findings = Vec::new();
+    for (name, id) in ids {
+        let Some(readers) = used.get(*name) else {
+            // No live program yet (a dataplane being set up).
+            continue;
+        };
+        if readers.len() > 1 {
+            findings.push(super::integrity::Finding::Split {
+                map: (*name).to_string(),
+                readers: readers
+                    .iter()
+                    .flat_map(|(i, p)| p.iter().map(|p| (p.clone(), *i)))
+                    .collect(),
+            });
+        } else if let Some(&used_id) = readers.keys().next()
+            && used_id != *id
+        {
+            findings.push(super::integrity::Finding::Replaced {
+                map: (*name).to_string(),
+                pinned_id: *id,
+                used_id,
+            });
+        }
+    }
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(DataplaneError::Unbound { findings })
+    }
 }
 
 impl PolicyMaps {
@@ -362,19 +439,30 @@ impl PolicyMaps {
     /// Opens the maps for a caller that already holds the root's lock.
     pub(crate) fn open_unlocked(root: &PinRoot) -> Result<Self, DataplaneError> {
         super::pins::check_pinned_maps(root, &super::pins::expected_maps(super::OBJECT)?)?;
-        Ok(Self {
-            generation: typed!(root, map_names::GENERATION),
-            settings: typed!(root, map_names::SETTINGS),
-            rules: typed!(root, map_names::RULES),
-            rule_stats: typed!(root, map_names::RULE_STATS),
-            counters: typed!(root, map_names::COUNTERS),
-            deny_v4: open_list(root, ListId::DenyV4)?,
-            deny_v6: open_list(root, ListId::DenyV6)?,
-            allow_v4: open_list(root, ListId::AllowV4)?,
-            allow_v6: open_list(root, ListId::AllowV6)?,
+        let mut ids = Vec::new();
+        let maps = Self {
+            generation: open_typed(root, map_names::GENERATION, &mut ids)?,
+            settings: open_typed(root, map_names::SETTINGS, &mut ids)?,
+            rules: open_typed(root, map_names::RULES, &mut ids)?,
+            rule_stats: open_typed(root, map_names::RULE_STATS, &mut ids)?,
+            counters: open_typed(root, map_names::COUNTERS, &mut ids)?,
+            deny_v4: open_list(root, ListId::DenyV4, &mut ids)?,
+            deny_v6: open_list(root, ListId::DenyV6, &mut ids)?,
+            allow_v4: open_list(root, ListId::AllowV4, &mut ids)?,
+            allow_v6: open_list(root, ListId::AllowV6, &mut ids)?,
             root: root.clone(),
+            ids,
             _lock: None,
-        })
+        };
+        verify_bound(root, &maps.ids)?;
+        Ok(maps)
+    }
+
+    /// Checks again that the maps this handle writes are the ones the live
+    /// programs read (after a change: nothing is reported as done that the
+    /// program cannot see).
+    pub fn verify_bound(&self) -> Result<(), DataplaneError> {
+        verify_bound(&self.root, &self.ids)
     }
 
     pub fn active_generation(&self) -> Result<u32, DataplaneError> {
@@ -558,8 +646,9 @@ impl PolicyMaps {
                     .collect();
                 let missing: Vec<IpNet> = in_a.difference(&in_i).copied().collect();
                 let extra: Vec<IpNet> = in_i.difference(&in_a).copied().collect();
-                l.insert_many(i, &missing).map_err(|(_, e)| e)?;
+                // Deleting first keeps the repair within the trie's size.
                 l.delete_many(i, &extra)?;
+                l.insert_many(i, &missing).map_err(|(_, e)| e)?;
             });
         }
         let rules = self.rules_of(a, sa.rule_count)?;
@@ -596,11 +685,19 @@ impl PolicyMaps {
             }
         }
         for (list, net) in &change.del {
-            if !self.contains(*list, a, net)? && !adds[*list as usize].contains(net) {
-                return Err(DataplaneError::NotInList {
-                    list: list.kind(),
-                    prefix: net.to_string(),
-                });
+            if !self.contains(*list, a, net)? {
+                let pending = adds[*list as usize].remove(net);
+                if !pending {
+                    if change.tolerate_missing {
+                        report.missing += 1;
+                        continue;
+                    }
+                    return Err(DataplaneError::NotInList {
+                        list: list.kind(),
+                        prefix: net.to_string(),
+                    });
+                }
+                continue;
             }
             adds[*list as usize].remove(net);
             dels[*list as usize].insert(*net);
@@ -718,22 +815,44 @@ impl PolicyMaps {
             .map_err(|e| DataplaneError::map_err("write", map_names::GENERATION, e))?;
         report.generation = i;
 
-        // Phase 2: bring the old generation up to date.
-        self.set_settings(
-            a,
-            &Settings {
-                flags: sa.flags | SETTINGS_F_DIRTY,
-                ..sa
-            },
-        )?;
-        self.apply_to(a, &adds, &dels, rules.as_deref())?;
-        let clean = Settings {
-            flags: new.flags & !SETTINGS_F_DIRTY,
-            ..new
-        };
-        self.set_settings(a, &clean)?;
-        self.set_settings(i, &clean)?;
+        // Phase 2: bring the old generation up to date. The change is in
+        // force already: a failure here is no refusal. The dirty mark stays
+        // and the next change (or the agent's drift check) repairs it.
+        let phase2 = (|| {
+            self.set_settings(
+                a,
+                &Settings {
+                    flags: sa.flags | SETTINGS_F_DIRTY,
+                    ..sa
+                },
+            )?;
+            self.apply_to(a, &adds, &dels, rules.as_deref())?;
+            let clean = Settings {
+                flags: new.flags & !SETTINGS_F_DIRTY,
+                ..new
+            };
+            self.set_settings(a, &clean)?;
+            self.set_settings(i, &clean)
+        })();
+        if let Err(e) = phase2 {
+            report.resync_pending = Some(e.to_string());
+        }
         Ok(report)
+    }
+
+    /// [`PolicyMaps::commit`], then proof from the kernel: the maps written
+    /// are the ones the live programs read, and they hold what was asked.
+    pub fn commit_verified(&mut self, change: Change) -> Result<ChangeReport, DataplaneError> {
+        let report = self.commit(change.clone())?;
+        self.verify_bound()?;
+        self.verify_applied(&change)?;
+        Ok(report)
+    }
+
+    /// Repairs a generation an interrupted change left behind (the agent's
+    /// drift check; changes do it themselves first).
+    pub fn repair(&mut self) -> Result<bool, DataplaneError> {
+        self.recover_if_dirty()
     }
 
     fn undo(
@@ -758,6 +877,10 @@ impl PolicyMaps {
         Ok(())
     }
 
+    /// Deletes before it inserts: a generation never holds more than the
+    /// larger of its old and new list, so both generations together fit the
+    /// trie (sized for two full lists) even when a list goes from full to a
+    /// different full list.
     fn apply_to(
         &mut self,
         generation: u32,
@@ -767,15 +890,75 @@ impl PolicyMaps {
     ) -> Result<(), DataplaneError> {
         for list in ListId::ALL {
             with_list!(self, list, |l| l
-                .insert_many(generation, &adds[list as usize])
-                .map_err(|(_, e)| e))?;
+                .delete_many(generation, &dels[list as usize]))?;
         }
         for list in ListId::ALL {
             with_list!(self, list, |l| l
-                .delete_many(generation, &dels[list as usize]))?;
+                .insert_many(generation, &adds[list as usize])
+                .map_err(|(_, e)| e))?;
         }
         if let Some(rules) = rules {
             self.write_rules(generation, rules)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the generation packets use now holds what `change` asked for:
+    /// every added prefix exactly there, every deleted one gone, the settings
+    /// and (when given) the rules. Reads only what the change touched.
+    pub fn verify_applied(&self, change: &Change) -> Result<(), DataplaneError> {
+        let a = self.active_generation()?;
+        let mismatch = |what: String| DataplaneError::Readback { what };
+        for (list, net) in &change.add {
+            if !self.contains(*list, a, net)? {
+                return Err(mismatch(format!(
+                    "{net} is missing from the {} list",
+                    list.kind()
+                )));
+            }
+        }
+        for (list, net) in &change.del {
+            if self.contains(*list, a, net)? {
+                return Err(mismatch(format!(
+                    "{net} is still in the {} list",
+                    list.kind()
+                )));
+            }
+        }
+        let s = self.settings(a)?;
+        if let Some(v) = change.default_action
+            && s.default_action != v as u32
+        {
+            return Err(mismatch(format!("default action is not {}", v.name())));
+        }
+        if let Some(v) = change.malformed_action
+            && s.malformed_action != v as u32
+        {
+            return Err(mismatch(format!("malformed action is not {}", v.name())));
+        }
+        if let Some(on) = change.audit
+            && (s.flags & SETTINGS_F_AUDIT != 0) != on
+        {
+            return Err(mismatch(format!(
+                "audit mode is not {}",
+                if on { "on" } else { "off" }
+            )));
+        }
+        if let Some(rules) = &change.rules {
+            let now = self.rules_of(a, s.rule_count)?;
+            let same = now.len() == rules.len()
+                && now.iter().zip(rules).all(|(k, r)| {
+                    let mut r = *r;
+                    // Slots and ids of new rules are assigned by commit.
+                    if r.stats_slot == UNASSIGNED {
+                        r.stats_slot = k.stats_slot;
+                        r.id = k.id;
+                    }
+                    *k == r
+                });
+            if !same {
+                return Err(mismatch("the rules differ from the ones written".into()));
+            }
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The few bpf(2) commands aya 0.14 does not expose: batched map updates and
-//! deletes, opening any pinned object, and reading an XDP link's interface.
+//! deletes, opening any pinned object, reading an XDP link's interface, and
+//! the maps a program reads (by id, for the integrity check).
 
 use std::{
     ffi::CString,
@@ -8,7 +9,10 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -341,4 +345,113 @@ pub fn link_update(
         size_of::<LinkUpdateAttr>(),
     )
     .map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetByIdAttr {
+        id,
+        ..GetByIdAttr::default()
+    };
+    let fd = bpf(cmd, (&raw mut attr).cast(), size_of::<GetByIdAttr>())?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens a loaded program by its id.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    fd_by_id(BPF_PROG_GET_FD_BY_ID, id)
+}
+
+/// Opens a map by its id.
+pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    fd_by_id(BPF_MAP_GET_FD_BY_ID, id)
+}
+
+/// A program's id and the ids of the maps it references (its own map list,
+/// fixed when it was loaded).
+pub fn prog_maps(fd: impl AsFd) -> io::Result<(u32, Vec<u32>)> {
+    use aya_obj::generated::bpf_prog_info;
+    let get = |info: &mut bpf_prog_info| {
+        let mut attr = InfoAttr {
+            bpf_fd: fd.as_fd().as_raw_fd() as u32,
+            info_len: size_of::<bpf_prog_info>() as u32,
+            info: std::ptr::from_mut(info) as u64,
+        };
+        bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            (&raw mut attr).cast(),
+            size_of::<InfoAttr>(),
+        )
+    };
+    // SAFETY: bpf_prog_info is plain data; all zeroes is its empty value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    get(&mut info)?;
+    let mut ids = vec![0u32; info.nr_map_ids as usize];
+    if !ids.is_empty() {
+        let id = info.id;
+        // SAFETY: as above.
+        info = unsafe { std::mem::zeroed() };
+        info.nr_map_ids = ids.len() as u32;
+        info.map_ids = ids.as_mut_ptr() as u64;
+        get(&mut info)?;
+        // The program cannot gain maps after loading, but never read past
+        // what the kernel filled in.
+        ids.truncate(info.nr_map_ids as usize);
+        if info.id != id {
+            return Err(io::Error::other("program changed while it was read"));
+        }
+    }
+    Ok((info.id, ids))
+}
+
+/// A map's id and name (as the kernel keeps it: at most 15 bytes).
+pub fn map_id_name(fd: impl AsFd) -> io::Result<(u32, String)> {
+    use aya_obj::generated::bpf_map_info;
+    // SAFETY: bpf_map_info is plain data; all zeroes is its empty value.
+    let mut info: bpf_map_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: size_of::<bpf_map_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw mut attr).cast(),
+        size_of::<InfoAttr>(),
+    )?;
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    Ok((info.id, String::from_utf8_lossy(&name).into_owned()))
+}
+
+/// The program id in one slot of a program array (`None`: empty slot).
+pub fn prog_array_get(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u32>> {
+    let mut id = 0u32;
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: (&raw const slot) as u64,
+        value: (&raw mut id) as u64,
+        ..ElemAttr::default()
+    };
+    match bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        (&raw mut attr).cast(),
+        size_of::<ElemAttr>(),
+    ) {
+        Ok(_) => Ok(Some(id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -59,6 +59,13 @@ pub struct AgentSettings {
     pub history: usize,
     /// Prometheus endpoint; off when absent.
     pub metrics: Option<SocketAddr>,
+    /// Largest file (prefix list, config) the agent reads, in bytes.
+    #[serde(default = "default_file_size_limit")]
+    pub file_size_limit: u64,
+}
+
+fn default_file_size_limit() -> u64 {
+    super::files::DEFAULT_FILE_SIZE_LIMIT
 }
 
 impl Default for AgentSettings {
@@ -69,6 +76,7 @@ impl Default for AgentSettings {
             pin_root: crate::dataplane::DEFAULT_PIN_ROOT.into(),
             history: DEFAULT_HISTORY,
             metrics: None,
+            file_size_limit: super::files::DEFAULT_FILE_SIZE_LIMIT,
         }
     }
 }
@@ -274,6 +282,7 @@ struct RawAgent {
     pin_root: Option<Spanned<String>>,
     history: Option<Spanned<i64>>,
     metrics: Option<Spanned<String>>,
+    file_size_limit: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -698,6 +707,17 @@ fn service(
 /// Parses and validates configuration text. `path` is used for messages and
 /// to resolve relative prefix files.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    parse_with(path, text, None)
+}
+
+/// [`parse`], reading the files the config names with at most
+/// `file_size_limit` bytes each (default: the file's own `[agent]
+/// file_size_limit`). The agent passes its own limit for files it is sent.
+pub fn parse_with(
+    path: &Path,
+    text: &str,
+    file_size_limit: Option<u64>,
+) -> Result<Config, ConfigErrors> {
     let pos = Positions { file: path, text };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(r) => r,
@@ -728,6 +748,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     if let Some(s) = &raw.agent.pin_root {
         agent.pin_root = path_setting(s, &mut diags).unwrap_or(agent.pin_root);
     }
+    if let Some(v) = &raw.agent.file_size_limit {
+        let n = match v.get_ref() {
+            toml::Value::Integer(n) => u64::try_from(*n).ok(),
+            toml::Value::String(s) => super::files::parse_size(s),
+            _ => None,
+        };
+        match n {
+            Some(n) if n >= 1024 => agent.file_size_limit = n,
+            _ => diags.push(pos.span(
+                v,
+                "file_size_limit must be a size of at least 1024 bytes, e.g. 268435456 or \"256MiB\"",
+            )),
+        }
+    }
+    let file_limit = file_size_limit.unwrap_or(agent.file_size_limit);
     if let Some(h) = &raw.agent.history {
         match usize::try_from(*h.get_ref()) {
             Ok(n) if (1..=1000).contains(&n) => agent.history = n,
@@ -824,7 +859,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
         for f in &list.files {
             let file = base_dir.join(f.get_ref());
-            match super::read_prefix_file(&file) {
+            match super::read_prefix_file(&file, file_limit) {
                 Ok(nets) => into.extend(nets),
                 Err(e) => diags.push(pos.span(f, e.to_string())),
             }
@@ -898,15 +933,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
 /// Reads and parses a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(path, &text),
-        Err(e) => Err(ConfigErrors(vec![Diagnostic {
+    parse(path, &read(path, super::files::DEFAULT_FILE_SIZE_LIMIT)?)
+}
+
+/// Reads a configuration file's text (a regular file of at most `limit` bytes).
+pub fn read(path: &Path, limit: u64) -> Result<String, ConfigErrors> {
+    super::files::read_text(path, limit).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
             file: path.to_path_buf(),
             line: 0,
             column: 0,
             message: format!("cannot read: {e}"),
-        }])),
-    }
+        }])
+    })
 }
 
 #[cfg(test)]

@@ -230,11 +230,28 @@ pub fn change_to(
     current: &Policy,
     target: &Policy,
 ) -> Result<Change, DataplaneError> {
-    let diff = PolicyDiff::between(current, target);
-    let mut change = Change::default();
+    change_for(
+        maps,
+        &super::Delta::between_policies(current, target),
+        target,
+    )
+}
+
+/// The kernel change for `delta`, whose result is `target`. Rules that stay
+/// keep their id and counters; deleting what the maps do not hold is not an
+/// error (the result is what counts).
+pub fn change_for(
+    maps: &PolicyMaps,
+    delta: &super::Delta,
+    target: &Policy,
+) -> Result<Change, DataplaneError> {
+    let mut change = Change {
+        tolerate_missing: true,
+        ..Change::default()
+    };
     for (allow, add, del) in [
-        (false, &diff.deny_add, &diff.deny_del),
-        (true, &diff.allow_add, &diff.allow_del),
+        (false, &delta.deny_add, &delta.deny_del),
+        (true, &delta.allow_add, &delta.allow_del),
     ] {
         change
             .add
@@ -243,7 +260,7 @@ pub fn change_to(
             .del
             .extend(del.iter().map(|n| (list_for(allow, n), *n)));
     }
-    if diff.rules.is_some() {
+    if delta.rules.is_some() {
         let mut existing: Vec<Option<Rule>> =
             maps.rules()?.into_iter().map(|r| Some(r.rule)).collect();
         let rules = target
@@ -263,9 +280,9 @@ pub fn change_to(
             .collect();
         change.rules = Some(rules);
     }
-    change.default_action = diff.default.map(|(_, b)| b.into());
-    change.malformed_action = diff.malformed.map(|(_, b)| b.into());
-    change.audit = diff.audit.map(|(_, b)| b);
+    change.default_action = delta.default.map(|(_, b)| b.into());
+    change.malformed_action = delta.malformed.map(|(_, b)| b.into());
+    change.audit = delta.audit.map(|(_, b)| b);
     Ok(change)
 }
 
@@ -322,37 +339,75 @@ pub enum Op {
     },
 }
 
+/// Refuses a prefix with bits set beyond its length (`198.18.1.0/8`): what
+/// was meant is ambiguous, so sluice does not guess.
+pub fn exact_prefix(n: &IpNet) -> Result<(), String> {
+    if *n == n.trunc() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{n} has bits set beyond its /{} prefix (the network is {}); write the network \
+             address, or a /{} for one host",
+            n.prefix_len(),
+            n.trunc(),
+            n.max_prefix_len()
+        ))
+    }
+}
+
 impl Op {
     /// Applies the op. `strict` (a new request) refuses ops that do not fit
-    /// (deleting what is absent); replaying onto a new file skips them.
+    /// (deleting what is absent, a prefix with host bits); replaying onto a
+    /// new file skips them.
     pub fn apply(&self, d: &mut Desired, strict: bool) -> Result<(), String> {
-        let p = &mut d.policy;
+        self.apply_in(&mut super::delta::Edit { d, t: None }, strict)
+    }
+
+    /// [`Op::apply`] through an [`Edit`](super::delta::Edit), which may
+    /// record what changed.
+    pub(crate) fn apply_in(
+        &self,
+        e: &mut super::delta::Edit<'_>,
+        strict: bool,
+    ) -> Result<(), String> {
+        if strict {
+            match self {
+                Self::ListAdd { prefixes, .. }
+                | Self::ListDel { prefixes, .. }
+                | Self::DenyFor { prefixes, .. }
+                | Self::Expire { prefixes } => {
+                    for n in prefixes {
+                        exact_prefix(n)?;
+                    }
+                }
+                _ => {}
+            }
+        }
         match self {
             Self::ListAdd { allow, prefixes } => {
-                let list = if *allow { &mut p.allow } else { &mut p.deny };
-                list.extend(prefixes.iter().map(IpNet::trunc));
-                if !*allow {
-                    // Denied for good now: no longer expires.
-                    for n in prefixes {
-                        d.temp_deny.remove(&n.trunc());
+                for n in prefixes.iter().map(IpNet::trunc) {
+                    e.insert(*allow, n);
+                    if !*allow {
+                        // Denied for good now: no longer expires.
+                        e.set_temp(n, None);
                     }
                 }
             }
             Self::ListDel { allow, prefixes } => {
                 let (list, name) = if *allow {
-                    (&mut p.allow, "allow")
+                    (&e.d.policy.allow, "allow")
                 } else {
-                    (&mut p.deny, "deny")
+                    (&e.d.policy.deny, "deny")
                 };
                 if strict
                     && let Some(missing) = prefixes.iter().find(|n| !list.contains(&n.trunc()))
                 {
                     return Err(format!("{missing} is not in the {name} list"));
                 }
-                for n in prefixes {
-                    list.remove(&n.trunc());
+                for n in prefixes.iter().map(IpNet::trunc) {
+                    e.remove(*allow, n);
                     if !*allow {
-                        d.temp_deny.remove(&n.trunc());
+                        e.set_temp(n, None);
                     }
                 }
             }
@@ -362,70 +417,82 @@ impl Op {
                 expires_unix,
             } => {
                 for n in prefixes.iter().map(IpNet::trunc) {
-                    if p.deny.contains(&n) && !d.temp_deny.contains_key(&n) {
+                    if e.d.policy.deny.contains(&n) && !e.d.temp_deny.contains_key(&n) {
                         continue;
                     }
-                    p.deny.insert(n);
-                    d.temp_deny.insert(
+                    e.insert(false, n);
+                    e.set_temp(
                         n,
-                        TempDeny {
+                        Some(TempDeny {
                             reason: reason.clone(),
                             expires_unix: *expires_unix,
-                        },
+                        }),
                     );
                 }
             }
             Self::Expire { prefixes } => {
                 for n in prefixes.iter().map(IpNet::trunc) {
-                    if d.temp_deny.remove(&n).is_some() {
-                        p.deny.remove(&n);
+                    if e.d.temp_deny.contains_key(&n) {
+                        e.set_temp(n, None);
+                        e.remove(false, n);
                     }
                 }
             }
             Self::RuleAdd { at, rule } => {
-                let pos = at.unwrap_or(p.rules.len());
-                if pos > p.rules.len() {
+                let rules = e.rules();
+                let pos = at.unwrap_or(rules.len());
+                if pos > rules.len() {
                     if strict {
                         return Err(format!(
                             "rule position {pos} is out of range (there are {} rules)",
-                            p.rules.len()
+                            rules.len()
                         ));
                     }
-                    p.rules.push(rule.clone());
+                    rules.push(rule.clone());
                 } else {
-                    p.rules.insert(pos, rule.clone());
+                    rules.insert(pos, rule.clone());
                 }
             }
-            Self::RuleDel { rule } => match p.rules.iter().position(|r| r == rule) {
+            Self::RuleDel { rule } => match e.d.policy.rules.iter().position(|r| r == rule) {
                 Some(i) => {
-                    p.rules.remove(i);
+                    e.rules().remove(i);
                 }
                 None if strict => return Err(format!("no rule '{rule}'")),
                 None => {}
             },
-            Self::Default { action } => p.default = *action,
-            Self::Malformed { action } => p.malformed = *action,
-            Self::Audit { on } => p.audit = *on,
+            Self::Default { action } => e.set_default(*action),
+            Self::Malformed { action } => e.set_malformed(*action),
+            Self::Audit { on } => e.set_audit(*on),
             Self::Attach { interface } => {
-                d.interfaces
-                    .retain(|i| !(i.name == interface.name && i.netns == interface.netns));
-                d.interfaces.push(interface.clone());
+                let ifs = e.interfaces();
+                ifs.retain(|i| !(i.name == interface.name && i.netns == interface.netns));
+                ifs.push(interface.clone());
             }
             Self::Lb { change } => {
-                change.apply(&mut d.services, strict)?;
+                // Validated on a copy: a refused change leaves the services as they were.
+                let mut services = e.d.services.clone();
+                change.apply(&mut services, strict)?;
                 if strict {
-                    crate::lb::validate(&d.services)?;
+                    crate::lb::validate(&services)?;
+                }
+                if services != e.d.services {
+                    *e.services() = services;
                 }
             }
             Self::Detach { name, netns } => {
-                let before = d.interfaces.len();
-                d.interfaces
-                    .retain(|i| !(&i.name == name && &i.netns == netns));
-                if strict && d.interfaces.len() == before {
+                let found =
+                    e.d.interfaces
+                        .iter()
+                        .any(|i| &i.name == name && &i.netns == netns);
+                if strict && !found {
                     return Err(format!(
                         "{name} (netns {}) is not among the agent's interfaces",
                         netns.as_deref().unwrap_or("host")
                     ));
+                }
+                if found {
+                    e.interfaces()
+                        .retain(|i| !(&i.name == name && &i.netns == netns));
                 }
             }
         }

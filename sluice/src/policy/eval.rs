@@ -58,10 +58,15 @@ impl Probe {
     }
 }
 
-fn longest<'a>(list: impl Iterator<Item = &'a IpNet>, addr: &IpAddr) -> Option<IpNet> {
-    list.filter(|n| n.contains(addr))
-        .max_by_key(|n| n.prefix_len())
-        .copied()
+/// The longest prefix in `list` covering `addr`: one lookup per prefix
+/// length, so a change to a million-entry list is judged as fast as to a
+/// small one.
+fn longest(list: &std::collections::BTreeSet<IpNet>, addr: &IpAddr) -> Option<IpNet> {
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (0..=max).rev().find_map(|plen| {
+        let n = IpNet::new(*addr, plen).ok()?.trunc();
+        list.contains(&n).then_some(n)
+    })
 }
 
 fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
@@ -87,10 +92,10 @@ pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
         (true, false) => Verdict::Drop,
         (true, true) => Verdict::Audit,
     };
-    if let Some(n) = longest(policy.allow.iter(), &p.src) {
+    if let Some(n) = longest(&policy.allow, &p.src) {
         return (Verdict::Pass, Reason::AllowList, format!("allow list {n}"));
     }
-    if let Some(n) = longest(policy.deny.iter(), &p.src) {
+    if let Some(n) = longest(&policy.deny, &p.src) {
         return (
             audited(true, policy.audit),
             Reason::DenyList,

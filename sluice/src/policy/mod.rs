@@ -13,12 +13,15 @@ use sluice_common::{
 use crate::dataplane::policy::UNASSIGNED;
 
 pub mod config;
+pub mod delta;
 mod desired;
 pub mod eval;
+pub mod files;
 
+pub use delta::Delta;
 pub use desired::{
-    Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, change_to, compact_overlay,
-    pinned_policy,
+    Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, change_for, change_to,
+    compact_overlay, exact_prefix, pinned_policy,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,11 +30,20 @@ pub enum PolicyError {
         "invalid prefix '{input}': expected an IPv4 or IPv6 address or CIDR like 198.18.0.0/24 or 2001:2::/48"
     )]
     BadPrefix { input: String },
-    #[error("{file}:{line}: invalid prefix '{input}'")]
+    #[error(
+        "'{input}' has bits set beyond its prefix length: write the network ({network}) or \
+         the host ({host})"
+    )]
+    HostBits {
+        input: String,
+        network: String,
+        host: String,
+    },
+    #[error("{file}:{line}: {reason}")]
     BadPrefixInFile {
         file: String,
         line: usize,
-        input: String,
+        reason: String,
     },
     #[error("cannot read {file}: {reason}")]
     File { file: String, reason: String },
@@ -40,8 +52,26 @@ pub enum PolicyError {
 }
 
 /// Parses `198.18.0.0/24`, `2001:2::/48` or a bare address (a host prefix).
-/// Host bits beyond the prefix are cleared, as iptables and ipset do.
+/// A prefix with bits set beyond its length (`198.18.1.0/8`) is refused:
+/// whether the network or the host was meant cannot be told.
 pub fn parse_prefix(input: &str) -> Result<IpNet, PolicyError> {
+    let net = parse_prefix_lenient(input)?;
+    let s = input.trim();
+    if let Ok(given) = s.parse::<IpNet>()
+        && given != net
+    {
+        return Err(PolicyError::HostBits {
+            input: s.to_string(),
+            network: net.to_string(),
+            host: IpNet::from(given.addr()).to_string(),
+        });
+    }
+    Ok(net)
+}
+
+/// Like [`parse_prefix`] but clears host bits: for filters (`flows --src`),
+/// where `198.18.0.77/24` can only mean the network.
+pub fn parse_prefix_lenient(input: &str) -> Result<IpNet, PolicyError> {
     let s = input.trim();
     let bad = || PolicyError::BadPrefix {
         input: input.to_string(),
@@ -60,9 +90,10 @@ pub fn parse_prefix(input: &str) -> Result<IpNet, PolicyError> {
     Err(bad())
 }
 
-/// Reads one prefix per line; blank lines and `#` comments are skipped.
-pub fn read_prefix_file(path: &Path) -> Result<Vec<IpNet>, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::File {
+/// Reads one prefix per line; blank lines and `#` comments are skipped. The
+/// file must be a regular file of at most `limit` bytes.
+pub fn read_prefix_file(path: &Path, limit: u64) -> Result<Vec<IpNet>, PolicyError> {
+    let text = files::read_text(path, limit).map_err(|e| PolicyError::File {
         file: path.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -73,10 +104,10 @@ pub fn read_prefix_file(path: &Path) -> Result<Vec<IpNet>, PolicyError> {
             continue;
         }
         out.push(
-            parse_prefix(line).map_err(|_| PolicyError::BadPrefixInFile {
+            parse_prefix(line).map_err(|e| PolicyError::BadPrefixInFile {
                 file: path.display().to_string(),
                 line: n + 1,
-                input: line.to_string(),
+                reason: e.to_string(),
             })?,
         );
     }
@@ -823,8 +854,16 @@ mod tests {
             parse_prefix("198.18.0.1").unwrap().to_string(),
             "198.18.0.1/32"
         );
+        assert!(matches!(
+            parse_prefix("198.18.0.77/24"),
+            Err(PolicyError::HostBits { .. })
+        ));
+        assert!(matches!(
+            parse_prefix("198.18.1.0/8"),
+            Err(PolicyError::HostBits { .. })
+        ));
         assert_eq!(
-            parse_prefix("198.18.0.77/24").unwrap().to_string(),
+            parse_prefix_lenient("198.18.0.77/24").unwrap().to_string(),
             "198.18.0.0/24"
         );
         assert_eq!(
