@@ -320,13 +320,23 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             vec![t, tr]
         }
         _ => {
-            let mut t = Table::new(&sec.title, &["measurement", "value", "unit", "runs"]);
+            let mut t = Table::new(
+                &sec.title,
+                &["measurement", "value", "unit", "runs", "also"],
+            );
             for m in &sec.measurements {
+                // Companion figures (p99, targets, baselines) beside the median.
+                let also: Vec<String> = m
+                    .extra
+                    .iter()
+                    .map(|(k, v)| format!("{k} {}", num(*v)))
+                    .collect();
                 t.rows.push(vec![
                     m.label.clone(),
                     cell(Some(m)),
                     m.unit.clone(),
                     m.runs.to_string(),
+                    also.join("; "),
                 ]);
             }
             vec![t]

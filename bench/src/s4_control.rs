@@ -458,6 +458,24 @@ const AGENT_READOPT: (&str, &str, &str) = (
     "ms",
 );
 
+const AGENT_CHANGE: (&str, &str, &str) = (
+    "agent-change",
+    "one-entry change through the agent (CLI process, API, journal, kernel, read-back)",
+    "ms",
+);
+const AGENT_CHANGE_RSS: (&str, &str, &str) = (
+    "agent-change-rss-growth",
+    "agent resident memory growth over the one-entry changes",
+    "MiB",
+);
+const AGENT_CHANGE_STORE: (&str, &str, &str) = (
+    "agent-change-store-bytes",
+    "state directory growth per one-entry change",
+    "B",
+);
+/// One-entry changes made through a loaded agent.
+const AGENT_CHANGES: usize = 100;
+
 fn agent_method(n: usize, runs: usize) -> String {
     format!(
         "`sluice agent --config FILE` (the sluice binary built with this suite) with a private state dir, socket and pin \
@@ -465,7 +483,10 @@ fn agent_method(n: usize, runs: usize) -> String {
          spawning the process until it logs `agent ready`. Memory: VmRSS of the agent after it is ready (median over the \
          first start and each restart; VmHWM, the peak, as an extra). Re-adopt: SIGTERM (the dataplane stays pinned), \
          start again, time until `agent ready` (state loaded, pinned program and links re-adopted, maps compared with \
-         desired state); {runs} restarts."
+         desired state); {runs} restarts. Changes: with the list loaded, {AGENT_CHANGES} one-entry changes \
+         (`sluice --socket SOCK --pin-root ROOT deny add|del PREFIX`, alternating), each timed as a whole process \
+         (start, API call, the agent's journal fsyncs, kernel write and read-back, exit); p50 and p99 of those; the \
+         agent's VmRSS after them minus before; the state directory's size after them minus before, per change."
     )
 }
 
@@ -474,7 +495,15 @@ fn agent_rows(plan: &Plan, sec: &mut Section, cli: Option<&Path>) {
     let runs = plan.runs.min(3);
     let method = agent_method(n, runs);
     let rows = |status: &str| {
-        [AGENT_RSS, AGENT_START, AGENT_READOPT].map(|(id, label, unit)| {
+        [
+            AGENT_RSS,
+            AGENT_START,
+            AGENT_READOPT,
+            AGENT_CHANGE,
+            AGENT_CHANGE_RSS,
+            AGENT_CHANGE_STORE,
+        ]
+        .map(|(id, label, unit)| {
             let m = if let Some(why) = status.strip_prefix("not measured: ") {
                 Measurement::not_measured(id, label, unit, why, &method)
             } else {
@@ -502,7 +531,44 @@ fn agent_rows(plan: &Plan, sec: &mut Section, cli: Option<&Path>) {
         return;
     }
     match measure_agent(plan, bin, n, runs) {
-        Ok((rss, hwm, first, readopt)) => {
+        Ok(((rss, hwm, first, readopt), changes)) => {
+            let p99 = percentile(&changes.millis, 99.0);
+            sec.push(
+                Measurement::from_samples(
+                    AGENT_CHANGE.0,
+                    AGENT_CHANGE.1,
+                    AGENT_CHANGE.2,
+                    changes.millis,
+                    &method,
+                )
+                .with_extra("p99_ms", p99)
+                .with_extra("target_ms", 50.0)
+                .param("list_size", n)
+                .param("changes", AGENT_CHANGES),
+            );
+            sec.push(
+                Measurement::from_samples(
+                    AGENT_CHANGE_RSS.0,
+                    AGENT_CHANGE_RSS.1,
+                    AGENT_CHANGE_RSS.2,
+                    vec![changes.rss_growth_mib],
+                    &method,
+                )
+                .with_extra("rss_before_mib", changes.rss_before_mib)
+                .param("list_size", n)
+                .param("changes", AGENT_CHANGES),
+            );
+            sec.push(
+                Measurement::from_samples(
+                    AGENT_CHANGE_STORE.0,
+                    AGENT_CHANGE_STORE.1,
+                    AGENT_CHANGE_STORE.2,
+                    vec![changes.store_bytes_per_change],
+                    &method,
+                )
+                .param("list_size", n)
+                .param("changes", AGENT_CHANGES),
+            );
             let rss =
                 Measurement::from_samples(AGENT_RSS.0, AGENT_RSS.1, AGENT_RSS.2, rss, &method)
                     .with_extra("peak_mib", percentile(&hwm, 50.0))
@@ -540,7 +606,73 @@ fn agent_rows(plan: &Plan, sec: &mut Section, cli: Option<&Path>) {
 
 type AgentSamples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
 
-fn measure_agent(plan: &Plan, bin: &Path, n: usize, runs: usize) -> Result<AgentSamples> {
+/// One-entry changes through a loaded agent.
+struct ChangeSamples {
+    millis: Vec<f64>,
+    rss_before_mib: f64,
+    rss_growth_mib: f64,
+    store_bytes_per_change: f64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `AGENT_CHANGES` one-entry changes through the agent, each a whole CLI
+/// process, alternating add and delete of one prefix outside the list.
+fn agent_changes(
+    bin: &Path,
+    agent: &Agent,
+    sock: &Path,
+    pins: &Path,
+    state: &Path,
+) -> Result<ChangeSamples> {
+    let kib_to_mib = |k: u64| k as f64 / 1024.0;
+    let (rss0, _) = agent.memory_kib()?;
+    let store0 = dir_bytes(state);
+    let mut millis = Vec::with_capacity(AGENT_CHANGES);
+    for i in 0..AGENT_CHANGES {
+        let verb = if i % 2 == 0 { "add" } else { "del" };
+        let t0 = Instant::now();
+        let out = Command::new(bin)
+            .arg("--socket")
+            .arg(sock)
+            .arg("--pin-root")
+            .arg(pins)
+            .args(["deny", verb, "2001:2:ffff::1/128"])
+            .stdin(Stdio::null())
+            .output()?;
+        millis.push(t0.elapsed().as_secs_f64() * 1e3);
+        if !out.status.success() {
+            bail!(
+                "deny {verb} through the agent failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let (rss1, _) = agent.memory_kib()?;
+    let store1 = dir_bytes(state);
+    Ok(ChangeSamples {
+        millis,
+        rss_before_mib: kib_to_mib(rss0),
+        rss_growth_mib: kib_to_mib(rss1) - kib_to_mib(rss0),
+        store_bytes_per_change: (store1 as f64 - store0 as f64) / AGENT_CHANGES as f64,
+    })
+}
+
+fn measure_agent(
+    plan: &Plan,
+    bin: &Path,
+    n: usize,
+    runs: usize,
+) -> Result<(AgentSamples, ChangeSamples)> {
     let ns = crate::netns::Netns::new("ag")?;
     ns.exec_ok(&[
         "ip", "link", "add", "sba0", "type", "veth", "peer", "name", "sba1",
@@ -581,6 +713,14 @@ fn measure_agent(plan: &Plan, bin: &Path, n: usize, runs: usize) -> Result<Agent
     let (r, h) = agent.memory_kib()?;
     rss.push(kib_to_mib(r));
     hwm.push(kib_to_mib(h));
+    eprintln!("  control: {AGENT_CHANGES} one-entry changes through the agent");
+    let changes = agent_changes(
+        bin,
+        &agent,
+        &dir.0.join("sluice.sock"),
+        &pins.root.root,
+        &dir.0.join("state"),
+    )?;
     for i in 0..runs {
         eprintln!("  control: agent restart {}", i + 1);
         agent.stop(Duration::from_secs(60))?;
@@ -613,5 +753,5 @@ fn measure_agent(plan: &Plan, bin: &Path, n: usize, runs: usize) -> Result<Agent
     );
     drop(pins);
     drop(ns);
-    Ok((rss, hwm, first, readopt))
+    Ok(((rss, hwm, first, readopt), changes))
 }

@@ -725,6 +725,24 @@ async fn diff_policy(
         .map(Json)
 }
 
+/// `GET /v1/policy`: the desired state the agent enforces, with its version.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DesiredBody {
+    pub version: u64,
+    pub desired: crate::policy::Desired,
+}
+
+async fn get_policy(State(core): State<Shared>) -> Result<Json<DesiredBody>, ApiError> {
+    with_core(&core, |c| {
+        Ok(DesiredBody {
+            version: c.state.current_version(),
+            desired: c.desired.clone(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub version: u64,
@@ -936,6 +954,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/rules/{id}", delete(del_rule))
         .route("/v1/rules/delete", post(del_rules))
         .route("/v1/settings", put(put_settings))
+        .route("/v1/policy", get(get_policy))
         .route("/v1/policy/apply", post(apply_policy))
         .route("/v1/policy/diff", post(diff_policy))
         .route("/v1/history", get(history))

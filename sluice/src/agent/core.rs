@@ -372,7 +372,30 @@ impl Core {
     /// its result, it is finished; otherwise it is undone. Either way history
     /// says so.
     fn recover(&mut self, p: Pending) -> Result<(), AgentError> {
-        let prepared = self.prepare(&p.step, false)?;
+        let prepared = match self.prepare(&p.step, false) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                // It cannot even be computed again (a rollback to a version
+                // no longer kept): undo it; the reconcile after this puts
+                // the kernel back to the state before it.
+                warn!(error = %e, cause = %p.cause, "an interrupted change cannot be computed again; undoing it");
+                self.store.append(&Record::Abort {
+                    seq: p.seq,
+                    error: format!(
+                        "interrupted by an agent crash; undone when the agent restarted ({e})"
+                    ),
+                })?;
+                let cause = format!(
+                    "undone after a crash: {} (request {}, by {}) could not be finished",
+                    p.cause,
+                    p.request.as_deref().unwrap_or("-"),
+                    p.author
+                );
+                self.recovered = Some(cause.clone());
+                self.run_step(Step::Note, &Ctx::agent("agent (recovery)"), cause)?;
+                return Ok(());
+            }
+        };
         let kernel = if self.root.is_set_up() {
             let mut maps = PolicyMaps::open(&self.root)?;
             maps.repair()?;
@@ -544,6 +567,17 @@ impl Core {
     /// an error; otherwise it is logged and retried by the next drift check,
     /// so a namespace that appears later is picked up.
     pub fn reconcile(&mut self, strict: bool) -> Result<ReconcileReport, AgentError> {
+        self.reconcile_with(strict, None)
+    }
+
+    /// [`Core::reconcile`], given the policy the maps held when read just
+    /// before (without the agent's lock) at `version`; read again if a
+    /// change came in between.
+    fn reconcile_with(
+        &mut self,
+        strict: bool,
+        read: Option<(u64, Policy)>,
+    ) -> Result<ReconcileReport, AgentError> {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
         if self.root.is_set_up() {
@@ -553,7 +587,10 @@ impl Core {
         if self.root.is_set_up() {
             let mut maps = PolicyMaps::open(&self.root)?;
             let repaired = maps.repair()?;
-            let current = pinned_policy(&maps)?;
+            let current = match read {
+                Some((v, p)) if v == self.state.current_version() && !repaired => p,
+                _ => pinned_policy(&maps)?,
+            };
             if current != self.desired.policy {
                 let delta = Delta::between_policies(&current, &self.desired.policy);
                 report.changes = delta.size();
@@ -661,6 +698,11 @@ impl Core {
     ) -> Result<ReconcileReport, AgentError> {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
+        if self.root.is_set_up() {
+            // Writes must reach the maps the program reads, whatever
+            // happened to the pins since the last check.
+            report.repaired_pins = self.repair_integrity("change")?;
+        }
         if delta.interfaces.is_some() {
             self.reconcile_interfaces(strict_interfaces, &mut report)?;
         }
@@ -1074,9 +1116,19 @@ impl Core {
         }
     }
 
-    /// Compares the pins with desired state and corrects any drift.
-    pub fn check_drift(&mut self) -> Result<usize, AgentError> {
-        let r = self.reconcile(false)?;
+    /// Where to read the policy back for a drift check, and the version it
+    /// is to be compared with (`None`: nothing pinned yet).
+    pub fn drift_target(&self) -> Option<(PinRoot, u64)> {
+        self.root
+            .is_set_up()
+            .then(|| (self.root.clone(), self.state.current_version()))
+    }
+
+    /// Compares the pins with desired state and corrects any drift. `read`:
+    /// the policy read back from the maps at a version (see
+    /// [`read_back`]), so the lock is not held while a large policy is read.
+    pub fn check_drift(&mut self, read: Option<(u64, Policy)>) -> Result<usize, AgentError> {
+        let r = self.reconcile_with(false, read)?;
         let n = r.changes + r.attached.len() + r.detached.len() + r.repaired_pins.len();
         if n > 0 {
             self.drift_corrections += 1;
@@ -1098,7 +1150,19 @@ impl Core {
         Ok(())
     }
 
+    /// Bytes in the store's snapshot and journal.
+    pub fn store_sizes(&self) -> (u64, u64) {
+        self.store.sizes()
+    }
+
     pub fn dataplane_status(&self) -> Result<dataplane::Status, AgentError> {
         Ok(attach::status(&self.root)?)
     }
+}
+
+/// The policy the maps hold (verified to be the maps the program reads),
+/// read without the agent's lock, for [`Core::check_drift`].
+pub fn read_back(root: &PinRoot) -> Result<Policy, AgentError> {
+    let maps = PolicyMaps::open(root)?;
+    Ok(pinned_policy(&maps)?)
 }

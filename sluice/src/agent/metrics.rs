@@ -96,6 +96,25 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         counter(core.drift_corrections),
     );
     r.register(
+        "sluice_agent_integrity_repairs",
+        "Map pins that did not lead to the map the attached program reads, pinned again (each one \
+         meant writes through the pin changed nothing packets see)",
+        counter(core.integrity_repairs),
+    );
+    gauge(
+        &mut r,
+        "sluice_agent_integrity_problems",
+        "Maps the live programs disagree about after the last check (0 when all is well)",
+        core.integrity_problems as i64,
+    );
+    let (snapshot, journal) = core.store_sizes();
+    gauge(
+        &mut r,
+        "sluice_agent_store_bytes",
+        "Bytes of the state snapshot plus the journal of changes since",
+        i64::try_from(snapshot + journal).unwrap_or(i64::MAX),
+    );
+    r.register(
         "sluice_agent_apply_duration_seconds",
         "Time to apply a change (kernel and store)",
         m.apply_seconds.clone(),

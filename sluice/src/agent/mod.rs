@@ -246,7 +246,17 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                         if since_drift >= drift_every {
                             since_drift = Duration::ZERO;
                             let c = background.clone();
-                            let r = tokio::task::spawn_blocking(move || c.lock().map_err(|_| ()).map(|mut c| c.check_drift())).await;
+                            // The read-back of a large policy takes seconds:
+                            // done without the lock, changes go on meanwhile.
+                            let r = tokio::task::spawn_blocking(move || {
+                                let target = c.lock().map_err(|_| ())?.drift_target();
+                                let read = match target {
+                                    Some((root, version)) => core::read_back(&root).ok().map(|p| (version, p)),
+                                    None => None,
+                                };
+                                c.lock().map_err(|_| ()).map(|mut c| c.check_drift(read))
+                            })
+                            .await;
                             if let Ok(Ok(Err(e))) = r {
                                 warn!(error = %e, "drift check failed");
                             }

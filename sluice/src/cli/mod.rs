@@ -396,7 +396,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Check { file } => {
             let text = crate::policy::config::read(file, cli.file_size_limit)?;
-            let cfg = crate::policy::config::parse(file, &text)?;
+            let cfg = crate::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
             out.checked(&cfg);
             return Ok(());
         }

@@ -239,6 +239,28 @@ impl<K: AddrKey> List<K> {
     /// Every entry of both generations.
     fn all(&self) -> Result<Vec<(u8, IpNet, EntryStats)>, DataplaneError> {
         let mut out = Vec::new();
+        let (ks, vs) = (size_of::<Key<K>>(), size_of::<EntryStats>());
+        // Batched: a million entries in a few hundred syscalls instead of
+        // two per entry.
+        if let Some((keys, values, n)) = sys::map_lookup_batch_all(self.fd.as_fd(), ks, vs, 4096)
+            .map_err(|e| DataplaneError::map_err("batch lookup", self.name(), e))?
+        {
+            out.reserve(n);
+            for i in 0..n {
+                // SAFETY: the kernel wrote n whole keys and values of these
+                // Pod types; read_unaligned copes with any alignment.
+                let (k, v) = unsafe {
+                    (
+                        std::ptr::read_unaligned(keys[i * ks..].as_ptr().cast::<Key<K>>()),
+                        std::ptr::read_unaligned(values[i * vs..].as_ptr().cast::<EntryStats>()),
+                    )
+                };
+                if let Some((g, net)) = K::decode(&k) {
+                    out.push((g, net, v));
+                }
+            }
+            return Ok(out);
+        }
         for item in self.trie.iter() {
             let (k, v) = item.map_err(|e| DataplaneError::map_err("iterate", self.name(), e))?;
             if let Some((g, net)) = K::decode(&k) {
@@ -438,6 +460,21 @@ impl PolicyMaps {
 
     /// Opens the maps for a caller that already holds the root's lock.
     pub(crate) fn open_unlocked(root: &PinRoot) -> Result<Self, DataplaneError> {
+        Self::open_pins(root).map_err(|e| match e {
+            // A pin the live program's map should be under is gone: say that.
+            DataplaneError::PinnedMap { ref path, .. } if !path.exists() => {
+                match super::integrity::check(root) {
+                    Ok(r) if !r.findings.is_empty() => DataplaneError::Unbound {
+                        findings: r.findings,
+                    },
+                    _ => e,
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn open_pins(root: &PinRoot) -> Result<Self, DataplaneError> {
         super::pins::check_pinned_maps(root, &super::pins::expected_maps(super::OBJECT)?)?;
         let mut ids = Vec::new();
         let maps = Self {
@@ -456,6 +493,90 @@ impl PolicyMaps {
         };
         verify_bound(root, &maps.ids)?;
         Ok(maps)
+    }
+
+    /// Opens the policy maps the pinned XDP program itself reads (by the map
+    /// ids in its own map list), not through the map pins: a read-back that
+    /// a pin pointing elsewhere cannot fool. For reading.
+    pub fn open_from_program(root: &PinRoot) -> Result<Self, DataplaneError> {
+        let io = |what: String| move |source| DataplaneError::Io { what, source };
+        let prog =
+            sys::obj_get(&root.prog()).map_err(io(format!("opening {}", root.prog().display())))?;
+        let (_, map_ids) = sys::prog_maps(&prog)
+            .map_err(io(format!("reading the maps of {}", root.prog().display())))?;
+        let mut by_name = std::collections::BTreeMap::new();
+        for id in map_ids {
+            if let Ok(fd) = sys::map_fd_by_id(id)
+                && let Ok((_, name)) = sys::map_id_name(&fd)
+            {
+                by_name.insert(name, id);
+            }
+        }
+        let mut ids = Vec::new();
+        let mut open = |name: &'static str| -> Result<Map, DataplaneError> {
+            let id = *by_name.get(name).ok_or_else(|| DataplaneError::PinnedMap {
+                path: root.prog(),
+                detail: format!("the program reads no map named {name}"),
+            })?;
+            ids.push((name, id));
+            let data =
+                MapData::from_id(id).map_err(|e| DataplaneError::map_err("open", name, e))?;
+            Map::from_map_data(data).map_err(|e| DataplaneError::map_err("open", name, e))
+        };
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            m: Map,
+            name: &'static str,
+        ) -> Result<T, DataplaneError> {
+            m.try_into()
+                .map_err(|e: aya::maps::MapError| DataplaneError::map_err("open", name, e))
+        }
+        let generation = typed(open(map_names::GENERATION)?, map_names::GENERATION)?;
+        let settings = typed(open(map_names::SETTINGS)?, map_names::SETTINGS)?;
+        let rules = typed(open(map_names::RULES)?, map_names::RULES)?;
+        let rule_stats = typed(open(map_names::RULE_STATS)?, map_names::RULE_STATS)?;
+        let counters = typed(open(map_names::COUNTERS)?, map_names::COUNTERS)?;
+        let deny_v4 = typed(open(map_names::DENY_V4)?, map_names::DENY_V4)?;
+        let deny_v6 = typed(open(map_names::DENY_V6)?, map_names::DENY_V6)?;
+        let allow_v4 = typed(open(map_names::ALLOW_V4)?, map_names::ALLOW_V4)?;
+        let allow_v6 = typed(open(map_names::ALLOW_V6)?, map_names::ALLOW_V6)?;
+        let fd = |id: ListId| -> Result<OwnedFd, DataplaneError> {
+            let map_id = ids
+                .iter()
+                .find(|(n, _)| *n == id.map_name())
+                .map_or(0, |(_, i)| *i);
+            sys::map_fd_by_id(map_id)
+                .map_err(io(format!("opening {} (map id {map_id})", id.map_name())))
+        };
+        Ok(Self {
+            generation,
+            settings,
+            rules,
+            rule_stats,
+            counters,
+            deny_v4: List {
+                id: ListId::DenyV4,
+                trie: deny_v4,
+                fd: fd(ListId::DenyV4)?,
+            },
+            deny_v6: List {
+                id: ListId::DenyV6,
+                trie: deny_v6,
+                fd: fd(ListId::DenyV6)?,
+            },
+            allow_v4: List {
+                id: ListId::AllowV4,
+                trie: allow_v4,
+                fd: fd(ListId::AllowV4)?,
+            },
+            allow_v6: List {
+                id: ListId::AllowV6,
+                trie: allow_v6,
+                fd: fd(ListId::AllowV6)?,
+            },
+            root: root.clone(),
+            ids,
+            _lock: None,
+        })
     }
 
     /// Checks again that the maps this handle writes are the ones the live

@@ -455,3 +455,62 @@ pub fn prog_array_get(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u32>>
         Err(e) => Err(e),
     }
 }
+
+/// Every key and value of a map, read `chunk` entries per syscall with
+/// BPF_MAP_LOOKUP_BATCH (the batch token is a key). `Ok(None)` when the map
+/// type or kernel has no batched lookup (the caller iterates instead).
+pub fn map_lookup_batch_all(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    chunk: usize,
+) -> io::Result<Option<(Vec<u8>, Vec<u8>, usize)>> {
+    let mut keys: Vec<u8> = Vec::new();
+    let mut values: Vec<u8> = Vec::new();
+    let mut token_in = vec![0u8; key_size];
+    let mut token_out = vec![0u8; key_size];
+    let mut total = 0usize;
+    let mut first = true;
+    loop {
+        keys.resize((total + chunk) * key_size, 0);
+        values.resize((total + chunk) * value_size, 0);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys[total * key_size..].as_mut_ptr() as u64,
+            values: values[total * value_size..].as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let res = bpf(
+            BPF_MAP_LOOKUP_BATCH,
+            (&raw mut attr).cast(),
+            size_of::<BatchAttr>(),
+        );
+        total += attr.count as usize;
+        match res {
+            Ok(_) => {}
+            // ENOENT: the walk reached the end (with the last entries read).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e)
+                if first
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EOPNOTSUPP | 524 /* ENOTSUPP */)
+                    ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        first = false;
+        token_in.copy_from_slice(&token_out);
+        if attr.count == 0 {
+            break;
+        }
+    }
+    keys.truncate(total * key_size);
+    values.truncate(total * value_size);
+    Ok(Some((keys, values, total)))
+}

@@ -25,8 +25,10 @@ use super::{
     netns::{Child, Netns, PinRoot, output_with_timeout},
 };
 
-/// How long an agent may take to serve its API after it was started.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent may take to serve its API after it was started (the
+/// verifier takes seconds for the XDP program, more when other tests load
+/// the CPU).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -138,8 +140,20 @@ impl AgentEnv {
         output_with_timeout(&mut self.cli_cmd(None, args), CLI_TIMEOUT)
     }
 
-    /// Like [`AgentEnv::cli`], and asserts success.
+    /// Like [`AgentEnv::cli`], and asserts success. After a change through
+    /// the agent, checks that the agent's desired policy is exactly what the
+    /// maps the attached program reads hold ([`assert_agent_matches_kernel`]).
     pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli_ok_unchecked(args);
+        if changes_policy(args) && !args.contains(&"--no-agent") && serving(&self.socket) {
+            assert_agent_matches_kernel(self);
+        }
+        out
+    }
+
+    /// [`AgentEnv::cli_ok`] without the read-back (for policies of a million
+    /// entries, where each read-back takes seconds).
+    pub fn cli_ok_unchecked(&self, args: &[&str]) -> Output {
         let out = self.cli(args);
         assert_ok(&format!("sluice {args:?}"), &out);
         out
@@ -274,6 +288,116 @@ pub fn api_get(socket: &Path, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// Any request over the unix socket (HTTP/1.1, one request per
+/// connection): the status code and body, or `None` when nothing answers.
+pub fn api_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(60))).ok()?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    if let Some(b) = body {
+        s.write_all(b.as_bytes()).ok()?;
+    }
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).ok()?;
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    // Chunked replies (axum streams large bodies): join the chunks.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(tail.get(..n)?);
+            rest = tail.get(n + 2..)?;
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    Some((code, body))
+}
+
+/// CLI commands that change the policy (for [`AgentEnv::cli_ok`]'s check).
+fn changes_policy(args: &[&str]) -> bool {
+    let words: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    match words.as_slice() {
+        ["deny" | "allow", "add" | "del", ..]
+        | ["rule", "add" | "del", ..]
+        | ["default" | "malformed" | "audit", ..]
+        | ["apply" | "rollback" | "attach" | "detach", ..] => true,
+        _ => false,
+    }
+}
+
+/// The agent's desired policy (`GET /v1/policy`) and its version.
+pub fn agent_policy(socket: &Path) -> (u64, sluice::policy::Policy) {
+    let (code, body) = api_request(socket, "GET", "/v1/policy", &[], None).expect("agent answers");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    let policy = serde_json::from_value(v["desired"]["policy"].clone()).expect("a policy");
+    (v["version"].as_u64().expect("version"), policy)
+}
+
+/// The policy the attached program judges packets by, read through the map
+/// ids in the program's own map list (not through the pins).
+pub fn kernel_policy(pin_root: &Path) -> sluice::policy::Policy {
+    let root = sluice::dataplane::PinRoot::new(pin_root);
+    let maps = sluice::dataplane::PolicyMaps::open_from_program(&root)
+        .unwrap_or_else(|e| panic!("reading the program's maps: {e}"));
+    sluice::policy::pinned_policy(&maps).unwrap_or_else(|e| panic!("reading the policy: {e}"))
+}
+
+/// The agent's view (lists, rules, settings) equals a read-back of the maps
+/// the attached program references. Retried when a background change (an
+/// escalation, an expiry) made a new version in between.
+pub fn assert_agent_matches_kernel(env: &AgentEnv) {
+    if !env.pin_root().join("prog").exists() {
+        return;
+    }
+    for _ in 0..5 {
+        let (v1, desired) = agent_policy(&env.socket);
+        let kernel = kernel_policy(env.pin_root());
+        let (v2, _) = agent_policy(&env.socket);
+        if v1 != v2 {
+            continue;
+        }
+        if desired != kernel {
+            let d = sluice::policy::PolicyDiff::between(&kernel, &desired);
+            panic!(
+                "the agent reports a policy the packets do not get (version {v1}); from the kernel's to the agent's:\n{d}"
+            );
+        }
+        return;
+    }
+    panic!("the agent's version kept changing; cannot compare");
+}
+
 /// Whether an agent answers `GET /v1/info` on `socket`.
 pub fn serving(socket: &Path) -> bool {
     api_get(socket, "/v1/info").is_some_and(|(code, _)| code == 200)
@@ -296,8 +420,14 @@ impl AgentProc {
     /// (at most [`READY_TIMEOUT`]) until it serves its API. Panics, with the
     /// agent's log, if it exits or is not serving in time.
     pub fn start(env: &AgentEnv, extra: &[&str]) -> AgentProc {
+        Self::start_within(env, extra, READY_TIMEOUT)
+    }
+
+    /// [`AgentProc::start`] with another limit (a million-entry policy
+    /// takes seconds to load).
+    pub fn start_within(env: &AgentEnv, extra: &[&str], timeout: Duration) -> AgentProc {
         let mut agent = AgentProc::spawn(env, extra);
-        agent.wait_ready();
+        agent.wait_ready_within(timeout);
         agent
     }
 
@@ -309,7 +439,7 @@ impl AgentProc {
     /// Like [`AgentProc::start`], run through `wrapper` (e.g. `setpriv ...`).
     pub fn start_wrapped(env: &AgentEnv, wrapper: &[&str], extra: &[&str]) -> AgentProc {
         let mut agent = AgentProc::spawn_wrapped(env, wrapper, extra);
-        agent.wait_ready();
+        agent.wait_ready_within(READY_TIMEOUT);
         agent
     }
 
@@ -339,8 +469,8 @@ impl AgentProc {
         }
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
+    fn wait_ready_within(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait agent") {
                 panic!(
@@ -353,7 +483,7 @@ impl AgentProc {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent is not serving {} after {READY_TIMEOUT:?}; its log:\n{}",
+                "the agent is not serving {} after {timeout:?}; its log:\n{}",
                 self.socket.display(),
                 self.log()
             );
@@ -395,6 +525,11 @@ impl AgentProc {
             "kill -{sig} {pid}: {}",
             std::io::Error::last_os_error()
         );
+    }
+
+    /// Waits for an agent that was only spawned.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        self.wait_ready_within(timeout);
     }
 
     /// SIGKILL and reap.

@@ -12,3 +12,4 @@ pub mod frames;
 pub mod kernel;
 pub mod model;
 pub mod netns;
+pub mod openapi;

@@ -571,6 +571,30 @@ impl Child {
     }
 }
 
+impl Child {
+    /// Waits at most `timeout` (then kills it) and collects its piped
+    /// stdout and stderr (small outputs: nothing reads them meanwhile).
+    pub fn wait_with_output_timeout(mut self, timeout: Duration) -> std::process::Output {
+        use std::io::Read as _;
+        let status = self
+            .wait_timeout(timeout)
+            .unwrap_or_else(|| self.kill_and_wait());
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            let _ = o.read_to_end(&mut stdout);
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_end(&mut stderr);
+        }
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
 impl Deref for Child {
     type Target = std::process::Child;
     fn deref(&self) -> &Self::Target {
