@@ -115,6 +115,9 @@ impl Out {
                 r.link_id
             );
         }
+        if let Some(tc) = &r.tc {
+            println!("tc egress: {}", tc_summary(tc));
+        }
     }
 
     pub fn detach(&self, r: &DetachReport) {
@@ -302,11 +305,12 @@ impl Out {
                     } else {
                         "attached".into()
                     },
+                    a.tc.as_ref().map_or_else(|| "-".to_string(), tc_summary),
                 ]
             })
             .collect();
         table(
-            &["INTERFACE", "NETNS", "MODE", "PROG", "LINK", "STATE"],
+            &["INTERFACE", "NETNS", "MODE", "PROG", "LINK", "STATE", "TC EGRESS"],
             &rows,
         );
         println!();
@@ -607,4 +611,20 @@ impl Out {
             );
         }
     }
+}
+
+/// "tcx", or "clsact pref 20942 handle 0x51ce (fallback: ...)", and
+/// "not live" when the kernel no longer has it.
+fn tc_summary(tc: &crate::dataplane::tc::TcStatus) -> String {
+    let mut out = tc.mode.name().to_string();
+    if let (Some(p), Some(h)) = (tc.priority, tc.handle) {
+        out.push_str(&format!(" pref {p} handle {h:#x}"));
+    }
+    if let Some(why) = &tc.fallback {
+        out.push_str(&format!(" (fallback: {why})"));
+    }
+    if !tc.live {
+        out.push_str(", not live");
+    }
+    out
 }

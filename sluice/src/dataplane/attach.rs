@@ -6,9 +6,8 @@ use std::{ffi::CString, os::fd::AsFd as _, path::Path};
 use aya::{
     EbpfLoader,
     programs::{
-        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramInfo, SchedClassifier, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
     },
 };
 use aya_obj::programs::XdpAttachType;
@@ -21,7 +20,7 @@ use super::{
     DataplaneError, OBJECT,
     pins::{self, PinRoot, RootLock},
     policy::PolicyMaps,
-    sys,
+    sys, tc,
 };
 
 #[derive(
@@ -75,6 +74,9 @@ pub struct AttachReport {
     pub readopted: bool,
     pub program_id: u32,
     pub link_id: u32,
+    /// The TC egress attachment made or re-adopted with it.
+    #[serde(default)]
+    pub tc: Option<tc::TcStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -94,6 +96,10 @@ pub struct Attachment {
     pub program_id: u32,
     /// The interface index the link is attached to; 0 when the interface is gone.
     pub ifindex: u32,
+    /// The TC egress attachment on the same interface: TCX, or the clsact
+    /// fallback on kernels without TCX.
+    #[serde(default)]
+    pub tc: Option<tc::TcStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -163,7 +169,7 @@ fn parse_link_pin_name(name: &str) -> Option<(String, String, AttachMode)> {
     Some((netns, iface, mode))
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+pub(super) fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -225,11 +231,11 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     };
     let result = (|| {
         let mut ebpf = load_program(root, &specs)?;
-        let _ = std::fs::remove_file(tc_prog_path(root));
+        let _ = std::fs::remove_file(tc::prog_path(root));
         tc_of(&mut ebpf)?
-            .pin(tc_prog_path(root))
+            .pin(tc::prog_path(root))
             .map_err(|e| DataplaneError::Io {
-                what: format!("pinning {}", tc_prog_path(root).display()),
+                what: format!("pinning {}", tc::prog_path(root).display()),
                 source: std::io::Error::other(e.to_string()),
             })?;
         let prog = xdp_of(&mut ebpf)?;
@@ -251,7 +257,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     if result.is_err() {
         cleanup(root);
         let _ = std::fs::remove_file(root.prog());
-        let _ = std::fs::remove_file(tc_prog_path(root));
+        let _ = std::fs::remove_file(tc::prog_path(root));
     }
     result
 }
@@ -385,73 +391,24 @@ fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
     Ok(prog)
 }
 
-fn tc_prog_path(root: &PinRoot) -> std::path::PathBuf {
-    root.prog_dir().join(TC_EGRESS_PROGRAM)
-}
-
-fn tc_links_dir(root: &PinRoot) -> std::path::PathBuf {
-    root.root.join("tc-links")
-}
-
-/// Pin of the TC egress link on `iface`: `tc-links/<netns>:<ifname>`.
-fn tc_link_path(root: &PinRoot, netns: &str, iface: &str) -> std::path::PathBuf {
-    tc_links_dir(root).join(format!("{netns}:{iface}"))
-}
-
-/// Attaches the TC egress program (reverse NAT) to `iface` with TCX and
-/// pins the link, unless a live one is pinned already; adds the interface
-/// to the LB's redirect targets.
-fn attach_tc(root: &PinRoot, iface: &str, index: u32, netns: &str) -> Result<(), DataplaneError> {
-    let attach_err = |detail: String| DataplaneError::Attach {
-        iface: iface.to_string(),
-        mode: "tc egress",
-        detail,
-    };
+/// Attaches the TC egress program (reverse NAT) to `iface`, or re-adopts
+/// its pinned attachment; adds the interface to the LB's redirect targets.
+fn attach_tc(
+    root: &PinRoot,
+    iface: &str,
+    index: u32,
+    netns: &str,
+) -> Result<tc::TcStatus, DataplaneError> {
     super::lb::add_tx_port(root, index)?;
-    let path = tc_link_path(root, netns, iface);
-    if path.exists() {
-        let live = sys::obj_get(&path)
-            .and_then(|fd| sys::link_info(&fd))
-            // A TCX link's info starts with its ifindex too.
-            .is_ok_and(|info| info.xdp_ifindex == index);
-        if live {
-            return Ok(());
-        }
-        std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
-    }
-    let mut prog = SchedClassifier::from_pin(tc_prog_path(root))
-        .map_err(|e| attach_err(format!("opening the pinned TC program: {e}")))?;
-    let id = prog
-        .attach_with_options(
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| {
-            attach_err(format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            ))
-        })?;
-    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
-    std::fs::create_dir_all(tc_links_dir(root))
-        .map_err(io_err(format!("creating {}", tc_links_dir(root).display())))?;
-    fd_link.pin(&path).map_err(|e| DataplaneError::Io {
-        what: format!("pinning {}", path.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(())
+    tc::attach(root, iface, index, netns)
 }
 
-/// Removes the TC egress link of `iface` (detaching it) and the interface
-/// from the redirect targets.
+/// Removes the TC egress attachment of `iface` and the interface from the
+/// redirect targets.
 fn detach_tc(root: &PinRoot, iface: &str, netns: &str) {
-    let path = tc_link_path(root, netns, iface);
-    let _ = std::fs::remove_file(path);
-    if let Some(index) = ifindex(iface) {
+    let index = ifindex(iface);
+    tc::detach(root, iface, index, netns);
+    if let Some(index) = index {
         let _ = super::lb::remove_tx_port(root, index);
     }
 }
@@ -532,7 +489,7 @@ pub fn attach(
         let live = info.xdp_ifindex == index;
         let mode_differs = mode != AttachMode::Auto && mode != pinned_mode;
         if live && !mode_differs {
-            attach_tc(root, iface, index, netns)?;
+            let tc = attach_tc(root, iface, index, netns)?;
             return Ok(AttachReport {
                 interface: iface.to_string(),
                 netns: netns.to_string(),
@@ -541,6 +498,7 @@ pub fn attach(
                 readopted: true,
                 program_id: info.prog_id,
                 link_id: info.id,
+                tc: Some(tc),
             });
         }
         // The interface it was attached to is gone (or was re-created), or a
@@ -553,12 +511,17 @@ pub fn attach(
     }
 
     let mut result = attach_prog(root, &mut prog, iface, index, mode, netns);
-    if let Ok(r) = &result
-        && let Err(e) = attach_tc(root, iface, index, netns)
-    {
-        // Both hooks or neither: the XDP link just made goes again.
-        let _ = std::fs::remove_file(root.links_dir().join(link_pin_name(netns, iface, r.mode)));
-        result = Err(e);
+    if let Ok(r) = &mut result {
+        match attach_tc(root, iface, index, netns) {
+            Ok(tc) => r.tc = Some(tc),
+            Err(e) => {
+                // Both hooks or neither: the XDP link just made goes again.
+                let _ = std::fs::remove_file(
+                    root.links_dir().join(link_pin_name(netns, iface, r.mode)),
+                );
+                result = Err(e);
+            }
+        }
     }
     if let (Err(e), Some(old)) = (&result, previous_mode) {
         // A refused mode change must not leave the interface unfiltered.
@@ -648,6 +611,7 @@ fn attach_prog(
         readopted: false,
         program_id: info.program_id(),
         link_id: info.id(),
+        tc: None,
     })
 }
 
@@ -753,6 +717,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
     for (netns, iface, mode, path) in pinned_links(root)? {
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
+        let tc = tc::status(root, &iface, &netns);
         st.attachments.push(Attachment {
             interface: iface,
             netns,
@@ -760,6 +725,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
             link_id: info.id,
             program_id: info.prog_id,
             ifindex: info.xdp_ifindex,
+            tc,
         });
     }
     if root.prog().exists() {
@@ -842,24 +808,16 @@ pub struct UpgradeReport {
 /// re-pins it. Links whose swap fails keep the old program (it stays
 /// loaded while a link uses it).
 fn upgrade_tc(root: &PinRoot, ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
-    let path = tc_prog_path(root);
+    let path = tc::prog_path(root);
+    // Held open so the old program stays loaded until every attachment
+    // has moved (or keeps it, if its swap failed).
     let old_fd = sys::obj_get(&path).ok();
-    let tc = tc_of(ebpf)?;
-    let new_fd = tc.fd().map_err(|e| DataplaneError::Load {
-        detail: e.to_string(),
-    })?;
-    if let (Some(old_fd), Ok(entries)) = (&old_fd, std::fs::read_dir(tc_links_dir(root))) {
-        for e in entries.flatten() {
-            if let Ok(link) = sys::obj_get(&e.path()) {
-                let _ = sys::link_update(link.as_fd(), new_fd.as_fd(), old_fd.as_fd());
-            }
-        }
-    }
     let _ = std::fs::remove_file(&path);
-    tc.pin(&path).map_err(|e| DataplaneError::Io {
+    tc_of(ebpf)?.pin(&path).map_err(|e| DataplaneError::Io {
         what: format!("pinning {}", path.display()),
         source: std::io::Error::other(e.to_string()),
-    })
+    })?;
+    tc::upgrade(root, old_fd, &path)
 }
 
 pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneError> {

@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod stats;
 pub mod sys;
+pub mod tc;
 
 use std::{io, path::PathBuf};
 
@@ -77,6 +78,19 @@ pub enum DataplaneError {
         iface: String,
         mode: &'static str,
         detail: String,
+    },
+    #[error(
+        "the clsact egress filter slot sluice uses on {iface} (priority {priority}, handle \
+         {handle:#x}) holds another owner's {kind} filter{}; sluice does not replace it \
+         (this kernel has no TCX, so sluice falls back to clsact)",
+        if name.is_empty() { String::new() } else { format!(" ({name})") }
+    )]
+    TcSlotTaken {
+        iface: String,
+        priority: u16,
+        handle: u32,
+        kind: String,
+        name: String,
     },
     #[error(
         "upgrading the program on {iface} failed: {detail}; every interface keeps the old program"
