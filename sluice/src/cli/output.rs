@@ -115,7 +115,9 @@ impl Out {
                 r.link_id
             );
         }
-        if let Some(tc) = &r.tc {
+        if !self.json
+            && let Some(tc) = &r.tc
+        {
             println!("tc egress: {}", tc_summary(tc));
         }
     }
@@ -263,6 +265,17 @@ impl Out {
                 .map(|n| format!(", {n} insns verified"))
                 .unwrap_or_default()
         );
+        if !s.programs.is_empty() {
+            let each: Vec<String> = s
+                .programs
+                .iter()
+                .map(|p| match p.verified_insns {
+                    Some(n) => format!("{} ({n} insns verified)", p.name),
+                    None => p.name.clone(),
+                })
+                .collect();
+            println!("programs: {}", each.join(", "));
+        }
         if p.bpf_stats_enabled {
             let avg = if p.run_count > 0 {
                 p.run_time_ns as f64 / p.run_count as f64
@@ -310,7 +323,15 @@ impl Out {
             })
             .collect();
         table(
-            &["INTERFACE", "NETNS", "MODE", "PROG", "LINK", "STATE", "TC EGRESS"],
+            &[
+                "INTERFACE",
+                "NETNS",
+                "MODE",
+                "PROG",
+                "LINK",
+                "STATE",
+                "TC EGRESS",
+            ],
             &rows,
         );
         println!();

@@ -141,6 +141,9 @@ pub struct Status {
     /// Load-balanced services: backends in each state.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// Every program: the XDP entry, the programs it tail-calls, TC egress.
+    #[serde(default)]
+    pub programs: Vec<ProgramStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -330,13 +333,11 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
     })?;
     xdp_of(&mut ebpf)?
         .load()
-        .map_err(|e| DataplaneError::Load {
-            detail: verifier_detail(&e),
-        })?;
+        .map_err(|e| load_error(XDP_PROGRAM, e))?;
     fill_jumps(&mut ebpf)?;
-    tc_of(&mut ebpf)?.load().map_err(|e| DataplaneError::Load {
-        detail: verifier_detail(&e),
-    })?;
+    tc_of(&mut ebpf)?
+        .load()
+        .map_err(|e| load_error(TC_EGRESS_PROGRAM, e))?;
     Ok(ebpf)
 }
 
@@ -369,7 +370,7 @@ fn load_jump_target(
         .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
-    prog.load().map_err(|e| load_err(verifier_detail(&e)))?;
+    prog.load().map_err(|e| load_error(name, e))?;
     prog.fd()
         .map_err(|e| load_err(e.to_string()))?
         .try_clone()
@@ -434,21 +435,123 @@ impl PolicyMapsInit {
     }
 }
 
-fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+/// Lines of the verifier's log a refusal shows (its verdict is at the end).
+const LOG_TAIL_LINES: usize = 20;
+
+/// Kernel features sluice's programs use that Linux 6.1 (the oldest kernel
+/// the test suite runs) has, with the first kernel that has each: a
+/// refusal on an older kernel names what it lacks.
+const KERNEL_FEATURES: &[(&str, (u32, u32))] = &[
+    ("BPF ring buffers", (5, 8)),
+    ("bpf_link for XDP", (5, 9)),
+    ("the bpf_loop helper", (5, 17)),
+    ("the bpf_xdp_load_bytes helper", (5, 18)),
+];
+
+/// This kernel's (major, minor) from uname.
+fn kernel_version() -> Option<(u32, u32)> {
+    let u = nix::sys::utsname::uname().ok()?;
+    let release = u.release().to_str()?;
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// What this kernel is too old for, if anything (versions only hint: a
+/// distribution kernel may have backported features, so nothing is refused
+/// on this ground; the verifier decides).
+fn missing_features() -> Option<String> {
+    let (major, minor) = kernel_version()?;
+    let missing: Vec<String> = KERNEL_FEATURES
+        .iter()
+        .filter(|(_, v)| (major, minor) < *v)
+        .map(|(f, (a, b))| format!("{f} needs Linux {a}.{b}+"))
+        .collect();
+    (!missing.is_empty()).then(|| format!("this is Linux {major}.{minor}: {}", missing.join(", ")))
+}
+
+/// A failed program load as a `DataplaneError` naming the program: for a
+/// verifier refusal, with the errno and the last lines of its log.
+pub fn load_error(program: &str, e: aya::programs::ProgramError) -> DataplaneError {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!(
-                "{io_error}\nverifier log (last lines):\n{}",
-                tail.join("\n")
-            )
+            if io_error.kind() == std::io::ErrorKind::PermissionDenied && log.trim().is_empty() {
+                return DataplaneError::Permission {
+                    what: format!("loading program {program}"),
+                };
+            }
+            DataplaneError::Verifier {
+                program: program.to_string(),
+                source: io_error,
+                log_tail: tail.join("\n"),
+                hint: missing_features(),
+            }
         }
-        other => other.to_string(),
+        other => DataplaneError::Load {
+            detail: format!("program {program}: {other}"),
+        },
+    }
+}
+
+/// Loads (verifies) program `name` of `ebpf` as XDP.
+pub fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Load {
+            detail: format!("program {name} missing from the object"),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
+            detail: e.to_string(),
+        })?;
+    prog.load().map_err(|e| load_error(name, e))
+}
+
+/// Every program of the dataplane pinned at `root` (the XDP entry, the
+/// programs it tail-calls, TC egress), as the kernel reports it.
+pub fn programs(root: &PinRoot) -> Result<Vec<ProgramStatus>, DataplaneError> {
+    let mut ids = Vec::new();
+    for path in [root.prog(), tc::prog_path(root)] {
+        if let Ok(info) = ProgramInfo::from_pin(&path) {
+            ids.push(info.id());
+        }
+    }
+    let jump = root.map(map_names::JUMP);
+    if let Ok(fd) = sys::obj_get(&jump) {
+        for slot in 0..sluice_common::JUMP_SLOTS {
+            match sys::map_lookup_u32(fd.as_fd(), slot) {
+                Ok(id) => ids.push(id),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(io_err(format!("reading {}", jump.display()))(e)),
+            }
+        }
+    }
+    let stats = bpf_stats_enabled();
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if let Some(pos) = ids.iter().position(|id| *id == info.id()) {
+            out.push((pos, program_status(&info, stats)));
+        }
+    }
+    out.sort_by_key(|(pos, _)| *pos);
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+fn program_status(info: &ProgramInfo, stats: bool) -> ProgramStatus {
+    ProgramStatus {
+        id: info.id(),
+        tag: format!("{:016x}", info.tag()),
+        name: info.name_as_str().unwrap_or("").to_string(),
+        bpf_stats_enabled: stats,
+        run_count: info.run_count(),
+        run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        jited_bytes: info.size_jitted(),
+        verified_insns: info.verified_instruction_count(),
     }
 }
 
@@ -710,6 +813,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         rule_capacity: sluice_common::MAX_RULES,
         lists: Vec::new(),
         services: Vec::new(),
+        programs: Vec::new(),
     };
     if !root.root.exists() {
         return Ok(st);
@@ -733,16 +837,8 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
             path: root.prog(),
             detail: e.to_string(),
         })?;
-        st.program = Some(ProgramStatus {
-            id: info.id(),
-            tag: format!("{:016x}", info.tag()),
-            name: info.name_as_str().unwrap_or("").to_string(),
-            bpf_stats_enabled: bpf_stats_enabled(),
-            run_count: info.run_count(),
-            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-            jited_bytes: info.size_jitted(),
-            verified_insns: info.verified_instruction_count(),
-        });
+        st.program = Some(program_status(&info, bpf_stats_enabled()));
+        st.programs = programs(root)?;
         let maps = PolicyMaps::open(root)?;
         let g = maps.active_generation()?;
         let s = maps.settings(g)?;

@@ -73,6 +73,21 @@ pub enum DataplaneError {
     UnknownInterface { name: String, netns: String },
     #[error("the kernel refused the XDP program: {detail}")]
     Load { detail: String },
+    /// The verifier refused one of sluice's programs.
+    #[error(
+        "the kernel's verifier refused program {program}: {source}{}\nverifier log (last lines):\n{log_tail}",
+        hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
+    Verifier {
+        program: String,
+        #[source]
+        source: io::Error,
+        /// The last lines of the verifier's log.
+        log_tail: String,
+        /// What this kernel lacks that sluice needs, when it is too old for
+        /// a feature sluice's programs use.
+        hint: Option<String>,
+    },
     #[error("attaching XDP to {iface} in {mode} mode failed: {detail}")]
     Attach {
         iface: String,

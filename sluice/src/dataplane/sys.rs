@@ -120,6 +120,26 @@ pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
     Ok(out)
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// The `u32` value at `key` of a map with `u32` keys and values (for a
+/// program array: the id of the program in that slot; ENOENT when empty).
+pub fn map_lookup_u32(map: BorrowedFd<'_>, key: u32) -> io::Result<u32> {
+    let mut value = 0u32;
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: (&raw const key) as u64,
+        value: (&raw mut value) as u64,
+        ..ElemAttr::default()
+    };
+    bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        (&raw mut attr).cast(),
+        size_of::<ElemAttr>(),
+    )?;
+    Ok(value)
+}
+
 /// Deletes `keys` in batches. Missing keys are an error (ENOENT) from the kernel.
 pub fn map_delete_batch(
     map: BorrowedFd<'_>,

@@ -200,7 +200,10 @@ fn attach_clsact(
         Err(e) => {
             return Err(attach_err(
                 iface,
-                format!("adding the clsact qdisc: {}", describe(&ProgramError::from(e))),
+                format!(
+                    "adding the clsact qdisc: {}",
+                    describe(&ProgramError::from(e))
+                ),
             ));
         }
     }
@@ -409,7 +412,8 @@ pub(super) fn upgrade(
     old_prog: Option<std::os::fd::OwnedFd>,
     new_prog: &Path,
 ) -> Result<(), DataplaneError> {
-    let new_fd = sys::obj_get(new_prog).map_err(io_err(format!("opening {}", new_prog.display())))?;
+    let new_fd =
+        sys::obj_get(new_prog).map_err(io_err(format!("opening {}", new_prog.display())))?;
     let Ok(entries) = std::fs::read_dir(links_dir(root)) else {
         return Ok(());
     };
