@@ -28,6 +28,17 @@ use super::{
 /// How long an agent may take to serve its API after it was started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long to wait for the agent to serve: [`READY_TIMEOUT`], times six
+/// inside the emulated guest of the kernel tier (`SLUICE_GUEST`), where
+/// loading and verifying the programs alone takes about ten seconds.
+fn ready_timeout() -> Duration {
+    if std::env::var_os("SLUICE_GUEST").is_some() {
+        READY_TIMEOUT * 6
+    } else {
+        READY_TIMEOUT
+    }
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 // ---------------------------------------------------------------------------
@@ -340,7 +351,8 @@ impl AgentProc {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let limit = ready_timeout();
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait agent") {
                 panic!(
@@ -353,7 +365,7 @@ impl AgentProc {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent is not serving {} after {READY_TIMEOUT:?}; its log:\n{}",
+                "the agent is not serving {} after {limit:?}; its log:\n{}",
                 self.socket.display(),
                 self.log()
             );
