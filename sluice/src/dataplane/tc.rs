@@ -314,7 +314,7 @@ fn clsact_status(program_id: u32, live: bool) -> TcStatus {
 /// it still runs `program_id` (whatever else sits there is not sluice's).
 fn remove_clsact_filter(iface: &str, index: u32, program_id: u32) -> Result<(), DataplaneError> {
     let slot = clsact_slot(index).map_err(io_err(format!("listing TC filters of {iface}")))?;
-    if !slot.is_some_and(|f| f.prog_id == program_id) {
+    if slot.is_none_or(|f| f.prog_id != program_id) {
         return Ok(());
     }
     let link = SchedClassifierLink::attached(

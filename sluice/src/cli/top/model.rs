@@ -498,6 +498,7 @@ mod tests {
                 capacity: 1_048_576,
             }],
             services: Vec::new(),
+            programs: Vec::new(),
         }
     }
 
