@@ -83,11 +83,6 @@ const SUITES: &[Suite] = &[
         ],
         limit: Duration::from_secs(300),
     },
-    Suite {
-        binary: "syn_flood",
-        args: &["syn_flood_v4_real_client_gets_through"],
-        limit: Duration::from_secs(300),
-    },
 ];
 
 /// Writes straight to the process's stderr, past libtest's capture, so the
@@ -308,11 +303,6 @@ fn lts_atomicity() {
 #[test]
 fn lts_e2e_netns() {
     check("e2e_netns");
-}
-
-#[test]
-fn lts_syn_flood() {
-    check("syn_flood");
 }
 
 #[test]
