@@ -6,7 +6,10 @@
 #     ipset, ping, ethtool, ...);
 #   - rust-src for the nightly toolchain (the BPF target builds `core` itself);
 #   - bpf-linker, built against LLVM 22;
-#   - bpffs mounted at /sys/fs/bpf (where sluice pins its maps).
+#   - bpffs mounted at /sys/fs/bpf (where sluice pins its maps);
+#   - for the Linux 6.1 test tier (sluice/tests/lts.rs): qemu and busybox
+#     (Debian packages) and Debian's 6.1 cloud kernel, downloaded as a .deb
+#     and unpacked into a cache directory (never installed into /boot).
 #
 # Idempotent: it only does what is missing, prints one line per thing it
 # installs and nothing at all when everything is already there. Needs root
@@ -27,6 +30,7 @@ PACKAGES=(
     llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev clang bpftool iproute2
     iptables nftables ipset iputils-ping tcpdump procps kmod ethtool
     make gcc libc6-dev python3 ca-certificates
+    qemu-system-x86 busybox-static
 )
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -95,4 +99,62 @@ if ! mountpoint -q /sys/fs/bpf; then
     say "mounting bpffs at /sys/fs/bpf"
     as_root mkdir -p /sys/fs/bpf
     as_root mount -t bpf bpf /sys/fs/bpf
+fi
+
+# --- Linux 6.1 for the LTS test tier ------------------------------------------
+# Debian's 6.1 cloud kernel (the newest ABI apt offers; never a hard-coded
+# number), unpacked under $LTS_CACHE/<package>_<version>, with
+# $LTS_CACHE/current pointing at it. A failure here is not fatal: the tier
+# then says it is skipped and why.
+LTS_CACHE=${SLUICE_LTS_CACHE:-/var/cache/sluice/linux-6.1}
+lts_package() {
+    apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' 2>/dev/null \
+        | awk '{print $1}' | sort -V | tail -n 1
+}
+lts_fetch() {
+    local pkg version dir tmp
+    pkg=$(lts_package)
+    if [ -z "$pkg" ]; then
+        quietly as_root apt-get update -q
+        pkg=$(lts_package)
+    fi
+    if [ -z "$pkg" ]; then
+        say "no Linux 6.1 cloud kernel package in apt's lists: the 6.1 test tier will be skipped"
+        return 0
+    fi
+    version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+    dir="$LTS_CACHE/${pkg}_${version}"
+    if [ -f "$dir/.complete" ]; then
+        [ "$(readlink "$LTS_CACHE/current" 2>/dev/null)" = "${pkg}_${version}" ] \
+            || as_root ln -sfn "${pkg}_${version}" "$LTS_CACHE/current"
+        return 0
+    fi
+    say "fetching $pkg $version for the 6.1 test tier (apt-get download into $LTS_CACHE)"
+    as_root mkdir -p "$LTS_CACHE"
+    tmp=$(mktemp -d)
+    if ! (cd "$tmp" && quietly apt-get download -q "$pkg=$version"); then
+        rm -rf "$tmp"
+        say "cannot download $pkg: the 6.1 test tier will be skipped"
+        return 0
+    fi
+    as_root rm -rf "$dir"
+    as_root mkdir -p "$dir"
+    quietly as_root dpkg-deb -x "$tmp"/*.deb "$dir"
+    rm -rf "$tmp"
+    # The package leaves modules.dep to its install scripts: the tier needs
+    # it to load veth, clsact and cls_bpf with their dependencies.
+    local release
+    release=$(basename "$dir"/boot/vmlinuz-* | sed 's/^vmlinuz-//')
+    quietly as_root depmod -b "$dir" "$release"
+    as_root touch "$dir/.complete"
+    as_root ln -sfn "${pkg}_${version}" "$LTS_CACHE/current"
+    # Only the current kernel is kept.
+    for old in "$LTS_CACHE"/*_*; do
+        [ "$old" = "$dir" ] || as_root rm -rf "$old"
+    done
+}
+if [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ]; then
+    lts_fetch
+elif [ ! -e "$LTS_CACHE/current" ]; then
+    say "not an amd64 host: no Linux 6.1 cloud kernel; the 6.1 test tier will be skipped"
 fi

@@ -1,6 +1,8 @@
 //! Benchmark-only XDP programs: the ceiling (drop everything), a minimal
 //! hand-written source lookup to compare sluice's pipeline against, and the
-//! traffic generator driven by BPF_PROG_TEST_RUN with live frames.
+//! traffic generator driven by BPF_PROG_TEST_RUN with live frames. Also
+//! one program every verifier refuses, for the test of how sluice reports
+//! a refusal (sluice/tests/compat.rs).
 #![no_std]
 #![no_main]
 
@@ -32,6 +34,20 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// Reads the first byte of the frame without checking it is there: every
+/// kernel's verifier refuses this (invalid access to packet). Never loaded
+/// except by the test of verifier refusals.
+#[xdp]
+pub fn probe_refused(ctx: XdpContext) -> u32 {
+    // SAFETY: none; the verifier is meant to refuse it.
+    let first = unsafe { core::ptr::read_volatile(ctx.data() as *const u8) };
+    if first == 0 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
 
 /// The ceiling: the cheapest possible XDP program.

@@ -20,8 +20,8 @@ use crate::{
     ddos::{self, Limit},
     lb,
     maps::{
-        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, LB_VERDICT, RULE_STATS,
-        RULES, SETTINGS,
+        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, LB_PACKET, LB_VERDICT,
+        RULE_STATS, RULES, SETTINGS,
     },
     observe,
     parse::{Packet, Parsed, parse},
@@ -56,51 +56,111 @@ pub enum Action {
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> Action {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let parsed = parse(ctx);
-    let (family, l4, outcome, pkt) = match parsed {
-        Parsed::NotIp => (
-            Family::Other,
-            L4::None,
-            Outcome::of(Verdict::Pass, Reason::NotIp),
-            None,
-        ),
-        Parsed::Malformed(family) => (
-            family,
-            L4::None,
-            Outcome::of(malformed_action(), Reason::Malformed),
-            None,
-        ),
-        Parsed::Ip(ref pkt) => (pkt.family, pkt.l4, judge(pkt, bytes), Some(pkt)),
+    // The parsed packet and then the verdict go into this CPU's hand-off
+    // slots (the LB program reads the same slots after its tail call), and
+    // each stage after parsing reads them back from there: values from map
+    // memory are unknown to the verifier, so the many paths through parsing
+    // (and then through judging) meet in one state where the next stage
+    // starts, which is then verified about once instead of once per path.
+    // Linux 6.1's verifier ran out of its 1M instructions otherwise.
+    let (Some(slot), Some(v)) = (LB_PACKET.get_ptr_mut(0), LB_VERDICT.get_ptr_mut(0)) else {
+        // Cannot happen (one-entry arrays); fail closed.
+        return Action::Drop;
     };
-    if let Some(p) = pkt {
-        if outcome.verdict != Verdict::Drop && !outcome.challenge && lb::is_vip(p) {
-            // The load balancer counts the packet and writes its flow
-            // record once it knows the backend (and the final verdict).
-            observe::capture(ctx, &outcome, bytes);
-            if let Some(v) = LB_VERDICT.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot; the tail call runs on this CPU next.
-                unsafe {
-                    *v = [
-                        outcome.reason as u32,
-                        outcome.matched,
-                        outcome.verdict as u32,
-                        0,
-                    ];
-                };
-            }
-            lb::hand_over(p);
-            // SAFETY: JUMP holds XDP programs only.
-            unsafe {
-                let _ = JUMP.tail_call(ctx, JUMP_LB);
-            }
-            // No LB program (cannot happen once loaded): the stack decides.
+    let slot = slot.cast::<Packet>();
+    let mut flags = 0;
+    // SAFETY (all writes to `slot`): this CPU's slot, which a Packet fits.
+    let outcome = match parse(ctx) {
+        Parsed::NotIp => {
+            unsafe { slot.write(Packet::other(Family::Other)) };
+            Outcome::of(Verdict::Pass, Reason::NotIp)
         }
+        Parsed::Malformed(family) => {
+            unsafe { slot.write(Packet::other(family)) };
+            Outcome::of(malformed_action(), Reason::Malformed)
+        }
+        Parsed::Ip(pkt) => {
+            unsafe { slot.write(pkt) };
+            flags |= HANDOFF_IP;
+            // Read back through an opaque pointer: the optimiser must not
+            // hand the judge the values it just wrote.
+            // SAFETY: written just above.
+            judge(unsafe { &*core::hint::black_box(slot) }, bytes)
+        }
+    };
+    if outcome.challenge {
+        flags |= HANDOFF_CHALLENGE;
+    }
+    // SAFETY: this CPU's slot.
+    unsafe {
+        v.write([
+            outcome.reason as u32,
+            outcome.matched,
+            outcome.verdict as u32,
+            flags,
+        ]);
+    }
+    finish(ctx, slot, v)
+}
+
+/// `LB_VERDICT[0][3]` bits: the packet is IP (`LB_PACKET` holds its parse;
+/// otherwise only its family), and the SYN is to be answered with a challenge.
+const HANDOFF_IP: u32 = 1;
+const HANDOFF_CHALLENGE: u32 = 2;
+
+#[inline(always)]
+fn action(v: Verdict) -> Action {
+    match v {
+        Verdict::Pass | Verdict::Audit => Action::Pass,
+        Verdict::Drop => Action::Drop,
+    }
+}
+
+/// The second half of the pipeline, on the handed-over verdict and packet:
+/// the LB jump, counters, flow record, capture and the SYN challenge.
+#[inline(always)]
+fn finish(ctx: &XdpContext, slot: *const Packet, v: *const [u32; 4]) -> Action {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    // SAFETY: both point at this CPU's slots written just before; volatile
+    // so the optimiser cannot forward the values written (the point is
+    // that the verifier sees them come from memory).
+    let (words, pkt) = unsafe { (core::ptr::read_volatile(v), &*slot) };
+    let outcome = Outcome {
+        reason: Reason::from_u32(words[0]).unwrap_or(Reason::Default),
+        matched: words[1],
+        verdict: match words[2] {
+            w if w == Verdict::Drop as u32 => Verdict::Drop,
+            w if w == Verdict::Audit as u32 => Verdict::Audit,
+            _ => Verdict::Pass,
+        },
+        challenge: words[3] & HANDOFF_CHALLENGE != 0,
+    };
+    let is_ip = words[3] & HANDOFF_IP != 0;
+    let (family, l4) = (pkt.family, pkt.l4);
+    if is_ip && outcome.verdict != Verdict::Drop && !outcome.challenge && lb::is_vip(pkt) {
+        // The load balancer counts the packet and writes its flow record
+        // once it knows the backend (and the final verdict); the packet
+        // and verdict are in its slots already.
+        observe::capture(ctx, &outcome, bytes);
+        // SAFETY: JUMP holds XDP programs only.
+        unsafe {
+            let _ = JUMP.tail_call(ctx, JUMP_LB);
+        }
+        // No LB program (cannot happen once loaded): the stack decides.
     }
     count(
         counter_index(family, l4, outcome.verdict, outcome.reason),
         bytes,
     );
-    observe::flow(ctx, pkt, family, l4, &outcome, bytes, 0);
+    observe::flow(
+        ctx,
+        if is_ip { Some(pkt) } else { None },
+        family,
+        l4,
+        &outcome,
+        bytes,
+        0,
+    );
     observe::capture(ctx, &outcome, bytes);
     if outcome.challenge {
         // The rewrite runs as its own program (verified on its own, not
@@ -111,10 +171,7 @@ pub fn run(ctx: &XdpContext) -> Action {
         }
         return Action::Drop;
     }
-    match outcome.verdict {
-        Verdict::Pass | Verdict::Audit => Action::Pass,
-        Verdict::Drop => Action::Drop,
-    }
+    action(outcome.verdict)
 }
 
 #[inline(always)]

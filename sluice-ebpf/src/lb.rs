@@ -215,16 +215,6 @@ const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<Pac
 /// Room for a `Packet` in `LB_PACKET`.
 pub type PacketSlot = [u64; 12];
 
-/// Hands the parsed packet to the LB program (called right before the tail call).
-#[inline(always)]
-pub fn hand_over(pkt: &Packet) {
-    if let Some(slot) = LB_PACKET.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot large enough for a Packet; the tail call
-        // that reads it runs next on this CPU.
-        unsafe { slot.cast::<Packet>().write(*pkt) };
-    }
-}
-
 /// What the LB did with a packet.
 struct Decision {
     verdict: Verdict,

@@ -188,8 +188,10 @@ pub static LB_SVC_STATS: PerCpuArray<LbCounter> =
 #[map]
 pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_BACKENDS, 0);
 
-/// What the firewall decided for a packet it hands to the LB program by a
-/// tail call: (reason, matched, verdict, 0). Per-CPU scratch; one entry.
+/// What the firewall decided for the packet in hand: (reason, matched,
+/// verdict, hand-off flags). Written for every packet by the main program
+/// (whose second half reads it back) and read by the LB program after the
+/// tail call. Per-CPU scratch; one entry.
 #[map]
 pub static LB_VERDICT: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 0);
 
@@ -199,8 +201,8 @@ pub static LB_VERDICT: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 
 #[map]
 pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
-/// The packet as the main program parsed it, handed to the LB program with
-/// the tail call (`lb::PacketSlot`). Per-CPU scratch; one entry.
+/// The packet as the main program parsed it (`lb::PacketSlot`), written
+/// for every packet like `LB_VERDICT`. Per-CPU scratch; one entry.
 #[map]
 pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
 

@@ -136,6 +136,7 @@ pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64) {
         n = CAPTURE_SNAP;
     }
     let rec = entry.as_mut_ptr();
+    let copy_len = copy_len(n);
     // SAFETY: rec points at the reserved record; the copy stays inside its
     // data array (n <= CAPTURE_SNAP) and inside the frame (n <= len).
     let copied = unsafe {
@@ -148,13 +149,9 @@ pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64) {
             reason: out.reason as u8,
             _pad: 0,
         };
-        n > 0
-            && bpf_xdp_load_bytes(
-                ctx.ctx,
-                0,
-                (&raw mut (*rec).data).cast::<c_void>(),
-                n as u32,
-            ) == 0
+        copy_len.is_some_and(|c| {
+            bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*rec).data).cast::<c_void>(), c) == 0
+        })
     };
     if !copied {
         entry.discard(0);
@@ -165,4 +162,20 @@ pub fn capture(ctx: &XdpContext, out: &Outcome, len: u64) {
     unsafe { (*rec).header.cap_len = n as u32 };
     entry.submit(0);
     bump(stat::CAPTURED);
+}
+
+/// `n` as the length of a copy into a capture record: `None` for 0, else
+/// `n` (at most [`CAPTURE_SNAP`]). Written so that the verifier can see the
+/// length is at least 1: 6.1's verifier learns nothing from `n != 0`
+/// (which is what LLVM makes of any `n >= 1`; 6.18's does), but bounds
+/// `n - 1 < SNAP` to `[0, SNAP - 1]`, so `(n - 1) + 1` is `[1, SNAP]`;
+/// `black_box` keeps LLVM from folding `(n - 1) + 1` back into `n`.
+#[inline(always)]
+fn copy_len(n: usize) -> Option<u32> {
+    let m = core::hint::black_box(n.wrapping_sub(1));
+    if m < CAPTURE_SNAP {
+        Some(m as u32 + 1)
+    } else {
+        None
+    }
 }

@@ -67,6 +67,27 @@ pub const TCP_ECE: u8 = 0x40;
 pub const TCP_CWR: u8 = 0x80;
 
 impl Packet {
+    /// What is known of a frame that is not IP or failed parsing: its
+    /// family, and no transport (class `none`).
+    #[inline(always)]
+    pub const fn other(family: Family) -> Self {
+        Self {
+            family,
+            l4: L4::None,
+            proto: 0,
+            src: [0; 2],
+            dst: [0; 2],
+            sport: 0,
+            dport: 0,
+            has_ports: false,
+            tcp_flags: 0,
+            tcp_seq: 0,
+            fragment: false,
+            l3_off: 0,
+            l4_off: 0,
+        }
+    }
+
     /// A connection attempt: SYN without ACK.
     #[inline(always)]
     pub fn is_syn(&self) -> bool {

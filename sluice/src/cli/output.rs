@@ -120,6 +120,11 @@ impl Out {
                 r.link_id
             );
         }
+        if !self.json
+            && let Some(tc) = &r.tc
+        {
+            println!("tc egress: {}", tc_summary(tc));
+        }
     }
 
     pub fn detach(&self, r: &DetachReport) {
@@ -300,6 +305,17 @@ impl Out {
                 .map(|n| format!(", {n} insns verified"))
                 .unwrap_or_default()
         );
+        if !s.programs.is_empty() {
+            let each: Vec<String> = s
+                .programs
+                .iter()
+                .map(|p| match p.verified_insns {
+                    Some(n) => format!("{} ({n} insns verified)", p.name),
+                    None => p.name.clone(),
+                })
+                .collect();
+            println!("programs: {}", each.join(", "));
+        }
         if p.bpf_stats_enabled {
             let avg = if p.run_count > 0 {
                 p.run_time_ns as f64 / p.run_count as f64
@@ -342,11 +358,20 @@ impl Out {
                     } else {
                         "attached".into()
                     },
+                    a.tc.as_ref().map_or_else(|| "-".to_string(), tc_summary),
                 ]
             })
             .collect();
         table(
-            &["INTERFACE", "NETNS", "MODE", "PROG", "LINK", "STATE"],
+            &[
+                "INTERFACE",
+                "NETNS",
+                "MODE",
+                "PROG",
+                "LINK",
+                "STATE",
+                "TC EGRESS",
+            ],
             &rows,
         );
         println!();
@@ -647,4 +672,20 @@ impl Out {
             );
         }
     }
+}
+
+/// "tcx", or "clsact pref 20942 handle 0x51ce (fallback: ...)", and
+/// "not live" when the kernel no longer has it.
+fn tc_summary(tc: &crate::dataplane::tc::TcStatus) -> String {
+    let mut out = tc.mode.name().to_string();
+    if let (Some(p), Some(h)) = (tc.priority, tc.handle) {
+        out.push_str(&format!(" pref {p} handle {h:#x}"));
+    }
+    if let Some(why) = &tc.fallback {
+        out.push_str(&format!(" (fallback: {why})"));
+    }
+    if !tc.live {
+        out.push_str(", not live");
+    }
+    out
 }

@@ -6,9 +6,8 @@ use std::{ffi::CString, os::fd::AsFd as _, path::Path};
 use aya::{
     EbpfLoader,
     programs::{
-        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramInfo, SchedClassifier, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
     },
 };
 use aya_obj::programs::XdpAttachType;
@@ -21,7 +20,7 @@ use super::{
     DataplaneError, OBJECT,
     pins::{self, PinRoot, RootLock},
     policy::PolicyMaps,
-    sys,
+    sys, tc,
 };
 
 #[derive(
@@ -78,6 +77,9 @@ pub struct AttachReport {
     /// Map pins that were put back to the maps the programs read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<super::integrity::Finding>,
+    /// The TC egress attachment made or re-adopted with it.
+    #[serde(default)]
+    pub tc: Option<tc::TcStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -97,6 +99,10 @@ pub struct Attachment {
     pub program_id: u32,
     /// The interface index the link is attached to; 0 when the interface is gone.
     pub ifindex: u32,
+    /// The TC egress attachment on the same interface: TCX, or the clsact
+    /// fallback on kernels without TCX.
+    #[serde(default)]
+    pub tc: Option<tc::TcStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -141,6 +147,9 @@ pub struct Status {
     /// Whether the pinned maps are the ones the live programs read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<super::integrity::Report>,
+    /// Every program: the XDP entry, the programs it tail-calls, TC egress.
+    #[serde(default)]
+    pub programs: Vec<ProgramStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -169,7 +178,7 @@ fn parse_link_pin_name(name: &str) -> Option<(String, String, AttachMode)> {
     Some((netns, iface, mode))
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+pub(super) fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -231,11 +240,11 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     };
     let result = (|| {
         let mut ebpf = load_program(root, &specs)?;
-        let _ = std::fs::remove_file(tc_prog_path(root));
+        let _ = std::fs::remove_file(tc::prog_path(root));
         tc_of(&mut ebpf)?
-            .pin(tc_prog_path(root))
+            .pin(tc::prog_path(root))
             .map_err(|e| DataplaneError::Io {
-                what: format!("pinning {}", tc_prog_path(root).display()),
+                what: format!("pinning {}", tc::prog_path(root).display()),
                 source: std::io::Error::other(e.to_string()),
             })?;
         let prog = xdp_of(&mut ebpf)?;
@@ -257,7 +266,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
     if result.is_err() {
         cleanup(root);
         let _ = std::fs::remove_file(root.prog());
-        let _ = std::fs::remove_file(tc_prog_path(root));
+        let _ = std::fs::remove_file(tc::prog_path(root));
     }
     result
 }
@@ -330,13 +339,11 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
     })?;
     xdp_of(&mut ebpf)?
         .load()
-        .map_err(|e| DataplaneError::Load {
-            detail: verifier_detail(&e),
-        })?;
+        .map_err(|e| load_error(XDP_PROGRAM, e))?;
     fill_jumps(&mut ebpf)?;
-    tc_of(&mut ebpf)?.load().map_err(|e| DataplaneError::Load {
-        detail: verifier_detail(&e),
-    })?;
+    tc_of(&mut ebpf)?
+        .load()
+        .map_err(|e| load_error(TC_EGRESS_PROGRAM, e))?;
     Ok(ebpf)
 }
 
@@ -369,7 +376,7 @@ fn load_jump_target(
         .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
-    prog.load().map_err(|e| load_err(verifier_detail(&e)))?;
+    prog.load().map_err(|e| load_error(name, e))?;
     prog.fd()
         .map_err(|e| load_err(e.to_string()))?
         .try_clone()
@@ -391,73 +398,24 @@ fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
     Ok(prog)
 }
 
-fn tc_prog_path(root: &PinRoot) -> std::path::PathBuf {
-    root.prog_dir().join(TC_EGRESS_PROGRAM)
-}
-
-fn tc_links_dir(root: &PinRoot) -> std::path::PathBuf {
-    root.root.join("tc-links")
-}
-
-/// Pin of the TC egress link on `iface`: `tc-links/<netns>:<ifname>`.
-fn tc_link_path(root: &PinRoot, netns: &str, iface: &str) -> std::path::PathBuf {
-    tc_links_dir(root).join(format!("{netns}:{iface}"))
-}
-
-/// Attaches the TC egress program (reverse NAT) to `iface` with TCX and
-/// pins the link, unless a live one is pinned already; adds the interface
-/// to the LB's redirect targets.
-fn attach_tc(root: &PinRoot, iface: &str, index: u32, netns: &str) -> Result<(), DataplaneError> {
-    let attach_err = |detail: String| DataplaneError::Attach {
-        iface: iface.to_string(),
-        mode: "tc egress",
-        detail,
-    };
+/// Attaches the TC egress program (reverse NAT) to `iface`, or re-adopts
+/// its pinned attachment; adds the interface to the LB's redirect targets.
+fn attach_tc(
+    root: &PinRoot,
+    iface: &str,
+    index: u32,
+    netns: &str,
+) -> Result<tc::TcStatus, DataplaneError> {
     super::lb::add_tx_port(root, index)?;
-    let path = tc_link_path(root, netns, iface);
-    if path.exists() {
-        let live = sys::obj_get(&path)
-            .and_then(|fd| sys::link_info(&fd))
-            // A TCX link's info starts with its ifindex too.
-            .is_ok_and(|info| info.xdp_ifindex == index);
-        if live {
-            return Ok(());
-        }
-        std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
-    }
-    let mut prog = SchedClassifier::from_pin(tc_prog_path(root))
-        .map_err(|e| attach_err(format!("opening the pinned TC program: {e}")))?;
-    let id = prog
-        .attach_with_options(
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| {
-            attach_err(format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            ))
-        })?;
-    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-    let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
-    std::fs::create_dir_all(tc_links_dir(root))
-        .map_err(io_err(format!("creating {}", tc_links_dir(root).display())))?;
-    fd_link.pin(&path).map_err(|e| DataplaneError::Io {
-        what: format!("pinning {}", path.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(())
+    tc::attach(root, iface, index, netns)
 }
 
-/// Removes the TC egress link of `iface` (detaching it) and the interface
-/// from the redirect targets.
+/// Removes the TC egress attachment of `iface` and the interface from the
+/// redirect targets.
 fn detach_tc(root: &PinRoot, iface: &str, netns: &str) {
-    let path = tc_link_path(root, netns, iface);
-    let _ = std::fs::remove_file(path);
-    if let Some(index) = ifindex(iface) {
+    let index = ifindex(iface);
+    tc::detach(root, iface, index, netns);
+    if let Some(index) = index {
         let _ = super::lb::remove_tx_port(root, index);
     }
 }
@@ -483,21 +441,123 @@ impl PolicyMapsInit {
     }
 }
 
-fn verifier_detail(e: &aya::programs::ProgramError) -> String {
+/// Lines of the verifier's log a refusal shows (its verdict is at the end).
+const LOG_TAIL_LINES: usize = 20;
+
+/// Kernel features sluice's programs use that Linux 6.1 (the oldest kernel
+/// the test suite runs) has, with the first kernel that has each: a
+/// refusal on an older kernel names what it lacks.
+const KERNEL_FEATURES: &[(&str, (u32, u32))] = &[
+    ("BPF ring buffers", (5, 8)),
+    ("bpf_link for XDP", (5, 9)),
+    ("the bpf_loop helper", (5, 17)),
+    ("the bpf_xdp_load_bytes helper", (5, 18)),
+];
+
+/// This kernel's (major, minor) from uname.
+fn kernel_version() -> Option<(u32, u32)> {
+    let u = nix::sys::utsname::uname().ok()?;
+    let release = u.release().to_str()?;
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// What this kernel is too old for, if anything (versions only hint: a
+/// distribution kernel may have backported features, so nothing is refused
+/// on this ground; the verifier decides).
+fn missing_features() -> Option<String> {
+    let (major, minor) = kernel_version()?;
+    let missing: Vec<String> = KERNEL_FEATURES
+        .iter()
+        .filter(|(_, v)| (major, minor) < *v)
+        .map(|(f, (a, b))| format!("{f} needs Linux {a}.{b}+"))
+        .collect();
+    (!missing.is_empty()).then(|| format!("this is Linux {major}.{minor}: {}", missing.join(", ")))
+}
+
+/// A failed program load as a `DataplaneError` naming the program: for a
+/// verifier refusal, with the errno and the last lines of its log.
+pub fn load_error(program: &str, e: aya::programs::ProgramError) -> DataplaneError {
     match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!(
-                "{io_error}\nverifier log (last lines):\n{}",
-                tail.join("\n")
-            )
+            if io_error.kind() == std::io::ErrorKind::PermissionDenied && log.trim().is_empty() {
+                return DataplaneError::Permission {
+                    what: format!("loading program {program}"),
+                };
+            }
+            DataplaneError::Verifier {
+                program: program.to_string(),
+                source: io_error,
+                log_tail: tail.join("\n"),
+                hint: missing_features(),
+            }
         }
-        other => other.to_string(),
+        other => DataplaneError::Load {
+            detail: format!("program {program}: {other}"),
+        },
+    }
+}
+
+/// Loads (verifies) program `name` of `ebpf` as XDP.
+pub fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Load {
+            detail: format!("program {name} missing from the object"),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
+            detail: e.to_string(),
+        })?;
+    prog.load().map_err(|e| load_error(name, e))
+}
+
+/// Every program of the dataplane pinned at `root` (the XDP entry, the
+/// programs it tail-calls, TC egress), as the kernel reports it.
+pub fn programs(root: &PinRoot) -> Result<Vec<ProgramStatus>, DataplaneError> {
+    let mut ids = Vec::new();
+    for path in [root.prog(), tc::prog_path(root)] {
+        if let Ok(info) = ProgramInfo::from_pin(&path) {
+            ids.push(info.id());
+        }
+    }
+    let jump = root.map(map_names::JUMP);
+    if let Ok(fd) = sys::obj_get(&jump) {
+        for slot in 0..sluice_common::JUMP_SLOTS {
+            match sys::prog_array_get(fd.as_fd(), slot) {
+                Ok(Some(id)) => ids.push(id),
+                Ok(None) => {}
+                Err(e) => return Err(io_err(format!("reading {}", jump.display()))(e)),
+            }
+        }
+    }
+    let stats = bpf_stats_enabled();
+    let mut out = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if let Some(pos) = ids.iter().position(|id| *id == info.id()) {
+            out.push((pos, program_status(&info, stats)));
+        }
+    }
+    out.sort_by_key(|(pos, _)| *pos);
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+fn program_status(info: &ProgramInfo, stats: bool) -> ProgramStatus {
+    ProgramStatus {
+        id: info.id(),
+        tag: format!("{:016x}", info.tag()),
+        name: info.name_as_str().unwrap_or("").to_string(),
+        bpf_stats_enabled: stats,
+        run_count: info.run_count(),
+        run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        jited_bytes: info.size_jitted(),
+        verified_insns: info.verified_instruction_count(),
     }
 }
 
@@ -541,7 +601,7 @@ pub fn attach(
         let live = info.xdp_ifindex == index;
         let mode_differs = mode != AttachMode::Auto && mode != pinned_mode;
         if live && !mode_differs {
-            attach_tc(root, iface, index, netns)?;
+            let tc = attach_tc(root, iface, index, netns)?;
             return Ok(AttachReport {
                 interface: iface.to_string(),
                 netns: netns.to_string(),
@@ -551,6 +611,7 @@ pub fn attach(
                 program_id: info.prog_id,
                 link_id: info.id,
                 repaired,
+                tc: Some(tc),
             });
         }
         // The interface it was attached to is gone (or was re-created), or a
@@ -566,12 +627,17 @@ pub fn attach(
         r.repaired = repaired;
         r
     });
-    if let Ok(r) = &result
-        && let Err(e) = attach_tc(root, iface, index, netns)
-    {
-        // Both hooks or neither: the XDP link just made goes again.
-        let _ = std::fs::remove_file(root.links_dir().join(link_pin_name(netns, iface, r.mode)));
-        result = Err(e);
+    if let Ok(r) = &mut result {
+        match attach_tc(root, iface, index, netns) {
+            Ok(tc) => r.tc = Some(tc),
+            Err(e) => {
+                // Both hooks or neither: the XDP link just made goes again.
+                let _ = std::fs::remove_file(
+                    root.links_dir().join(link_pin_name(netns, iface, r.mode)),
+                );
+                result = Err(e);
+            }
+        }
     }
     if let (Err(e), Some(old)) = (&result, previous_mode) {
         // A refused mode change must not leave the interface unfiltered.
@@ -678,6 +744,7 @@ fn attach_prog(
         program_id: info.program_id(),
         link_id: info.id(),
         repaired: Vec::new(),
+        tc: None,
     })
 }
 
@@ -777,6 +844,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         lists: Vec::new(),
         services: Vec::new(),
         integrity: None,
+        programs: Vec::new(),
     };
     if !root.root.exists() {
         return Ok(st);
@@ -784,6 +852,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
     for (netns, iface, mode, path) in pinned_links(root)? {
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
+        let tc = tc::status(root, &iface, &netns);
         st.attachments.push(Attachment {
             interface: iface,
             netns,
@@ -791,6 +860,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
             link_id: info.id,
             program_id: info.prog_id,
             ifindex: info.xdp_ifindex,
+            tc,
         });
     }
     if root.prog().exists() {
@@ -798,16 +868,8 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
             path: root.prog(),
             detail: e.to_string(),
         })?;
-        st.program = Some(ProgramStatus {
-            id: info.id(),
-            tag: format!("{:016x}", info.tag()),
-            name: info.name_as_str().unwrap_or("").to_string(),
-            bpf_stats_enabled: bpf_stats_enabled(),
-            run_count: info.run_count(),
-            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-            jited_bytes: info.size_jitted(),
-            verified_insns: info.verified_instruction_count(),
-        });
+        st.program = Some(program_status(&info, bpf_stats_enabled()));
+        st.programs = programs(root)?;
         let integrity = super::integrity::check(root)?;
         let ok = integrity.is_ok();
         st.integrity = Some(integrity);
@@ -888,24 +950,16 @@ pub struct UpgradeReport {
 /// re-pins it. Links whose swap fails keep the old program (it stays
 /// loaded while a link uses it).
 fn upgrade_tc(root: &PinRoot, ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
-    let path = tc_prog_path(root);
+    let path = tc::prog_path(root);
+    // Held open so the old program stays loaded until every attachment
+    // has moved (or keeps it, if its swap failed).
     let old_fd = sys::obj_get(&path).ok();
-    let tc = tc_of(ebpf)?;
-    let new_fd = tc.fd().map_err(|e| DataplaneError::Load {
-        detail: e.to_string(),
-    })?;
-    if let (Some(old_fd), Ok(entries)) = (&old_fd, std::fs::read_dir(tc_links_dir(root))) {
-        for e in entries.flatten() {
-            if let Ok(link) = sys::obj_get(&e.path()) {
-                let _ = sys::link_update(link.as_fd(), new_fd.as_fd(), old_fd.as_fd());
-            }
-        }
-    }
     let _ = std::fs::remove_file(&path);
-    tc.pin(&path).map_err(|e| DataplaneError::Io {
+    tc_of(ebpf)?.pin(&path).map_err(|e| DataplaneError::Io {
         what: format!("pinning {}", path.display()),
         source: std::io::Error::other(e.to_string()),
-    })
+    })?;
+    tc::upgrade(root, old_fd, &path)
 }
 
 pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneError> {

@@ -13,6 +13,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod stats;
 pub mod sys;
+pub mod tc;
 
 use std::{io, path::PathBuf};
 
@@ -74,11 +75,39 @@ pub enum DataplaneError {
     UnknownInterface { name: String, netns: String },
     #[error("the kernel refused the XDP program: {detail}")]
     Load { detail: String },
+    /// The verifier refused one of sluice's programs.
+    #[error(
+        "the kernel's verifier refused program {program}: {source}{}\nverifier log (last lines):\n{log_tail}",
+        hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
+    Verifier {
+        program: String,
+        #[source]
+        source: io::Error,
+        /// The last lines of the verifier's log.
+        log_tail: String,
+        /// What this kernel lacks that sluice needs, when it is too old for
+        /// a feature sluice's programs use.
+        hint: Option<String>,
+    },
     #[error("attaching XDP to {iface} in {mode} mode failed: {detail}")]
     Attach {
         iface: String,
         mode: &'static str,
         detail: String,
+    },
+    #[error(
+        "the clsact egress filter slot sluice uses on {iface} (priority {priority}, handle \
+         {handle:#x}) holds another owner's {kind} filter{}; sluice does not replace it \
+         (this kernel has no TCX, so sluice falls back to clsact)",
+        if name.is_empty() { String::new() } else { format!(" ({name})") }
+    )]
+    TcSlotTaken {
+        iface: String,
+        priority: u16,
+        handle: u32,
+        kind: String,
+        name: String,
     },
     #[error(
         "upgrading the program on {iface} failed: {detail}; every interface keeps the old program"

@@ -514,3 +514,193 @@ pub fn map_lookup_batch_all(
     values.truncate(total * value_size);
     Ok(Some((keys, values, total)))
 }
+
+// ---------------------------------------------------------------------------
+// TC filters (rtnetlink): listing what sits on a clsact hook. aya attaches
+// and detaches clsact filters but cannot say whose a filter is; sluice
+// needs that to touch only its own.
+// ---------------------------------------------------------------------------
+
+const RTM_GETTFILTER: u16 = 46;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_ID: u16 = 11;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// Parent of the clsact egress hook: `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`.
+pub const TC_PARENT_EGRESS: u32 = 0xffff_fff3;
+
+/// One filter on a TC hook, as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcFilter {
+    pub priority: u16,
+    pub handle: u32,
+    /// Classifier kind (`bpf`, `u32`, `matchall`, ...).
+    pub kind: String,
+    /// For an eBPF `bpf` filter: the program's id (0 otherwise).
+    pub prog_id: u32,
+    /// For a `bpf` filter: the name it was given.
+    pub name: String,
+}
+
+#[repr(C)]
+struct TcRequest {
+    // struct nlmsghdr
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    // struct tcmsg
+    family: u8,
+    _pad1: u8,
+    _pad2: u16,
+    ifindex: i32,
+    handle: u32,
+    parent: u32,
+    info: u32,
+}
+
+/// The netlink attributes in `buf` as (type, payload).
+fn nl_attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push((kind, &buf[4..len]));
+        let aligned = (len + 3) & !3;
+        buf = &buf[aligned.min(buf.len())..];
+    }
+    out
+}
+
+fn nl_string(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Every filter on hook `parent` of interface `ifindex` (in the calling
+/// thread's network namespace). A missing clsact qdisc lists nothing.
+pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let req = TcRequest {
+        len: size_of::<TcRequest>() as u32,
+        kind: RTM_GETTFILTER,
+        flags: NLM_F_REQUEST | NLM_F_DUMP,
+        seq: 1,
+        pid: 0,
+        family: libc::AF_UNSPEC as u8,
+        _pad1: 0,
+        _pad2: 0,
+        ifindex: ifindex as i32,
+        handle: 0,
+        parent,
+        info: 0,
+    };
+    // SAFETY: req is a plain repr(C) value of the length given.
+    let sent = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            (&raw const req).cast(),
+            size_of::<TcRequest>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut filters = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= 16 {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes([msgs[4], msgs[5]]);
+            if len < 16 || len > msgs.len() {
+                return Err(io::Error::from(io::ErrorKind::InvalidData));
+            }
+            let body = &msgs[16..len];
+            match kind {
+                NLMSG_DONE => return Ok(filters),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(
+                        body.get(0..4)
+                            .and_then(|b| b.try_into().ok())
+                            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?,
+                    );
+                    if errno == 0 {
+                        return Ok(filters);
+                    }
+                    // No clsact qdisc (or no such interface hook): nothing there.
+                    if -errno == libc::EINVAL || -errno == libc::ENOENT {
+                        return Ok(filters);
+                    }
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ if body.len() >= 20 => {
+                    let handle = u32::from_ne_bytes(body[8..12].try_into().expect("4 bytes"));
+                    let info = u32::from_ne_bytes(body[16..20].try_into().expect("4 bytes"));
+                    let mut f = TcFilter {
+                        priority: (info >> 16) as u16,
+                        handle,
+                        kind: String::new(),
+                        prog_id: 0,
+                        name: String::new(),
+                    };
+                    for (t, payload) in nl_attrs(&body[20..]) {
+                        match t {
+                            TCA_KIND => f.kind = nl_string(payload),
+                            TCA_OPTIONS => {
+                                for (o, p) in nl_attrs(payload) {
+                                    match o {
+                                        TCA_BPF_ID if p.len() >= 4 => {
+                                            f.prog_id = u32::from_ne_bytes(
+                                                p[0..4].try_into().expect("4 bytes"),
+                                            );
+                                        }
+                                        TCA_BPF_NAME => f.name = nl_string(p),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Handle 0 is the per-priority head the kernel lists
+                    // before that priority's filters, not a filter.
+                    if f.handle != 0 {
+                        filters.push(f);
+                    }
+                }
+                _ => {}
+            }
+            let aligned = (len + 3) & !3;
+            msgs = &msgs[aligned.min(msgs.len())..];
+        }
+    }
+}

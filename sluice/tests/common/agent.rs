@@ -30,6 +30,17 @@ use super::{
 /// the CPU).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long to wait for the agent to serve: [`READY_TIMEOUT`], times six
+/// inside the emulated guest of the kernel tier (`SLUICE_GUEST`), where
+/// loading and verifying the programs alone takes about ten seconds.
+fn ready_timeout() -> Duration {
+    if std::env::var_os("SLUICE_GUEST").is_some() {
+        READY_TIMEOUT * 6
+    } else {
+        READY_TIMEOUT
+    }
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 // ---------------------------------------------------------------------------
@@ -420,7 +431,7 @@ impl AgentProc {
     /// (at most [`READY_TIMEOUT`]) until it serves its API. Panics, with the
     /// agent's log, if it exits or is not serving in time.
     pub fn start(env: &AgentEnv, extra: &[&str]) -> AgentProc {
-        Self::start_within(env, extra, READY_TIMEOUT)
+        Self::start_within(env, extra, ready_timeout())
     }
 
     /// [`AgentProc::start`] with another limit (a million-entry policy
@@ -439,7 +450,7 @@ impl AgentProc {
     /// Like [`AgentProc::start`], run through `wrapper` (e.g. `setpriv ...`).
     pub fn start_wrapped(env: &AgentEnv, wrapper: &[&str], extra: &[&str]) -> AgentProc {
         let mut agent = AgentProc::spawn_wrapped(env, wrapper, extra);
-        agent.wait_ready_within(READY_TIMEOUT);
+        agent.wait_ready_within(ready_timeout());
         agent
     }
 

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cli;
 pub mod frames;
+pub mod guest;
 pub mod kernel;
 pub mod model;
 pub mod netns;

@@ -499,6 +499,7 @@ mod tests {
             }],
             services: Vec::new(),
             integrity: None,
+            programs: Vec::new(),
         }
     }
 
