@@ -141,22 +141,27 @@ fn live_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, Dataplan
         for e in entries {
             let e = e.map_err(io(format!("reading {}", dir.display())))?;
             let path = e.path();
-            let Ok(link) = sys::obj_get(&path) else {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(pinned) = sys::obj_get(&path) else {
                 continue;
             };
-            let Ok(info) = sys::link_info(&link) else {
+            if name.ends_with(":clsact") {
+                // The clsact fallback pins the program its filter runs (a
+                // filter is no bpf object).
+                add(format!("clsact filter {name}"), pinned, &mut out)?;
+                continue;
+            }
+            let Ok(info) = sys::link_info(&pinned) else {
                 continue;
             };
             if info.prog_id == 0 {
                 continue;
             }
-            let fd = sys::prog_fd_by_id(info.prog_id)
-                .map_err(io(format!("opening the program of {}", path.display())))?;
-            add(
-                format!("link {}", e.file_name().to_string_lossy()),
-                fd,
-                &mut out,
-            )?;
+            // A link whose program is gone runs nothing.
+            let Ok(fd) = sys::prog_fd_by_id(info.prog_id) else {
+                continue;
+            };
+            add(format!("link {name}"), fd, &mut out)?;
         }
     }
     // Tail-call targets, read from the JUMP map each XDP program uses.
