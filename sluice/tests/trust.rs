@@ -783,7 +783,7 @@ fn input_that_lies_is_refused_with_the_documented_json_and_changes_nothing() {
     for body in [
         format!(r#"{{"prefixes": ["{target}"], "ttl": "1s"}}"#),
         format!(r#"{{"prefixes": ["{target}"], "ttl_secs": "1s"}}"#),
-        format!(r#"{{"prefixes": ["198.18.1.0/8"]}}"#),
+        r#"{"prefixes": ["198.18.1.0/8"]}"#.to_string(),
         format!(
             r#"{{"prefixes": ["{target}"], "ttl_secs": 60, "reason": "x\n198.18.0.0/16  0  0 B  never"}}"#
         ),

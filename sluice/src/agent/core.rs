@@ -919,7 +919,7 @@ impl Core {
             author: meta.author.clone(),
             cause: meta.cause.clone(),
             request: meta.request.clone(),
-            step: step.clone(),
+            step: Box::new(step.clone()),
         };
         if let Err(e) = self.store.append(&begin) {
             self.cancel(prepared);

@@ -330,9 +330,9 @@ async fn reload(core: &api::Shared, forced: bool) {
     let r = tokio::task::spawn_blocking(
         move || -> Result<Result<Option<core::Applied>, AgentError>, ()> {
             let (path, limit) = config_file(&c).ok_or(())?;
-            let parsed = config::read(&path, limit).and_then(|text| {
+            let parsed = config::read(&path, limit).map(|text| {
                 let hash = store::content_hash(&text);
-                Ok((hash, config::parse_with(&path, &text, Some(limit))))
+                (hash, config::parse_with(&path, &text, Some(limit)))
             });
             let mut guard = c.lock().map_err(|_| ())?;
             if forced {

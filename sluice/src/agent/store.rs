@@ -161,7 +161,7 @@ pub enum Record {
         cause: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request: Option<String>,
-        step: Step,
+        step: Box<Step>,
     },
     /// It took effect; `version` is the version it made (none: it changed
     /// no policy, only bookkeeping such as the base's source).
@@ -383,7 +383,7 @@ impl Store {
                             author,
                             cause,
                             request,
-                            step,
+                            step: *step,
                         });
                     }
                     Record::Commit { seq, version } => {
@@ -534,7 +534,7 @@ mod tests {
             author: "test".into(),
             cause: format!("change {seq}"),
             request: Some(format!("r{seq}")),
-            step: Step::Ops { ops },
+            step: Box::new(Step::Ops { ops }),
         }
     }
 

@@ -456,6 +456,9 @@ pub fn prog_array_get(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u32>>
     }
 }
 
+/// Keys and values (as bytes, back to back) and how many there are.
+pub type Entries = (Vec<u8>, Vec<u8>, usize);
+
 /// Every key and value of a map, read `chunk` entries per syscall with
 /// BPF_MAP_LOOKUP_BATCH (the batch token is a key). `Ok(None)` when the map
 /// type or kernel has no batched lookup (the caller iterates instead).
@@ -464,7 +467,7 @@ pub fn map_lookup_batch_all(
     key_size: usize,
     value_size: usize,
     chunk: usize,
-) -> io::Result<Option<(Vec<u8>, Vec<u8>, usize)>> {
+) -> io::Result<Option<Entries>> {
     let mut keys: Vec<u8> = Vec::new();
     let mut values: Vec<u8> = Vec::new();
     let mut token_in = vec![0u8; key_size];

@@ -357,13 +357,13 @@ fn changes_policy(args: &[&str]) -> bool {
         .copied()
         .filter(|a| !a.starts_with('-'))
         .collect();
-    match words.as_slice() {
+    matches!(
+        words.as_slice(),
         ["deny" | "allow", "add" | "del", ..]
-        | ["rule", "add" | "del", ..]
-        | ["default" | "malformed" | "audit", ..]
-        | ["apply" | "rollback" | "attach" | "detach", ..] => true,
-        _ => false,
-    }
+            | ["rule", "add" | "del", ..]
+            | ["default" | "malformed" | "audit", ..]
+            | ["apply" | "rollback" | "attach" | "detach", ..]
+    )
 }
 
 /// The agent's desired policy (`GET /v1/policy`) and its version.

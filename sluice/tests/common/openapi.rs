@@ -176,16 +176,13 @@ impl Doc {
                 }
                 None => errs.push(format!("{at}: expected an integer, got {v}")),
             },
-            Some("number") => {
-                if !v.is_number() {
-                    errs.push(format!("{at}: expected a number, got {v}"));
-                }
+            Some("number") if !v.is_number() => {
+                errs.push(format!("{at}: expected a number, got {v}"));
             }
-            Some("boolean") => {
-                if !v.is_boolean() {
-                    errs.push(format!("{at}: expected a boolean, got {v}"));
-                }
+            Some("boolean") if !v.is_boolean() => {
+                errs.push(format!("{at}: expected a boolean, got {v}"));
             }
+            Some("number" | "boolean") => {}
             Some(other) => errs.push(format!("{at}: unknown schema type {other}")),
         }
     }
