@@ -145,7 +145,13 @@ last_version() { sed -n 's/.*(version \([0-9]*\),.*/\1/p' "$TMP/sl.out" | tail -
 current_version() {
     slq history | python3 -c 'import json, sys; print(next(v["version"] for v in json.load(sys.stdin) if v["current"]))'
 }
-has_rule() { "$SLUICE" --pin-root "$PIN_ROOT" --socket "$SOCK" rule list 2>/dev/null | grep -q "$1"; }
+# (The list is read whole first: `grep -q` stops reading at its first match,
+# and the CLI dies of SIGPIPE on its next line, which pipefail would report.)
+has_rule() {
+    local rules
+    rules=$("$SLUICE" --pin-root "$PIN_ROOT" --socket "$SOCK" rule list 2>/dev/null) || return 1
+    grep -q "$1" <<<"$rules"
+}
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
 # start_agent: runs the agent on $CFG in the background and waits (bounded)
@@ -412,7 +418,7 @@ ping_check "IPv6 $A6 -> $B6" "$B6" block
 
 step "Restart the agent: it resumes from its state and re-adopts the dataplane"
 start_agent
-if logged "agent state loaded resumed=true version=$V_NOW" && logged 'agent ready .*attached=\[\] changes=0'; then
+if logged "agent state loaded resumed=true .*version=$V_NOW" && logged 'agent ready .*attached=\[\] changes=0'; then
     good "resumed at version $V_NOW; re-adopted $VETHB; nothing to correct"
 else
     bad "the agent did not resume cleanly at version $V_NOW"

@@ -326,10 +326,11 @@ impl Core {
             core.recover(p)?;
         }
         let mut config_applied = false;
+        let mut attached_by_config = Vec::new();
         if let Some((path, cfg, hash)) = config
             && hash != core.state.config_hash
         {
-            core.run_step(
+            let applied = core.run_step(
                 Step::Base {
                     base: cfg.desired,
                     source: path.display().to_string(),
@@ -348,9 +349,13 @@ impl Core {
                 },
                 format!("config file {} loaded", path.display()),
             )?;
+            attached_by_config = applied.reconcile.attached;
             config_applied = true;
         }
-        let report = core.reconcile(false)?;
+        let mut report = core.reconcile(false)?;
+        // What start attached, whether the config step or the reconcile did.
+        attached_by_config.append(&mut report.attached);
+        report.attached = attached_by_config;
         if report.changes > 0 {
             warn!(
                 changes = report.changes,
