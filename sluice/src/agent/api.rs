@@ -273,6 +273,17 @@ impl From<AgentError> for ApiError {
     }
 }
 
+/// The agent's own failure (a task that panicked): 500.
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorBody {
+            error: e.to_string(),
+            diagnostics: Vec::new(),
+        },
+    )
+}
+
 fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(
         StatusCode::BAD_REQUEST,
@@ -296,15 +307,7 @@ async fn with_core<T: Send + 'static>(
         f(&mut c)
     })
     .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorBody {
-                error: e.to_string(),
-                diagnostics: Vec::new(),
-            },
-        )
-    })?
+    .map_err(internal)?
     .map_err(ApiError::from)
 }
 
@@ -689,15 +692,7 @@ async fn parse_sent(
         Ok((path, cfg, hash))
     })
     .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorBody {
-                error: e.to_string(),
-                diagnostics: Vec::new(),
-            },
-        )
-    })?
+    .map_err(internal)?
 }
 
 async fn apply_policy(
@@ -904,15 +899,7 @@ async fn get_flows_top(
 ) -> Result<Json<super::flows::TopReport>, ApiError> {
     tokio::task::spawn_blocking(move || flows.query_top(&q))
         .await
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorBody {
-                    error: e.to_string(),
-                    diagnostics: Vec::new(),
-                },
-            )
-        })?
+        .map_err(internal)?
         .map(Json)
         .map_err(|e| bad_request(e.to_string()))
 }
@@ -923,15 +910,7 @@ async fn get_flows_stats(
     tokio::task::spawn_blocking(move || flows.stats())
         .await
         .map(Json)
-        .map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorBody {
-                    error: e.to_string(),
-                    diagnostics: Vec::new(),
-                },
-            )
-        })
+        .map_err(internal)
 }
 
 async fn openapi() -> impl IntoResponse {

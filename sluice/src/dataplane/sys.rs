@@ -81,44 +81,14 @@ pub fn map_update_batch(
 /// Every value of an array map of `u32` values with `len` entries, read
 /// with batched lookups.
 pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
-    let mut keys = vec![0u32; len as usize];
-    let mut values = vec![0u32; len as usize];
-    let mut done = 0usize;
-    let mut token = 0u32;
-    while done < len as usize {
-        let mut attr = BatchAttr {
-            in_batch: if done == 0 {
-                0
-            } else {
-                (&raw const token) as u64
-            },
-            out_batch: (&raw mut token) as u64,
-            keys: keys[done..].as_mut_ptr() as u64,
-            values: values[done..].as_mut_ptr() as u64,
-            count: len - done as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let res = bpf(
-            BPF_MAP_LOOKUP_BATCH,
-            (&raw mut attr).cast(),
-            size_of::<BatchAttr>(),
-        );
-        done += attr.count as usize;
-        match res {
-            Ok(_) => {}
-            // ENOENT: the walk reached the end.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-        if attr.count == 0 {
-            break;
-        }
-    }
+    let (keys, values, n) = map_lookup_batch_all(map, 4, 4, len.max(1) as usize)?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP))?;
+    let word =
+        |b: &[u8], i: usize| u32::from_ne_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
     let mut out = vec![0u32; len as usize];
-    for (k, v) in keys.iter().zip(&values).take(done) {
-        if let Some(slot) = out.get_mut(*k as usize) {
-            *slot = *v;
+    for i in 0..n {
+        if let Some(slot) = out.get_mut(word(&keys, i) as usize) {
+            *slot = word(&values, i);
         }
     }
     Ok(out)
