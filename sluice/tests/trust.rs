@@ -404,8 +404,14 @@ fn one_agent_per_pin_root_and_no_direct_changes_behind_its_back() {
         "{err}"
     );
     assert_eq!(pings(&lab, false), 0);
-    // Reading is fine.
+    // Reading is fine; --no-agent says the caller means it.
     assert!(direct(&["deny", "list"]).status.success());
+    let out = direct(&["--no-agent", "deny", "del", &a4(&lab)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pings(&lab, false), 5, "the --no-agent delete reached the packets");
+    let out = direct(&["--no-agent", "deny", "add", &a4(&lab)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pings(&lab, false), 0);
 
     // The owner dies (kill -9): the lock is free; B takes over.
     agent_a.kill9();
