@@ -358,6 +358,32 @@ fn agent_apply_diff_history_rollback_round_trip() {
         assert!(version_row(v).1.contains("(uid 0"), "author: {v}");
     }
 
+    // What one version changed, and how two versions differ: from the
+    // deltas history keeps.
+    let show = stdout(&env.cli_ok(&["history", "show", "2"]));
+    assert!(show.starts_with("version 2  "), "{show}");
+    assert!(
+        show.contains(&format!("+ deny {v6}\n- deny {v4}\n")),
+        "{show}"
+    );
+    let shown = env.cli_json(&["history", "show", "2", "--json"]);
+    assert_eq!(shown["version"], 2, "{shown}");
+    assert_eq!(shown["diff"]["deny_add"], json!([v6]), "{shown}");
+    assert_eq!(shown["diff"]["deny_del"], json!([v4]), "{shown}");
+    let d = env.cli_json(&["history", "diff", "1", "4", "--json"]);
+    assert_eq!(d["deny_add"], json!([v6]), "{d}");
+    assert_eq!(d["deny_del"], json!([v4]), "{d}");
+    // Version 4 is version 2's policy again: nothing between them.
+    let same = stdout(&env.cli_ok(&["history", "diff", "2"]));
+    assert_eq!(same, "no changes\n");
+    let out = env.cli(&["history", "show", "99"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("version 99 is not in the history"),
+        "{}",
+        stderr(&out)
+    );
+
     // A version that is not kept: refused, nothing changes.
     let out = env.cli(&["rollback", "99"]);
     assert_eq!(out.status.code(), Some(1), "rollback 99: {}", stderr(&out));

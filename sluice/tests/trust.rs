@@ -408,7 +408,11 @@ fn one_agent_per_pin_root_and_no_direct_changes_behind_its_back() {
     assert!(direct(&["deny", "list"]).status.success());
     let out = direct(&["--no-agent", "deny", "del", &a4(&lab)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(pings(&lab, false), 5, "the --no-agent delete reached the packets");
+    assert_eq!(
+        pings(&lab, false),
+        5,
+        "the --no-agent delete reached the packets"
+    );
     let out = direct(&["--no-agent", "deny", "add", &a4(&lab)]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(pings(&lab, false), 0);
@@ -878,6 +882,8 @@ fn input_that_lies_is_refused_with_the_documented_json_and_changes_nothing() {
         ("/v1/lists/deny", "/v1/lists/{kind}"),
         ("/v1/rules", "/v1/rules"),
         ("/v1/history", "/v1/history"),
+        ("/v1/history/1", "/v1/history/{version}"),
+        ("/v1/history/diff?from=1", "/v1/history/diff"),
         ("/v1/policy", "/v1/policy"),
         ("/v1/flows/stats", "/v1/flows/stats"),
         ("/v1/flows", "/v1/flows"),

@@ -764,21 +764,94 @@ async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, 
         Ok(c.state
             .history
             .iter()
-            .map(|v| HistoryEntry {
-                version: v.number,
-                time: v.time,
-                author: v.author.clone(),
-                cause: v.cause.clone(),
-                deny: v.summary.deny,
-                allow: v.summary.allow,
-                rules: v.summary.rules,
-                default: v.summary.default,
-                malformed: v.summary.malformed,
-                current: v.number == current,
-                request: v.request.clone(),
-                changes: v.delta.size(),
-            })
+            .map(|v| history_entry(v, current))
             .collect())
+    })
+    .await
+    .map(Json)
+}
+
+/// `GET /v1/history/{version}`: one version and what it changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionDetail {
+    #[serde(flatten)]
+    pub entry: HistoryEntry,
+    /// Lists, rules and settings it changed.
+    pub diff: policy::PolicyDiff,
+    /// Temporary deny entries added, changed or removed.
+    pub temporary_changes: usize,
+    pub services_changed: bool,
+    pub interfaces_changed: bool,
+}
+
+fn history_entry(v: &super::store::Version, current: u64) -> HistoryEntry {
+    HistoryEntry {
+        version: v.number,
+        time: v.time,
+        author: v.author.clone(),
+        cause: v.cause.clone(),
+        deny: v.summary.deny,
+        allow: v.summary.allow,
+        rules: v.summary.rules,
+        default: v.summary.default,
+        malformed: v.summary.malformed,
+        current: v.number == current,
+        request: v.request.clone(),
+        changes: v.delta.size(),
+    }
+}
+
+async fn history_version(
+    State(core): State<Shared>,
+    Path(version): Path<u64>,
+) -> Result<Json<VersionDetail>, ApiError> {
+    with_core(&core, move |c| {
+        let current = c.state.current_version();
+        let v = c
+            .state
+            .history
+            .iter()
+            .find(|v| v.number == version)
+            .ok_or_else(|| AgentError::NoSuchVersion {
+                version,
+                kept: c
+                    .state
+                    .history
+                    .iter()
+                    .map(|v| v.number.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok(VersionDetail {
+            entry: history_entry(v, current),
+            diff: v.delta.policy_diff(),
+            temporary_changes: v.delta.temp.len(),
+            services_changed: v.delta.services.is_some(),
+            interfaces_changed: v.delta.interfaces.is_some(),
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    from: u64,
+    to: Option<u64>,
+}
+
+/// `GET /v1/history/diff?from=A&to=B`: what going from version A's policy
+/// to B's (default: the current one) changes.
+async fn history_diff(
+    State(core): State<Shared>,
+    Query(q): Query<DiffQuery>,
+) -> Result<Json<policy::PolicyDiff>, ApiError> {
+    with_core(&core, move |c| {
+        let to = q.to.unwrap_or(c.state.current_version());
+        let a = c.policy_at(q.from)?;
+        let b = c.policy_at(to)?;
+        Ok(policy::PolicyDiff::between(&a, &b))
     })
     .await
     .map(Json)
@@ -937,6 +1010,8 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/policy/apply", post(apply_policy))
         .route("/v1/policy/diff", post(diff_policy))
         .route("/v1/history", get(history))
+        .route("/v1/history/diff", get(history_diff))
+        .route("/v1/history/{version}", get(history_version))
         .route("/v1/rollback", post(rollback))
         .route("/v1/interfaces/attach", post(attach_iface))
         .route("/v1/interfaces/detach", post(detach_iface))

@@ -120,8 +120,12 @@ pub enum Command {
         /// Version number from `sluice history`.
         version: Option<u64>,
     },
-    /// Applied versions the agent keeps, with time, author and cause.
-    History,
+    /// Applied versions the agent keeps, with time, author and cause; what
+    /// one version changed (`show N`); how two versions differ (`diff A [B]`).
+    History {
+        #[command(subcommand)]
+        what: Option<HistoryCommand>,
+    },
     /// Swap this build's XDP program in on every attached interface,
     /// atomically per interface, keeping the pinned maps (policy, counters).
     Upgrade {
@@ -187,6 +191,19 @@ pub enum Command {
         #[arg(value_enum)]
         state: OnOff,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HistoryCommand {
+    /// What version N changed: lists, rules, settings (and whether
+    /// temporary entries, services or interfaces changed).
+    Show {
+        /// Version number from `sluice history`.
+        version: u64,
+    },
+    /// How the policy of version A differs from that of version B (default:
+    /// the current one): what going from A to B changes.
+    Diff { from: u64, to: Option<u64> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -428,11 +445,32 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.applied("rolled back", &applied);
             return Ok(());
         }
-        Command::History => {
+        Command::History { what } => {
             let client = client::Client::require(&cli.socket)?.with_force(cli.force);
-            let h: Vec<crate::agent::api::HistoryEntry> =
-                client.call(hyper::Method::GET, "/v1/history", None::<&()>)?;
-            out.history(&h);
+            match what {
+                None => {
+                    let h: Vec<crate::agent::api::HistoryEntry> =
+                        client.call(hyper::Method::GET, "/v1/history", None::<&()>)?;
+                    out.history(&h);
+                }
+                Some(HistoryCommand::Show { version }) => {
+                    let v: crate::agent::api::VersionDetail = client.call(
+                        hyper::Method::GET,
+                        &format!("/v1/history/{version}"),
+                        None::<&()>,
+                    )?;
+                    out.version(&v);
+                }
+                Some(HistoryCommand::Diff { from, to }) => {
+                    let to = to.map(|t| format!("&to={t}")).unwrap_or_default();
+                    let d: crate::policy::PolicyDiff = client.call(
+                        hyper::Method::GET,
+                        &format!("/v1/history/diff?from={from}{to}"),
+                        None::<&()>,
+                    )?;
+                    out.diff(&d);
+                }
+            }
             return Ok(());
         }
         Command::Flows(args) => {
@@ -564,7 +602,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Apply { .. }
         | Command::Diff { .. }
         | Command::Rollback { .. }
-        | Command::History
+        | Command::History { .. }
         | Command::Flows(_)
         | Command::Top(_) => {
             unreachable!("handled above")
@@ -762,7 +800,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         | Command::Apply { .. }
         | Command::Diff { .. }
         | Command::Rollback { .. }
-        | Command::History
+        | Command::History { .. }
         | Command::Upgrade { .. }
         | Command::Capture(_)
         | Command::Flows(_)

@@ -264,6 +264,47 @@ impl Out {
         );
     }
 
+    /// `history show N`.
+    pub fn version(&self, v: &crate::agent::api::VersionDetail) {
+        if self.json {
+            print_json(&serde_json::to_value(v).expect("serialisable"));
+            return;
+        }
+        let e = &v.entry;
+        println!(
+            "version {}{}  {} UTC  {}{}",
+            e.version,
+            if e.current { " (current)" } else { "" },
+            format_time(e.time),
+            e.author,
+            e.request
+                .as_ref()
+                .map(|r| format!("  request {r}"))
+                .unwrap_or_default()
+        );
+        println!("cause:   {}", e.cause);
+        println!(
+            "policy:  {} deny, {} allow, {} rules, default {}, malformed {}",
+            e.deny, e.allow, e.rules, e.default, e.malformed
+        );
+        for (changed, what) in [
+            (
+                v.temporary_changes > 0,
+                format!("{} temporary deny entries changed", v.temporary_changes),
+            ),
+            (
+                v.services_changed,
+                "load-balanced services changed".to_string(),
+            ),
+            (v.interfaces_changed, "interfaces changed".to_string()),
+        ] {
+            if changed {
+                println!("also:    {what}");
+            }
+        }
+        print!("{}", v.diff);
+    }
+
     pub fn status(&self, s: &Status) {
         if self.json {
             print_json(&serde_json::to_value(s).expect("serialisable"));
