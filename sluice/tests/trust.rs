@@ -408,7 +408,11 @@ fn one_agent_per_pin_root_and_no_direct_changes_behind_its_back() {
     assert!(direct(&["deny", "list"]).status.success());
     let out = direct(&["--no-agent", "deny", "del", &a4(&lab)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(pings(&lab, false), 5, "the --no-agent delete reached the packets");
+    assert_eq!(
+        pings(&lab, false),
+        5,
+        "the --no-agent delete reached the packets"
+    );
     let out = direct(&["--no-agent", "deny", "add", &a4(&lab)]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(pings(&lab, false), 0);
