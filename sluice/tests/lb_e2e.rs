@@ -23,7 +23,7 @@ use std::{
 use common::{
     agent::{AgentEnv, AgentProc},
     cli::sluice,
-    netns::{Netns, PinRoot},
+    netns::{Netns, PinRoot, ping},
 };
 use serde_json::Value;
 use sluice::lb::maglev;
@@ -59,12 +59,16 @@ struct Server {
 
 impl Server {
     fn start(ns: &Netns, name: &str) -> Server {
+        Server::start_on(ns, name, BACKEND_PORT)
+    }
+
+    fn start_on(ns: &Netns, name: &str, port: u16) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let name = name.to_string();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = ns.spawn(move || {
-            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, BACKEND_PORT))
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
                 .expect("bind the backend's port (dual-stack)");
             listener.set_nonblocking(true).expect("nonblocking");
             ready_tx.send(()).expect("ready");
@@ -187,9 +191,12 @@ struct Backend {
 
 struct Topo {
     client: Netns,
+    client_if: String,
     lb: Netns,
     lb_if: String,
     backends: Vec<Backend>,
+    /// Each backend's end of its veth pair (in its namespace).
+    backend_ifs: Vec<String>,
 }
 
 impl Topo {
@@ -198,9 +205,10 @@ impl Topo {
         let lb = Netns::new(&format!("{tag}-l"));
         let id = std::process::id() % 10_000;
         let lb_if = format!("lbc{id}");
+        let client_if = format!("cl{id}");
         veth(
             &client,
-            &format!("cl{id}"),
+            &client_if,
             (CLIENT4, CLIENT6),
             &lb,
             &lb_if,
@@ -226,20 +234,23 @@ impl Topo {
         lb.exec_ok(["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         lb.exec_ok(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let mut backends = Vec::new();
+        let mut backend_ifs = Vec::new();
         for i in 0..n {
             let ns = Netns::new(&format!("{tag}-b{i}"));
             let lb_side = (
                 Ipv4Addr::new(198, 18, 11 + i, 1),
                 Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 1),
             );
+            let be_if = format!("be{i}{id}");
             veth(
                 &lb,
                 &format!("lb{i}{id}"),
                 lb_side,
                 &ns,
-                &format!("be{i}{id}"),
+                &be_if,
                 (backend_v4(i), backend_v6(i)),
             );
+            backend_ifs.push(be_if);
             ns.exec_ok([
                 "ip",
                 "route",
@@ -263,9 +274,11 @@ impl Topo {
         }
         Topo {
             client,
+            client_if,
             lb,
             lb_if,
             backends,
+            backend_ifs,
         }
     }
 }
@@ -698,11 +711,12 @@ fn assert_on_table(
 /// NAT service per family over three backends (weights 1, 2, 3). Real
 /// connections (40 IPv4, 20 IPv6) each land on the backend the Maglev table
 /// predicts (DNAT in XDP, replies translated back in TC egress: TCX, or
-/// clsact on kernels before 6.6). A drained backend keeps its open
-/// connection and gets none of 20 new ones, which land where the table
-/// without it predicts.
+/// clsact on kernels before 6.6); so do 20 to an IPv4 DSR service over the
+/// same backends (MAC rewrite, XDP redirect to the backend's veth). A
+/// drained backend keeps its open connection and gets none of 20 new ones,
+/// which land where the table without it predicts.
 #[test]
-fn nat_cli_small_connections_follow_the_table_and_skip_a_drained_backend() {
+fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend() {
     let topo = Topo::new("lbs", 3);
     let pin = PinRoot::new();
     sluice(&pin, &topo.lb, &["attach", &topo.lb_if, "--mode", "native"]);
@@ -754,6 +768,54 @@ fn nat_cli_small_connections_follow_the_table_and_skip_a_drained_backend() {
         println!("{vip}: {c:?}");
     }
 
+    // DSR over the same backends: each holds the VIP and listens on the
+    // service port; sluice rewrites only the MAC and redirects the frame to
+    // the backend's veth, and the backend answers the client through this
+    // host's routing (TC egress leaves those replies alone).
+    let vip_dsr = Ipv4Addr::new(198, 19, 0, 11);
+    let svc_dsr = format!("{vip_dsr}:{SERVICE_PORT}/tcp");
+    // A veth hands partial (offloaded) checksums across; frames XDP sends on
+    // would carry them unfinished. Real NICs deliver full checksums.
+    topo.client
+        .exec_ok(["ethtool", "-K", &topo.client_if, "tx", "off"]);
+    topo.client.exec_ok([
+        "ip",
+        "route",
+        "add",
+        &format!("{vip_dsr}/32"),
+        "via",
+        &LB4.to_string(),
+    ]);
+    let mut dsr_servers = Vec::new();
+    for (i, (be, be_if)) in (0u8..).zip(topo.backends.iter().zip(&topo.backend_ifs)) {
+        be.ns
+            .exec_ok(["ip", "addr", "add", &format!("{vip_dsr}/32"), "dev", "lo"]);
+        // A veth takes redirected frames only if its peer has NAPI: GRO on
+        // the backend's end gives it that.
+        be.ns.exec_ok(["ethtool", "-K", be_if, "gro", "on"]);
+        dsr_servers.push(Server::start_on(&be.ns, &be.name, SERVICE_PORT));
+        // DSR needs the backend's MAC in the LB's neighbour table (with an
+        // agent, its health checks keep it there).
+        assert_eq!(ping(&topo.lb, backend_v4(i).into(), 1), 1, "LB to b{i}");
+    }
+    let dsr_members: Vec<(String, u32)> =
+        (0..3u8).map(|i| (backend_v4(i).to_string(), 1)).collect();
+    let mut args = vec!["lb", "service", "add", svc_dsr.as_str(), "--mode", "dsr"];
+    for (addr, _) in &dsr_members {
+        args.extend(["--backend", addr.as_str()]);
+    }
+    sluice(&pin, &topo.lb, &args);
+    let vip = IpAddr::V4(vip_dsr);
+    let ports = 22_000..22_020u16;
+    let predicted: BTreeSet<String> = ports
+        .clone()
+        .map(|p| predict(vip, p, &dsr_members))
+        .collect();
+    assert_eq!(predicted.len(), 3, "DSR: the ports reach every backend");
+    let results = connect_many(&topo.client, vip, ports);
+    let c = assert_on_table("DSR", vip, &results, &dsr_members);
+    println!("DSR {vip}: {c:?}");
+
     // An open connection on b1, then b1 drained.
     let before = members(false, None);
     let port_b1 = (20_100..20_200u16)
@@ -794,4 +856,5 @@ fn nat_cli_small_connections_follow_the_table_and_skip_a_drained_backend() {
     );
 
     sluice(&pin, &topo.lb, &["detach", &topo.lb_if]);
+    drop(dsr_servers);
 }
