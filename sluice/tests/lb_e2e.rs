@@ -23,7 +23,7 @@ use std::{
 use common::{
     agent::{AgentEnv, AgentProc},
     cli::sluice,
-    netns::{Netns, PinRoot, ping},
+    netns::{Netns, PinRoot, ping, wait_links_ready},
 };
 use serde_json::Value;
 use sluice::lb::maglev;
@@ -272,6 +272,16 @@ impl Topo {
             let server = Server::start(&ns, &name);
             backends.push(Backend { ns, name, server });
         }
+        // Forwarded packets wait for neighbour discovery, which waits for
+        // the links' IPv6 addresses (all links at once: their DAD runs in
+        // parallel).
+        let mut links: Vec<(&Netns, &str)> = vec![(&client, &client_if), (&lb, &lb_if)];
+        let lb_ifs: Vec<String> = (0..n).map(|i| format!("lb{i}{id}")).collect();
+        for (i, be) in backends.iter().enumerate() {
+            links.push((&lb, &lb_ifs[i]));
+            links.push((&be.ns, &backend_ifs[i]));
+        }
+        wait_links_ready(&links);
         Topo {
             client,
             client_if,
@@ -330,6 +340,11 @@ fn connect_many(
 /// Which backend name the dataplane must pick for a new flow from `sport`,
 /// predicted from the Maglev table built here from the same members.
 fn predict(vip: IpAddr, sport: u16, members: &[(String, u32)]) -> String {
+    predictor(vip, members)(sport)
+}
+
+/// [`predict`] for many flows: the table is built once.
+fn predictor(vip: IpAddr, members: &[(String, u32)]) -> impl Fn(u16) -> String {
     let list: Vec<maglev::Member<'_>> = members
         .iter()
         .enumerate()
@@ -344,8 +359,11 @@ fn predict(vip: IpAddr, sport: u16, members: &[(String, u32)]) -> String {
         IpAddr::V4(v) => (words(CLIENT4.into()), words(v.into())),
         IpAddr::V6(v) => (words(CLIENT6.into()), words(v.into())),
     };
-    let slot = table[(flow_hash(src, dst, sport, SERVICE_PORT, 6) % TABLE_SIZE) as usize];
-    members[slot as usize].0.clone()
+    let names: Vec<String> = members.iter().map(|(n, _)| n.clone()).collect();
+    move |sport| {
+        let slot = table[(flow_hash(src, dst, sport, SERVICE_PORT, 6) % TABLE_SIZE) as usize];
+        names[slot as usize].clone()
+    }
 }
 
 fn words(a: IpAddr) -> [u64; 2] {
@@ -691,8 +709,9 @@ fn assert_on_table(
     results: &[(u16, Option<String>)],
     members: &[(String, u32)],
 ) -> BTreeMap<String, usize> {
+    let predict = predictor(vip, members);
     for (port, got) in results {
-        let want = predict(vip, *port, members);
+        let want = predict(*port);
         let i = members
             .iter()
             .position(|(n, _)| *n == want)
@@ -757,7 +776,7 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
         (IpAddr::V6(VIP6), 30_000..30_020),
     ] {
         let m = members(vip.is_ipv6(), None);
-        let predicted: BTreeSet<String> = ports.clone().map(|p| predict(vip, p, &m)).collect();
+        let predicted: BTreeSet<String> = ports.clone().map(predictor(vip, &m)).collect();
         assert_eq!(
             predicted.len(),
             3,
@@ -807,10 +826,7 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
     sluice(&pin, &topo.lb, &args);
     let vip = IpAddr::V4(vip_dsr);
     let ports = 22_000..22_020u16;
-    let predicted: BTreeSet<String> = ports
-        .clone()
-        .map(|p| predict(vip, p, &dsr_members))
-        .collect();
+    let predicted: BTreeSet<String> = ports.clone().map(predictor(vip, &dsr_members)).collect();
     assert_eq!(predicted.len(), 3, "DSR: the ports reach every backend");
     let results = connect_many(&topo.client, vip, ports);
     let c = assert_on_table("DSR", vip, &results, &dsr_members);
@@ -818,8 +834,9 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
 
     // An open connection on b1, then b1 drained.
     let before = members(false, None);
+    let undrained = predictor(IpAddr::V4(VIP4), &before);
     let port_b1 = (20_100..20_200u16)
-        .find(|p| predict(IpAddr::V4(VIP4), *p, &before) == before[1].0)
+        .find(|p| undrained(*p) == before[1].0)
         .expect("a port the table sends to b1");
     let (name, held) = topo
         .client
@@ -834,9 +851,7 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
     let after = members(false, Some(1));
     let ports = 21_000..21_020u16;
     assert!(
-        ports
-            .clone()
-            .any(|p| predict(IpAddr::V4(VIP4), p, &before) == before[1].0),
+        ports.clone().any(|p| undrained(p) == before[1].0),
         "some of the ports chosen would go to b1 undrained"
     );
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), ports);

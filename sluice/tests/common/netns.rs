@@ -393,34 +393,8 @@ impl Lab {
         lab
     }
 
-    /// Waits (at most 5 s) until both ends have carrier and no tentative IPv6
-    /// address.
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let ready =
-                [(&self.a, &self.a_if), (&self.b, &self.b_if)]
-                    .iter()
-                    .all(|(ns, ifname)| {
-                        let link = ns.exec(["ip", "link", "show", "dev", ifname.as_str()]);
-                        let addr = ns.exec(["ip", "-6", "addr", "show", "dev", ifname.as_str()]);
-                        let link = String::from_utf8_lossy(&link.stdout);
-                        let addr = String::from_utf8_lossy(&addr.stdout);
-                        link.contains("LOWER_UP")
-                            && addr.contains("scope global")
-                            && !addr.contains("tentative")
-                    });
-            if ready {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lab veth {}/{} not ready after 5 s",
-                self.a_if,
-                self.b_if
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_links_ready(&[(&self.a, &self.a_if), (&self.b, &self.b_if)]);
     }
 
     pub fn a_addr(&self, v6: bool) -> IpAddr {
@@ -437,6 +411,38 @@ impl Lab {
         } else {
             self.b_v4.into()
         }
+    }
+}
+
+/// Waits (at most 5 s) until each `(namespace, interface)` has carrier, a
+/// global IPv6 address and no tentative one. The link-local address stays
+/// tentative for a second or two after the link comes up (duplicate address
+/// detection), and until then the kernel sends no neighbour solicitation
+/// for packets it forwards out of that link.
+pub fn wait_links_ready(links: &[(&Netns, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = links.iter().all(|(ns, ifname)| {
+            let link = ns.exec(["ip", "link", "show", "dev", ifname]);
+            let addr = ns.exec(["ip", "-6", "addr", "show", "dev", ifname]);
+            let link = String::from_utf8_lossy(&link.stdout);
+            let addr = String::from_utf8_lossy(&addr.stdout);
+            link.contains("LOWER_UP")
+                && addr.contains("scope global")
+                && !addr.contains("tentative")
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "links {:?} not ready after 5 s",
+            links
+                .iter()
+                .map(|(ns, i)| (ns.name(), *i))
+                .collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
