@@ -47,8 +47,11 @@ test: setup
 	echo "$$passed passed, $$failed failed, $$skipped skipped"; \
 	exit "$$rc"
 
-## test-lts: only the Linux 6.1 tier (qemu TCG; a few minutes). Builds what
-## it needs; SLUICE_LTS_SUITES=compat,packets runs only those suites.
+## test-lts: only the Linux 6.1 tier (qemu TCG; about 4 minutes): programs
+## verified, packet tables, attach/re-adopt, generation flips, and the
+## firewall, DDoS and LB end to end (suites: SUITES in sluice/tests/lts.rs,
+## described in docs/dataplane.md). Builds what it needs;
+## SLUICE_LTS_SUITES=compat,packets runs only those suites.
 test-lts: setup
 	$(CARGO) test --workspace --exclude sluice-ebpf --test lts
 

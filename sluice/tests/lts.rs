@@ -83,6 +83,23 @@ const SUITES: &[Suite] = &[
         ],
         limit: Duration::from_secs(300),
     },
+    // DDoS end to end: a per-source limit over real UDP and the SYN guard
+    // against spoofed SYNs and a real client, sized to be exact under
+    // emulation (not the throughput-bound `syn_flood`).
+    Suite {
+        binary: "ddos_e2e",
+        args: &[],
+        limit: Duration::from_secs(300),
+    },
+    // LB end to end: real connections through NAT (XDP, and reverse NAT on
+    // 6.1's clsact fallback) and DSR (XDP redirect), a drained backend; the
+    // CLI without an agent, 101 connections (the agent test's thousands,
+    // health checks and backend kills are left to the host).
+    Suite {
+        binary: "lb_e2e",
+        args: &["cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend"],
+        limit: Duration::from_secs(300),
+    },
 ];
 
 /// Writes straight to the process's stderr, past libtest's capture, so the
@@ -303,6 +320,16 @@ fn lts_atomicity() {
 #[test]
 fn lts_e2e_netns() {
     check("e2e_netns");
+}
+
+#[test]
+fn lts_ddos_e2e() {
+    check("ddos_e2e");
+}
+
+#[test]
+fn lts_lb_e2e() {
+    check("lb_e2e");
 }
 
 #[test]

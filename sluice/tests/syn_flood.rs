@@ -17,7 +17,6 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -31,7 +30,7 @@ use common::{
     cli::sluice,
     frames::Frame,
     kernel::slot_name,
-    netns::{Lab, Netns, PinRoot, link_mac, stack_counter},
+    netns::{Lab, Netns, PacketSocket, PinRoot, link_mac, stack_counter},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 use sluice::dataplane::{PinRoot as SluiceRoot, PolicyMaps, runtime};
@@ -231,49 +230,6 @@ fn spoofed_syns(lab: &Lab, v6: bool, server_mac: [u8; 6]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A send-only AF_PACKET socket bound to `ifname` (in the calling thread's
-/// namespace), its frames at bulk priority.
-fn packet_socket(ifname: &str) -> OwnedFd {
-    let name = std::ffi::CString::new(ifname).expect("interface name");
-    // SAFETY: plain libc calls on values owned here; the fd is owned right away.
-    unsafe {
-        let index = libc::if_nametoindex(name.as_ptr());
-        assert!(index != 0, "no interface {ifname}");
-        // Protocol 0: the socket receives nothing.
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let fd = OwnedFd::from_raw_fd(fd);
-        // TC_PRIO_BULK: pfifo_fast's lowest band (see `syn_flood`).
-        let prio: libc::c_int = 2;
-        let rc = libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PRIORITY,
-            (&raw const prio).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        );
-        assert!(rc == 0, "SO_PRIORITY: {}", std::io::Error::last_os_error());
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = i32::try_from(index).expect("ifindex");
-        let rc = libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        assert!(
-            rc == 0,
-            "bind to {ifname}: {}",
-            std::io::Error::last_os_error()
-        );
-        fd
-    }
-}
-
 #[derive(Debug)]
 struct FloodReport {
     sent: u64,
@@ -290,7 +246,9 @@ fn flood(
 ) -> JoinHandle<FloodReport> {
     let ifname = ifname.to_owned();
     ns.spawn(move || {
-        let fd = packet_socket(&ifname);
+        let sock = PacketSocket::open(&ifname, false);
+        // TC_PRIO_BULK: pfifo_fast's lowest band (see `syn_flood`).
+        sock.set_priority(2);
         let start = Instant::now();
         let mut sent = 0u64;
         'outer: loop {
@@ -299,10 +257,8 @@ fn flood(
                     break 'outer;
                 }
                 for f in chunk {
-                    // SAFETY: sends the bytes of a live buffer.
-                    let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
                     // A full queue refuses a frame now and then: not sent.
-                    sent += u64::from(n > 0);
+                    sent += u64::from(sock.send(f));
                 }
             }
         }

@@ -1120,3 +1120,82 @@ fn random_rule(rng: &mut impl Rng) -> Rule {
         dst: rng.gen_bool(0.4).then(|| random_prefix(rng, v6)),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Reading captured frames
+// ---------------------------------------------------------------------------
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The TCP header of a captured frame (untagged Ethernet; IPv4 with any
+/// header length, or IPv6 without extension headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSeen {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+impl TcpSeen {
+    /// None for anything else (ARP, UDP, ICMP, a truncated frame).
+    #[must_use]
+    pub fn parse(f: &[u8]) -> Option<TcpSeen> {
+        let be16 = |at: usize| Some(u16::from_be_bytes(f.get(at..at + 2)?.try_into().ok()?));
+        let be32 = |at: usize| Some(u32::from_be_bytes(f.get(at..at + 4)?.try_into().ok()?));
+        let (src, dst, l4) = match be16(12)? {
+            ETH_P_IP => {
+                let ihl = usize::from(f.get(14)? & 0x0f) * 4;
+                if *f.get(23)? != 6 {
+                    return None;
+                }
+                let a: [u8; 4] = f.get(26..30)?.try_into().ok()?;
+                let b: [u8; 4] = f.get(30..34)?.try_into().ok()?;
+                (IpAddr::from(a), IpAddr::from(b), 14 + ihl)
+            }
+            ETH_P_IPV6 => {
+                if *f.get(20)? != 6 {
+                    return None;
+                }
+                let a: [u8; 16] = f.get(22..38)?.try_into().ok()?;
+                let b: [u8; 16] = f.get(38..54)?.try_into().ok()?;
+                (IpAddr::from(a), IpAddr::from(b), 54)
+            }
+            _ => return None,
+        };
+        Some(TcpSeen {
+            dst_mac: f.get(0..6)?.try_into().ok()?,
+            src_mac: f.get(6..12)?.try_into().ok()?,
+            src,
+            dst,
+            sport: be16(l4)?,
+            dport: be16(l4 + 2)?,
+            seq: be32(l4 + 4)?,
+            ack: be32(l4 + 8)?,
+            flags: *f.get(l4 + 13)?,
+        })
+    }
+
+    /// A SYN without ACK (a connection attempt).
+    #[must_use]
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    }
+
+    #[must_use]
+    pub fn is_syn_ack(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+    }
+
+    #[must_use]
+    pub fn is_rst(&self) -> bool {
+        self.flags & TCP_RST != 0
+    }
+}

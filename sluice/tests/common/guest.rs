@@ -33,6 +33,7 @@ const HOST_TOOLS: &[&str] = &[
     "setpriv",
     "sysctl",
     "mountpoint",
+    "ethtool",
 ];
 /// Kernel modules the suites need (veth pairs, clsact and its BPF filter);
 /// their dependencies come along.

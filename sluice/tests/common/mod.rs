@@ -14,3 +14,4 @@ pub mod kernel;
 pub mod model;
 pub mod netns;
 pub mod openapi;
+pub mod rate;

@@ -393,34 +393,8 @@ impl Lab {
         lab
     }
 
-    /// Waits (at most 5 s) until both ends have carrier and no tentative IPv6
-    /// address.
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let ready =
-                [(&self.a, &self.a_if), (&self.b, &self.b_if)]
-                    .iter()
-                    .all(|(ns, ifname)| {
-                        let link = ns.exec(["ip", "link", "show", "dev", ifname.as_str()]);
-                        let addr = ns.exec(["ip", "-6", "addr", "show", "dev", ifname.as_str()]);
-                        let link = String::from_utf8_lossy(&link.stdout);
-                        let addr = String::from_utf8_lossy(&addr.stdout);
-                        link.contains("LOWER_UP")
-                            && addr.contains("scope global")
-                            && !addr.contains("tentative")
-                    });
-            if ready {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lab veth {}/{} not ready after 5 s",
-                self.a_if,
-                self.b_if
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_links_ready(&[(&self.a, &self.a_if), (&self.b, &self.b_if)]);
     }
 
     pub fn a_addr(&self, v6: bool) -> IpAddr {
@@ -437,6 +411,38 @@ impl Lab {
         } else {
             self.b_v4.into()
         }
+    }
+}
+
+/// Waits (at most 5 s) until each `(namespace, interface)` has carrier, a
+/// global IPv6 address and no tentative one. The link-local address stays
+/// tentative for a second or two after the link comes up (duplicate address
+/// detection), and until then the kernel sends no neighbour solicitation
+/// for packets it forwards out of that link.
+pub fn wait_links_ready(links: &[(&Netns, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = links.iter().all(|(ns, ifname)| {
+            let link = ns.exec(["ip", "link", "show", "dev", ifname]);
+            let addr = ns.exec(["ip", "-6", "addr", "show", "dev", ifname]);
+            let link = String::from_utf8_lossy(&link.stdout);
+            let addr = String::from_utf8_lossy(&addr.stdout);
+            link.contains("LOWER_UP")
+                && addr.contains("scope global")
+                && !addr.contains("tentative")
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "links {:?} not ready after 5 s",
+            links
+                .iter()
+                .map(|(ns, i)| (ns.name(), *i))
+                .collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -853,4 +859,147 @@ pub fn stack_counter(ns: &Netns, group: &str, name: &str) -> u64 {
         "no {group} {name} in /proc/net/netstat or /proc/net/snmp of {}",
         ns.name()
     )
+}
+
+// ---------------------------------------------------------------------------
+// Raw frames
+// ---------------------------------------------------------------------------
+
+/// A frame a [`PacketSocket`] saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Sent by this namespace (`PACKET_OUTGOING`) rather than received.
+    pub outgoing: bool,
+    pub frame: Vec<u8>,
+}
+
+/// An `AF_PACKET` socket bound to one interface of the namespace of the
+/// thread that opened it: writes whole Ethernet frames out of it and, when
+/// opened to receive, sees every frame the interface sends and every frame
+/// it receives after XDP (a frame XDP dropped or sent back never reaches
+/// it), whatever its destination MAC. Closed on drop.
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    /// Opens it on `ifname`; `receive` false makes a send-only socket
+    /// (protocol 0: nothing is queued for it).
+    pub fn open(ifname: &str, receive: bool) -> PacketSocket {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        let name = std::ffi::CString::new(ifname).expect("interface name");
+        let proto = if receive {
+            (libc::ETH_P_ALL as u16).to_be()
+        } else {
+            0
+        };
+        // SAFETY: plain libc calls on values owned here; the fd is owned right away.
+        unsafe {
+            let index = libc::if_nametoindex(name.as_ptr());
+            assert!(index != 0, "no interface {ifname}");
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = i32::try_from(index).expect("ifindex");
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert!(
+                rc == 0,
+                "bind to {ifname}: {}",
+                std::io::Error::last_os_error()
+            );
+            PacketSocket {
+                fd,
+                ifindex: sll.sll_ifindex,
+            }
+        }
+    }
+
+    /// Sets `SO_PRIORITY` for the frames it sends.
+    pub fn set_priority(&self, prio: i32) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setsockopt with a pointer to a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PRIORITY,
+                (&raw const prio).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert!(rc == 0, "SO_PRIORITY: {}", std::io::Error::last_os_error());
+    }
+
+    /// Writes one frame; false if the kernel refused it (a full queue).
+    pub fn send(&self, frame: &[u8]) -> bool {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: sends the bytes of a live buffer.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        n > 0
+    }
+
+    /// The next frame seen on the interface, waiting at most `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<Seen> {
+        use std::os::fd::AsRawFd as _;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: poll on one live pollfd.
+            if unsafe { libc::poll(&raw mut pfd, 1, ms) } <= 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; 2048];
+            // SAFETY: an all-zero sockaddr_ll is valid; recvfrom writes at
+            // most the lengths given into live buffers.
+            let (n, sll) = unsafe {
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                let n = libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&raw mut sll).cast(),
+                    &raw mut len,
+                );
+                (n, sll)
+            };
+            // A frame from another interface, queued before bind took effect.
+            if let Ok(n) = usize::try_from(n)
+                && sll.sll_ifindex == self.ifindex
+            {
+                buf.truncate(n);
+                return Some(Seen {
+                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING,
+                    frame: buf,
+                });
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
 }
