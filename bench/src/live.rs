@@ -123,7 +123,7 @@ pub fn flood(
             if let Some(cpu) = cpu {
                 pin_to(cpu);
             }
-            let generator = Generator::new(GEN_SOURCES)?;
+            let mut generator = Generator::new(GEN_SOURCES)?;
             let _ = ready.send(());
             drop(ready);
             let deadline = Instant::now() + warmup + window;

@@ -16,6 +16,7 @@ mod frames;
 mod live;
 mod machine;
 mod netns;
+mod pktgen;
 mod prefixes;
 mod progs;
 mod receivers;

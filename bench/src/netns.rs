@@ -236,6 +236,10 @@ impl Lab {
         // A veth end without an XDP program takes frames sent to it with
         // XDP_TX/ndo_xdp_xmit only when its NAPI is on, which GRO turns on.
         rx.exec_ok(&["ethtool", "-K", &rx_if, "gro", "on"])?;
+        // Frames a socket sends (the fallback generator, crate::pktgen)
+        // take the receiver's NAPI too only when the sending veth offers no
+        // TSO (veth_skb_is_eligible_for_gro); else they skip its rings.
+        tx.exec_ok(&["ethtool", "-K", &tx_if, "tso", "off"])?;
         let rx_mac = mac_of(&rx, &rx_if)?;
         let tx_mac = mac_of(&tx, &tx_if)?;
         let tx_ifindex = tx.ifindex(&tx_if)?;

@@ -136,11 +136,78 @@ pub fn attach_drop_all(ifindex: u32) -> Result<Attached> {
     })
 }
 
-/// The live-frames traffic generator: `bench_trafficgen` run with
-/// BPF_PROG_TEST_RUN and BPF_F_TEST_XDP_LIVE_FRAMES, so every frame it
-/// returns XDP_TX for is really transmitted out of the injecting interface.
-pub struct Generator {
-    ebpf: Ebpf,
+/// How the generators send: BPF_F_TEST_XDP_LIVE_FRAMES where the kernel
+/// allows it, else an AF_PACKET socket (see [`crate::pktgen`]). Decided
+/// once per process by [`probe_live_frames`].
+#[derive(Debug, Clone)]
+pub enum GenMode {
+    LiveFrames,
+    /// The kernel refused live frames; the reason it gave.
+    PacketSocket(String),
+}
+
+static GEN_MODE: std::sync::OnceLock<GenMode> = std::sync::OnceLock::new();
+
+/// Whether this kernel runs XDP programs with live frames: one frame of
+/// `bench_drop_all` injected on the loopback device (dropped at once, so
+/// nothing is sent). Probed once; later calls return the first answer.
+pub fn probe_live_frames() -> &'static GenMode {
+    GEN_MODE.get_or_init(|| match probe() {
+        Ok(()) => GenMode::LiveFrames,
+        Err(e) => GenMode::PacketSocket(format!("{e:#}")),
+    })
+}
+
+fn probe() -> Result<()> {
+    let mut ebpf = load_object(None)?;
+    let prog = load_xdp(&mut ebpf, DROP_ALL)?;
+    let frame = [0u8; 64];
+    let md = XdpMd {
+        data_end: frame.len() as u32,
+        ingress_ifindex: 1, // lo: every namespace has it, ifindex 1
+        ..XdpMd::default()
+    };
+    live_run(prog, &frame, &md, 1).map(|_| ())
+}
+
+/// What the method texts say about the generator in use.
+pub fn gen_description() -> String {
+    match probe_live_frames() {
+        GenMode::LiveFrames => format!(
+            "bench_trafficgen run with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES (as xdp-trafficgen does), batches of {GEN_BATCH}"
+        ),
+        GenMode::PacketSocket(why) => format!(
+            "an AF_PACKET socket per thread (PACKET_QDISC_BYPASS, sendmmsg batches of 64) sending the frames bench_trafficgen would make, \
+             because this kernel refuses live frames ({why}); such a generator offers fewer frames per second than live frames would"
+        ),
+    }
+}
+
+fn live_run(prog: &Xdp, frame: &[u8], md: &XdpMd, count: u32) -> Result<Duration> {
+    // SAFETY: XdpMd is repr(C) plain data.
+    let ctx =
+        unsafe { std::slice::from_raw_parts((&raw const *md).cast::<u8>(), size_of::<XdpMd>()) };
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(ctx);
+    opts.repeat = count;
+    opts.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
+    let r = prog
+        .test_run(opts)
+        .map_err(|e| anyhow!("live test_run: {e}: {:?}", std::error::Error::source(&e)))?;
+    Ok(r.duration)
+}
+
+/// The traffic generator: `bench_trafficgen` run with BPF_PROG_TEST_RUN and
+/// BPF_F_TEST_XDP_LIVE_FRAMES, so every frame it returns XDP_TX for is
+/// really transmitted out of the injecting interface; or, where the kernel
+/// refuses live frames, an AF_PACKET socket sending the same frames.
+pub enum Generator {
+    Live(Ebpf),
+    Packet {
+        socket: Option<crate::pktgen::PacketGen>,
+        sources: u32,
+    },
 }
 
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`.
@@ -162,42 +229,42 @@ pub const GEN_BATCH: u32 = 64;
 impl Generator {
     /// `sources`: how many distinct IPv4 sources frames cycle through.
     pub fn new(sources: u32) -> Result<Self> {
+        if let GenMode::PacketSocket(_) = probe_live_frames() {
+            return Ok(Self::Packet {
+                socket: None,
+                sources,
+            });
+        }
         let mut ebpf = load_object(Some(sources))?;
         load_xdp(&mut ebpf, TRAFFICGEN)?;
-        Ok(Self { ebpf })
+        Ok(Self::Live(ebpf))
     }
 
-    fn prog(&self) -> &Xdp {
-        self.ebpf
-            .program(TRAFFICGEN)
-            .and_then(|p| <&Xdp>::try_from(p).ok())
-            .expect("loaded in new()")
-    }
-
-    /// Sends `count` copies of `frame` (sources varied by the program) as if
-    /// received on `ifindex`, which must be in the calling thread's
-    /// namespace. Returns the kernel's ns per frame.
-    pub fn send(&self, frame: &[u8], ifindex: u32, count: u32) -> Result<Duration> {
-        let md = XdpMd {
-            data: 0,
-            data_end: frame.len() as u32,
-            data_meta: 0,
-            ingress_ifindex: ifindex,
-            rx_queue_index: 0,
-            egress_ifindex: 0,
-        };
-        // SAFETY: XdpMd is repr(C) plain data.
-        let ctx =
-            unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(ctx);
-        opts.repeat = count;
-        opts.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
-        let r = self
-            .prog()
-            .test_run(opts)
-            .map_err(|e| anyhow!("live test_run: {e}: {:?}", std::error::Error::source(&e)))?;
-        Ok(r.duration)
+    /// Sends `count` copies of `frame` (sources varied) as if received on
+    /// `ifindex` (live frames: the program's XDP_TX sends them out of it)
+    /// or out of `ifindex` (packet socket), which must be in the calling
+    /// thread's namespace. Returns the time per frame (the kernel's, for
+    /// live frames).
+    pub fn send(&mut self, frame: &[u8], ifindex: u32, count: u32) -> Result<Duration> {
+        match self {
+            Self::Live(ebpf) => {
+                let prog: &Xdp = ebpf
+                    .program(TRAFFICGEN)
+                    .and_then(|p| <&Xdp>::try_from(p).ok())
+                    .expect("loaded in new()");
+                let md = XdpMd {
+                    data_end: frame.len() as u32,
+                    ingress_ifindex: ifindex,
+                    ..XdpMd::default()
+                };
+                live_run(prog, frame, &md, count)
+            }
+            Self::Packet { socket, sources } => {
+                if socket.is_none() {
+                    *socket = Some(crate::pktgen::PacketGen::new(ifindex, *sources)?);
+                }
+                socket.as_mut().expect("set above").send(frame, count)
+            }
+        }
     }
 }

@@ -18,9 +18,9 @@ use crate::{
 pub fn method(plan: &Plan) -> String {
     format!(
         "Two network namespaces joined by a veth pair ({q} queues per end, GRO on the receiver so its NAPI takes XDP_TX frames). \
-         Generator: bench_trafficgen run with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES (as xdp-trafficgen does), batches of {b}, \
-         {t} threads pinned round-robin to the {c} CPUs, each injecting on the sender veth; the program rewrites the IPv4 source \
-         (cycling through {GEN_SOURCES} addresses of {GEN_SOURCE_NET}, checksum fixed) and returns XDP_TX, so each 64-byte \
+         Generator: {g}, \
+         {t} threads pinned round-robin to the {c} CPUs, each injecting on the sender veth; frames get a new IPv4 source \
+         (cycling through {GEN_SOURCES} addresses of {GEN_SOURCE_NET}, checksum fixed) and leave the sender veth, so each 64-byte \
          UDP frame (Ethernet header included, no FCS) lands on the receiver. Generator and receiver share the machine's CPUs (the \
          receiver's softirq runs on the sending CPU): the rate is what this machine sustains end to end, and the ceiling row \
          (an XDP program that only drops) is that limit. Each run uses a fresh pair of namespaces: install the firewall, flood \
@@ -32,7 +32,7 @@ pub fn method(plan: &Plan) -> String {
          turn inside each run (run-major), so slow drift in the machine's load hits them alike. Ratio = median Mpps / median Mpps of the ceiling. Offered = frames \
          the generator produced per second of its own running time.",
         q = plan.queues,
-        b = crate::progs::GEN_BATCH,
+        g = crate::progs::gen_description(),
         t = plan.gen_threads,
         c = live::available_cpus().len(),
         w = plan.live_warmup.as_secs_f64(),

@@ -64,7 +64,7 @@ pub fn method(plan: &Plan) -> String {
          counted. LB: a DSR service on the receiver's own address (every UDP port), 4 backends behind the same veth \
          (routes and permanent neighbours): the LB balances each frame, gives it the backend's MAC and sends it back out \
          with XDP_TX; Mpps = frames that arrived back at the generator's veth per second of the window. DSR rather than \
-         NAT because the generator (BPF_PROG_TEST_RUN live frames) recycles its pages: a NAT rewrite of the destination \
+         NAT because the generator (with BPF_PROG_TEST_RUN live frames, where the kernel allows them) recycles its pages: a NAT rewrite of the destination \
          would leave the recycled frames addressed to a backend instead of the VIP. Its baseline is a reflector on the \
          same path (bench_trafficgen attached to the receiver: rewrite the source, XDP_TX), counted the same way; the \
          firewall rows (ceiling XDP_DROP, sluice deny-list drop, sluice pass to the stack) count frames the receiver took \

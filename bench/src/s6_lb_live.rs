@@ -85,7 +85,7 @@ impl Cfg {
                 "bench_trafficgen attached natively to the receiver (rewrites the source, XDP_TX): frames arriving back at the generator's veth per second"
             }
             Self::LbDsr => {
-                "sluice attached natively to the receiver, a DSR service on the receiver's address (every UDP port) with 4 backends behind the same veth: frames balanced (connection table, Maglev), given the backend's MAC, sent with XDP_TX and arriving back at the generator's veth per second. DSR, not NAT: the generator (live frames) recycles its pages, and a NAT rewrite of the destination would leave recycled frames no longer addressed to the VIP"
+                "sluice attached natively to the receiver, a DSR service on the receiver's address (every UDP port) with 4 backends behind the same veth: frames balanced (connection table, Maglev), given the backend's MAC, sent with XDP_TX and arriving back at the generator's veth per second. DSR, not NAT: the generator (live frames, where the kernel allows them) recycles its pages, and a NAT rewrite of the destination would leave recycled frames no longer addressed to the VIP"
             }
         }
     }
