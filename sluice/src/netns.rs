@@ -73,3 +73,104 @@ pub fn label(name: Option<&str>) -> String {
         _ => "host".into(),
     }
 }
+
+/// Makes a TCP socket inside namespace `name` for code that runs elsewhere
+/// (the agent's health probes: a socket belongs to the namespace it was
+/// made in, whichever thread uses it later). One long-lived thread per
+/// namespace name makes them; it follows the name if the namespace is
+/// replaced (a new inode under /run/netns). Non-blocking, close-on-exec.
+///
+/// # Errors
+/// The namespace is missing or cannot be entered, or socket(2) failed.
+pub fn tcp_socket_in(name: &str, v6: bool) -> Result<std::os::fd::OwnedFd, NetnsError> {
+    use std::sync::{Mutex, OnceLock, mpsc};
+    type Reply = mpsc::SyncSender<Result<std::os::fd::OwnedFd, NetnsError>>;
+    static MAKERS: OnceLock<Mutex<std::collections::HashMap<String, mpsc::Sender<(bool, Reply)>>>> =
+        OnceLock::new();
+    let makers = MAKERS.get_or_init(Default::default);
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let failed = |reason: String| NetnsError::Enter {
+        name: name.to_string(),
+        reason,
+    };
+    {
+        let mut m = makers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = m.entry(name.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel::<(bool, Reply)>();
+            let name = name.to_string();
+            std::thread::Builder::new()
+                .name(format!("netns-{name}"))
+                .spawn(move || socket_maker(&name, &rx))
+                .map(|_| ())
+                .unwrap_or(());
+            tx
+        });
+        if tx.send((v6, reply_tx.clone())).is_err() {
+            // The maker thread is gone (it could not be spawned): next
+            // call starts a new one.
+            m.remove(name);
+            return Err(failed("no thread to make sockets in it".into()));
+        }
+    }
+    drop(reply_tx);
+    reply_rx
+        .recv()
+        .map_err(|_| failed("the socket maker stopped".into()))?
+}
+
+fn socket_maker(
+    name: &str,
+    rx: &std::sync::mpsc::Receiver<(
+        bool,
+        std::sync::mpsc::SyncSender<Result<std::os::fd::OwnedFd, NetnsError>>,
+    )>,
+) {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use std::os::unix::fs::MetadataExt as _;
+    let mut entered: Option<u64> = None;
+    for (v6, reply) in rx {
+        let made = (|| {
+            let path = Path::new("/run/netns").join(name);
+            let ino = std::fs::metadata(&path)
+                .map_err(|_| NetnsError::Missing {
+                    name: name.to_string(),
+                })?
+                .ino();
+            if entered != Some(ino) {
+                enter(name)?;
+                entered = Some(ino);
+            }
+            let family = if v6 {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            };
+            socket(
+                family,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| NetnsError::Enter {
+                name: name.to_string(),
+                reason: format!("socket: {e}"),
+            })
+        })();
+        let _ = reply.send(made);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_socket_in_a_missing_namespace_names_it() {
+        let e = super::tcp_socket_in("sluice-no-such-netns", false).expect_err("missing");
+        assert!(
+            e.to_string()
+                .contains("sluice-no-such-netns does not exist"),
+            "{e}"
+        );
+    }
+}

@@ -351,3 +351,49 @@ fn agent_waits_for_missing_interfaces_and_detaches_the_last_one() {
         "{st}"
     );
 }
+
+/// `sluice agent` refuses the global options it does not take, naming each
+/// one given (flag or environment variable), and starts nothing.
+#[test]
+fn agent_refuses_global_options_by_name() {
+    let cfg = std::env::temp_dir().join(format!("sluice-agent-opts-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "").expect("write config");
+    let cfg_s = cfg.to_str().expect("utf-8 path");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(common::cli::SLUICE);
+        cmd.args(args)
+            .env_remove("SLUICE_SOCKET")
+            .env_remove("SLUICE_PIN_ROOT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        output_with_timeout(&mut cmd, CLI_TIMEOUT)
+    };
+    for (args, env, want) in [
+        (
+            vec!["-n", "lab", "agent", "--config", cfg_s],
+            vec![],
+            "does not take -n lab:",
+        ),
+        (
+            vec!["--json", "agent", "--config", cfg_s],
+            vec![],
+            "does not take --json:",
+        ),
+        (
+            vec!["agent", "--config", cfg_s],
+            vec![("SLUICE_SOCKET", "/tmp/x.sock")],
+            "does not take --socket /tmp/x.sock (or SLUICE_SOCKET):",
+        ),
+        (
+            vec!["--pin-root", "/sys/fs/bpf/x", "agent", "--config", cfg_s],
+            vec![],
+            "does not take --pin-root /sys/fs/bpf/x (or SLUICE_PIN_ROOT):",
+        ),
+    ] {
+        let out = run(&args, &env);
+        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        assert!(line.contains(want), "{args:?} {env:?}: {line}");
+    }
+    let _ = std::fs::remove_file(&cfg);
+}

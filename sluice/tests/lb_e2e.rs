@@ -873,3 +873,79 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
     sluice(&pin, &topo.lb, &["detach", &topo.lb_if]);
     drop(dsr_servers);
 }
+
+/// Health checks probe from the namespace of the interface the agent
+/// balances on: the agent runs in a namespace of its own (as on a host)
+/// with `[[interface]] netns = ...`, while the backends are reachable only
+/// from the LB namespace. Both stay up (probes from the agent's namespace
+/// would fail at once: no route), real
+/// connections reach both, and a killed one is taken out and gets none.
+#[test]
+fn health_checks_probe_from_the_balanced_interfaces_namespace() {
+    let mut topo = Topo::new("lbh", 2);
+    let env = AgentEnv::new("lbh");
+    let svc4 = format!("{VIP4}:{SERVICE_PORT}/tcp");
+    env.write_config(&format!(
+        "{}[[service]]\nvip = \"{VIP4}:{SERVICE_PORT}\"\nmode = \"nat\"\nbackends = [\"{}\", \"{}\"]\n\
+         health = {{ check = \"tcp\", interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n",
+        common::agent::interface_toml(&topo.lb, &topo.lb_if),
+        backend_addr(0, false),
+        backend_addr(1, false),
+    ));
+    // The agent runs in a namespace of its own, as on a host: no route to
+    // the backends from there.
+    let home = Netns::new("lbh-a");
+    home.exec_ok(["ip", "link", "set", "lo", "up"]);
+    let netns_arg = format!("--net={}", home.path().display());
+    let _agent = AgentProc::start_wrapped(&env, &["nsenter", &netns_arg], &[]);
+    // Ten probe intervals: with fall = 2, probes that fail would have
+    // taken both backends down several times over.
+    thread::sleep(Duration::from_secs(2));
+    let v = lb_json(&env);
+    for i in 0..2 {
+        let row = backend_row(&v, &svc4, &backend_addr(i, false));
+        assert_eq!(row["health"], "up", "backend {i}: {v:#}");
+        assert_eq!(row["state"], "active", "backend {i}: {v:#}");
+    }
+    let check = v["services"][0]["health_check"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        check.ends_with(&format!("from netns {}", topo.lb.name())),
+        "lb list shows where probes run: {check:?}"
+    );
+    let c = counts(&connect_many(
+        &topo.client,
+        IpAddr::V4(VIP4),
+        45_000..45_100,
+    ));
+    println!("both up: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert!(c.get("b0").is_some() && c.get("b1").is_some(), "{c:?}");
+
+    topo.backends[1].server.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = lb_json(&env);
+        let row = backend_row(&v, &svc4, &backend_addr(1, false));
+        if row["health"] == "down" {
+            let err = row["health_error"].as_str().unwrap_or_default();
+            assert!(err.contains("connection refused"), "{row:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "killed backend not detected in 10 s: {v:#}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let c = counts(&connect_many(
+        &topo.client,
+        IpAddr::V4(VIP4),
+        46_000..46_100,
+    ));
+    println!("b1 killed: {c:?}");
+    assert_eq!(c.get("FAILED"), None, "{c:?}");
+    assert_eq!(c.get("b1"), None, "{c:?}");
+    assert_eq!(c.get("b0"), Some(&100), "{c:?}");
+}

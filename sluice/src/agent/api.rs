@@ -923,6 +923,7 @@ async fn get_lb(State(core): State<Shared>) -> Result<Json<super::lb::LbView>, A
             &c.root,
             Some(&c.desired.services),
             c.checker.as_deref(),
+            super::lb::default_probe_netns(&c.desired.interfaces).as_deref(),
         )?)
     })
     .await

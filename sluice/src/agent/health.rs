@@ -48,6 +48,9 @@ pub struct CheckSpec {
     pub rise: u32,
     /// Consecutive failures that take an Up backend Down.
     pub fall: u32,
+    /// The network namespace (a name under /run/netns) probes connect
+    /// from; `None`: the agent's own.
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -115,6 +118,11 @@ pub enum ProbeError {
     Connect {
         #[source]
         source: std::io::Error,
+    },
+    #[error("{source}")]
+    Netns {
+        #[source]
+        source: crate::netns::NetnsError,
     },
     #[error("timeout after {after:?}")]
     Timeout { after: Duration },
@@ -198,6 +206,7 @@ impl CheckSpec {
             timeout,
             rise: self.rise.max(1),
             fall: self.fall.max(1),
+            netns: self.netns.clone(),
         }
     }
 }
@@ -414,7 +423,12 @@ async fn run<K: Clone + Hash + Debug>(
     loop {
         ticker.tick().await;
         let began = Instant::now();
-        let outcome = match tokio::time::timeout(spec.timeout, probe(&spec.probe, addr)).await {
+        let outcome = match tokio::time::timeout(
+            spec.timeout,
+            probe(&spec.probe, spec.netns.as_deref(), addr),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(ProbeError::Timeout {
                 after: spec.timeout,
@@ -485,10 +499,24 @@ fn record(
     changed
 }
 
-async fn probe(probe: &Probe, addr: SocketAddr) -> Result<(), ProbeError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ProbeError::Connect { source })?;
+async fn probe(probe: &Probe, netns: Option<&str>, addr: SocketAddr) -> Result<(), ProbeError> {
+    let stream = match netns {
+        None => TcpStream::connect(addr).await,
+        Some(name) => {
+            let name = name.to_string();
+            let v6 = addr.is_ipv6();
+            let fd = tokio::task::spawn_blocking(move || crate::netns::tcp_socket_in(&name, v6))
+                .await
+                .map_err(|e| ProbeError::Connect {
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| ProbeError::Netns { source })?;
+            tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+                .connect(addr)
+                .await
+        }
+    }
+    .map_err(|source| ProbeError::Connect { source })?;
     match probe {
         // Dropping the stream closes it: the handshake was the whole check.
         Probe::Tcp => Ok(()),
@@ -577,6 +605,7 @@ mod tests {
             timeout: INTERVAL,
             rise,
             fall,
+            netns: None,
         }
     }
 
@@ -591,6 +620,7 @@ mod tests {
             timeout: Duration::from_millis(30),
             rise,
             fall,
+            netns: None,
         }
     }
 
@@ -1210,6 +1240,7 @@ mod tests {
             timeout: Duration::ZERO,
             rise: 0,
             fall: 0,
+            netns: None,
         };
         assert!(bad.validate().is_err());
         checker.set_targets(vec![(0u8, server.addr, bad)]);

@@ -13,16 +13,36 @@ use super::{
 
 /// The health-check targets the desired services name.
 fn targets(core: &super::core::Core) -> Vec<(MemberKey, std::net::SocketAddr, CheckSpec)> {
+    targets_of(&core.desired)
+}
+
+/// The namespace probes run in when a service names none: that of the
+/// interfaces the agent balances on, when they all share one (the backends
+/// are reached from there), else the agent's own.
+pub fn default_probe_netns(interfaces: &[crate::policy::Interface]) -> Option<String> {
+    let mut names = interfaces.iter().map(|i| i.netns.clone());
+    let first = names.next()?;
+    names.all(|n| n == first).then_some(first).flatten()
+}
+
+fn targets_of(
+    desired: &crate::policy::Desired,
+) -> Vec<(MemberKey, std::net::SocketAddr, CheckSpec)> {
+    let default_netns = default_probe_netns(&desired.interfaces);
     let mut out = Vec::new();
-    for s in &core.desired.services {
+    for s in &desired.services {
         let Some(h) = &s.health else {
             continue;
         };
+        let mut spec = h.to_spec();
+        if spec.netns.is_none() {
+            spec.netns.clone_from(&default_netns);
+        }
         for b in &s.spec.backends {
             out.push((
                 (s.spec.id, b.addr),
                 h.target(&s.spec.id, &b.addr),
-                h.to_spec(),
+                spec.clone(),
             ));
         }
     }
@@ -121,7 +141,7 @@ pub struct LbView {
     pub connection_capacity: u32,
 }
 
-fn describe_check(h: &crate::lb::HealthConf) -> String {
+fn describe_check(h: &crate::lb::HealthConf, default_netns: Option<&str>) -> String {
     let what = match h.check {
         crate::lb::CheckKind::Tcp => "tcp".to_string(),
         crate::lb::CheckKind::Http => format!("http GET {} expect {}", h.path, h.expect),
@@ -133,15 +153,22 @@ fn describe_check(h: &crate::lb::HealthConf) -> String {
         h.rise,
         h.fall,
         h.port.map(|p| format!(" port {p}")).unwrap_or_default()
-    )
+    ) + &h
+        .netns
+        .as_deref()
+        .or(default_netns)
+        .map(|n| format!(" from netns {n}"))
+        .unwrap_or_default()
 }
 
 /// The services as the kernel holds them, with counters, active
-/// connections and (given the agent's services and checker) health.
+/// connections and (given the agent's services and checker) health;
+/// `probe_netns`: where probes run when a service names no namespace.
 pub fn view(
     root: &crate::dataplane::PinRoot,
     services: Option<&[crate::lb::LbService]>,
     checker: Option<&Checker<MemberKey>>,
+    probe_netns: Option<&str>,
 ) -> Result<LbView, crate::dataplane::DataplaneError> {
     use crate::dataplane::lb as maps;
     let state = maps::read(root)?;
@@ -199,7 +226,7 @@ pub fn view(
         out.services.push(ServiceRow {
             service: s.id.to_string(),
             mode: s.mode.name().into(),
-            health_check: check.map(describe_check),
+            health_check: check.map(|h| describe_check(h, probe_netns)),
             packets: c.packets,
             bytes: c.bytes,
             connections: c.conns,
@@ -207,4 +234,68 @@ pub fn view(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        lb::{CheckKind, HealthConf},
+        policy::{Desired, Interface},
+    };
+
+    fn iface(name: &str, netns: Option<&str>) -> Interface {
+        Interface {
+            name: name.into(),
+            netns: netns.map(str::to_owned),
+            mode: crate::dataplane::AttachMode::Native,
+        }
+    }
+
+    #[test]
+    fn probes_run_where_the_balanced_interfaces_are_unless_a_service_says() {
+        assert_eq!(default_probe_netns(&[]), None);
+        assert_eq!(
+            default_probe_netns(&[iface("a", Some("lb")), iface("b", Some("lb"))]),
+            Some("lb".into())
+        );
+        // Interfaces in different namespaces (or one on the host): the
+        // agent's own namespace, unless the service names one.
+        assert_eq!(
+            default_probe_netns(&[iface("a", Some("lb")), iface("b", None)]),
+            None
+        );
+        assert_eq!(default_probe_netns(&[iface("a", None)]), None);
+
+        let cfg = crate::policy::config::parse(
+            std::path::Path::new("/etc/sluice/t.toml"),
+            "[[interface]]\nname = \"veth0\"\nnetns = \"lb\"\n\n\
+             [[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"198.18.1.2:8080\"]\n\
+             health = { check = \"tcp\" }\n\n\
+             [[service]]\nvip = \"198.18.0.11:80\"\nbackends = [\"198.18.1.3:8080\"]\n\
+             health = { check = \"tcp\", netns = \"probes\" }\n",
+        )
+        .expect("valid config");
+        let desired: &Desired = &cfg.desired;
+        let t = targets_of(desired);
+        let netns: Vec<(String, Option<String>)> = t
+            .iter()
+            .map(|((id, _), _, spec)| (id.to_string(), spec.netns.clone()))
+            .collect();
+        assert_eq!(
+            netns,
+            vec![
+                ("198.18.0.10:80/tcp".into(), Some("lb".into())),
+                ("198.18.0.11:80/tcp".into(), Some("probes".into())),
+            ]
+        );
+        let h = HealthConf {
+            netns: Some("probes".into()),
+            ..HealthConf::new(CheckKind::Tcp)
+        };
+        assert!(describe_check(&h, Some("lb")).ends_with(" from netns probes"));
+        let h = HealthConf::new(CheckKind::Tcp);
+        assert!(describe_check(&h, Some("lb")).ends_with(" from netns lb"));
+        assert!(!describe_check(&h, None).contains("netns"));
+    }
 }

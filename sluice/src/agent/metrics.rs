@@ -255,6 +255,7 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
         &core.root,
         Some(&core.desired.services),
         core.checker.as_deref(),
+        super::lb::default_probe_netns(&core.desired.interfaces).as_deref(),
     ) else {
         return;
     };

@@ -68,6 +68,10 @@ pub enum ServiceCommand {
         /// Port to check (default: the backend's, else the service's).
         #[arg(long, requires = "health")]
         health_port: Option<u16>,
+        /// Network namespace to probe from (default: the namespace of the
+        /// interfaces the agent balances on, when they share one).
+        #[arg(long, requires = "health", value_name = "NAME")]
+        health_netns: Option<String>,
         /// Time between checks (e.g. 2s, 500ms).
         #[arg(long, default_value = "2s", requires = "health")]
         health_interval: String,
@@ -183,6 +187,7 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                 health_path,
                 health_expect,
                 health_port,
+                health_netns,
                 health_interval,
                 health_timeout,
                 health_rise,
@@ -202,6 +207,14 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                         h.path.clone_from(health_path);
                         h.expect = *health_expect;
                         h.port = *health_port;
+                        if let Some(n) = health_netns {
+                            if n.is_empty() || n.contains('/') {
+                                return Err(LbCliError::Refused(format!(
+                                    "--health-netns {n:?} is not a network namespace name"
+                                )));
+                            }
+                            h.netns = Some(n.clone());
+                        }
                         h.interval_ms = duration_ms("--health-interval", health_interval)?;
                         h.timeout_ms = duration_ms("--health-timeout", health_timeout)?;
                         h.rise = *health_rise;
@@ -302,7 +315,7 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
         .into());
     }
     let Some(op) = change_of(&args.command)? else {
-        out.lb(&crate::agent::lb::view(root, None, None)?);
+        out.lb(&crate::agent::lb::view(root, None, None, None)?);
         return Ok(());
     };
     if let LbOp::ServiceAdd { service } = &op

@@ -318,11 +318,12 @@ pub enum CliError {
     #[error(transparent)]
     Agent(#[from] crate::agent::RunError),
     #[error(
-        "`sluice agent` takes its pin root, socket and interfaces (with their namespaces) from \
-         the config file ([agent] pin_root, socket; [[interface]] netns), not from -n, \
-         --pin-root, --socket or SLUICE_PIN_ROOT/SLUICE_SOCKET; and it logs rather than printing JSON"
+        "`sluice agent` does not take {given}: its pin root, socket and interfaces (with their \
+         namespaces) come from the config file ([agent] pin_root, socket; [[interface]] netns), \
+         and it logs rather than printing JSON (to run the whole agent inside a namespace: \
+         nsenter --net=/run/netns/NAME sluice agent ...)"
     )]
-    AgentOptions,
+    AgentOptions { given: String },
     #[error("reading {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -394,13 +395,29 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             detach_on_exit,
             drift_interval,
         } => {
-            if cli.netns.is_some()
-                || cli.json
-                || cli.pin_root.as_path() != std::path::Path::new(dataplane::DEFAULT_PIN_ROOT)
-                || cli.socket.as_path()
-                    != std::path::Path::new(crate::policy::config::DEFAULT_SOCKET)
-            {
-                return Err(CliError::AgentOptions);
+            let mut given = Vec::new();
+            if let Some(n) = &cli.netns {
+                given.push(format!("-n {n}"));
+            }
+            if cli.json {
+                given.push("--json".to_string());
+            }
+            if cli.pin_root.as_path() != std::path::Path::new(dataplane::DEFAULT_PIN_ROOT) {
+                given.push(format!(
+                    "--pin-root {} (or SLUICE_PIN_ROOT)",
+                    cli.pin_root.display()
+                ));
+            }
+            if cli.socket.as_path() != std::path::Path::new(crate::policy::config::DEFAULT_SOCKET) {
+                given.push(format!(
+                    "--socket {} (or SLUICE_SOCKET)",
+                    cli.socket.display()
+                ));
+            }
+            if !given.is_empty() {
+                return Err(CliError::AgentOptions {
+                    given: given.join(", "),
+                });
             }
             crate::agent::init_logging(*log_format);
             crate::agent::run(&crate::agent::Options {

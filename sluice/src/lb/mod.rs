@@ -219,6 +219,11 @@ pub struct HealthConf {
     /// Port to check; default: the backend's port, else the service's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Network namespace (a name under /run/netns) to probe from; default:
+    /// the namespace of the interfaces the agent balances on, when they
+    /// share one, else the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub rise: u32,
@@ -248,6 +253,7 @@ impl HealthConf {
             path: default_path(),
             expect: default_expect(),
             port: None,
+            netns: None,
             interval_ms: 2000,
             timeout_ms: 1000,
             rise: 2,
@@ -269,6 +275,7 @@ impl HealthConf {
             timeout: std::time::Duration::from_millis(self.timeout_ms),
             rise: self.rise,
             fall: self.fall,
+            netns: self.netns.clone(),
         }
     }
 

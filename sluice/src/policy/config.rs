@@ -237,6 +237,7 @@ struct RawHealth {
     path: Option<String>,
     expect: Option<i64>,
     port: Option<i64>,
+    netns: Option<String>,
     interval: Option<String>,
     timeout: Option<String>,
     rise: Option<i64>,
@@ -663,6 +664,13 @@ fn service(
             match u16::try_from(p) {
                 Ok(p) if p != 0 => c.port = Some(p),
                 _ => bad(format!("port must be 1 to 65535, found {p}")),
+            }
+        }
+        if let Some(n) = &raw.netns {
+            if n.is_empty() || n.contains('/') {
+                bad(format!("netns {n:?} is not a network namespace name"));
+            } else {
+                c.netns = Some(n.clone());
             }
         }
         for (name, v, into) in [
@@ -1244,6 +1252,10 @@ backends = ["2001:2::5"]
             (
                 "[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"icmp\" }\n",
                 "health check must be tcp or http",
+            ),
+            (
+                "[[service]]\nvip = \"198.18.0.10:80\"\nhealth = { check = \"tcp\", netns = \"a/b\" }\n",
+                "netns \"a/b\" is not a network namespace name",
             ),
             (
                 "[[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"2001:2::5\"]\n",
