@@ -531,7 +531,14 @@ fn nat_balances_real_connections_v4_and_v6() {
         .map(|(_, s, _)| s)
         .collect();
     assert!(!on_b1.is_empty(), "some held connection is on b1");
-    env.cli_ok(&["lb", "backend", "drain", &svc4, &b(1, false)]);
+    let out = env.cli_ok(&["lb", "backend", "drain", &svc4, &b(1, false)]);
+    // The answer says what the maps took (one table rebuilt), not "0
+    // change(s)" (which counted only firewall entries).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("1 table(s) rebuilt") && !said.contains("0 change(s)"),
+        "{said}"
+    );
     let results = connect_many(&topo.client, IpAddr::V4(VIP4), 42_000..42_300);
     let c = counts(&results);
     println!("b1 drained: {c:?}");

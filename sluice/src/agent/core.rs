@@ -121,6 +121,9 @@ pub struct ReconcileReport {
     /// Map pins put back to the maps the attached programs read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repaired_pins: Vec<String>,
+    /// What the load balancer's maps took, when the change touched them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb: Option<dataplane::lb::ApplyReport>,
 }
 
 /// What must keep working after a change: the caller's own session, and the
@@ -609,7 +612,7 @@ impl Core {
             } else if repaired {
                 warn!("an interrupted change had left the standby generation behind; repaired");
             }
-            self.reconcile_lb(!strict)?;
+            report.lb = self.reconcile_lb(!strict)?;
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
@@ -730,7 +733,7 @@ impl Core {
                 report.changes = delta.size();
             }
             if delta.services.is_some() || delta.interfaces.is_some() {
-                self.reconcile_lb(false)?;
+                report.lb = self.reconcile_lb(false)?;
             }
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
@@ -754,9 +757,13 @@ impl Core {
     /// Makes the LB maps match the desired services (minus the backends
     /// health checks found down) and the `[lb]` settings. `force`: even when
     /// nothing changed since the last apply (drift checks).
-    pub fn reconcile_lb(&mut self, force: bool) -> Result<(), AgentError> {
+    /// Returns what the maps took, or `None` when nothing needed writing.
+    pub fn reconcile_lb(
+        &mut self,
+        force: bool,
+    ) -> Result<Option<dataplane::lb::ApplyReport>, AgentError> {
         if !self.root.is_set_up() {
-            return Ok(());
+            return Ok(None);
         }
         let cfg = dataplane::lb::config(&self.root)?;
         let (interval, tolerance) = dataplane::runtime::gcra(
@@ -804,7 +811,7 @@ impl Core {
         down.sort();
         let key = (specs, down);
         if !force && self.lb_applied.as_ref() == Some(&key) {
-            return Ok(());
+            return Ok(None);
         }
         let r = dataplane::lb::apply(&self.root, &key.0, &self.health_down)?;
         if r.tables_rebuilt + r.backends_written + r.backends_freed + r.services_removed > 0 {
@@ -818,7 +825,7 @@ impl Core {
             );
         }
         self.lb_applied = Some(key);
-        Ok(())
+        Ok(Some(r))
     }
 
     /// A health check changed its verdict on a backend: the tables follow.

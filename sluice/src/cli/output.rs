@@ -165,10 +165,17 @@ impl Out {
             v["message"] = json!(message);
             print_json(&v);
         } else {
-            println!(
-                "{message} (version {}, {} change(s) in the maps)",
-                a.version, a.reconcile.changes
-            );
+            let mut parts = vec![format!("version {}", a.version)];
+            if a.reconcile.changes > 0 || a.reconcile.lb.is_none() {
+                parts.push(format!("{} change(s) in the maps", a.reconcile.changes));
+            }
+            if let Some(r) = &a.reconcile.lb {
+                parts.push(format!(
+                    "{} table(s) rebuilt, {} backend slot(s) written, {} freed",
+                    r.tables_rebuilt, r.backends_written, r.backends_freed
+                ));
+            }
+            println!("{message} ({})", parts.join(", "));
         }
     }
 

@@ -281,7 +281,7 @@ pub struct ServiceState {
 }
 
 /// What `apply` changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     pub services_added: usize,
     pub services_removed: usize,
