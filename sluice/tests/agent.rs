@@ -718,6 +718,9 @@ fn agent_reloads_its_config_file() {
     assert_eq!(deny_list(&env), both, "a refused reload changes nothing");
     let out = env.cli_ok(&["deny", "list"]);
     assert_through_agent(&env, "deny list after the refused reload", &out);
+    // `--covering` through the agent: the entry that holds the address.
+    let v = env.cli_json(&["deny", "list", "--covering", &both[0], "--json"]);
+    assert_eq!(list_json_prefixes(&v), vec![both[0].clone()], "{v}");
     expect_pings(&lab, false, false, "after the refused reload");
 
     // Fixing the file applies it.

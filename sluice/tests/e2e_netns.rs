@@ -290,6 +290,36 @@ fn e2e_allow_overrides_deny() {
     assert_blocked(&lab, false, "A's /24 denied");
     assert_eq!(ping(&lab.a, lab.b_v6.into(), PINGS), 0, "A's /64 denied");
 
+    // Which entries cover an address: most specific (the one that decides) first.
+    sluice(&pin, &lab.b, &["deny", "add", "198.18.0.0/15"]);
+    let covering = |q: &str| -> Vec<String> {
+        let v = sluice_json(&pin, &lab.b, &["deny", "list", "--covering", q, "--json"]);
+        v["entries"]
+            .as_array()
+            .unwrap_or_else(|| panic!("entries in {v}"))
+            .iter()
+            .map(|e| e["prefix"].as_str().expect("prefix").to_string())
+            .collect()
+    };
+    let a4 = lab.a_v4.to_string();
+    assert_eq!(covering(&a4), vec![v4_net.clone(), "198.18.0.0/15".into()]);
+    assert_eq!(covering(&lab.a_v6.to_string()), vec![v6_net.clone()]);
+    assert_eq!(covering("198.18.0.0/15"), vec!["198.18.0.0/15".to_string()]);
+    assert!(covering("2001:2:ffff::1").is_empty());
+    let text = sluice(
+        &pin,
+        &lab.b,
+        &["deny", "list", "--covering", "2001:2:ffff::1"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout).trim(),
+        "no deny list entry covers 2001:2:ffff::1/128"
+    );
+    let bad = sluice_output(&pin, &lab.b, &["deny", "list", "--covering", "nope"]);
+    let line = common::cli::expect_one_line_error("--covering nope", &bad);
+    assert!(line.contains("invalid prefix 'nope'"), "{line}");
+    sluice(&pin, &lab.b, &["deny", "del", "198.18.0.0/15"]);
+
     sluice(&pin, &lab.b, &["allow", "add", &v4_host(&lab)]);
     sluice(&pin, &lab.b, &["allow", "add", &v6_host(&lab)]);
     for v6 in [false, true] {

@@ -240,7 +240,32 @@ pub enum ListCommand {
     /// Remove prefixes, all or none.
     Del(PrefixArgs),
     /// List entries with their hit counters.
-    List,
+    List {
+        /// Only the entries that cover ADDR (an address or a prefix), most
+        /// specific first: the first is the one a packet from ADDR matches.
+        #[arg(long, value_name = "ADDR")]
+        covering: Option<String>,
+    },
+}
+
+/// `--covering`: the entries whose prefix holds `q` whole, longest first.
+fn print_list(
+    out: &output::Out,
+    kind: &str,
+    mut entries: Vec<dataplane::ListEntry>,
+    covering: Option<&str>,
+) -> Result<(), CliError> {
+    if let Some(q) = covering {
+        let q = policy::parse_prefix_lenient(q)?;
+        entries.retain(|e| ipnet::IpNet::contains(&e.prefix, &q));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.prefix.prefix_len()));
+        if entries.is_empty() && !out.json {
+            println!("no {kind} list entry covers {q}");
+            return Ok(());
+        }
+    }
+    out.list(kind, &entries);
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -729,10 +754,14 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     )?;
                     out.applied(&format!("{kind} del: {n} prefix(es)"), &a);
                 }
-                ListCommand::List => {
+                ListCommand::List { covering } => {
+                    if let Some(q) = covering {
+                        // Checked before asking the agent.
+                        policy::parse_prefix_lenient(q)?;
+                    }
                     let l: api::ListBody =
                         client.call(Method::GET, &format!("/v1/lists/{kind}"), None::<&()>)?;
-                    out.list(kind, &l.entries);
+                    print_list(out, kind, l.entries, covering.as_deref())?;
                 }
             }
         }
@@ -879,7 +908,10 @@ fn list_command(
             let report = maps.commit_verified(change)?;
             out.done(&format!("{kind} list: {} removed", report.deleted), &report);
         }
-        ListCommand::List => {
+        ListCommand::List { covering } => {
+            if let Some(q) = &covering {
+                policy::parse_prefix_lenient(q)?;
+            }
             let maps = PolicyMaps::open(root)?;
             let (v4, v6) = if allow {
                 (ListId::AllowV4, ListId::AllowV6)
@@ -888,7 +920,7 @@ fn list_command(
             };
             let mut entries = maps.list_entries(v4)?;
             entries.extend(maps.list_entries(v6)?);
-            out.list(kind, &entries);
+            print_list(out, kind, entries, covering.as_deref())?;
         }
     }
     Ok(())
