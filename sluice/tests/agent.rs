@@ -497,6 +497,32 @@ fn agent_runtime_changes_survive_a_restart() {
         assert!(version_row(v).1.contains("(uid 0"), "author: {v}");
     }
 
+    // A change that changes nothing makes no version, and says so.
+    let out = env.cli_ok(&["deny", "add", &v4]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("(nothing to change: no new version, 4 stays)"),
+        "{said}"
+    );
+    let v = env.cli_json(&["default", "drop", "--json"]);
+    assert_eq!(
+        (v["unchanged"].as_bool(), v["version"].as_u64()),
+        (Some(true), Some(4)),
+        "{v}"
+    );
+    // `rule del` of several ids is all or nothing: one unknown id refuses it
+    // whole, and the known rule stays (its packets still pass).
+    let out = env.cli(&["rule", "del", &rule_id.to_string(), "999"]);
+    let line = common::cli::expect_one_line_error("rule del with an unknown id", &out);
+    assert!(line.contains("no rule with id 999"), "{line}");
+    assert_eq!(rule_list(&env).len(), 1, "the known rule stays");
+    assert_eq!(
+        history(&env).len(),
+        4,
+        "no version for a no-op or a refusal"
+    );
+    expect_pings(&lab, false, true, "after a no-op and a refused rule del");
+
     let deny_before = deny_list(&env);
     let rules_before = rule_list(&env);
     let att_before = attachment(&env, &lab);

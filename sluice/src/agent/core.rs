@@ -164,6 +164,10 @@ pub struct Applied {
     pub version: u64,
     pub diff: PolicyDiff,
     pub reconcile: ReconcileReport,
+    /// Nothing would have changed (every prefix already there, a setting
+    /// already in force): no version was made; `version` is the current one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
 }
@@ -995,6 +999,7 @@ impl Core {
             version,
             diff,
             reconcile: report,
+            unchanged: false,
             request: ctx.request.clone(),
         })
     }
@@ -1004,6 +1009,7 @@ impl Core {
             version: self.state.current_version(),
             diff: PolicyDiff::default(),
             reconcile: ReconcileReport::default(),
+            unchanged: true,
             request: ctx.request.clone(),
         }
     }

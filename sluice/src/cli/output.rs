@@ -165,6 +165,13 @@ impl Out {
             v["message"] = json!(message);
             print_json(&v);
         } else {
+            if a.unchanged {
+                println!(
+                    "{message} (nothing to change: no new version, {} stays)",
+                    a.version
+                );
+                return;
+            }
             let mut parts = vec![format!("version {}", a.version)];
             if a.reconcile.changes > 0 || a.reconcile.lb.is_none() {
                 parts.push(format!("{} change(s) in the maps", a.reconcile.changes));

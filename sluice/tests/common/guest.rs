@@ -365,7 +365,9 @@ fn add_binary(cpio: &mut Cpio<impl std::io::Write>, path: &Path, scratch: &Path)
     }
 }
 
-/// The shell that runs inside the guest as PID 1.
+/// The shell that runs inside the guest as PID 1. /tmp stays the
+/// initramfs's own (already in RAM): a tmpfs there would hide the binaries
+/// of a checkout under /tmp, which sit at their host paths.
 fn init_script(kernel: &Kernel, modules: &[String], suites: &[(Suite, PathBuf)]) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
@@ -374,7 +376,6 @@ fn init_script(kernel: &Kernel, modules: &[String], suites: &[(Suite, PathBuf)])
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp\n\
          mount -t tmpfs run /run\n\
          mount -t bpf bpf /sys/fs/bpf\n\
          mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
