@@ -914,6 +914,25 @@ fn health_checks_probe_from_the_balanced_interfaces_namespace() {
         assert_eq!(row["health"], "up", "backend {i}: {v:#}");
         assert_eq!(row["state"], "active", "backend {i}: {v:#}");
     }
+    // check and history count services.
+    let cfg = env.config.to_str().expect("utf-8 path").to_string();
+    let out = env.cli_ok(&["check", &cfg]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(", 1 service(s) with 2 backend(s))"), "{said}");
+    let h = env.cli_json(&["history", "--json"]);
+    assert_eq!(
+        h.as_array()
+            .and_then(|h| h.last())
+            .map(|v| v["services"].clone()),
+        Some(1.into()),
+        "{h:#}"
+    );
+    let out = env.cli_ok(&["history"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.lines().next().is_some_and(|l| l.contains("SERVICES")),
+        "{said}"
+    );
     let check = v["services"][0]["health_check"]
         .as_str()
         .unwrap_or_default();

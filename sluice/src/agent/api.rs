@@ -756,6 +756,9 @@ pub struct HistoryEntry {
     /// List entries, rules and settings this version changed.
     #[serde(default)]
     pub changes: usize,
+    /// Load-balanced services in this version.
+    #[serde(default)]
+    pub services: usize,
 }
 
 async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
@@ -798,6 +801,7 @@ fn history_entry(v: &super::store::Version, current: u64) -> HistoryEntry {
         current: v.number == current,
         request: v.request.clone(),
         changes: v.delta.size(),
+        services: v.summary.services,
     }
 }
 

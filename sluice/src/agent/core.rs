@@ -537,7 +537,7 @@ impl Core {
             request: meta.request.clone(),
             delta: p.delta,
             fingerprint: self.fingerprint,
-            summary: Summary::of(&self.desired.policy),
+            summary: Summary::of(&self.desired.policy, self.desired.services.len()),
         });
         while self.state.history.len() > self.settings.history.max(1) {
             self.state.history.pop_front();

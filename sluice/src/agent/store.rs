@@ -36,16 +36,20 @@ pub struct Summary {
     pub rules: usize,
     pub default: Action,
     pub malformed: Action,
+    /// Load-balanced services (0 in versions recorded before it was kept).
+    #[serde(default)]
+    pub services: usize,
 }
 
 impl Summary {
-    pub fn of(p: &Policy) -> Self {
+    pub fn of(p: &Policy, services: usize) -> Self {
         Self {
             deny: p.deny.len(),
             allow: p.allow.len(),
             rules: p.rules.len(),
             default: p.default,
             malformed: p.malformed,
+            services,
         }
     }
 }
@@ -258,7 +262,7 @@ fn migrate_v1(v1: StateV1) -> State {
             request: None,
             delta: Delta::between_policies(&prev, &v.policy),
             fingerprint: crate::policy::delta::fingerprint(&v.policy),
-            summary: Summary::of(&v.policy),
+            summary: Summary::of(&v.policy, 0),
         });
         prev = v.policy;
     }

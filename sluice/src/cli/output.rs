@@ -234,10 +234,23 @@ impl Out {
                 "deny": p.deny.len(),
                 "allow": p.allow.len(),
                 "rules": p.rules.len(),
+                "services": cfg.desired.services.len(),
+                "backends": cfg.desired.services.iter().map(|s| s.spec.backends.len()).sum::<usize>(),
             }));
         } else {
+            let services = match cfg.desired.services.len() {
+                0 => String::new(),
+                n => format!(
+                    ", {n} service(s) with {} backend(s)",
+                    cfg.desired
+                        .services
+                        .iter()
+                        .map(|s| s.spec.backends.len())
+                        .sum::<usize>()
+                ),
+            };
             println!(
-                "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {})",
+                "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {}{services})",
                 cfg.path.display(),
                 cfg.desired.interfaces.len(),
                 p.deny.len(),
@@ -254,28 +267,30 @@ impl Out {
             print_json(&serde_json::to_value(h).expect("serialisable"));
             return;
         }
+        // A SERVICES column once any kept version has services.
+        let services = h.iter().any(|v| v.services > 0);
         let rows: Vec<Vec<String>> = h
             .iter()
             .map(|v| {
-                vec![
+                let mut row = vec![
                     format!("{}{}", v.version, if v.current { "*" } else { "" }),
                     format_time(v.time),
                     v.author.clone(),
                     format!("{}/{}/{}", v.deny, v.allow, v.rules),
-                    v.cause.clone(),
-                ]
+                ];
+                if services {
+                    row.push(v.services.to_string());
+                }
+                row.push(v.cause.clone());
+                row
             })
             .collect();
-        table(
-            &[
-                "VERSION",
-                "TIME (UTC)",
-                "AUTHOR",
-                "DENY/ALLOW/RULES",
-                "CAUSE",
-            ],
-            &rows,
-        );
+        let mut head = vec!["VERSION", "TIME (UTC)", "AUTHOR", "DENY/ALLOW/RULES"];
+        if services {
+            head.push("SERVICES");
+        }
+        head.push("CAUSE");
+        table(&head, &rows);
     }
 
     /// `history show N`.

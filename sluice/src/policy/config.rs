@@ -951,13 +951,33 @@ pub fn read(path: &Path, limit: u64) -> Result<String, ConfigErrors> {
             file: path.to_path_buf(),
             line: 0,
             column: 0,
-            message: format!("cannot read: {e}"),
+            message: e.without_path(),
         }])
     })
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_config_that_cannot_be_read_is_named_once() {
+        let e = super::read(
+            std::path::Path::new("/nonexistent/sluice.toml"),
+            super::super::files::DEFAULT_FILE_SIZE_LIMIT,
+        )
+        .expect_err("missing");
+        assert_eq!(
+            e.to_string().lines().last().unwrap_or_default(),
+            "/nonexistent/sluice.toml: cannot read: No such file or directory (os error 2)"
+        );
+        let e = super::read(std::path::Path::new("/"), 1 << 20).expect_err("a directory");
+        assert!(
+            e.to_string().ends_with(
+                "/: is a directory, not a regular file; sluice reads only regular files"
+            ),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     fn errors(text: &str) -> Vec<(usize, usize, String)> {

@@ -33,6 +33,27 @@ pub enum FileError {
     NotText { path: PathBuf },
 }
 
+impl FileError {
+    /// The error without the file's name, for messages that name it already
+    /// (a config diagnostic is prefixed with its file).
+    #[must_use]
+    pub fn without_path(&self) -> String {
+        let text = self.to_string();
+        let path = match self {
+            Self::Io { path, .. }
+            | Self::NotRegular { path, .. }
+            | Self::TooLarge { path, .. }
+            | Self::NotText { path } => path.display().to_string(),
+        };
+        match self {
+            Self::Io { reason, .. } => format!("cannot read: {reason}"),
+            _ => text
+                .strip_prefix(&path)
+                .map_or(text.clone(), |t| t.trim_start().to_string()),
+        }
+    }
+}
+
 fn kind_of(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "a directory"
