@@ -963,3 +963,73 @@ fn agent_refuses_to_start_without_capabilities() {
     assert!(!env.state_dir.exists(), "no state was made");
     assert!(!env.pin_root().exists(), "nothing was pinned");
 }
+
+/// `deny replace` and `deny flush` through the agent: each one change and
+/// one version (a temporary entry kept by the replace becomes permanent),
+/// judged by packets, and rolled back like any other change.
+#[test]
+fn agent_list_replace_and_flush_are_one_version_each() {
+    let lab = Lab::new("replace");
+    let env = AgentEnv::new("replace");
+    let (v4, v6) = (v4_host(&lab), v6_host(&lab));
+    env.write_config(&with_iface(&lab, &policy_toml("pass", &[], &[&v4])));
+    let _agent = AgentProc::start(&env, &[]);
+    expect_pings(&lab, false, true, "the config's deny list");
+    env.cli_ok(&["deny", "add", "--ttl", "1h", &v6]);
+    expect_pings(&lab, false, false, "a temporary IPv6 entry");
+    let before = history(&env).len();
+
+    let out = env.cli_ok(&["deny", "replace", &v6, "198.19.5.0/24"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("deny replace: 2 prefix(es), 1 added, 1 removed (version"),
+        "{said}"
+    );
+    expect_pings(&lab, true, false, "after replace");
+    let mut want = vec![v6.clone(), "198.19.5.0/24".to_string()];
+    want.sort();
+    assert_eq!(deny_list(&env), want);
+    let list = env.cli_json(&["deny", "list", "--json"]);
+    let entry = list_json_entries(&list)
+        .into_iter()
+        .find(|e| e["prefix"] == v6.as_str())
+        .expect("the IPv6 entry");
+    assert!(
+        entry.get("expires_unix").is_none(),
+        "replaced in: permanent now: {entry}"
+    );
+    let h = history(&env);
+    assert_eq!(h.len(), before + 1, "one version");
+    assert_eq!(
+        version_row(&h[h.len() - 1]).2,
+        "deny replace: 2 prefix(es) (+1 -1, 1 made permanent)"
+    );
+
+    let out = env.cli_ok(&["deny", "flush"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("deny flush: 2 removed (version"), "{said}");
+    expect_pings(&lab, true, true, "after flush");
+    assert!(deny_list(&env).is_empty());
+    let h = history(&env);
+    assert_eq!(version_row(&h[h.len() - 1]).2, "deny flush (-2)");
+
+    // Bad input changes nothing.
+    for (args, want) in [
+        (vec!["deny", "replace"], "no prefixes given"),
+        (
+            vec!["deny", "replace", "198.18.1.0/8"],
+            "has bits set beyond",
+        ),
+        (vec!["deny", "replace", "0.0.0.0/0"], "--force"),
+    ] {
+        let out = env.cli(&args);
+        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        assert!(line.contains(want), "{args:?}: {line}");
+    }
+    assert_eq!(history(&env).len(), before + 2);
+
+    // Rollback to the replaced list.
+    env.cli_ok(&["rollback"]);
+    expect_pings(&lab, true, false, "rolled back to the replace");
+    assert_eq!(deny_list(&env), want);
+}

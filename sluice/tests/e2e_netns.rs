@@ -648,3 +648,66 @@ fn e2e_errors() {
 
     detach(&pin, &lab);
 }
+
+/// `deny replace` makes the list exactly the file's prefixes in one change,
+/// `deny flush` empties it; judged by packets. Bad input changes nothing.
+#[test]
+fn e2e_replace_and_flush() {
+    let lab = Lab::new("replace");
+    let pin = PinRoot::new();
+    attach(&pin, &lab);
+    let v4_net = format!("198.18.{}.0/24", lab.x);
+    let v6_net = format!("2001:2:0:{:x}::/64", lab.x);
+    sluice(&pin, &lab.b, &["deny", "add", &v4_net, "198.18.200.0/24"]);
+    assert_blocked(&lab, false, "A's /24 denied");
+
+    let file = TempFile::new(
+        "replace.txt",
+        &format!("# the new list\n198.18.201.0/24\n{v6_net}\n"),
+    );
+    let file_arg = file.path().to_str().expect("utf-8").to_string();
+    let out = sluice(
+        &pin,
+        &lab.b,
+        &["deny", "replace", "--file", &file_arg, "198.18.200.0/24"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deny list replaced: 2 added, 1 removed, 1 kept"
+    );
+    let mut want = vec![
+        "198.18.200.0/24".to_string(),
+        "198.18.201.0/24".to_string(),
+        v6_net.clone(),
+    ];
+    want.sort();
+    let mut got = deny_list(&pin, &lab);
+    got.sort();
+    assert_eq!(got, want);
+    assert_open(&lab, false, "A's /24 replaced away");
+    assert_eq!(
+        ping(&lab.a, lab.b_v6.into(), PINGS),
+        0,
+        "A's /64 replaced in"
+    );
+
+    for (args, want) in [
+        (vec!["deny", "replace"], "no prefixes given"),
+        (vec!["deny", "replace", "198.18.1.0/8"], "bits set beyond"),
+        (vec!["deny", "replace", "::/0"], "--force"),
+    ] {
+        let out = sluice_output(&pin, &lab.b, &args);
+        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        assert!(line.contains(want), "{args:?}: {line}");
+    }
+    assert_eq!(deny_list(&pin, &lab).len(), 3, "refusals changed nothing");
+
+    let out = sluice(&pin, &lab.b, &["deny", "flush"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deny list flushed: 0 added, 3 removed, 0 kept"
+    );
+    assert!(deny_list(&pin, &lab).is_empty());
+    assert_open(&lab, true, "flushed");
+    detach(&pin, &lab);
+}

@@ -466,8 +466,11 @@ async fn list_change(
     ApiJson(body): ApiJson<PrefixesBody>,
 ) -> Result<Json<Applied>, ApiError> {
     let allow = list_kind(&kind)?;
-    if body.prefixes.is_empty() {
-        return Err(bad_request("no prefixes given"));
+    match (verb.as_str(), body.prefixes.is_empty()) {
+        ("flush", false) => return Err(bad_request("flush takes no prefixes")),
+        ("flush", true) => {}
+        (_, true) => return Err(bad_request("no prefixes given")),
+        _ => {}
     }
     if let Some(r) = &body.reason {
         plain_text("reason", r, 200)?;
@@ -479,6 +482,59 @@ async fn list_change(
     }
     if body.reason.is_some() && body.ttl_secs.is_none() {
         return Err(bad_request("reason goes with ttl_secs"));
+    }
+    if matches!(verb.as_str(), "replace" | "flush") {
+        for n in &body.prefixes {
+            crate::policy::exact_prefix(n).map_err(bad_request)?;
+        }
+        let new: std::collections::BTreeSet<IpNet> =
+            body.prefixes.iter().map(IpNet::trunc).collect();
+        return with_core(&core, move |c| {
+            let (current, temporary) = if allow {
+                (&c.desired.policy.allow, None)
+            } else {
+                (&c.desired.policy.deny, Some(&c.desired.temp_deny))
+            };
+            let dels: Vec<IpNet> = current.difference(&new).copied().collect();
+            // Entries of the new list that are temporary now become
+            // permanent (an add of an entry makes it permanent).
+            let adds: Vec<IpNet> = new
+                .iter()
+                .filter(|n| !current.contains(n) || temporary.is_some_and(|t| t.contains_key(n)))
+                .copied()
+                .collect();
+            let list = if allow { "allow" } else { "deny" };
+            let added = new.difference(current).count();
+            let cause = if verb == "flush" {
+                format!("{list} flush (-{})", dels.len())
+            } else {
+                let permanent = match adds.len() - added {
+                    0 => String::new(),
+                    n => format!(", {n} made permanent"),
+                };
+                format!(
+                    "{list} replace: {} prefix(es) (+{added} -{}{permanent})",
+                    new.len(),
+                    dels.len()
+                )
+            };
+            let mut ops = Vec::new();
+            if !dels.is_empty() {
+                ops.push(Op::ListDel {
+                    allow,
+                    prefixes: dels,
+                });
+            }
+            if !adds.is_empty() {
+                ops.push(Op::ListAdd {
+                    allow,
+                    prefixes: adds,
+                });
+            }
+            c.change_with_cause(ops, &ctx, cause)
+        })
+        .await
+        .map(Json);
     }
     let op = match verb.as_str() {
         "add" if body.ttl_secs.is_some() => {
@@ -502,7 +558,7 @@ async fn list_change(
         },
         other => {
             return Err(bad_request(format!(
-                "unknown operation {other:?} (add or del)"
+                "unknown operation {other:?} (add, del, replace or flush)"
             )));
         }
     };

@@ -1031,6 +1031,17 @@ impl Core {
         self.run_step(Step::Ops { ops }, ctx, cause)
     }
 
+    /// [`Core::change`] with the cause history shows given by the caller
+    /// (a list replace: what it did, not every entry it touched).
+    pub fn change_with_cause(
+        &mut self,
+        ops: Vec<Op>,
+        ctx: &Ctx,
+        cause: String,
+    ) -> Result<Applied, AgentError> {
+        self.run_step(Step::Ops { ops }, ctx, cause)
+    }
+
     /// `sluice apply FILE`: the file (parsed by the caller, outside the
     /// agent's lock) becomes the base; runtime changes stay on top.
     pub fn apply_config(

@@ -239,6 +239,11 @@ pub enum ListCommand {
     Add(AddArgs),
     /// Remove prefixes, all or none.
     Del(PrefixArgs),
+    /// Make the list exactly these prefixes (e.g. a whole list from a
+    /// file), in one atomic change: packets see the old list or the new one.
+    Replace(PrefixArgs),
+    /// Remove every entry, in one atomic change.
+    Flush,
     /// List entries with their hit counters.
     List {
         /// Only the entries that cover ADDR (an address or a prefix), most
@@ -754,6 +759,45 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     )?;
                     out.applied(&format!("{kind} del: {n} prefix(es)"), &a);
                 }
+                ListCommand::Replace(p) => {
+                    let prefixes = gather_prefixes(p, cli.file_size_limit)?;
+                    let n = prefixes.len();
+                    let a: Applied = client.call(
+                        Method::POST,
+                        &format!("/v1/lists/{kind}/replace"),
+                        Some(&api::PrefixesBody {
+                            prefixes,
+                            ttl_secs: None,
+                            reason: None,
+                        }),
+                    )?;
+                    out.applied(
+                        &format!(
+                            "{kind} replace: {n} prefix(es), {} added, {} removed",
+                            a.diff.deny_add.len() + a.diff.allow_add.len(),
+                            a.diff.deny_del.len() + a.diff.allow_del.len()
+                        ),
+                        &a,
+                    );
+                }
+                ListCommand::Flush => {
+                    let a: Applied = client.call(
+                        Method::POST,
+                        &format!("/v1/lists/{kind}/flush"),
+                        Some(&api::PrefixesBody {
+                            prefixes: Vec::new(),
+                            ttl_secs: None,
+                            reason: None,
+                        }),
+                    )?;
+                    out.applied(
+                        &format!(
+                            "{kind} flush: {} removed",
+                            a.diff.deny_del.len() + a.diff.allow_del.len()
+                        ),
+                        &a,
+                    );
+                }
                 ListCommand::List { covering } => {
                     if let Some(q) = covering {
                         // Checked before asking the agent.
@@ -907,6 +951,56 @@ fn list_command(
             };
             let report = maps.commit_verified(change)?;
             out.done(&format!("{kind} list: {} removed", report.deleted), &report);
+        }
+        ListCommand::Replace(_) | ListCommand::Flush => {
+            let new: std::collections::BTreeSet<IpNet> = match &args.action {
+                ListCommand::Replace(p) => gather_prefixes(p, limit)?.into_iter().collect(),
+                _ => std::collections::BTreeSet::new(),
+            };
+            if !allow
+                && !force
+                && let Some(n) = new.iter().find(|n| n.prefix_len() == 0)
+            {
+                return Err(CliError::DenyEverything {
+                    prefix: n.to_string(),
+                });
+            }
+            let mut maps = PolicyMaps::open(root)?;
+            let (v4, v6) = if allow {
+                (ListId::AllowV4, ListId::AllowV6)
+            } else {
+                (ListId::DenyV4, ListId::DenyV6)
+            };
+            let mut current: std::collections::BTreeSet<IpNet> = std::collections::BTreeSet::new();
+            for id in [v4, v6] {
+                current.extend(maps.list_entries(id)?.into_iter().map(|e| e.prefix));
+            }
+            let change = Change {
+                add: new
+                    .difference(&current)
+                    .map(|n| (list_for(allow, n), *n))
+                    .collect(),
+                del: current
+                    .difference(&new)
+                    .map(|n| (list_for(allow, n), *n))
+                    .collect(),
+                ..Change::default()
+            };
+            let report = maps.commit_verified(change)?;
+            let what = if matches!(args.action, ListCommand::Flush) {
+                "flushed"
+            } else {
+                "replaced"
+            };
+            out.done(
+                &format!(
+                    "{kind} list {what}: {} added, {} removed, {} kept",
+                    report.added,
+                    report.deleted,
+                    current.intersection(&new).count()
+                ),
+                &report,
+            );
         }
         ListCommand::List { covering } => {
             if let Some(q) = &covering {
