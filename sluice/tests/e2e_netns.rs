@@ -702,6 +702,42 @@ fn e2e_replace_and_flush() {
     }
     assert_eq!(deny_list(&pin, &lab).len(), 3, "refusals changed nothing");
 
+    // Without an agent, export writes what the pins hold: a config that
+    // `check` accepts, with the interface, the rules and the lists.
+    sluice(
+        &pin,
+        &lab.b,
+        &["rule", "add", "drop", "udp", "dport", "4444"],
+    );
+    let out = sluice(&pin, &lab.b, &["export"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("# sluice export: what the pins at"),
+        "{text}"
+    );
+    assert!(text.contains("rules = [\"drop udp dport 4444\"]"), "{text}");
+    assert!(text.contains(&format!("name = \"{}\"", lab.b_if)), "{text}");
+    let exported = TempFile::new("export.toml", &text);
+    let out = Command::new(SLUICE)
+        .arg("check")
+        .arg(exported.path())
+        .output()
+        .expect("run sluice check");
+    assert!(
+        out.status.success(),
+        "check of the export: {}",
+        stderr(&out)
+    );
+    let v = sluice_json(&pin, &lab.b, &["export", "--json"]);
+    let mut deny: Vec<String> = v["policy"]["deny"]
+        .as_array()
+        .expect("deny in the JSON export")
+        .iter()
+        .map(|p| p.as_str().expect("prefix").to_string())
+        .collect();
+    deny.sort();
+    assert_eq!(deny, want);
+
     let out = sluice(&pin, &lab.b, &["deny", "flush"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

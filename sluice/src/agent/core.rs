@@ -461,7 +461,7 @@ impl Core {
             ),
             Step::Base { base, .. } => {
                 let mut next = base.clone();
-                for op in &self.state.overlay {
+                for op in &crate::policy::overlay_for_base(base, &self.state.overlay) {
                     let _ = op.apply(&mut next, false);
                 }
                 let delta = Delta::between(&self.desired, &next);
@@ -504,6 +504,7 @@ impl Core {
                 hash,
                 config_hash,
             } => {
+                self.state.overlay = crate::policy::overlay_for_base(base, &self.state.overlay);
                 self.state.base = base.clone();
                 self.state.base_source.clone_from(source);
                 self.state.base_hash.clone_from(hash);

@@ -148,6 +148,11 @@ pub enum Command {
     },
     /// What is attached where, the program, and the policy in force.
     Status,
+    /// The policy in force as a configuration file (like iptables-save):
+    /// interfaces, policy, lists, rules and services; `apply` takes it back
+    /// unchanged. Temporary deny entries are left out. Through the agent:
+    /// its desired state; without one: what the pins hold.
+    Export,
     /// Counters by verdict, reason, family and protocol; busiest entries and rules.
     Stats {
         /// How many top list entries and rules to show.
@@ -402,6 +407,51 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is not a size of at least 1024 bytes (e.g. 256MiB)"))
 }
 
+/// The desired state the pins hold (no agent): policy, attachments,
+/// services (without health checks, which only the agent runs).
+fn desired_from_pins(root: &PinRoot) -> Result<policy::Desired, CliError> {
+    // One at a time: the policy maps hold the pin root's lock while open,
+    // and `status` takes it too.
+    let policy = {
+        let maps = PolicyMaps::open(root)?;
+        policy::pinned_policy(&maps)?
+    };
+    let interfaces = attach::status(root)?
+        .attachments
+        .into_iter()
+        .map(|a| policy::Interface {
+            name: a.interface,
+            netns: (a.netns != "host").then_some(a.netns),
+            mode: a.mode,
+        })
+        .collect();
+    let services = dataplane::lb::read(root)?
+        .into_iter()
+        .map(|s| crate::lb::LbService {
+            spec: crate::lb::ServiceSpec {
+                id: s.id,
+                mode: s.mode,
+                backends: s
+                    .members
+                    .into_iter()
+                    .map(|m| crate::lb::BackendSpec {
+                        addr: m.backend,
+                        weight: m.weight,
+                        draining: m.draining,
+                    })
+                    .collect(),
+            },
+            health: None,
+        })
+        .collect();
+    Ok(policy::Desired {
+        interfaces,
+        policy,
+        temp_deny: std::collections::BTreeMap::new(),
+        services,
+    })
+}
+
 fn gather_prefixes(args: &PrefixArgs, limit: u64) -> Result<Vec<IpNet>, CliError> {
     let mut out = Vec::new();
     for p in &args.prefixes {
@@ -563,10 +613,16 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             | Command::Malformed { .. }
             | Command::Audit { .. }
             | Command::Deny(ListArgs {
-                action: ListCommand::Add(_) | ListCommand::Del(_)
+                action: ListCommand::Add(_)
+                    | ListCommand::Del(_)
+                    | ListCommand::Replace(_)
+                    | ListCommand::Flush
             })
             | Command::Allow(ListArgs {
-                action: ListCommand::Add(_) | ListCommand::Del(_)
+                action: ListCommand::Add(_)
+                    | ListCommand::Del(_)
+                    | ListCommand::Replace(_)
+                    | ListCommand::Flush
             })
             | Command::Rule {
                 action: RuleCommand::Add { .. } | RuleCommand::Del { .. }
@@ -600,6 +656,18 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.detach(&report);
         }
         Command::Status => out.status(&attach::status(&root)?),
+        Command::Export => {
+            let desired = desired_from_pins(&root)?;
+            out.export(
+                &desired,
+                &format!(
+                    "sluice export: what the pins at {} hold (no agent), {}\n\
+                     `sluice check` and `sluice apply` take this file; services carry no health checks (those live in the agent)",
+                    root.root.display(),
+                    output::format_time(crate::agent::ddos::unix_now())
+                ),
+            );
+        }
         Command::Capture(args) => capture::run(&root, &args, &label, cli.json)?,
         Command::Upgrade { force } => out.upgrade(&attach::upgrade(&root, force)?),
         Command::Stats { top } => {
@@ -706,6 +774,18 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
             );
         }
         Command::Status => out.status(&client.call(Method::GET, "/v1/status", None::<&()>)?),
+        Command::Export => {
+            let d: api::DesiredBody = client.call(Method::GET, "/v1/policy", None::<&()>)?;
+            out.export(
+                &d.desired,
+                &format!(
+                    "sluice export: the agent's desired state, version {}, {}\n\
+                     `sluice check` and `sluice apply` take this file; temporary deny entries are left out",
+                    d.version,
+                    output::format_time(crate::agent::ddos::unix_now())
+                ),
+            );
+        }
         Command::Lb(args) => lb::via_agent(client, args, out)?,
         Command::Stats { top } => {
             out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)

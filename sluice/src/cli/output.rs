@@ -82,7 +82,7 @@ fn ago(last_seen_ns: u64) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC from Unix seconds.
-fn format_time(secs: u64) -> String {
+pub(crate) fn format_time(secs: u64) -> String {
     let t = crate::agent::flows::rfc3339(secs.saturating_mul(1_000_000_000));
     t[..19].replace('T', " ")
 }
@@ -221,6 +221,15 @@ impl Out {
             print_json(&serde_json::to_value(d).expect("serialisable"));
         } else {
             print!("{d}");
+        }
+    }
+
+    /// `export`: the config file's text, or the desired state as JSON.
+    pub fn export(&self, desired: &crate::policy::Desired, header: &str) {
+        if self.json {
+            print_json(&serde_json::to_value(desired).expect("serialisable"));
+        } else {
+            print!("{}", crate::policy::export::to_toml(desired, header));
         }
     }
 

@@ -544,6 +544,30 @@ impl Op {
 /// kind wins, interfaces become the difference; rule changes are kept in
 /// order (positions depend on each other). Keeps the store from growing
 /// with every runtime change.
+/// The runtime changes that stay on top of a new base (`apply`, a reload):
+/// all of them, except rule adds whose rule the new base already has (each
+/// base rule absorbs one), which would otherwise put the rule in twice
+/// (applying an export of the desired state, or a file that took the rule
+/// in).
+#[must_use]
+pub fn overlay_for_base(base: &Desired, overlay: &[Op]) -> Vec<Op> {
+    let mut have: Vec<&RuleSpec> = base.policy.rules.iter().collect();
+    overlay
+        .iter()
+        .filter(|op| match op {
+            Op::RuleAdd { rule, .. } => match have.iter().position(|r| *r == rule) {
+                Some(i) => {
+                    have.remove(i);
+                    false
+                }
+                None => true,
+            },
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
 pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
     let mut fin = base.clone();
     for op in overlay {
@@ -653,6 +677,43 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_base_that_has_a_runtime_rule_absorbs_its_add() {
+        let r = |t: &str| {
+            RuleSpec::parse(&t.split(' ').map(str::to_owned).collect::<Vec<_>>()).unwrap()
+        };
+        let overlay = vec![
+            Op::RuleAdd {
+                at: Some(0),
+                rule: r("pass icmpv6"),
+            },
+            Op::RuleAdd {
+                at: None,
+                rule: r("drop udp dport 9"),
+            },
+            Op::RuleAdd {
+                at: None,
+                rule: r("drop udp dport 9"),
+            },
+        ];
+        let mut base = Desired::default();
+        base.policy.rules = vec![
+            r("pass icmpv6"),
+            r("drop udp dport 9"),
+            r("drop tcp dport 7"),
+        ];
+        // One base copy of each absorbs one add; the second dport 9 add stays.
+        let kept = overlay_for_base(&base, &overlay);
+        assert_eq!(kept, vec![overlay[2].clone()]);
+        let mut d = base.clone();
+        for op in &kept {
+            op.apply(&mut d, false).unwrap();
+        }
+        assert_eq!(d.policy.rules.len(), 4);
+        // A base without them keeps every add.
+        assert_eq!(overlay_for_base(&Desired::default(), &overlay), overlay);
+    }
 
     #[test]
     fn compacting_keeps_the_effect_and_drops_what_cancels() {

@@ -16,12 +16,13 @@ pub mod config;
 pub mod delta;
 mod desired;
 pub mod eval;
+pub mod export;
 pub mod files;
 
 pub use delta::Delta;
 pub use desired::{
     Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, change_for, change_to,
-    compact_overlay, exact_prefix, pinned_policy,
+    compact_overlay, exact_prefix, overlay_for_base, pinned_policy,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
