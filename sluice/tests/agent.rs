@@ -1047,7 +1047,32 @@ fn agent_export_is_a_config_that_apply_takes_back_unchanged() {
         &lab,
         &policy_toml("pass", &["drop udp dport 4444"], &["198.19.9.0/24"]),
     ));
-    let _agent = AgentProc::start(&env, &[]);
+    // Pins that already hold a policy made without an agent: the first
+    // start replaces it, with a warning that says so.
+    let direct = |args: &[&str]| {
+        let mut cmd = Command::new(SLUICE);
+        cmd.arg("--pin-root")
+            .arg(env.pin_root())
+            .args(["-n", lab.b.name()])
+            .args(args);
+        let out = output_with_timeout(&mut cmd, CLI_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    direct(&["attach", &lab.b_if, "--mode", "native"]);
+    direct(&["deny", "add", "198.19.77.0/24"]);
+    let agent = AgentProc::start(&env, &[]);
+    assert!(
+        agent
+            .log()
+            .contains("the pins hold a policy made without the agent"),
+        "{}",
+        agent.log()
+    );
+    assert!(!deny_list(&env).contains(&"198.19.77.0/24".to_string()));
     env.cli_ok(&["deny", "add", &v4]);
     env.cli_ok(&["rule", "add", "--at", "0", "pass", "icmpv6"]);
     env.cli_ok(&["deny", "add", "--ttl", "1h", "198.19.8.0/24"]);

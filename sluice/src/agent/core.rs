@@ -337,6 +337,25 @@ impl Core {
         if let Some((path, cfg, hash)) = config
             && hash != core.state.config_hash
         {
+            if core.state.history.is_empty() && core.root.is_set_up() {
+                // A first start on pins that already hold a policy (made
+                // without an agent): the config replaces it; say so.
+                let pinned = PolicyMaps::open(&core.root)
+                    .map_err(AgentError::from)
+                    .and_then(|m| pinned_policy(&m).map_err(AgentError::from));
+                if let Ok(pinned) = pinned
+                    && pinned != Policy::default()
+                    && pinned != cfg.desired.policy
+                {
+                    let d = Delta::between_policies(&pinned, &cfg.desired.policy);
+                    warn!(
+                        pin_root = %core.root.root.display(),
+                        changes = d.size(),
+                        "the pins hold a policy made without the agent; the config file replaces it \
+                         (`sluice export` before an agent's first start keeps a copy)"
+                    );
+                }
+            }
             let applied = core.run_step(
                 Step::Base {
                     base: cfg.desired,
