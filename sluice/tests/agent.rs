@@ -1143,3 +1143,60 @@ fn agent_export_is_a_config_that_apply_takes_back_unchanged() {
         "exporting again gives the same file"
     );
 }
+
+/// Unmounts a test's tmpfs when dropped (also on failure).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full state directory (a small tmpfs filled up): a change is refused
+/// with exit 1, the log says why at ERROR, the packets keep the old policy;
+/// once there is room again the same change works.
+#[test]
+fn agent_with_a_full_state_directory_refuses_changes_and_says_why() {
+    let lab = Lab::new("full");
+    let env = AgentEnv::new("full");
+    std::fs::create_dir_all(&env.state_dir).expect("state dir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&env.state_dir)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount a tmpfs on the state dir");
+    let _mounted = Mounted(env.state_dir.clone());
+    let v4 = v4_host(&lab);
+    env.write_config(&with_iface(&lab, &policy_toml("pass", &[], &[])));
+    let agent = AgentProc::start(&env, &[]);
+    expect_pings(&lab, true, true, "empty policy");
+
+    // Fill the file system (bounded: 64 writes of 64 KiB > 1 MiB).
+    let filler = env.state_dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        for _ in 0..64 {
+            if f.write_all(&[0u8; 65536]).is_err() {
+                break;
+            }
+        }
+        let _ = f.sync_all();
+    }
+    let out = env.cli(&["deny", "add", &v4]);
+    let line = common::cli::expect_one_line_error("deny add on a full state dir", &out);
+    assert!(line.contains("No space left"), "{line}");
+    assert!(
+        agent.wait_for_log("cannot write the state journal", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    expect_pings(&lab, true, true, "a refused change changes nothing");
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    env.cli_ok(&["deny", "add", &v4]);
+    expect_pings(&lab, false, true, "with room again, the change works");
+    drop(agent);
+}

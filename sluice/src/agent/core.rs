@@ -958,6 +958,14 @@ impl Core {
             step: Box::new(step.clone()),
         };
         if let Err(e) = self.store.append(&begin) {
+            // Refused before the kernel changed (a full or read-only state
+            // directory): the caller is told, the log says why.
+            error!(
+                error = %e,
+                cause = %meta.cause,
+                state_dir = %self.settings.state_dir.display(),
+                "cannot write the state journal; change refused, nothing changed"
+            );
             self.cancel(prepared);
             return Err(e.into());
         }

@@ -135,16 +135,37 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
             retry_interfaces: false,
         };
         match core.change(vec![op], &ctx) {
-            Ok(a) => info!(
-                entries = n,
-                version = a.version,
-                "temporary deny entries expired"
-            ),
-            Err(e) => warn!(error = %e, entries = n, "expiring deny entries failed"),
+            Ok(a) => {
+                info!(
+                    entries = n,
+                    version = a.version,
+                    "temporary deny entries expired"
+                );
+                core.metrics.expirations.inc_by(n as u64);
+            }
+            // Retried every tick (250 ms): warned about at most every 30 s.
+            Err(e) => {
+                static LAST_WARNED: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(0);
+                let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+                if now >= last + EXPIRY_WARN_EVERY_SECS {
+                    LAST_WARNED.store(now, std::sync::atomic::Ordering::Relaxed);
+                    warn!(
+                        error = %e,
+                        entries = n,
+                        "expiring deny entries failed; retried every 250 ms (this warning at most every 30 s)"
+                    );
+                } else {
+                    tracing::debug!(error = %e, entries = n, "expiring deny entries failed again");
+                }
+            }
         }
-        core.metrics.expirations.inc_by(n as u64);
     }
 }
+
+/// A failing expiry is warned about at most this often (it is retried on
+/// every tick).
+const EXPIRY_WARN_EVERY_SECS: u64 = 30;
 
 /// Writes the `[ddos]` settings into `DDOS_CONFIG` when the kernel holds
 /// others (first start, maps recreated by a new attach, a reload).
