@@ -2,7 +2,9 @@
 # sluice lab demo, through the agent: builds a throwaway two-namespace lab
 # joined by a veth pair, runs `sluice agent` on the lab's config
 # (examples/lab.toml) and walks through runtime changes, history, diff and
-# apply of an edited config, rollback, the metrics endpoint, an agent killed
+# apply of an edited config, the load balancer (three HTTP backends, weights,
+# a backend killed and taken out by health checks, drain), rollback, the
+# metrics endpoint, an agent killed
 # with SIGKILL (the dataplane keeps filtering) and restarted (it resumes), and
 # a clean stop, checking every outcome. Everything it creates is removed on
 # any exit (also Ctrl-C/failure).
@@ -27,6 +29,10 @@ PIN_ROOT=/sys/fs/bpf/sluice-demo-$$
 A4=198.18.0.1 B4=198.18.0.2
 A6=2001:2::1 B6=2001:2::2
 UDP_DROPPED_PORT=4444 UDP_OTHER_PORT=4445 UDP_PER_PORT=5 # datagrams per port and family
+# The load-balancer chapter: three backend namespaces behind b, a VIP a reaches through b.
+VIP=198.19.0.10
+BACKEND_NS=("sluice-demo-$$-c1" "sluice-demo-$$-c2" "sluice-demo-$$-c3")
+SERVER_PIDS=()
 
 # --- output helpers -------------------------------------------------------------
 if [ -t 1 ] && [ "${TERM:-dumb}" != dumb ] && [ -z "${NO_COLOR:-}" ]; then
@@ -50,7 +56,7 @@ die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
 for tool in ip ping python3 timeout mountpoint; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run \`make setup\`"
 done
-for path in "$RUN_DIR" "$PIN_ROOT" "/run/netns/$NSA" "/run/netns/$NSB"; do
+for path in "$RUN_DIR" "$PIN_ROOT" "/run/netns/$NSA" "/run/netns/$NSB" "${BACKEND_NS[@]/#//run/netns/}"; do
     [ ! -e "$path" ] || die "$path already exists (left by an earlier run?); remove it first"
 done
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
@@ -94,6 +100,9 @@ cleanup() {
     set +e
     printf '\n%s== cleaning up the lab%s\n' "$C_HEAD" "$C_OFF"
     [ -n "$RECV_PID" ] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
+    for pid in "${SERVER_PIDS[@]}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
     # The agent first: while it runs it would re-attach what is detached.
     [ -n "$AGENT_PID" ] && stop_agent TERM
     if [ "$rc" -ne 0 ] && [ -s "$LOG" ]; then
@@ -107,9 +116,10 @@ cleanup() {
     if [ "$LAB_MADE" = 1 ]; then
         ip netns del "$NSA" 2>/dev/null
         ip netns del "$NSB" 2>/dev/null
+        for ns in "${BACKEND_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
     fi
     rm -rf "$PIN_ROOT" "$RUN_DIR" "$TMP"
-    note "removed namespaces $NSA, $NSB, pin root $PIN_ROOT and $RUN_DIR"
+    note "removed namespaces $NSA, $NSB, ${BACKEND_NS[*]}, pin root $PIN_ROOT and $RUN_DIR"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -264,6 +274,50 @@ udp_check() {
     done
 }
 
+# An HTTP server that answers every GET with its name (bounded: 10 minutes).
+HTTP_SERVER='
+import http.server, sys
+name = sys.argv[1].encode() + b"\n"
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(name)))
+        self.end_headers()
+        self.wfile.write(name)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+'
+# GETs http://VIP/ N times from a, each a new connection (a new source
+# port): prints "NAME=COUNT ..." sorted, failures as FAILED.
+HTTP_CLIENT='
+import collections, sys, urllib.request
+counts = collections.Counter()
+for _ in range(int(sys.argv[2])):
+    try:
+        counts[urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().strip()] += 1
+    except Exception:
+        counts["FAILED"] += 1
+print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+'
+# http_spread N: N requests from a to the VIP; prints and keeps the counts.
+http_spread() {
+    show "$NSA" "for i in \$(seq $1); do curl -s http://$VIP/; done | sort | uniq -c"
+    SPREAD=$(in_ns "$NSA" timeout 60 python3 -c "$HTTP_CLIENT" "http://$VIP/" "$1")
+    note "$SPREAD"
+}
+# count_of NAME: that backend's count in the last http_spread.
+count_of() { tr ' ' '\n' <<<"$SPREAD" | sed -n "s/^$1=//p" | grep . || echo 0; }
+# backend_health ADDR: its health in `lb list --json`.
+backend_health() {
+    slq lb list | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)["services"]:
+    for b in s["backends"]:
+        if b["backend"] == sys.argv[1]:
+            print(b["health"])' "$1"
+}
+
 # --- the lab ----------------------------------------------------------------------
 step "Build the lab: namespaces $NSA and $NSB joined by a veth pair"
 LAB_MADE=1
@@ -357,6 +411,75 @@ step "Remove the deny entries (runtime again): traffic flows"
 sl deny del "$A4/32" "$A6/128"
 ping_check "IPv4 $A4 -> $B4" "$B4" pass
 ping_check "IPv6 $A6 -> $B6" "$B6" pass
+
+step "Load balancer: three HTTP backends behind b, a NAT service on $VIP:80 (weights 1, 2, 3)"
+ip netns exec "$NSB" sysctl -qw net.ipv4.ip_forward=1
+ip -n "$NSA" route add "$VIP/32" via "$B4"
+for i in 1 2 3; do
+    ns=${BACKEND_NS[$((i - 1))]}
+    ip netns add "$ns"
+    ip -n "$NSB" link add "lb$i" type veth peer name eth0 netns "$ns"
+    ip -n "$NSB" addr add "198.18.1$i.1/24" dev "lb$i"
+    ip -n "$ns" addr add "198.18.1$i.2/24" dev eth0
+    ip -n "$NSB" link set "lb$i" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" route add default via "198.18.1$i.1"
+    ip netns exec "$ns" timeout 600 python3 -c "$HTTP_SERVER" "backend-c$i" &
+    SERVER_PIDS+=($!)
+done
+note "${BACKEND_NS[0]}: 198.18.11.2  ${BACKEND_NS[1]}: 198.18.12.2  ${BACKEND_NS[2]}: 198.18.13.2, each serving HTTP on :8080 with its name"
+for ((i = 0; i < 50; i++)); do # the servers bind within a second or so
+    up=0
+    for n in 1 2 3; do
+        ip netns exec "$NSB" timeout 2 python3 -c 'import socket, sys; socket.create_connection((sys.argv[1], 8080), 1)' \
+            "198.18.1$n.2" 2>/dev/null && up=$((up + 1))
+    done
+    [ "$up" = 3 ] && break
+    sleep 0.2
+done
+[ "$up" = 3 ] || die "the backends' HTTP servers did not start"
+sl lb service add "$VIP:80" --backend 198.18.11.2:8080,weight=1 --backend 198.18.12.2:8080,weight=2 \
+    --backend 198.18.13.2:8080,weight=3 --health tcp --health-interval 300ms --health-timeout 200ms --health-fall 2
+http_spread 120
+c1=$(count_of backend-c1) c2=$(count_of backend-c2) c3=$(count_of backend-c3)
+if [ "$(count_of FAILED)" = 0 ] && [ "$c1" -gt 0 ] && [ "$c1" -lt "$c3" ] && [ "$c2" -gt 0 ]; then
+    good "every request answered; spread follows the weights ($c1 / $c2 / $c3)"
+else
+    bad "requests failed or the spread ignores the weights: $SPREAD"
+fi
+sl lb list
+
+step "A backend dies: health checks (run in $NSB, where the backends are) take it out"
+show "" "kill ${SERVER_PIDS[1]}   # backend-c2"
+kill "${SERVER_PIDS[1]}" 2>/dev/null || true
+wait "${SERVER_PIDS[1]}" 2>/dev/null || true
+SERVER_PIDS[1]=
+for ((i = 0; i < 50; i++)); do # two failed checks 300 ms apart, bounded at 10 s
+    [ "$(backend_health 198.18.12.2:8080)" = down ] && break
+    sleep 0.2
+done
+if [ "$(backend_health 198.18.12.2:8080)" = down ]; then
+    good "198.18.12.2:8080 is down after $((i * 200)) ms"
+else
+    bad "the dead backend is not marked down"
+fi
+http_spread 40
+if [ "$(count_of FAILED)" = 0 ] && [ "$(count_of backend-c2)" = 0 ]; then
+    good "every request answered by the two live backends"
+else
+    bad "requests failed or reached the dead backend: $SPREAD"
+fi
+
+step "Drain backend-c1: it keeps its connections but gets no new ones"
+sl lb backend drain "$VIP:80" 198.18.11.2:8080
+http_spread 30
+if [ "$(count_of FAILED)" = 0 ] && [ "$(count_of backend-c3)" = 30 ]; then
+    good "all 30 new connections on backend-c3 (c1 draining, c2 down)"
+else
+    bad "a draining or dead backend got new connections: $SPREAD"
+fi
+sl lb list
 
 step "An edited copy of the config: diff it, apply it (UDP to port $UDP_DROPPED_PORT dropped)"
 show "" "sed '/^rules = \\[/a \\    \"drop udp dport $UDP_DROPPED_PORT\",' $CFG >$EDITED"

@@ -1200,3 +1200,34 @@ fn agent_with_a_full_state_directory_refuses_changes_and_says_why() {
     expect_pings(&lab, false, true, "with room again, the change works");
     drop(agent);
 }
+
+/// `make demo`, the README's main job, runs here too (with this build's
+/// binary) so that it cannot rot: every chapter's checks must pass and it
+/// must clean up after itself.
+#[test]
+fn the_demo_runs_and_every_check_passes() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", "bash"])
+        .arg(&script)
+        .env("SLUICE", SLUICE)
+        .env("NO_COLOR", "1");
+    let out = cmd.output().expect("run scripts/demo.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("demo finished: everything behaved as expected"),
+        "the demo failed ({}):\n{text}",
+        out.status
+    );
+    assert!(!text.contains("UNEXPECTED"), "{text}");
+    for chapter in ["Load balancer", "A backend dies", "kill -9 the agent"] {
+        assert!(
+            text.contains(chapter),
+            "the demo has no {chapter:?} chapter:\n{text}"
+        );
+    }
+}
