@@ -140,7 +140,7 @@ sl() {
     cat "$TMP/sl.out"
     cat "$TMP/sl.err" >&2
     [ "$rc" -eq 0 ] || die "sluice $* failed (exit $rc)"
-    case $1 in check | apply | diff | rollback | history) return 0 ;; esac
+    case $1 in check | apply | diff | rollback | history | flows | top) return 0 ;; esac
     if [ "$AGENT" = up ] && ! grep -q '(through the agent at' "$TMP/sl.err"; then
         bad "sluice $1 did not go through the agent"
     elif [ "$AGENT" = down ] && grep -q '(through the agent at' "$TMP/sl.err"; then
@@ -480,6 +480,25 @@ else
     bad "a draining or dead backend got new connections: $SPREAD"
 fi
 sl lb list
+
+step "Flow records and top: what the dataplane saw, as the agent reads it"
+sl flows --verdict drop --src "$A4" --limit 3
+if grep -q "deny-list" "$TMP/sl.out" && grep -qF "$A4" "$TMP/sl.out"; then
+    good "the pings the deny list dropped are in the flow records, with their reason"
+else
+    bad "no drop record of $A4 by the deny list"
+fi
+sl flows top --limit 3
+grep -qF "$VIP" "$TMP/sl.out" || bad "flows top does not show the load-balanced traffic to $VIP"
+in_ns "$NSA" timeout 10 ping -n -q -c 15 -i 0.1 "$B4" >/dev/null 2>&1 &
+PING_PID=$!
+sl top --once --top 3
+wait "$PING_PID" 2>/dev/null || true
+if grep -Eq '^pass +[1-9][0-9.]* ' "$TMP/sl.out"; then
+    good "top shows a's pings (10 per second) passing as they happen"
+else
+    bad "top --once shows no passing traffic while a pings b"
+fi
 
 step "An edited copy of the config: diff it, apply it (UDP to port $UDP_DROPPED_PORT dropped)"
 show "" "sed '/^rules = \\[/a \\    \"drop udp dport $UDP_DROPPED_PORT\",' $CFG >$EDITED"

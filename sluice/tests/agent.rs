@@ -1224,7 +1224,12 @@ fn the_demo_runs_and_every_check_passes() {
         out.status
     );
     assert!(!text.contains("UNEXPECTED"), "{text}");
-    for chapter in ["Load balancer", "A backend dies", "kill -9 the agent"] {
+    for chapter in [
+        "Load balancer",
+        "A backend dies",
+        "Flow records and top",
+        "kill -9 the agent",
+    ] {
         assert!(
             text.contains(chapter),
             "the demo has no {chapter:?} chapter:\n{text}"
