@@ -3,7 +3,8 @@
 # joined by a veth pair, runs `sluice agent` on the lab's config
 # (examples/lab.toml) and walks through runtime changes, history, diff and
 # apply of an edited config, the load balancer (three HTTP backends, weights,
-# a backend killed and taken out by health checks, drain), rollback, the
+# a backend killed and taken out by health checks, drain), a per-source rate
+# limit under a flood, flow records and top, rollback, the
 # metrics endpoint, an agent killed
 # with SIGKILL (the dataplane keeps filtering) and restarted (it resumes), and
 # a clean stop, checking every outcome. Everything it creates is removed on
@@ -318,6 +319,34 @@ for s in json.load(sys.stdin)["services"]:
             print(b["health"])' "$1"
 }
 
+# Counts UDP datagrams to B4:PORT by source address for SECS seconds:
+# prints "ready", then "SRC=COUNT ...".
+UDP_BY_SOURCE='
+import collections, select, socket, sys, time
+secs, addr, port = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, port))
+counts = collections.Counter()
+print("ready", flush=True)
+end = time.monotonic() + secs
+while (left := end - time.monotonic()) > 0:
+    if select.select([s], [], [], left)[0]:
+        counts[s.recvfrom(2048)[1][0]] += 1
+print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
+'
+# Sends COUNT datagrams from SRC to DST:PORT, evenly over SECS seconds.
+UDP_PACED='
+import socket, sys, time
+src, dst, port, count, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+start = time.monotonic()
+for i in range(count):
+    while time.monotonic() < start + i * secs / count:
+        pass
+    s.sendto(b"sluice demo", (dst, port))
+'
+
 # --- the lab ----------------------------------------------------------------------
 step "Build the lab: namespaces $NSA and $NSB joined by a veth pair"
 LAB_MADE=1
@@ -481,8 +510,36 @@ else
 fi
 sl lb list
 
+step "DDoS: a per-source limit holds a flood to its rate; a neighbour is untouched"
+A4B=198.18.0.3
+ip -n "$NSA" addr add "$A4B/24" dev "$VETHA"
+sl rule add limit 50/s burst 10 per-source udp dport 5353
+LIMIT_ID=$(sed -n 's/^rule \([0-9]*\) added.*/\1/p' "$TMP/sl.out")
+ip netns exec "$NSB" timeout 10 python3 -c "$UDP_BY_SOURCE" 3 "$B4" 5353 >"$TMP/ddos.out" 2>&1 &
+RECV_PID=$!
+for ((i = 0; i < 30; i++)); do grep -q ready "$TMP/ddos.out" 2>/dev/null && break; sleep 0.1; done
+show "$NSA" "flood: 3000 datagrams from $A4 to $B4:5353 in 1.5 s (2000/s); meanwhile 30 from $A4B (20/s)"
+in_ns "$NSA" timeout 10 python3 -c "$UDP_PACED" "$A4" "$B4" 5353 3000 1.5 &
+FLOOD_PID=$!
+in_ns "$NSA" timeout 10 python3 -c "$UDP_PACED" "$A4B" "$B4" 5353 30 1.5
+wait "$FLOOD_PID" || true
+wait "$RECV_PID" || true
+RECV_PID=
+counts=$(tail -n 1 "$TMP/ddos.out")
+flood=$(tr ' ' '\n' <<<"$counts" | sed -n "s/^$A4=//p")
+calm=$(tr ' ' '\n' <<<"$counts" | sed -n "s/^$A4B=//p")
+note "received from $A4: ${flood:-0} of 3000; from $A4B: ${calm:-0} of 30"
+# 50/s for 1.5 s plus a burst of 10: about 85.
+if [ "${flood:-0}" -ge 40 ] && [ "${flood:-0}" -le 160 ] && [ "${calm:-0}" = 30 ]; then
+    good "the flood got its rate (~85 expected), the neighbour every datagram"
+else
+    bad "per-source limit: flood ${flood:-0} (expected ~85), neighbour ${calm:-0} of 30"
+fi
+sl stats --top 1
+sl rule del "$LIMIT_ID"
+
 step "Flow records and top: what the dataplane saw, as the agent reads it"
-sl flows --verdict drop --src "$A4" --limit 3
+sl flows --reason deny-list --src "$A4" --limit 3
 if grep -q "deny-list" "$TMP/sl.out" && grep -qF "$A4" "$TMP/sl.out"; then
     good "the pings the deny list dropped are in the flow records, with their reason"
 else

@@ -1227,6 +1227,7 @@ fn the_demo_runs_and_every_check_passes() {
     for chapter in [
         "Load balancer",
         "A backend dies",
+        "DDoS: a per-source limit",
         "Flow records and top",
         "kill -9 the agent",
     ] {
