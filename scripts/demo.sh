@@ -54,7 +54,7 @@ die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, XDP, bpffs); run: sudo make demo"
 [ -x "$SLUICE" ] || die "$SLUICE not found; run \`make demo\` (it builds sluice first)"
 [ -f "$LAB_CONFIG" ] || die "$LAB_CONFIG not found"
-for tool in ip ping python3 timeout mountpoint; do
+for tool in ip ping python3 timeout mountpoint tcpdump; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found; run \`make setup\`"
 done
 for path in "$RUN_DIR" "$PIN_ROOT" "/run/netns/$NSA" "/run/netns/$NSB" "${BACKEND_NS[@]/#//run/netns/}"; do
@@ -141,7 +141,7 @@ sl() {
     cat "$TMP/sl.out"
     cat "$TMP/sl.err" >&2
     [ "$rc" -eq 0 ] || die "sluice $* failed (exit $rc)"
-    case $1 in check | apply | diff | rollback | history | flows | top) return 0 ;; esac
+    case $1 in check | apply | diff | rollback | history | flows | top | capture) return 0 ;; esac
     if [ "$AGENT" = up ] && ! grep -q '(through the agent at' "$TMP/sl.err"; then
         bad "sluice $1 did not go through the agent"
     elif [ "$AGENT" = down ] && grep -q '(through the agent at' "$TMP/sl.err"; then
@@ -319,6 +319,26 @@ for s in json.load(sys.stdin)["services"]:
             print(b["health"])' "$1"
 }
 
+# The comments of a pcapng file's packets (sluice writes each one's
+# verdict and reason there), one per line.
+PCAPNG_COMMENTS='
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+at = 0
+while at + 12 <= len(data):
+    kind, size = struct.unpack_from("<II", data, at)
+    if kind == 6:  # enhanced packet block
+        caplen = struct.unpack_from("<I", data, at + 20)[0]
+        opt = at + 28 + (caplen + 3) // 4 * 4
+        while opt + 4 <= at + size - 4:
+            code, length = struct.unpack_from("<HH", data, opt)
+            if code == 0:
+                break
+            if code == 1:
+                print(data[opt + 4:opt + 4 + length].decode())
+            opt += 4 + (length + 3) // 4 * 4
+    at += size
+'
 # Counts UDP datagrams to B4:PORT by source address for SECS seconds:
 # prints "ready", then "SRC=COUNT ...".
 UDP_BY_SOURCE='
@@ -419,6 +439,27 @@ V_DENY=$(last_version)
 [ -n "$V_DENY" ] || die "deny add did not report a version"
 ping_check "IPv4 $A4 -> $B4" "$B4" block
 ping_check "IPv6 $A6 -> $B6" "$B6" block
+
+step "Capture: what XDP dropped, with each packet's verdict, in a pcapng file"
+show "" "sluice capture $VETHB --verdict drop --count 4 --duration 10 -w $TMP/drops.pcapng &"
+"$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" capture "$VETHB" --verdict drop --count 4 --duration 10 \
+    -w "$TMP/drops.pcapng" 2>"$TMP/cap.err" &
+CAP_PID=$!
+for ((i = 0; i < 50; i++)); do grep -q . "$TMP/cap.err" 2>/dev/null && break; sleep 0.1; done
+sed 's/^/   /' "$TMP/cap.err"
+show "$NSA" "ping -c 4 -i 0.2 -W 1 $B4"
+in_ns "$NSA" timeout 5 ping -n -q -c 4 -i 0.2 -W 1 "$B4" >/dev/null 2>&1 || true
+wait "$CAP_PID" || bad "sluice capture failed: $(cat "$TMP/cap.err")"
+tail -n 1 "$TMP/cap.err" | sed 's/^/   /'
+show "" "tcpdump -n -r $TMP/drops.pcapng"
+tcpdump -n -r "$TMP/drops.pcapng" 2>/dev/null | sed 's/^/   /'
+show "" "(each packet's comment, as Wireshark shows it)"
+python3 -c "$PCAPNG_COMMENTS" "$TMP/drops.pcapng" | sed 's/^/   /'
+if [ "$(python3 -c "$PCAPNG_COMMENTS" "$TMP/drops.pcapng" | grep -c '^verdict=drop reason=deny-list$')" = 4 ]; then
+    good "4 packets from a, captured as XDP dropped them, each marked verdict=drop reason=deny-list"
+else
+    bad "the capture does not hold 4 dropped packets with their verdicts"
+fi
 
 step "The allow list wins over the deny list (only IPv4 is allowed here)"
 sl allow add "$A4/32"

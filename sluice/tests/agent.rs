@@ -1225,6 +1225,7 @@ fn the_demo_runs_and_every_check_passes() {
     );
     assert!(!text.contains("UNEXPECTED"), "{text}");
     for chapter in [
+        "Capture: what XDP dropped",
         "Load balancer",
         "A backend dies",
         "DDoS: a per-source limit",
