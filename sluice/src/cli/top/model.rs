@@ -110,6 +110,12 @@ pub struct FlowRecords {
     pub flows_tracked: usize,
     pub flow_capacity: usize,
     pub evictions: u64,
+    /// One record per this many packets, by verdict (pass, drop, audit;
+    /// 0 = none): top sources, destinations and flows are estimated from
+    /// the records times these.
+    pub sample_pass: u32,
+    pub sample_drop: u32,
+    pub sample_audit: u32,
 }
 
 /// One event counter.
@@ -393,6 +399,9 @@ pub fn compute(prev: Option<&Sample>, cur: &Sample, by: By, show: usize) -> Snap
             flows_tracked: f.flows_tracked,
             flow_capacity: f.flow_capacity,
             evictions: f.evictions,
+            sample_pass: f.settings.sample_pass,
+            sample_drop: f.settings.sample_drop,
+            sample_audit: f.settings.sample_audit,
         }
     });
 

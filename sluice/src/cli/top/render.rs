@@ -131,7 +131,8 @@ fn flow_line(s: &Snapshot) -> String {
     match &s.flow_records {
         None => "this agent keeps no flow records".into(),
         Some(f) => format!(
-            "read {} ({}/s){}, lost {} (ring full {}, rate cap {}; {}/s), flows tracked {} of {}, evicted {}",
+            "read {} ({}/s){}, lost {} (ring full {}, rate cap {}; {}/s), flows tracked {} of {}, evicted {}; \
+             sampled {} (top's sources, destinations and flows are estimated from these)",
             f.records_read,
             rate(f.records_read_per_sec),
             if f.reading { "" } else { ", not reading" },
@@ -141,9 +142,26 @@ fn flow_line(s: &Snapshot) -> String {
             rate(f.lost_per_sec),
             f.flows_tracked,
             f.flow_capacity,
-            f.evictions
+            f.evictions,
+            sampling(f)
         ),
     }
+}
+
+/// "pass 1 in 100, drop 1 in 1, audit none".
+fn sampling(f: &super::model::FlowRecords) -> String {
+    [
+        ("pass", f.sample_pass),
+        ("drop", f.sample_drop),
+        ("audit", f.sample_audit),
+    ]
+    .iter()
+    .map(|(v, n)| match n {
+        0 => format!("{v} none"),
+        n => format!("{v} 1 in {n}"),
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn agent_line(s: &Snapshot) -> Option<String> {
@@ -487,6 +505,9 @@ mod tests {
                 flows_tracked: 3,
                 flow_capacity: 65_536,
                 evictions: 0,
+                sample_pass: 100,
+                sample_drop: 1,
+                sample_audit: 0,
             }),
             events: vec![Event {
                 name: "syn_challenges".into(),
@@ -577,6 +598,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flow records: read 2000"), "{text}");
+        assert!(
+            text.contains("sampled pass 1 in 100, drop 1 in 1, audit none"),
+            "{text}"
+        );
         assert!(text.ends_with("\n\n"));
     }
 
