@@ -84,8 +84,7 @@ pub fn label(name: Option<&str>) -> String {
 /// The namespace is missing or cannot be entered, or socket(2) failed.
 pub fn tcp_socket_in(name: &str, v6: bool) -> Result<std::os::fd::OwnedFd, NetnsError> {
     use std::sync::{Mutex, OnceLock, mpsc};
-    type Reply = mpsc::SyncSender<Result<std::os::fd::OwnedFd, NetnsError>>;
-    static MAKERS: OnceLock<Mutex<std::collections::HashMap<String, mpsc::Sender<(bool, Reply)>>>> =
+    static MAKERS: OnceLock<Mutex<std::collections::HashMap<String, mpsc::Sender<SocketRequest>>>> =
         OnceLock::new();
     let makers = MAKERS.get_or_init(Default::default);
     let (reply_tx, reply_rx) = mpsc::sync_channel(1);
@@ -98,7 +97,7 @@ pub fn tcp_socket_in(name: &str, v6: bool) -> Result<std::os::fd::OwnedFd, Netns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tx = m.entry(name.to_string()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel::<(bool, Reply)>();
+            let (tx, rx) = mpsc::channel::<SocketRequest>();
             let name = name.to_string();
             std::thread::Builder::new()
                 .name(format!("netns-{name}"))
@@ -120,13 +119,13 @@ pub fn tcp_socket_in(name: &str, v6: bool) -> Result<std::os::fd::OwnedFd, Netns
         .map_err(|_| failed("the socket maker stopped".into()))?
 }
 
-fn socket_maker(
-    name: &str,
-    rx: &std::sync::mpsc::Receiver<(
-        bool,
-        std::sync::mpsc::SyncSender<Result<std::os::fd::OwnedFd, NetnsError>>,
-    )>,
-) {
+/// (IPv6?, where the socket goes).
+type SocketRequest = (
+    bool,
+    std::sync::mpsc::SyncSender<Result<std::os::fd::OwnedFd, NetnsError>>,
+);
+
+fn socket_maker(name: &str, rx: &std::sync::mpsc::Receiver<SocketRequest>) {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     use std::os::unix::fs::MetadataExt as _;
     let mut entered: Option<u64> = None;

@@ -991,7 +991,7 @@ fn agent_list_replace_and_flush_are_one_version_each() {
     assert_eq!(deny_list(&env), want);
     let list = env.cli_json(&["deny", "list", "--json"]);
     let entry = list_json_entries(&list)
-        .into_iter()
+        .iter()
         .find(|e| e["prefix"] == v6.as_str())
         .expect("the IPv6 entry");
     assert!(

@@ -947,7 +947,7 @@ fn health_checks_probe_from_the_balanced_interfaces_namespace() {
     ));
     println!("both up: {c:?}");
     assert_eq!(c.get("FAILED"), None, "{c:?}");
-    assert!(c.get("b0").is_some() && c.get("b1").is_some(), "{c:?}");
+    assert!(c.contains_key("b0") && c.contains_key("b1"), "{c:?}");
 
     topo.backends[1].server.kill();
     let deadline = Instant::now() + Duration::from_secs(10);
