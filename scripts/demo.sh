@@ -34,6 +34,7 @@ UDP_DROPPED_PORT=4444 UDP_OTHER_PORT=4445 UDP_PER_PORT=5 # datagrams per port an
 VIP=198.19.0.10
 BACKEND_NS=("sluice-demo-$$-c1" "sluice-demo-$$-c2" "sluice-demo-$$-c3")
 SERVER_PIDS=()
+BG_PIDS=() # other background jobs (capture, flood, pings): killed on exit
 
 # --- output helpers -------------------------------------------------------------
 if [ -t 1 ] && [ "${TERM:-dumb}" != dumb ] && [ -z "${NO_COLOR:-}" ]; then
@@ -101,7 +102,7 @@ cleanup() {
     set +e
     printf '\n%s== cleaning up the lab%s\n' "$C_HEAD" "$C_OFF"
     [ -n "$RECV_PID" ] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
-    for pid in "${SERVER_PIDS[@]}"; do
+    for pid in "${SERVER_PIDS[@]}" "${BG_PIDS[@]}"; do
         [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     done
     # The agent first: while it runs it would re-attach what is detached.
@@ -442,9 +443,10 @@ ping_check "IPv6 $A6 -> $B6" "$B6" block
 
 step "Capture: what XDP dropped, with each packet's verdict, in a pcapng file"
 show "" "sluice capture $VETHB --verdict drop --count 4 --duration 10 -w $TMP/drops.pcapng &"
-"$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" capture "$VETHB" --verdict drop --count 4 --duration 10 \
+timeout 20 "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" capture "$VETHB" --verdict drop --count 4 --duration 10 \
     -w "$TMP/drops.pcapng" 2>"$TMP/cap.err" &
 CAP_PID=$!
+BG_PIDS+=("$CAP_PID")
 for ((i = 0; i < 50; i++)); do grep -q . "$TMP/cap.err" 2>/dev/null && break; sleep 0.1; done
 sed 's/^/   /' "$TMP/cap.err"
 show "$NSA" "ping -c 4 -i 0.2 -W 1 $B4"
@@ -562,6 +564,7 @@ for ((i = 0; i < 30; i++)); do grep -q ready "$TMP/ddos.out" 2>/dev/null && brea
 show "$NSA" "flood: 3000 datagrams from $A4 to $B4:5353 in 1.5 s (2000/s); meanwhile 30 from $A4B (20/s)"
 in_ns "$NSA" timeout 10 python3 -c "$UDP_PACED" "$A4" "$B4" 5353 3000 1.5 &
 FLOOD_PID=$!
+BG_PIDS+=("$FLOOD_PID")
 in_ns "$NSA" timeout 10 python3 -c "$UDP_PACED" "$A4B" "$B4" 5353 30 1.5
 wait "$FLOOD_PID" || true
 wait "$RECV_PID" || true
@@ -590,6 +593,7 @@ sl flows top --limit 3
 grep -qF "$VIP" "$TMP/sl.out" || bad "flows top does not show the load-balanced traffic to $VIP"
 in_ns "$NSA" timeout 10 ping -n -q -c 15 -i 0.1 "$B4" >/dev/null 2>&1 &
 PING_PID=$!
+BG_PIDS+=("$PING_PID")
 sl top --once --top 3
 wait "$PING_PID" 2>/dev/null || true
 if grep -Eq '^pass +[1-9][0-9.]* ' "$TMP/sl.out"; then

@@ -69,7 +69,9 @@ impl PacketGen {
         // SAFETY: sockaddr_ll is plain data; zero is a valid start.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        // Protocol 0: bound for sending only (a protocol here would also
+        // hook the socket into reception and queue every IPv4 frame).
+        sll.sll_protocol = 0;
         sll.sll_ifindex = ifindex as i32;
         // SAFETY: bind with a sockaddr_ll of the right size.
         let r = unsafe {
@@ -136,7 +138,8 @@ impl PacketGen {
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
-                    // The device queue is full: let it drain, bounded.
+                    // The device queue is full: let it drain (at most
+                    // 10,000 tries in a row without progress).
                     Some(libc::ENOBUFS | libc::EAGAIN) if full_rounds < 10_000 => {
                         full_rounds += 1;
                         std::thread::yield_now();
@@ -147,6 +150,7 @@ impl PacketGen {
                 }
             }
             let r = r as usize;
+            full_rounds = 0;
             sent += r;
             self.next = (self.next + r) % self.sources;
         }

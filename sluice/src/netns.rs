@@ -77,8 +77,9 @@ pub fn label(name: Option<&str>) -> String {
 /// Makes a TCP socket inside namespace `name` for code that runs elsewhere
 /// (the agent's health probes: a socket belongs to the namespace it was
 /// made in, whichever thread uses it later). One long-lived thread per
-/// namespace name makes them; it follows the name if the namespace is
-/// replaced (a new inode under /run/netns). Non-blocking, close-on-exec.
+/// namespace name makes them: it enters the namespace by name for each
+/// socket (so a replaced namespace is followed) and goes back to its own
+/// at once (so a deleted one is not kept alive). Non-blocking, close-on-exec.
 ///
 /// # Errors
 /// The namespace is missing or cannot be entered, or socket(2) failed.
@@ -127,20 +128,22 @@ type SocketRequest = (
 
 fn socket_maker(name: &str, rx: &std::sync::mpsc::Receiver<SocketRequest>) {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    use std::os::unix::fs::MetadataExt as _;
-    let mut entered: Option<u64> = None;
-    for (v6, reply) in rx {
-        let made = (|| {
-            let path = Path::new("/run/netns").join(name);
-            let ino = std::fs::metadata(&path)
-                .map_err(|_| NetnsError::Missing {
+    // The thread goes back to where it started after every socket, so it
+    // never keeps a namespace alive after `ip netns del`.
+    let home = match std::fs::File::open("/proc/thread-self/ns/net") {
+        Ok(f) => f,
+        Err(e) => {
+            for (_, reply) in rx {
+                let _ = reply.send(Err(NetnsError::Enter {
                     name: name.to_string(),
-                })?
-                .ino();
-            if entered != Some(ino) {
-                enter(name)?;
-                entered = Some(ino);
+                    reason: format!("cannot open this thread's own namespace: {e}"),
+                }));
             }
+            return;
+        }
+    };
+    for (v6, reply) in rx {
+        let made = enter(name).and_then(|()| {
             let family = if v6 {
                 AddressFamily::Inet6
             } else {
@@ -156,13 +159,51 @@ fn socket_maker(name: &str, rx: &std::sync::mpsc::Receiver<SocketRequest>) {
                 name: name.to_string(),
                 reason: format!("socket: {e}"),
             })
-        })();
+        });
+        let back = nix::sched::setns(home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
         let _ = reply.send(made);
+        if back.is_err() {
+            // Stranded in another namespace: end the thread; the next
+            // request starts a new one.
+            return;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    /// The socket maker goes home after each socket: it does not hold the
+    /// namespace (which `ip netns del` must be able to free). Needs root.
+    #[test]
+    fn the_socket_maker_holds_no_namespace() {
+        let name = format!("sluice-unit-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        assert!(ip(&["netns", "add", &name]), "ip netns add");
+        let made = super::tcp_socket_in(&name, false);
+        let thread_ns = std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(Result::ok)
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| {
+                    c.trim() == format!("netns-{name}").chars().take(15).collect::<String>()
+                })
+            })
+            .and_then(|t| std::fs::read_link(t.path().join("ns/net")).ok());
+        let own = std::fs::read_link("/proc/self/ns/net").ok();
+        ip(&["netns", "del", &name]);
+        made.expect("a socket in the namespace");
+        assert!(thread_ns.is_some(), "the maker thread exists");
+        assert_eq!(
+            thread_ns, own,
+            "the maker thread is back in the process's namespace"
+        );
+    }
+
     #[test]
     fn a_socket_in_a_missing_namespace_names_it() {
         let e = super::tcp_socket_in("sluice-no-such-netns", false).expect_err("missing");

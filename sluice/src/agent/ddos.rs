@@ -141,7 +141,9 @@ pub fn settle(core: &mut Core, reports: &[Escalation]) {
                     version = a.version,
                     "temporary deny entries expired"
                 );
-                core.metrics.expirations.inc_by(n as u64);
+                if !a.unchanged {
+                    core.metrics.expirations.inc_by(n as u64);
+                }
             }
             // Retried every tick (250 ms): warned about at most every 30 s.
             Err(e) => {

@@ -208,7 +208,7 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                         h.expect = *health_expect;
                         h.port = *health_port;
                         if let Some(n) = health_netns {
-                            if n.is_empty() || n.contains('/') {
+                            if n.is_empty() || n.contains('/') || n == "." || n == ".." {
                                 return Err(LbCliError::Refused(format!(
                                     "--health-netns {n:?} is not a network namespace name"
                                 )));

@@ -279,11 +279,32 @@ impl HealthConf {
         }
     }
 
-    /// Checks the settings (and that a port to check is known).
+    /// Checks the settings (and that a port to check is known), with the
+    /// config file's limits, so that whatever is accepted exports to a
+    /// file `check` takes.
     pub fn validate(&self, service: &ServiceSpec) -> Result<(), String> {
         self.to_spec()
             .validate()
             .map_err(|e| format!("service {}: health check: {e}", service.id))?;
+        let bad = |what: String| Err(format!("service {}: health check: {what}", service.id));
+        if self.port == Some(0) {
+            return bad("port must be 1 to 65535, found 0".into());
+        }
+        for (name, v) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                return bad(format!("{name} must be 1 to 100, found {v}"));
+            }
+        }
+        for (name, v) in [("interval", self.interval_ms), ("timeout", self.timeout_ms)] {
+            if !(1..=3_600_000).contains(&v) {
+                return bad(format!("{name} must be a duration up to 1h, found {v} ms"));
+            }
+        }
+        if let Some(n) = &self.netns
+            && (n.is_empty() || n.contains('/') || n == "." || n == "..")
+        {
+            return bad(format!("netns {n:?} is not a network namespace name"));
+        }
         if self.port.is_none()
             && service.id.port == 0
             && let Some(b) = service.backends.iter().find(|b| b.addr.port == 0)
@@ -517,6 +538,59 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn health_settings_are_held_to_the_config_files_limits() {
+        let spec = ServiceSpec {
+            id: "198.19.0.10:80".parse().unwrap(),
+            mode: Mode::Nat,
+            backends: Vec::new(),
+        };
+        let ok = HealthConf::new(CheckKind::Tcp);
+        assert!(ok.validate(&spec).is_ok());
+        for (bad, want) in [
+            (
+                HealthConf {
+                    port: Some(0),
+                    ..ok.clone()
+                },
+                "port must be 1 to 65535",
+            ),
+            (
+                HealthConf {
+                    rise: 200,
+                    ..ok.clone()
+                },
+                "rise must be 1 to 100",
+            ),
+            (
+                HealthConf {
+                    interval_ms: 7_200_000,
+                    timeout_ms: 1000,
+                    ..ok.clone()
+                },
+                "interval must be a duration up to 1h",
+            ),
+            (
+                HealthConf {
+                    netns: Some("a/b".into()),
+                    ..ok.clone()
+                },
+                "is not a network namespace name",
+            ),
+            (
+                HealthConf {
+                    netns: Some("..".into()),
+                    ..ok.clone()
+                },
+                "is not a network namespace name",
+            ),
+        ] {
+            let e = bad.validate(&spec).expect_err(want);
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -667,7 +667,7 @@ fn service(
             }
         }
         if let Some(n) = &raw.netns {
-            if n.is_empty() || n.contains('/') {
+            if n.is_empty() || n.contains('/') || n == "." || n == ".." {
                 bad(format!("netns {n:?} is not a network namespace name"));
             } else {
                 c.netns = Some(n.clone());

@@ -548,10 +548,24 @@ impl Op {
 /// all of them, except rule adds whose rule the new base already has (each
 /// base rule absorbs one), which would otherwise put the rule in twice
 /// (applying an export of the desired state, or a file that took the rule
-/// in).
+/// in). A rule the runtime changes also delete somewhere (moved, or added
+/// and taken out again) keeps all its ops: absorbing its add but not its
+/// delete would lose it.
 #[must_use]
 pub fn overlay_for_base(base: &Desired, overlay: &[Op]) -> Vec<Op> {
-    let mut have: Vec<&RuleSpec> = base.policy.rules.iter().collect();
+    let deleted: Vec<&RuleSpec> = overlay
+        .iter()
+        .filter_map(|op| match op {
+            Op::RuleDel { rule } => Some(rule),
+            _ => None,
+        })
+        .collect();
+    let mut have: Vec<&RuleSpec> = base
+        .policy
+        .rules
+        .iter()
+        .filter(|r| !deleted.contains(r))
+        .collect();
     overlay
         .iter()
         .filter(|op| match op {
@@ -713,6 +727,42 @@ mod tests {
         assert_eq!(d.policy.rules.len(), 4);
         // A base without them keeps every add.
         assert_eq!(overlay_for_base(&Desired::default(), &overlay), overlay);
+        // A rule moved at run time (deleted, added at the front), or added
+        // and deleted again, keeps every op: it stays in, once.
+        for ops in [
+            vec![
+                Op::RuleDel {
+                    rule: r("drop tcp dport 7"),
+                },
+                Op::RuleAdd {
+                    at: Some(0),
+                    rule: r("drop tcp dport 7"),
+                },
+            ],
+            vec![
+                Op::RuleAdd {
+                    at: None,
+                    rule: r("drop tcp dport 7"),
+                },
+                Op::RuleDel {
+                    rule: r("drop tcp dport 7"),
+                },
+            ],
+        ] {
+            let kept = overlay_for_base(&base, &ops);
+            assert_eq!(kept, ops);
+            let mut d = base.clone();
+            for op in &kept {
+                op.apply(&mut d, false).unwrap();
+            }
+            let n = d
+                .policy
+                .rules
+                .iter()
+                .filter(|x| **x == r("drop tcp dport 7"))
+                .count();
+            assert_eq!(n, 1, "{ops:?} -> {:?}", d.policy.rules);
+        }
     }
 
     #[test]

@@ -47,8 +47,13 @@ fn service(s: &LbService) -> Table {
             CheckKind::Http => "http",
         };
         ht.insert("check".into(), Value::String(check.into()));
-        if h.check == CheckKind::Http {
+        // An HTTP check's path and status always; a TCP check's only when
+        // set (the parser keeps them either way).
+        let defaults = crate::lb::HealthConf::new(h.check);
+        if h.check == CheckKind::Http || h.path != defaults.path {
             ht.insert("path".into(), Value::String(h.path.clone()));
+        }
+        if h.check == CheckKind::Http || h.expect != defaults.expect {
             ht.insert("expect".into(), Value::Integer(i64::from(h.expect)));
         }
         if let Some(p) = h.port {

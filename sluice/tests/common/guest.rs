@@ -69,6 +69,9 @@ pub struct GuestRun {
     pub console: String,
     pub wall: Duration,
     pub boot: Option<Duration>,
+    /// The guest kernel reported a soft lockup and was stopped at once (its
+    /// suites cannot finish: a CPU spins in the kernel).
+    pub lockup: bool,
 }
 
 /// Why the guest cannot run on this machine.
@@ -575,7 +578,9 @@ pub fn run(
         .arg(&initramfs)
         .args([
             "-append",
-            "console=ttyS0 panic=-1 oops=panic loglevel=4 rdinit=/init",
+            // loglevel 5: a soft lockup's or RCU stall's stack dump
+            // (default level) reaches the console, for diagnosis.
+            "console=ttyS0 panic=-1 oops=panic loglevel=5 rdinit=/init",
         ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -587,6 +592,8 @@ pub fn run(
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
     let deadline = Instant::now() + limit;
+    let mut lockup = false;
+    let mut checked = Instant::now();
     let timed_out = loop {
         match child.try_wait().expect("wait for qemu") {
             Some(_) => break false,
@@ -595,7 +602,24 @@ pub fn run(
                 let _ = child.wait();
                 break true;
             }
-            None => std::thread::sleep(Duration::from_millis(100)),
+            None => {
+                // A soft lockup never ends by itself (the in-guest time
+                // limits need a CPU that schedules): stop the guest now
+                // rather than at the whole tier's limit.
+                if checked.elapsed() >= Duration::from_secs(2) {
+                    checked = Instant::now();
+                    if std::fs::read_to_string(&console)
+                        .is_ok_and(|c| c.contains("watchdog: BUG: soft lockup"))
+                    {
+                        std::thread::sleep(Duration::from_secs(2)); // its stack dump
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        lockup = true;
+                        break false;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     };
     let mut stderr = String::new();
@@ -605,6 +629,9 @@ pub fn run(
     let mut console_text = std::fs::read_to_string(&console).unwrap_or_default();
     if timed_out {
         console_text.push_str(&format!("\n[host] guest killed after {limit:?}\n"));
+    }
+    if lockup {
+        console_text.push_str("\n[host] guest stopped: its kernel reported a soft lockup\n");
     }
     if !stderr.trim().is_empty() {
         console_text.push_str(&format!("\n[host] qemu stderr:\n{stderr}"));
@@ -617,5 +644,6 @@ pub fn run(
         console: console_text,
         wall: start.elapsed(),
         boot,
+        lockup,
     }
 }
