@@ -198,6 +198,16 @@ impl AgentEnv {
 impl Drop for AgentEnv {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        // An agent killed with SIGKILL leaves its (unlocked, stale) owner
+        // lock file behind; the next owner would take it over, but no test
+        // leaves files behind. Only when nobody holds it.
+        let lock = sluice::dataplane::lockfile::owner_path(self.pin.path());
+        if matches!(
+            sluice::dataplane::lockfile::LockFile::holder(&lock),
+            Ok(None)
+        ) {
+            let _ = std::fs::remove_file(&lock);
+        }
     }
 }
 
