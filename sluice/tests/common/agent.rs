@@ -329,12 +329,18 @@ pub fn api_request(
         req.push_str(&format!("Content-Length: {}\r\n", b.len()));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).ok()?;
     if let Some(b) = body {
-        s.write_all(b.as_bytes()).ok()?;
+        req.push_str(b);
     }
+    // A server may answer (and close) before it has read the whole body
+    // (a refused request): a failed write or a reset after the answer
+    // still leaves the answer to read.
+    let _ = s.write_all(req.as_bytes());
     let mut reply = Vec::new();
-    s.read_to_end(&mut reply).ok()?;
+    let _ = s.read_to_end(&mut reply);
+    if reply.is_empty() {
+        return None;
+    }
     let reply = String::from_utf8_lossy(&reply).into_owned();
     let code = reply.split_whitespace().nth(1)?.parse().ok()?;
     let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
