@@ -327,7 +327,19 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
                 .into(),
         ));
     }
-    let mut services: Vec<LbService> = dataplane::lb::read(root)?
+    let mut services = pinned_services(root)?;
+    op.apply(&mut services, true).map_err(LbCliError::Refused)?;
+    crate::lb::validate(&services).map_err(LbCliError::Refused)?;
+    let specs: Vec<ServiceSpec> = services.into_iter().map(|s| s.spec).collect();
+    let report = dataplane::lb::apply(root, &specs, &std::collections::HashSet::new())?;
+    out.lb_applied(&op.describe(), &report);
+    Ok(())
+}
+
+/// The services the pins hold, as desired services (no health checks:
+/// those live in the agent).
+pub(crate) fn pinned_services(root: &PinRoot) -> Result<Vec<LbService>, dataplane::DataplaneError> {
+    Ok(dataplane::lb::read(root)?
         .into_iter()
         .map(|s| LbService {
             spec: ServiceSpec {
@@ -345,11 +357,5 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
             },
             health: None,
         })
-        .collect();
-    op.apply(&mut services, true).map_err(LbCliError::Refused)?;
-    crate::lb::validate(&services).map_err(LbCliError::Refused)?;
-    let specs: Vec<ServiceSpec> = services.into_iter().map(|s| s.spec).collect();
-    let report = dataplane::lb::apply(root, &specs, &std::collections::HashSet::new())?;
-    out.lb_applied(&op.describe(), &report);
-    Ok(())
+        .collect())
 }

@@ -425,25 +425,7 @@ fn desired_from_pins(root: &PinRoot) -> Result<policy::Desired, CliError> {
             mode: a.mode,
         })
         .collect();
-    let services = dataplane::lb::read(root)?
-        .into_iter()
-        .map(|s| crate::lb::LbService {
-            spec: crate::lb::ServiceSpec {
-                id: s.id,
-                mode: s.mode,
-                backends: s
-                    .members
-                    .into_iter()
-                    .map(|m| crate::lb::BackendSpec {
-                        addr: m.backend,
-                        weight: m.weight,
-                        draining: m.draining,
-                    })
-                    .collect(),
-            },
-            health: None,
-        })
-        .collect();
+    let services = lb::pinned_services(root)?;
     Ok(policy::Desired {
         interfaces,
         policy,
