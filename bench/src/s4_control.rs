@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use sluice::{
     dataplane::{Change, PolicyMaps, sandbox::Sandbox},
-    policy::RuleSpec,
+    model::policy::RuleSpec,
 };
 use sluice_common::{ListId, Verdict};
 
@@ -66,7 +66,7 @@ fn rules(offset: usize) -> Result<Vec<sluice_common::Rule>> {
             let mut rule = RuleSpec::parse(&words)
                 .map_err(|e| anyhow!("rule {r}: {e}"))?
                 .to_rule();
-            rule.stats_slot = sluice::dataplane::policy::UNASSIGNED;
+            rule.stats_slot = sluice_common::UNASSIGNED_SLOT;
             Ok(rule)
         })
         .collect()

@@ -10,7 +10,7 @@ use sluice::{
         Change,
         sandbox::{Sandbox, XDP_DROP, XDP_PASS},
     },
-    policy::RuleSpec,
+    model::policy::RuleSpec,
 };
 
 use crate::{

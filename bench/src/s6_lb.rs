@@ -20,7 +20,7 @@ use sluice::{
         lb::{self as lbmaps},
         sandbox::{Sandbox, XDP_PASS, XDP_TX},
     },
-    lb::{BackendSpec, Mode, ServiceSpec, maglev},
+    model::lb::{BackendSpec, Mode, ServiceSpec, maglev},
 };
 use sluice_common::{
     Bucket,
@@ -262,7 +262,8 @@ pub fn service(id: &str, mode: Mode, backends: &[String]) -> Result<ServiceSpec>
 }
 
 pub fn apply(root: &PinRoot, services: &[ServiceSpec]) -> Result<()> {
-    lbmaps::apply(root, services, &HashSet::new()).map_err(|e| anyhow!("lb apply: {e}"))?;
+    sluice::engine::lb::apply(root, services, &HashSet::new())
+        .map_err(|e| anyhow!("lb apply: {e}"))?;
     Ok(())
 }
 
@@ -889,7 +890,7 @@ fn control(plan: &Plan) -> Result<Vec<Measurement>> {
                 "wall time of lb::apply changing one backend's weight",
                 ms,
             );
-            let st = lbmaps::read(&root).map_err(|e| anyhow!("lb read: {e}"))?;
+            let st = sluice::engine::lb::read(&root).map_err(|e| anyhow!("lb read: {e}"))?;
             if st.len() != 1 || st[0].members.len() != n {
                 bail!(
                     "after apply: {} services, expected 1 with {n} backends",
@@ -933,7 +934,7 @@ fn control(plan: &Plan) -> Result<Vec<Measurement>> {
 /// The kernel holds every service with every backend in its table, and a
 /// packet to the last service is balanced.
 fn check_many(sb: &Sandbox, many: &[ServiceSpec], per: usize) -> Result<()> {
-    let st = lbmaps::read(sb.root()).map_err(|e| anyhow!("lb read: {e}"))?;
+    let st = sluice::engine::lb::read(sb.root()).map_err(|e| anyhow!("lb read: {e}"))?;
     let members: usize = st.iter().map(|s| s.members.len()).sum();
     let empty = st
         .iter()

@@ -11,7 +11,7 @@ use aya::{
 };
 use sluice::{
     dataplane::{BENCH_OBJECT, PolicyMaps},
-    lb::Mode,
+    model::lb::Mode,
 };
 use sluice_common::{Family, Reason, Verdict, counter_index};
 

@@ -3,6 +3,7 @@
 #![no_std]
 
 pub mod lb;
+pub mod settings;
 
 /// Names of every map, as declared in `sluice-ebpf/src/maps.rs` and pinned under
 /// `<pin root>/maps/`. Kernel map names are limited to 15 bytes.
@@ -420,6 +421,9 @@ pub const RULE_ACTION_LIMIT: u32 = 3;
 /// next rule.
 pub const RULE_ACTION_SYN_GUARD: u32 = 4;
 
+/// A `Rule::stats_slot` not yet assigned (a rule being added).
+pub const UNASSIGNED_SLOT: u32 = u32::MAX;
+
 /// An L4 rule (`RULES[gen * MAX_RULES + position]`).
 ///
 /// Addresses are stored as two native-endian words built from the address
@@ -438,7 +442,8 @@ pub struct Rule {
     pub flags: u32,
     pub port_lo: u16,
     pub port_hi: u16,
-    /// Index into `RULE_STATS`; stable for the life of the rule.
+    /// Index into `RULE_STATS`; stable for the life of the rule
+    /// ([`UNASSIGNED_SLOT`] in a rule user space is adding).
     pub stats_slot: u32,
     /// User-visible identifier; stable for the life of the rule.
     pub id: u32,

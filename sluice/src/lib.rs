@@ -1,8 +1,15 @@
-//! sluice user space: the dataplane (aya), the policy language, and the CLI.
+//! sluice user space, in layers that only import downwards (see
+//! docs/decisions/008-layers.md): cli > agent > api > engine > {model,
+//! dataplane} > {netns, files}.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod dataplane;
-pub mod lb;
+pub mod engine;
+pub mod files;
+pub mod model;
 pub mod netns;
-pub mod policy;
+
+#[cfg(test)]
+mod layering;

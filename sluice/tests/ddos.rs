@@ -23,11 +23,10 @@ use common::{
 };
 use sluice::{
     dataplane::{
-        Change,
-        runtime::{self, gcra},
+        Change, runtime,
         sandbox::{Sandbox, XDP_DROP, XDP_PASS, XDP_TX},
     },
-    policy::RuleSpec,
+    model::policy::RuleSpec,
 };
 use sluice_common::{
     Bucket, Counter, DdosConfig, Escalation, Family, L4, Reason, Rule, SrcKey, Verdict, addr_words,
@@ -793,7 +792,7 @@ fn syn_guard_challenge_and_answer_v6() {
 fn new_source_cap_keeps_known_sources() {
     let sb = new_sandbox();
     let cur = runtime::ddos_config(sb.root()).expect("DDOS_CONFIG");
-    let (interval, tolerance) = gcra(50, 50);
+    let (interval, tolerance) = sluice_common::settings::gcra(50, 50);
     runtime::set_ddos_config(
         sb.root(),
         &DdosConfig {

@@ -729,8 +729,11 @@ fn the_rate_cap_limits_records_per_cpu_and_counts_the_rest() {
     let sb = new_sandbox();
     const RATE: u64 = 1000;
     const BURST: u64 = 100;
-    runtime::set_flow_config(sb.root(), &one_in_one(runtime::gcra(RATE, BURST)))
-        .expect("flow config");
+    runtime::set_flow_config(
+        sb.root(),
+        &one_in_one(sluice_common::settings::gcra(RATE, BURST)),
+    )
+    .expect("flow config");
     let frame = Frame::v6(
         "2001:2:0:ff01::1".parse().unwrap(),
         "2001:2:0:ff01::2".parse().unwrap(),

@@ -26,7 +26,7 @@ use common::{
     netns::{Netns, PinRoot, ping, wait_links_ready},
 };
 use serde_json::Value;
-use sluice::lb::maglev;
+use sluice::model::lb::maglev;
 use sluice_common::{
     addr_words,
     lb::{TABLE_SIZE, flow_hash},

@@ -19,11 +19,8 @@ use common::{
     kernel::{hex, new_sandbox},
 };
 use sluice::{
-    dataplane::{
-        lb as lbmaps,
-        sandbox::{Sandbox, XDP_PASS},
-    },
-    lb::{BackendSpec, Mode, ServiceSpec},
+    dataplane::sandbox::{Sandbox, XDP_PASS},
+    model::lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::{lb::lb_stat, map_names};
 
@@ -51,7 +48,7 @@ fn setup(vip: IpAddr, backend: &str) -> Sandbox {
             draining: false,
         }],
     };
-    lbmaps::apply(sb.root(), &[spec], &HashSet::new()).unwrap();
+    sluice::engine::lb::apply(sb.root(), &[spec], &HashSet::new()).unwrap();
     sb
 }
 

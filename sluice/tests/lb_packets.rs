@@ -27,7 +27,7 @@ use sluice::{
         lb as lbmaps,
         sandbox::{Sandbox, XDP_DROP, XDP_PASS},
     },
-    lb::{BackendAddr, BackendSpec, Mode, ServiceId, ServiceSpec, maglev},
+    model::lb::{BackendAddr, BackendSpec, Mode, ServiceId, ServiceSpec, maglev},
 };
 use sluice_common::{
     COUNTER_SLOTS, Counter, Family, L4, Reason, Verdict, addr_words, counter_index,
@@ -90,7 +90,8 @@ fn svc_draining(id: &str, backends: &[&str], draining: &[&str]) -> ServiceSpec {
 }
 
 fn apply(sb: &Sandbox, services: &[ServiceSpec]) {
-    lbmaps::apply(sb.root(), services, &HashSet::new()).unwrap_or_else(|e| panic!("apply: {e}"));
+    sluice::engine::lb::apply(sb.root(), services, &HashSet::new())
+        .unwrap_or_else(|e| panic!("apply: {e}"));
 }
 
 fn apply_down(sb: &Sandbox, services: &[ServiceSpec], down: &[(&str, &str)]) {
@@ -98,7 +99,7 @@ fn apply_down(sb: &Sandbox, services: &[ServiceSpec], down: &[(&str, &str)]) {
         .iter()
         .map(|(s, b)| (s.parse().unwrap(), b.parse().unwrap()))
         .collect();
-    lbmaps::apply(sb.root(), services, &down).unwrap_or_else(|e| panic!("apply: {e}"));
+    sluice::engine::lb::apply(sb.root(), services, &down).unwrap_or_else(|e| panic!("apply: {e}"));
 }
 
 fn run(sb: &Sandbox, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -372,7 +373,7 @@ impl Predictor {
     /// `members`: (name, weight); weight 0 = out of the table.
     fn new(sb: &Sandbox, service: &str, members: &[(&str, u32)]) -> Self {
         let id: ServiceId = service.parse().unwrap();
-        let state = lbmaps::read(sb.root()).expect("lb read");
+        let state = sluice::engine::lb::read(sb.root()).expect("lb read");
         let s = state
             .iter()
             .find(|s| s.id == id)
@@ -453,7 +454,7 @@ fn zero_sum_payload(build: impl Fn(&[u8]) -> Vec<u8>, csum_at: usize) -> Vec<u8>
 
 fn svc_id(sb: &Sandbox, service: &str) -> u32 {
     let id: ServiceId = service.parse().unwrap();
-    lbmaps::read(sb.root())
+    sluice::engine::lb::read(sb.root())
         .unwrap()
         .into_iter()
         .find(|s| s.id == id)
@@ -464,7 +465,7 @@ fn svc_id(sb: &Sandbox, service: &str) -> u32 {
 fn member_slot(sb: &Sandbox, service: &str, backend: &str) -> u32 {
     let id: ServiceId = service.parse().unwrap();
     let addr: BackendAddr = backend.parse().unwrap();
-    lbmaps::read(sb.root())
+    sluice::engine::lb::read(sb.root())
         .unwrap()
         .into_iter()
         .find(|s| s.id == id)
@@ -1106,7 +1107,7 @@ fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     assert!(on_drained > 0);
 
     apply(&sb, &[svc_draining(SVC_WEB, &WEB3, &[WEB3[1]])]);
-    let state = lbmaps::read(sb.root()).unwrap();
+    let state = sluice::engine::lb::read(sb.root()).unwrap();
     let m = state[0]
         .members
         .iter()
@@ -2507,7 +2508,7 @@ const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
 fn firewall_policy(sb: &Sandbox, audit: bool) {
     let deny: ipnet::IpNet = "198.19.1.0/24".parse().unwrap();
     let allow: ipnet::IpNet = "198.19.2.0/24".parse().unwrap();
-    let rule = sluice::policy::RuleSpec {
+    let rule = sluice::model::policy::RuleSpec {
         action: Verdict::Drop,
         audit: false,
         proto: Some(6),

@@ -8,8 +8,8 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Instant};
 
 use common::{frames::Frame, kernel::new_sandbox};
 use sluice::{
-    dataplane::{lb as lbmaps, sandbox::XDP_PASS},
-    lb::{BackendSpec, Mode, ServiceSpec},
+    dataplane::sandbox::XDP_PASS,
+    model::lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::lb::{MAX_BACKENDS, MAX_SERVICES};
 
@@ -39,7 +39,7 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
     let sb = new_sandbox();
     let services: Vec<ServiceSpec> = (0..512).map(|i| service(i, 8)).collect();
     let started = Instant::now();
-    let r = lbmaps::apply(sb.root(), &services, &HashSet::new()).expect("512 x 8 fit");
+    let r = sluice::engine::lb::apply(sb.root(), &services, &HashSet::new()).expect("512 x 8 fit");
     println!(
         "512 services, 4,096 backends applied in {:?}",
         started.elapsed()
@@ -47,7 +47,7 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
     assert_eq!(r.services_added, 512);
     assert_eq!(r.tables_rebuilt, 512);
     assert_eq!(r.backends_written, 4096);
-    let state = lbmaps::read(sb.root()).unwrap();
+    let state = sluice::engine::lb::read(sb.root()).unwrap();
     assert_eq!(state.len(), 512);
     for s in &state {
         assert_eq!(s.members.len(), 8, "{}", s.id);
@@ -79,15 +79,15 @@ fn five_hundred_twelve_services_with_four_thousand_backends() {
 
     // One service too many: refused, nothing changed.
     let too_many: Vec<ServiceSpec> = (0..=MAX_SERVICES).map(|i| service(i, 0)).collect();
-    let err = lbmaps::apply(sb.root(), &too_many, &HashSet::new()).unwrap_err();
+    let err = sluice::engine::lb::apply(sb.root(), &too_many, &HashSet::new()).unwrap_err();
     assert!(err.to_string().contains("too many services"), "{err}");
     // One backend too many (16 services x 1,025 backends = 16,400 > 16,384).
     let wide: Vec<ServiceSpec> = (0..16).map(|i| service(i, 1025)).collect();
     assert!(wide.iter().map(|s| s.backends.len()).sum::<usize>() > MAX_BACKENDS as usize);
-    let err = lbmaps::apply(sb.root(), &wide, &HashSet::new()).unwrap_err();
+    let err = sluice::engine::lb::apply(sb.root(), &wide, &HashSet::new()).unwrap_err();
     assert!(err.to_string().contains("too many backends"), "{err}");
     assert_eq!(
-        lbmaps::read(sb.root()).unwrap().len(),
+        sluice::engine::lb::read(sb.root()).unwrap().len(),
         512,
         "a refused apply changes nothing"
     );

@@ -26,7 +26,7 @@ use common::{
 };
 use sluice::{
     dataplane::lb as lbmaps,
-    lb::{BackendSpec, Mode, ServiceSpec},
+    model::lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::{
     addr_words,
@@ -133,7 +133,7 @@ fn vxlan_encapsulation_exact_bytes() {
     // lookups happen there); commands it starts are in it too.
     let (first, second) = ns.run(move || {
         let sb = new_sandbox();
-        lbmaps::apply(
+        sluice::engine::lb::apply(
             sb.root(),
             &[spec(
                 "198.19.1.10:80/tcp",

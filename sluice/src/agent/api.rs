@@ -1,10 +1,7 @@
 //! The agent's HTTP/JSON API on a unix socket (mode 0600, root only). The
 //! CLI is its client; docs/api/openapi.json describes it.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -15,18 +12,18 @@ use axum::{
     routing::{delete, get, post, put},
 };
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::net::UnixListener;
 
-use super::core::{AgentError, Applied, Core, Ctx};
+use super::core::{AgentError, Core, Ctx, Shared};
+use crate::api::*;
 use crate::{
     dataplane::{DataplaneError, PolicyMaps, stats},
-    policy::{self, Action, Interface, Op, RuleRow, RuleSpec, config::ConfigErrors},
+    engine::lb_view::LbView,
+    model::policy::{self, Interface, Op, RuleRow, config::ConfigErrors},
 };
 
 pub const OPENAPI: &str = include_str!("../../../docs/api/openapi.json");
-
-pub type Shared = Arc<Mutex<Core>>;
 
 /// Who is calling: the socket peer's credentials plus the user the CLI
 /// says it runs for (SUDO_USER), for the history.
@@ -77,7 +74,7 @@ fn safety(headers: &axum::http::HeaderMap) -> super::core::Safety {
         session: headers
             .get("x-sluice-session")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::policy::eval::Probe::from_ssh_connection),
+            .and_then(crate::model::policy::eval::Probe::from_ssh_connection),
         force: headers.get("x-sluice-force").is_some_and(|v| v == "1"),
     }
 }
@@ -95,20 +92,6 @@ fn request_id(headers: &axum::http::HeaderMap) -> String {
                 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
         .map_or_else(new_request_id, str::to_string)
-}
-
-/// A fresh request id: 16 hex digits from the kernel's random source.
-pub fn new_request_id() -> String {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != 8 {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        b = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Who asks, with which request id and safety settings.
@@ -222,13 +205,6 @@ fn plain_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub diagnostics: Vec<policy::config::Diagnostic>,
-}
-
 pub struct ApiError(StatusCode, ErrorBody);
 
 impl IntoResponse for ApiError {
@@ -311,21 +287,6 @@ async fn with_core<T: Send + 'static>(
     .map_err(ApiError::from)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Info {
-    pub version: String,
-    pub pin_root: PathBuf,
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub config: Option<PathBuf>,
-    pub policy_version: u64,
-    pub base_source: String,
-    pub runtime_changes: usize,
-    /// A change an agent crash interrupted, finished or undone at start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recovered: Option<String>,
-}
-
 async fn info(State(core): State<Shared>) -> Result<Json<Info>, ApiError> {
     with_core(&core, |c| {
         Ok(Info {
@@ -365,23 +326,6 @@ async fn get_stats(
     .map(Json)
 }
 
-/// `GET /v1/events`: the dataplane's event counters (`STATS`: SYN
-/// challenges, verified sources, capped source buckets, escalation and flow
-/// records written or lost, ...) and the agent's own DDoS figures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventsBody {
-    /// Summed over CPUs, by name (`sluice_common::stat::NAMES`).
-    pub dataplane: std::collections::BTreeMap<String, u64>,
-    /// Sources the agent denied for a while because they stayed over a
-    /// per-source limit (since the agent started).
-    pub escalated_sources: u64,
-    /// Temporary deny entries removed when their time was up (since the
-    /// agent started).
-    pub deny_expirations: u64,
-    /// Temporary deny entries in force now.
-    pub temporary_denies: usize,
-}
-
 async fn get_events(State(core): State<Shared>) -> Result<Json<EventsBody>, ApiError> {
     with_core(&core, |c| {
         let dataplane = crate::dataplane::runtime::named_stats(&c.root)?
@@ -409,12 +353,6 @@ fn list_kind(kind: &str) -> Result<bool, ApiError> {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ListBody {
-    pub list: String,
-    pub entries: Vec<crate::dataplane::ListEntry>,
-}
-
 async fn get_list(
     State(core): State<Shared>,
     Path(kind): Path<String>,
@@ -430,8 +368,9 @@ async fn get_list(
         } else {
             (sluice_common::ListId::DenyV4, sluice_common::ListId::DenyV6)
         };
-        let mut entries = maps.list_entries(v4)?;
-        entries.extend(maps.list_entries(v6)?);
+        let mut entries: Vec<ListedEntry> =
+            maps.list_entries(v4)?.into_iter().map(Into::into).collect();
+        entries.extend(maps.list_entries(v6)?.into_iter().map(ListedEntry::from));
         if !allow {
             for e in &mut entries {
                 e.temporary = c.desired.temp_deny.get(&e.prefix).cloned();
@@ -444,18 +383,6 @@ async fn get_list(
     })
     .await
     .map(Json)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrefixesBody {
-    pub prefixes: Vec<IpNet>,
-    /// Deny add only: remove the entries after this many seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u64>,
-    /// Why (shown by `deny list`); with `ttl_secs`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
 }
 
 async fn list_change(
@@ -485,7 +412,7 @@ async fn list_change(
     }
     if matches!(verb.as_str(), "replace" | "flush") {
         for n in &body.prefixes {
-            crate::policy::exact_prefix(n).map_err(bad_request)?;
+            crate::model::policy::exact_prefix(n).map_err(bad_request)?;
         }
         let new: std::collections::BTreeSet<IpNet> =
             body.prefixes.iter().map(IpNet::trunc).collect();
@@ -545,7 +472,7 @@ async fn list_change(
             Op::DenyFor {
                 prefixes: body.prefixes,
                 reason: body.reason.unwrap_or_else(|| format!("added by {who}")),
-                expires_unix: super::ddos::unix_now() + ttl,
+                expires_unix: crate::api::time::unix_now() + ttl,
             }
         }
         "add" => Op::ListAdd {
@@ -567,14 +494,13 @@ async fn list_change(
         .map(Json)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RulesBody {
-    pub rules: Vec<RuleRow>,
-}
-
 fn rule_rows(c: &Core) -> Result<Vec<RuleRow>, AgentError> {
     let maps = PolicyMaps::open(&c.root)?;
-    Ok(maps.rules()?.iter().map(RuleRow::from_view).collect())
+    Ok(maps
+        .rules()?
+        .iter()
+        .map(crate::engine::policy::rule_row)
+        .collect())
 }
 
 async fn get_rules(State(core): State<Shared>) -> Result<Json<RulesBody>, ApiError> {
@@ -585,21 +511,6 @@ async fn get_rules(State(core): State<Shared>) -> Result<Json<RulesBody>, ApiErr
     })
     .await
     .map(Json)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleAddBody {
-    pub rule: RuleSpec,
-    pub at: Option<usize>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RuleAdded {
-    #[serde(flatten)]
-    pub applied: Applied,
-    pub rule_id: u32,
-    pub position: usize,
 }
 
 async fn add_rule(
@@ -650,12 +561,6 @@ async fn del_rule(
     .map(Json)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleDelBody {
-    pub ids: Vec<u32>,
-}
-
 /// Deletes several rules in one change (all or none).
 async fn del_rules(
     State(core): State<Shared>,
@@ -682,15 +587,6 @@ async fn del_rules(
     })
     .await
     .map(Json)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SettingsBody {
-    pub default: Option<Action>,
-    pub malformed: Option<Action>,
-    #[serde(default)]
-    pub audit: Option<bool>,
 }
 
 async fn put_settings(
@@ -720,30 +616,17 @@ async fn put_settings(
         .map(Json)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileBody {
-    pub path: PathBuf,
-    pub text: String,
-}
-
-/// Limits the API applies, fixed when the agent starts.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// `[agent] file_size_limit`: the largest list file a config may name.
-    pub file_size_limit: u64,
-}
-
 /// Parses a config the caller sent, reading the list files it names,
 /// outside the agent's lock (a slow or huge file never holds up the agent).
 async fn parse_sent(
     limits: Limits,
     body: FileBody,
-) -> Result<(PathBuf, crate::policy::config::Config, String), ApiError> {
+) -> Result<(PathBuf, crate::model::policy::config::Config, String), ApiError> {
     let FileBody { path, text } = body;
     tokio::task::spawn_blocking(move || {
-        let cfg = crate::policy::config::parse_with(&path, &text, Some(limits.file_size_limit))
-            .map_err(|e| ApiError::from(AgentError::Config(e)))?;
+        let cfg =
+            crate::model::policy::config::parse_with(&path, &text, Some(limits.file_size_limit))
+                .map_err(|e| ApiError::from(AgentError::Config(e)))?;
         let hash = super::store::content_hash(&text);
         Ok((path, cfg, hash))
     })
@@ -776,13 +659,6 @@ async fn diff_policy(
         .map(Json)
 }
 
-/// `GET /v1/policy`: the desired state the agent enforces, with its version.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DesiredBody {
-    pub version: u64,
-    pub desired: crate::policy::Desired,
-}
-
 async fn get_policy(State(core): State<Shared>) -> Result<Json<DesiredBody>, ApiError> {
     with_core(&core, |c| {
         Ok(DesiredBody {
@@ -792,29 +668,6 @@ async fn get_policy(State(core): State<Shared>) -> Result<Json<DesiredBody>, Api
     })
     .await
     .map(Json)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    pub version: u64,
-    pub time: u64,
-    pub author: String,
-    pub cause: String,
-    pub deny: usize,
-    pub allow: usize,
-    pub rules: usize,
-    pub default: Action,
-    pub malformed: Action,
-    pub current: bool,
-    /// The request that made it (the CLI sends one per command).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
-    /// List entries, rules and settings this version changed.
-    #[serde(default)]
-    pub changes: usize,
-    /// Load-balanced services in this version.
-    #[serde(default)]
-    pub services: usize,
 }
 
 async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
@@ -828,19 +681,6 @@ async fn history(State(core): State<Shared>) -> Result<Json<Vec<HistoryEntry>>, 
     })
     .await
     .map(Json)
-}
-
-/// `GET /v1/history/{version}`: one version and what it changed.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VersionDetail {
-    #[serde(flatten)]
-    pub entry: HistoryEntry,
-    /// Lists, rules and settings it changed.
-    pub diff: policy::PolicyDiff,
-    /// Temporary deny entries added, changed or removed.
-    pub temporary_changes: usize,
-    pub services_changed: bool,
-    pub interfaces_changed: bool,
 }
 
 fn history_entry(v: &super::store::Version, current: u64) -> HistoryEntry {
@@ -917,12 +757,6 @@ async fn history_diff(
     .map(Json)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackBody {
-    pub version: Option<u64>,
-}
-
 async fn rollback(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -933,13 +767,6 @@ async fn rollback(
     with_core(&core, move |c| c.rollback(body.version, &ctx))
         .await
         .map(Json)
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DetachBody {
-    pub name: String,
-    pub netns: Option<String>,
 }
 
 async fn attach_iface(
@@ -977,17 +804,8 @@ async fn detach_iface(
 }
 
 /// `GET /v1/lb`: services, backends, health, counters.
-async fn get_lb(State(core): State<Shared>) -> Result<Json<super::lb::LbView>, ApiError> {
-    with_core(&core, |c| {
-        Ok(super::lb::view(
-            &c.root,
-            Some(&c.desired.services),
-            c.checker.as_deref(),
-            super::lb::default_probe_netns(&c.desired.interfaces).as_deref(),
-        )?)
-    })
-    .await
-    .map(Json)
+async fn get_lb(State(core): State<Shared>) -> Result<Json<LbView>, ApiError> {
+    with_core(&core, |c| Ok(c.lb_view()?)).await.map(Json)
 }
 
 /// `POST /v1/lb/change`: one change to the services.
@@ -995,7 +813,7 @@ async fn lb_change(
     State(core): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
-    ApiJson(change): ApiJson<crate::lb::LbOp>,
+    ApiJson(change): ApiJson<crate::model::lb::LbOp>,
 ) -> Result<Json<Applied>, ApiError> {
     let ctx = ctx(&peer, &headers);
     with_core(&core, move |c| c.change(vec![Op::Lb { change }], &ctx))
@@ -1010,14 +828,14 @@ type FlowsExt = axum::Extension<Arc<super::flows::Flows>>;
 /// ones (NDJSON).
 async fn get_flows(
     axum::Extension(flows): FlowsExt,
-    Query(q): Query<super::flows::FlowsQuery>,
+    Query(q): Query<crate::api::flows::FlowsQuery>,
 ) -> Result<Response, ApiError> {
-    let bad = |e: super::flows::FilterError| bad_request(e.to_string());
-    if super::flows::parse_bool(q.follow.as_deref()).map_err(bad)? {
+    let bad = |e: crate::api::flows::FilterError| bad_request(e.to_string());
+    if crate::api::flows::parse_bool(q.follow.as_deref()).map_err(bad)? {
         if q.limit.is_some() {
             return Err(bad_request("limit does not apply to follow"));
         }
-        let filter = super::flows::Filter::parse(&q).map_err(bad)?;
+        let filter = crate::api::flows::Filter::parse(&q).map_err(bad)?;
         return Ok((
             [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
             flows.follow(filter),
@@ -1029,8 +847,8 @@ async fn get_flows(
 
 async fn get_flows_top(
     axum::Extension(flows): FlowsExt,
-    Query(q): Query<super::flows::FlowsQuery>,
-) -> Result<Json<super::flows::TopReport>, ApiError> {
+    Query(q): Query<crate::api::flows::FlowsQuery>,
+) -> Result<Json<crate::api::flows::TopReport>, ApiError> {
     tokio::task::spawn_blocking(move || flows.query_top(&q))
         .await
         .map_err(internal)?
@@ -1040,7 +858,7 @@ async fn get_flows_top(
 
 async fn get_flows_stats(
     axum::Extension(flows): FlowsExt,
-) -> Result<Json<super::flows::FlowStats>, ApiError> {
+) -> Result<Json<crate::api::flows::FlowStats>, ApiError> {
     tokio::task::spawn_blocking(move || flows.stats())
         .await
         .map(Json)

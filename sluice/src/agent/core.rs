@@ -15,17 +15,45 @@ use tracing::{error, info, warn};
 
 use super::store::{self, Pending, Record, State, Step, Store, StoreError, Summary, Version};
 use crate::{
+    api::{Applied, ReconcileReport},
     dataplane::{
         self, DataplaneError, PinRoot, PolicyMaps, attach, integrity,
         lockfile::{LockError, OwnerLock},
     },
-    policy::{
+    model::policy::{
         self, Delta, Desired, Op, Policy, PolicyDiff,
         config::{self, AgentSettings, ConfigErrors},
         delta::fingerprint,
-        pinned_policy,
     },
 };
+
+/// Metrics that live as long as the agent (the rest is read per scrape).
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub apply_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The flow reader, once it runs.
+    pub flows: Option<std::sync::Arc<super::flows::Flows>>,
+    /// Sources put on the deny list by escalation.
+    pub escalations: prometheus_client::metrics::counter::Counter,
+    /// Temporary deny entries expired.
+    pub expirations: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            apply_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+            ),
+            flows: None,
+            escalations: prometheus_client::metrics::counter::Counter::default(),
+            expirations: prometheus_client::metrics::counter::Counter::default(),
+        }
+    }
+}
+
+/// The agent's state as its tasks and the API server share it.
+pub type Shared = std::sync::Arc<std::sync::Mutex<Core>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -60,7 +88,7 @@ pub enum AgentError {
     )]
     HistoryMismatch { version: u64 },
     #[error(transparent)]
-    Lb(#[from] dataplane::lb::LbError),
+    Lb(#[from] crate::engine::lb::ApplyError),
     #[error(
         "pin root {root} is owned by {owner}; one agent per pin root (stop it, or give this \
          agent another [agent] pin_root)"
@@ -105,32 +133,13 @@ impl AgentError {
 }
 
 /// A backend of a service, as health checks and `down` sets name it.
-pub type MemberKey = (crate::lb::ServiceId, crate::lb::BackendAddr);
-
-/// What one reconcile did.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct ReconcileReport {
-    pub attached: Vec<String>,
-    pub detached: Vec<String>,
-    /// Interfaces that could not be attached (retried later).
-    #[serde(default)]
-    pub failed: Vec<String>,
-    /// Entries, rules and settings that had to change in the maps.
-    pub changes: usize,
-    pub millis: f64,
-    /// Map pins put back to the maps the attached programs read.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub repaired_pins: Vec<String>,
-    /// What the load balancer's maps took, when the change touched them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lb: Option<dataplane::lb::ApplyReport>,
-}
+pub use crate::model::lb::MemberKey;
 
 /// What must keep working after a change: the caller's own session, and the
 /// agent's listeners. `force` skips the check.
 #[derive(Debug, Clone, Default)]
 pub struct Safety {
-    pub session: Option<crate::policy::eval::Probe>,
+    pub session: Option<crate::model::policy::eval::Probe>,
     pub force: bool,
 }
 
@@ -156,20 +165,6 @@ impl Ctx {
             retry_interfaces: false,
         }
     }
-}
-
-/// The result of a change through the agent.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Applied {
-    pub version: u64,
-    pub diff: PolicyDiff,
-    pub reconcile: ReconcileReport,
-    /// Nothing would have changed (every prefix already there, a setting
-    /// already in force): no version was made; `version` is the current one.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub unchanged: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
 }
 
 /// A change computed on the desired state but not yet final.
@@ -201,7 +196,7 @@ pub struct Core {
     pub integrity_problems: usize,
     /// Changes a crash interrupted that were finished or undone on start.
     pub recovered: Option<String>,
-    pub metrics: super::metrics::AgentMetrics,
+    pub metrics: AgentMetrics,
     /// Hash of a config file version the agent refused (not retried).
     refused_hash: Option<String>,
     /// `[ddos]` settings of the config file; kept in the kernel by the DDoS task.
@@ -213,14 +208,14 @@ pub struct Core {
     /// The health checker (status for the API and metrics).
     pub checker: Option<std::sync::Arc<super::health::Checker<MemberKey>>>,
     /// What the LB maps were last made to match (skip identical re-applies).
-    lb_applied: Option<(Vec<crate::lb::ServiceSpec>, Vec<MemberKey>)>,
+    lb_applied: Option<(Vec<crate::model::lb::ServiceSpec>, Vec<MemberKey>)>,
     /// `[lb] connections` value already warned about (pinned size differs).
     lb_size_warned: Option<u32>,
     /// Held while the agent runs: one owner per pin root.
     _owner: OwnerLock,
 }
 
-fn iface_label(i: &crate::policy::Interface) -> String {
+fn iface_label(i: &crate::model::policy::Interface) -> String {
     format!("{}:{}", i.netns.as_deref().unwrap_or("host"), i.name)
 }
 
@@ -268,7 +263,14 @@ impl Core {
         let desired = state.replay();
         let fingerprint = fingerprint(&desired.policy);
         let mut core = Self {
-            root: PinRoot::new(&settings.pin_root),
+            // The connection table is sized when the dataplane is first created.
+            root: PinRoot::new(&settings.pin_root).with_conn_capacity(
+                config
+                    .as_ref()
+                    .map_or(sluice_common::lb::CONN_CAPACITY, |(_, c, _)| {
+                        c.lb.connections
+                    }),
+            ),
             settings,
             config_path: config.as_ref().map(|(p, _, _)| p.clone()),
             store,
@@ -281,7 +283,7 @@ impl Core {
             integrity_repairs: 0,
             integrity_problems: 0,
             recovered: None,
-            metrics: super::metrics::AgentMetrics::default(),
+            metrics: AgentMetrics::default(),
             refused_hash: None,
             ddos: config::DdosSettings::default(),
             lb: config::LbSettings::default(),
@@ -342,7 +344,9 @@ impl Core {
                 // without an agent): the config replaces it; say so.
                 let pinned = PolicyMaps::open(&core.root)
                     .map_err(AgentError::from)
-                    .and_then(|m| pinned_policy(&m).map_err(AgentError::from));
+                    .and_then(|m| {
+                        crate::engine::policy::pinned_policy(&m).map_err(AgentError::from)
+                    });
                 if let Ok(pinned) = pinned
                     && pinned != Policy::default()
                     && pinned != cfg.desired.policy
@@ -430,7 +434,7 @@ impl Core {
         let kernel = if self.root.is_set_up() {
             let mut maps = PolicyMaps::open(&self.root)?;
             maps.repair()?;
-            Some(pinned_policy(&maps)?)
+            Some(crate::engine::policy::pinned_policy(&maps)?)
         } else {
             None
         };
@@ -480,7 +484,7 @@ impl Core {
             ),
             Step::Base { base, .. } => {
                 let mut next = base.clone();
-                for op in &crate::policy::overlay_for_base(base, &self.state.overlay) {
+                for op in &crate::model::policy::overlay_for_base(base, &self.state.overlay) {
                     let _ = op.apply(&mut next, false);
                 }
                 let delta = Delta::between(&self.desired, &next);
@@ -523,7 +527,8 @@ impl Core {
                 hash,
                 config_hash,
             } => {
-                self.state.overlay = crate::policy::overlay_for_base(base, &self.state.overlay);
+                self.state.overlay =
+                    crate::model::policy::overlay_for_base(base, &self.state.overlay);
                 self.state.base = base.clone();
                 self.state.base_source.clone_from(source);
                 self.state.base_hash.clone_from(hash);
@@ -621,12 +626,13 @@ impl Core {
             let repaired = maps.repair()?;
             let current = match read {
                 Some((v, p)) if v == self.state.current_version() && !repaired => p,
-                _ => pinned_policy(&maps)?,
+                _ => crate::engine::policy::pinned_policy(&maps)?,
             };
             if current != self.desired.policy {
                 let delta = Delta::between_policies(&current, &self.desired.policy);
                 report.changes = delta.size();
-                let change = policy::change_for(&maps, &delta, &self.desired.policy)?;
+                let change =
+                    crate::engine::policy::change_for(&maps, &delta, &self.desired.policy)?;
                 let r = maps.commit(change.clone())?;
                 if let Some(why) = r.resync_pending {
                     warn!(why = %why, "the standby generation could not be brought up to date; retried at the next change");
@@ -741,7 +747,7 @@ impl Core {
         if self.root.is_set_up() {
             if !delta.policy_is_empty() {
                 let mut maps = PolicyMaps::open(&self.root)?;
-                let change = policy::change_for(&maps, delta, &self.desired.policy)?;
+                let change = crate::engine::policy::change_for(&maps, delta, &self.desired.policy)?;
                 let r = maps.commit(change.clone())?;
                 if let Some(why) = r.resync_pending {
                     warn!(why = %why, "the change is in force; the standby generation could not be brought up to date (retried at the next change)");
@@ -785,12 +791,12 @@ impl Core {
     pub fn reconcile_lb(
         &mut self,
         force: bool,
-    ) -> Result<Option<dataplane::lb::ApplyReport>, AgentError> {
+    ) -> Result<Option<crate::engine::lb::ApplyReport>, AgentError> {
         if !self.root.is_set_up() {
             return Ok(None);
         }
         let cfg = dataplane::lb::config(&self.root)?;
-        let (interval, tolerance) = dataplane::runtime::gcra(
+        let (interval, tolerance) = sluice_common::settings::gcra(
             self.lb.new_connections_per_second,
             self.lb.new_connections_burst,
         );
@@ -819,7 +825,7 @@ impl Core {
             );
             self.lb_size_warned = Some(self.lb.connections);
         }
-        let specs: Vec<crate::lb::ServiceSpec> = self
+        let specs: Vec<crate::model::lb::ServiceSpec> = self
             .desired
             .services
             .iter()
@@ -837,7 +843,7 @@ impl Core {
         if !force && self.lb_applied.as_ref() == Some(&key) {
             return Ok(None);
         }
-        let r = dataplane::lb::apply(&self.root, &key.0, &self.health_down)?;
+        let r = crate::engine::lb::apply(&self.root, &key.0, &self.health_down)?;
         if r.tables_rebuilt + r.backends_written + r.backends_freed + r.services_removed > 0 {
             info!(
                 services_added = r.services_added,
@@ -879,7 +885,8 @@ impl Core {
             });
         }
         let policy = &self.desired.policy;
-        let mut probes: Vec<crate::policy::eval::Probe> = safety.session.iter().cloned().collect();
+        let mut probes: Vec<crate::model::policy::eval::Probe> =
+            safety.session.iter().cloned().collect();
         if let Some(addr) = self.settings.metrics
             && !addr.ip().is_loopback()
         {
@@ -889,7 +896,7 @@ impl Core {
             } else {
                 "2001:db8::1".parse().expect("valid address")
             };
-            probes.push(crate::policy::eval::Probe {
+            probes.push(crate::model::policy::eval::Probe {
                 what: "the agent's metrics endpoint".into(),
                 src,
                 dst: addr.ip(),
@@ -898,7 +905,7 @@ impl Core {
             });
         }
         for p in probes {
-            let (verdict, _, why) = crate::policy::eval::judge(policy, &p);
+            let (verdict, _, why) = crate::model::policy::eval::judge(policy, &p);
             if verdict == sluice_common::Verdict::Drop {
                 return Err(AgentError::LockOut {
                     probe: p.to_string(),
@@ -1044,7 +1051,7 @@ impl Core {
 
     /// Folds the journal into a new snapshot (the overlay compacted first).
     fn snapshot(&mut self) -> Result<(), AgentError> {
-        let compact = crate::policy::compact_overlay(&self.state.base, &self.state.overlay);
+        let compact = crate::model::policy::compact_overlay(&self.state.base, &self.state.overlay);
         if compact != self.state.overlay {
             self.state.overlay = compact;
         }
@@ -1212,8 +1219,24 @@ impl Core {
         self.store.sizes()
     }
 
+    /// The LB as `sluice lb list` shows it, with the checker's last errors.
+    pub fn lb_view(&self) -> Result<crate::engine::lb_view::LbView, DataplaneError> {
+        let last_error = |k: &MemberKey| {
+            self.checker
+                .as_ref()
+                .and_then(|ch| ch.status_of(k))
+                .and_then(|st| st.last_error)
+        };
+        crate::engine::lb_view::view(
+            &self.root,
+            Some(&self.desired.services),
+            &last_error,
+            crate::engine::lb_view::default_probe_netns(&self.desired.interfaces).as_deref(),
+        )
+    }
+
     pub fn dataplane_status(&self) -> Result<dataplane::Status, AgentError> {
-        Ok(attach::status(&self.root)?)
+        Ok(crate::engine::status(&self.root)?)
     }
 }
 
@@ -1221,5 +1244,5 @@ impl Core {
 /// read without the agent's lock, for [`Core::check_drift`].
 pub fn read_back(root: &PinRoot) -> Result<Policy, AgentError> {
     let maps = PolicyMaps::open(root)?;
-    Ok(pinned_policy(&maps)?)
+    Ok(crate::engine::policy::pinned_policy(&maps)?)
 }

@@ -4,27 +4,18 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use ipnet::IpNet;
 use sluice_common::{Escalation, map_names};
 use tracing::{info, warn};
 
-use super::{
-    api::Shared,
-    core::{Core, Ctx, Safety},
-};
-use crate::{dataplane::runtime, policy::Op};
+use super::core::{Core, Ctx, Safety, Shared};
+use crate::{api::time::unix_now, dataplane::runtime, model::policy::Op};
 
 /// Who temporary entries are recorded as in history.
 pub const AUTHOR: &str = "sluice-agent";
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// The prefix an escalation report names, or `None` for a malformed report.
 pub fn prefix_of(e: &Escalation) -> Option<IpNet> {

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -14,32 +14,24 @@ use std::{
 };
 
 use axum::body::Bytes;
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
-use sluice_common::{Family, FlowConfig, FlowRecord, L4, Reason, Verdict, stat};
+use sluice_common::{Family, FlowConfig, FlowRecord, L4, stat};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::{info, warn};
 
 use crate::{
+    api::{flows::*, time::rfc3339},
     dataplane::{
         self, PinRoot, attach,
         flows::{FlowRing, ring_identity},
         runtime,
     },
-    policy::config::FlowSettings,
+    model::policy::config::FlowSettings,
 };
 
-/// Newest records kept for `GET /v1/flows`.
-pub const RECENT_CAPACITY: usize = 10_000;
 /// Flows totalled for `GET /v1/flows/top`; past it the least recently seen goes.
 pub const FLOW_CAPACITY: usize = 65_536;
 /// Records a follower may fall behind before it loses some.
 pub const FOLLOW_BUFFER: usize = 4096;
-/// Records shown when no limit is given.
-pub const DEFAULT_LIMIT: usize = 100;
-/// Rows of each top table when no limit is given, and the most allowed.
-pub const DEFAULT_TOP: usize = 10;
-pub const MAX_TOP: usize = 1000;
 /// Records taken from the ring before other tasks get a turn.
 const BATCH: usize = 4096;
 /// How often the reader checks the ring, the kernel's sampling settings and
@@ -48,417 +40,10 @@ const TICK: Duration = Duration::from_millis(500);
 /// Interface names are refreshed every this many ticks.
 const NAME_TICKS: u32 = 4;
 
-const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-
-fn verdict_names() -> String {
-    Verdict::ALL.map(Verdict::name).join(", ")
-}
-
-fn reason_names() -> String {
-    Reason::ALL.map(Reason::name).join(", ")
-}
-
-/// A bad query or filter (API and CLI say the same).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FilterError {
-    #[error("unknown verdict '{value}' (valid: {})", verdict_names())]
-    Verdict { value: String },
-    #[error("unknown reason '{value}' (valid: {})", reason_names())]
-    Reason { value: String },
-    #[error("'{value}' is not a CIDR or an address (e.g. 198.18.0.0/24, 2001:2::/48, 198.18.0.7)")]
-    Prefix { value: String },
-    #[error("'{value}' is not a port (0-65535)")]
-    Port { value: String },
-    #[error("'{value}' is not a limit (1-{max})")]
-    Limit { value: String, max: usize },
-    #[error("unknown ranking '{value}' (valid: packets, bytes)")]
-    By { value: String },
-    #[error("'{value}' is not true or false")]
-    Bool { value: String },
-    #[error("{what} does not apply to the top flows (their totals cover every reason)")]
-    NotForTop { what: &'static str },
-}
-
-pub fn parse_verdict(s: &str) -> Result<Verdict, FilterError> {
-    Verdict::ALL
-        .into_iter()
-        .find(|v| v.name() == s)
-        .ok_or_else(|| FilterError::Verdict { value: s.into() })
-}
-
-pub fn parse_reason(s: &str) -> Result<Reason, FilterError> {
-    Reason::ALL
-        .into_iter()
-        .find(|r| r.name() == s)
-        .ok_or_else(|| FilterError::Reason { value: s.into() })
-}
-
-pub fn parse_cidr(s: &str) -> Result<IpNet, FilterError> {
-    crate::policy::parse_prefix_lenient(s).map_err(|_| FilterError::Prefix { value: s.into() })
-}
-
-pub fn parse_port(s: &str) -> Result<u16, FilterError> {
-    s.trim()
-        .parse()
-        .map_err(|_| FilterError::Port { value: s.into() })
-}
-
-pub fn parse_limit(s: Option<&str>, default: usize, max: usize) -> Result<usize, FilterError> {
-    let Some(s) = s else { return Ok(default) };
-    match s.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(FilterError::Limit {
-            value: s.into(),
-            max,
-        }),
-    }
-}
-
-pub fn parse_bool(s: Option<&str>) -> Result<bool, FilterError> {
-    match s {
-        None | Some("false" | "0") => Ok(false),
-        Some("true" | "1" | "") => Ok(true),
-        Some(other) => Err(FilterError::Bool {
-            value: other.into(),
-        }),
-    }
-}
-
-/// What to rank top flows, sources and destinations by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum By {
-    Packets,
-    Bytes,
-}
-
-impl By {
-    pub fn parse(s: Option<&str>) -> Result<Self, FilterError> {
-        match s {
-            None | Some("packets") => Ok(Self::Packets),
-            Some("bytes") => Ok(Self::Bytes),
-            Some(other) => Err(FilterError::By {
-                value: other.into(),
-            }),
-        }
-    }
-
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Packets => "packets",
-            Self::Bytes => "bytes",
-        }
-    }
-}
-
-/// Query parameters of `GET /v1/flows` and `GET /v1/flows/top`, as given
-/// (validated by [`Filter::parse`] and friends so both ends word errors alike).
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct FlowsQuery {
-    pub verdict: Option<String>,
-    pub reason: Option<String>,
-    pub src: Option<String>,
-    pub dst: Option<String>,
-    pub port: Option<String>,
-    pub limit: Option<String>,
-    pub follow: Option<String>,
-    pub by: Option<String>,
-}
-
-impl FlowsQuery {
-    /// `?k=v&...` for the set parameters (values are expected to be valid
-    /// already: verdict and reason names, CIDRs, numbers).
-    #[must_use]
-    pub fn to_query(&self) -> String {
-        let pairs = [
-            ("verdict", &self.verdict),
-            ("reason", &self.reason),
-            ("src", &self.src),
-            ("dst", &self.dst),
-            ("port", &self.port),
-            ("limit", &self.limit),
-            ("follow", &self.follow),
-            ("by", &self.by),
-        ];
-        let s: Vec<String> = pairs
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
-            .collect();
-        if s.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", s.join("&"))
-        }
-    }
-}
-
-/// Percent-encodes what may not stand in a query value.
-fn encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Which records (or flows) a query wants. Every condition given must hold.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Filter {
-    pub verdict: Option<Verdict>,
-    pub reason: Option<Reason>,
-    pub src: Option<IpNet>,
-    pub dst: Option<IpNet>,
-    /// Source or destination port.
-    pub port: Option<u16>,
-}
-
-impl Filter {
-    pub fn parse(q: &FlowsQuery) -> Result<Self, FilterError> {
-        Ok(Self {
-            verdict: q.verdict.as_deref().map(parse_verdict).transpose()?,
-            reason: q.reason.as_deref().map(parse_reason).transpose()?,
-            src: q.src.as_deref().map(parse_cidr).transpose()?,
-            dst: q.dst.as_deref().map(parse_cidr).transpose()?,
-            port: q.port.as_deref().map(parse_port).transpose()?,
-        })
-    }
-
-    fn matches(&self, r: &FlowRecord) -> bool {
-        if self.verdict.is_some_and(|v| v as u8 != r.verdict)
-            || self.reason.is_some_and(|x| x as u8 != r.reason)
-        {
-            return false;
-        }
-        self.matches_tuple(addrs(r), ports(r))
-    }
-
-    fn matches_tuple(&self, addrs: Option<(IpAddr, IpAddr)>, ports: Option<(u16, u16)>) -> bool {
-        if self.src.is_some() || self.dst.is_some() {
-            let Some((s, d)) = addrs else { return false };
-            if self.src.is_some_and(|n| !n.contains(&s))
-                || self.dst.is_some_and(|n| !n.contains(&d))
-            {
-                return false;
-            }
-        }
-        match (self.port, ports) {
-            (None, _) => true,
-            (Some(p), Some((s, d))) => p == s || p == d,
-            (Some(_), None) => false,
-        }
-    }
-}
-
-fn has_addrs(r: &FlowRecord) -> bool {
-    r.reason != Reason::Malformed as u8
-        && (r.family == Family::V4 as u8 || r.family == Family::V6 as u8)
-}
-
-fn addr_of(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == Family::V4 as u8 {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    }
-}
-
-/// Source and destination, for IP packets that parsed.
-fn addrs(r: &FlowRecord) -> Option<(IpAddr, IpAddr)> {
-    has_addrs(r).then(|| (addr_of(r.family, &r.src), addr_of(r.family, &r.dst)))
-}
-
-/// Source and destination port, for TCP and UDP (not later fragments).
-fn ports(r: &FlowRecord) -> Option<(u16, u16)> {
-    (has_addrs(r) && (r.l4 == L4::Tcp as u8 || r.l4 == L4::Udp as u8)).then_some((r.sport, r.dport))
-}
-
-fn name_of<T: Copy>(all: &[T], v: u8, name: fn(T) -> &'static str) -> String {
-    all.get(usize::from(v))
-        .map_or_else(|| format!("unknown-{v}"), |x| name(*x).to_string())
-}
-
-fn verdict_name(v: u8) -> String {
-    name_of(&Verdict::ALL, v, Verdict::name)
-}
-
-fn reason_name(v: u8) -> String {
-    name_of(&Reason::ALL, v, Reason::name)
-}
-
-fn family_name(v: u8) -> String {
-    name_of(&Family::ALL, v, Family::name)
-}
-
-fn l4_name(v: u8) -> String {
-    name_of(&L4::ALL, v, L4::name)
-}
-
-#[must_use]
-pub fn tcp_flag_names(flags: u8) -> Vec<String> {
-    TCP_FLAG_NAMES
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| flags & (1 << i) != 0)
-        .map(|(_, n)| (*n).to_string())
-        .collect()
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from Unix nanoseconds.
-#[must_use]
-pub fn rfc3339(unix_ns: u64) -> String {
-    let secs = unix_ns / 1_000_000_000;
-    let micros = (unix_ns % 1_000_000_000) / 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 fn clock_ns(clock: nix::time::ClockId) -> i128 {
     nix::time::clock_gettime(clock).map_or(0, |ts| {
         i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
     })
-}
-
-/// One record as the reader took it from the ring.
-#[derive(Debug, Clone)]
-pub struct FlowEvent {
-    /// The agent's record number, from 1.
-    pub seq: u64,
-    /// Wall-clock time, Unix nanoseconds.
-    pub time_ns: u64,
-    pub interface: Option<Arc<str>>,
-    /// Load-balanced: the backend and its state when the record was read.
-    pub backend: Option<BackendTag>,
-    pub rec: FlowRecord,
-}
-
-/// A backend as flow records name it: address and state (`active`,
-/// `draining`, or `down` when health checks failed it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendTag {
-    pub backend: Arc<str>,
-    pub state: &'static str,
-}
-
-/// A flow record as the API and `sluice flows --json` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowView {
-    pub seq: u64,
-    /// RFC 3339, UTC.
-    pub time: String,
-    pub time_ns: u64,
-    /// Interface name, when the index belongs to exactly one attachment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-    pub ifindex: u32,
-    /// `ipv4`, `ipv6` or `other`.
-    pub family: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub src: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sport: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dport: Option<u16>,
-    /// IP protocol number (0 when not IP).
-    pub proto: u8,
-    /// Transport class: tcp, udp, icmp, icmpv6, other, fragment, none.
-    pub protocol: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tcp_flags: Vec<String>,
-    pub verdict: String,
-    pub reason: String,
-    /// The rule that decided (reasons rule, rate-limit, syn-defence, map-full).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<u32>,
-    /// Prefix length of the list entry that matched (allow-list, deny-list).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefix_len: Option<u32>,
-    /// Frame length in bytes.
-    pub len: u32,
-    /// The record stands for 1 in `sample` packets.
-    pub sample: u32,
-    /// Load-balanced packets: the backend chosen.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
-    /// Its state then: active, draining, or down (health checks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_state: Option<String>,
-}
-
-impl FlowEvent {
-    #[must_use]
-    pub fn view(&self) -> FlowView {
-        let r = &self.rec;
-        let (src, dst) = addrs(r).unzip();
-        let (sport, dport) = ports(r).unzip();
-        let rule = [
-            Reason::Rule,
-            Reason::RateLimit,
-            Reason::SynDefence,
-            Reason::MapFull,
-        ]
-        .iter()
-        .any(|x| *x as u8 == r.reason)
-        .then_some(r.matched);
-        let prefix_len = [Reason::AllowList, Reason::DenyList]
-            .iter()
-            .any(|x| *x as u8 == r.reason)
-            .then_some(r.matched);
-        FlowView {
-            seq: self.seq,
-            time: rfc3339(self.time_ns),
-            time_ns: self.time_ns,
-            interface: self.interface.as_deref().map(str::to_string),
-            ifindex: r.ifindex,
-            family: family_name(r.family),
-            src,
-            dst,
-            sport,
-            dport,
-            proto: r.proto,
-            protocol: l4_name(r.l4),
-            tcp_flags: if r.l4 == L4::Tcp as u8 {
-                tcp_flag_names(r.tcp_flags)
-            } else {
-                Vec::new()
-            },
-            verdict: verdict_name(r.verdict),
-            reason: reason_name(r.reason),
-            rule,
-            prefix_len,
-            len: r.len,
-            sample: r.sample,
-            backend: self.backend.as_ref().map(|b| b.backend.to_string()),
-            backend_state: self.backend.as_ref().map(|b| b.state.to_string()),
-        }
-    }
-}
-
-/// `GET /v1/flows`: the newest matching records, oldest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FlowsBody {
-    pub records: Vec<FlowView>,
 }
 
 /// A flow: what the totals are kept by.
@@ -530,101 +115,6 @@ struct State {
     order: BTreeMap<u64, FlowKey>,
     evictions: u64,
     seq: u64,
-}
-
-/// `GET /v1/flows/top`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TopReport {
-    pub by: String,
-    /// Flows the agent holds totals for (at most `flow_capacity`).
-    pub flows_tracked: usize,
-    pub flow_capacity: usize,
-    pub flows: Vec<TopFlow>,
-    pub sources: Vec<TopAddr>,
-    pub destinations: Vec<TopAddr>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerdictPackets {
-    pub pass: u64,
-    pub drop: u64,
-    pub audit: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopFlow {
-    pub family: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub src: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<IpAddr>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sport: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dport: Option<u16>,
-    pub proto: u8,
-    pub protocol: String,
-    /// Packets and bytes (the records times their sampling rate).
-    pub packets: u64,
-    pub bytes: u64,
-    pub verdicts: VerdictPackets,
-    /// TCP flags seen in any of its records.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tcp_flags: Vec<String>,
-    pub records: u64,
-    /// Some records stood for more than one packet: the totals are estimates.
-    pub sampled: bool,
-    pub first_seen: String,
-    pub last_seen: String,
-    pub last_reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopAddr {
-    pub addr: IpAddr,
-    pub packets: u64,
-    pub bytes: u64,
-    pub flows: u64,
-}
-
-/// `GET /v1/flows/stats`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FlowStats {
-    /// The reader holds the ring (false while no dataplane is pinned).
-    pub reading: bool,
-    /// Records the agent read from the ring.
-    pub records_read: u64,
-    /// From the kernel's event counters: records written, and records lost
-    /// because the ring was full (reader too slow or away) or this CPU was
-    /// over `rate_cap`.
-    pub records_written: u64,
-    pub lost_ring_full: u64,
-    pub lost_rate_cap: u64,
-    pub flows_tracked: usize,
-    pub flow_capacity: usize,
-    /// Flows dropped from the table (least recently seen) to make room.
-    pub evictions: u64,
-    pub recent: usize,
-    pub recent_capacity: usize,
-    /// Clients following the stream, and records they lost by falling behind.
-    pub followers: usize,
-    pub follower_lost: u64,
-    /// The `[flows]` settings in force.
-    pub settings: FlowSettings,
-    /// The kernel's sampling settings match them (false until the
-    /// dataplane exists).
-    pub applied: bool,
-}
-
-/// Cheap counters for the metrics endpoint.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FlowCounters {
-    pub records_read: u64,
-    pub flows_tracked: usize,
-    pub evictions: u64,
-    pub follower_lost: u64,
 }
 
 /// The reader's shared state: the API, metrics and the reader task use it.
@@ -1035,7 +525,7 @@ impl Flows {
         axum::body::Body::new(ChannelBody(rx))
     }
 
-    fn set_backends(&self, services: &[dataplane::lb::ServiceState]) {
+    fn set_backends(&self, services: &[crate::engine::lb::ServiceState]) {
         let map = services
             .iter()
             .flat_map(|s| s.members.iter())
@@ -1112,7 +602,7 @@ struct Check {
     identity: Option<u64>,
     applied: Result<Option<bool>, dataplane::DataplaneError>,
     attachments: Option<Vec<attach::Attachment>>,
-    backends: Option<Vec<dataplane::lb::ServiceState>>,
+    backends: Option<Vec<crate::engine::lb::ServiceState>>,
 }
 
 /// Starts the reader task: it opens the ring when the dataplane exists,
@@ -1187,7 +677,7 @@ async fn check(
             .then(|| attach::status(&root).ok().map(|s| s.attachments))
             .flatten(),
         backends: (names && root.is_set_up())
-            .then(|| dataplane::lb::read(&root).ok())
+            .then(|| crate::engine::lb::read(&root).ok())
             .flatten(),
     })
     .await;
@@ -1231,37 +721,10 @@ async fn check(
     }
 }
 
-/// After a reload: the `[flows]` settings of the config file the agent
-/// took in (a file it refused changes nothing).
-pub async fn reload_settings(core: &super::api::Shared, flows: &Arc<Flows>) {
-    let core = core.clone();
-    let settings = tokio::task::spawn_blocking(move || {
-        let (path, hash, limit) = {
-            let c = core.lock().ok()?;
-            (
-                c.config_path.clone()?,
-                c.state.config_hash.clone(),
-                c.settings.file_size_limit,
-            )
-        };
-        let text = crate::policy::config::read(&path, limit).ok()?;
-        if super::store::content_hash(&text) != hash {
-            return None;
-        }
-        crate::policy::config::parse(&path, &text)
-            .ok()
-            .map(|c| c.flows)
-    })
-    .await
-    .ok()
-    .flatten();
-    if let Some(s) = settings {
-        flows.set_settings(s);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use sluice_common::{Reason, Verdict};
+
     use super::*;
 
     fn rec(src: [u8; 4], sport: u16, verdict: Verdict, reason: Reason, len: u32) -> FlowRecord {

@@ -5,10 +5,12 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
+use crate::model::lb::health::CheckSpec;
+
 use super::{
-    api::Shared,
     core::MemberKey,
-    health::{CheckSpec, Checker, Health},
+    core::Shared,
+    health::{Checker, Health},
 };
 
 /// The health-check targets the desired services name.
@@ -16,19 +18,10 @@ fn targets(core: &super::core::Core) -> Vec<(MemberKey, std::net::SocketAddr, Ch
     targets_of(&core.desired)
 }
 
-/// The namespace probes run in when a service names none: that of the
-/// interfaces the agent balances on, when they all share one (the backends
-/// are reached from there), else the agent's own.
-pub fn default_probe_netns(interfaces: &[crate::policy::Interface]) -> Option<String> {
-    let mut names = interfaces.iter().map(|i| i.netns.clone());
-    let first = names.next()?;
-    names.all(|n| n == first).then_some(first).flatten()
-}
-
 fn targets_of(
-    desired: &crate::policy::Desired,
+    desired: &crate::model::policy::Desired,
 ) -> Vec<(MemberKey, std::net::SocketAddr, CheckSpec)> {
-    let default_netns = default_probe_netns(&desired.interfaces);
+    let default_netns = crate::engine::lb_view::default_probe_netns(&desired.interfaces);
     let mut out = Vec::new();
     for s in &desired.services {
         let Some(h) = &s.health else {
@@ -94,154 +87,13 @@ pub async fn run(core: Shared) {
     }
 }
 
-/// One backend of a service as `sluice lb list` shows it.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BackendRow {
-    pub backend: String,
-    pub weight: u32,
-    /// `active`, `draining` (no new connections) or `down` (health checks).
-    pub state: String,
-    /// `up`, `down`, or `unchecked` (the service has no health check).
-    pub health: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_error: Option<String>,
-    /// Maglev table slots it holds (of 65,537).
-    pub table_slots: usize,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Connections balanced to it.
-    pub connections: u64,
-    /// Open connections in the connection table (no FIN/RST, not idle).
-    pub active: u64,
-}
-
-/// One service as `sluice lb list` shows it.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct ServiceRow {
-    pub service: String,
-    pub mode: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<String>,
-    pub packets: u64,
-    pub bytes: u64,
-    pub connections: u64,
-    pub backends: Vec<BackendRow>,
-}
-
-/// What `GET /v1/lb` returns.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct LbView {
-    pub services: Vec<ServiceRow>,
-    /// LB event counters (`conns_created`, `to_stack`, ...).
-    pub events: Vec<(String, u64)>,
-    /// Connection-table entries walked to count active connections.
-    pub connection_entries: u64,
-    /// The connection table's capacity.
-    #[serde(default)]
-    pub connection_capacity: u32,
-}
-
-fn describe_check(h: &crate::lb::HealthConf, default_netns: Option<&str>) -> String {
-    let what = match h.check {
-        crate::lb::CheckKind::Tcp => "tcp".to_string(),
-        crate::lb::CheckKind::Http => format!("http GET {} expect {}", h.path, h.expect),
-    };
-    format!(
-        "{what} every {}ms timeout {}ms rise {} fall {}{}",
-        h.interval_ms,
-        h.timeout_ms,
-        h.rise,
-        h.fall,
-        h.port.map(|p| format!(" port {p}")).unwrap_or_default()
-    ) + &h
-        .netns
-        .as_deref()
-        .or(default_netns)
-        .map(|n| format!(" from netns {n}"))
-        .unwrap_or_default()
-}
-
-/// The services as the kernel holds them, with counters, active
-/// connections and (given the agent's services and checker) health;
-/// `probe_netns`: where probes run when a service names no namespace.
-pub fn view(
-    root: &crate::dataplane::PinRoot,
-    services: Option<&[crate::lb::LbService]>,
-    checker: Option<&Checker<MemberKey>>,
-    probe_netns: Option<&str>,
-) -> Result<LbView, crate::dataplane::DataplaneError> {
-    use crate::dataplane::lb as maps;
-    let state = maps::read(root)?;
-    let svc_counters = maps::service_counters(root, state.iter().map(|s| s.slot))?;
-    let be_counters = maps::backend_counters(
-        root,
-        state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)),
-    )?;
-    let (active, walked) = maps::active_connections(root)?;
-    let mut out = LbView {
-        events: maps::stats(root)?
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v))
-            .collect(),
-        connection_entries: walked,
-        connection_capacity: maps::pinned_conn_capacity(root)?,
-        ..LbView::default()
-    };
-    for s in state {
-        let conf = services.and_then(|all| all.iter().find(|x| x.spec.id == s.id));
-        let check = conf.and_then(|c| c.health.as_ref());
-        let c = svc_counters.get(&s.slot).copied().unwrap_or_default();
-        let backends = s
-            .members
-            .iter()
-            .map(|m| {
-                let bc = be_counters.get(&m.slot).copied().unwrap_or_default();
-                let status = checker.and_then(|ch| ch.status_of(&(s.id, m.backend)));
-                let health = match (check, m.down) {
-                    (_, true) => "down",
-                    (Some(_), false) => "up",
-                    (None, false) => "unchecked",
-                };
-                BackendRow {
-                    backend: m.backend.to_string(),
-                    weight: m.weight,
-                    state: if m.down {
-                        "down"
-                    } else if m.draining {
-                        "draining"
-                    } else {
-                        "active"
-                    }
-                    .into(),
-                    health: health.into(),
-                    health_error: status.and_then(|st| st.last_error.filter(|_| m.down)),
-                    table_slots: m.table_slots,
-                    packets: bc.packets,
-                    bytes: bc.bytes,
-                    connections: bc.conns,
-                    active: active.get(&m.slot).copied().unwrap_or(0),
-                }
-            })
-            .collect();
-        out.services.push(ServiceRow {
-            service: s.id.to_string(),
-            mode: s.mode.name().into(),
-            health_check: check.map(|h| describe_check(h, probe_netns)),
-            packets: c.packets,
-            bytes: c.bytes,
-            connections: c.conns,
-            backends,
-        });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::lb_view::{default_probe_netns, describe_check};
     use crate::{
-        lb::{CheckKind, HealthConf},
-        policy::{Desired, Interface},
+        model::lb::{CheckKind, HealthConf},
+        model::policy::{Desired, Interface},
     };
 
     fn iface(name: &str, netns: Option<&str>) -> Interface {
@@ -267,7 +119,7 @@ mod tests {
         );
         assert_eq!(default_probe_netns(&[iface("a", None)]), None);
 
-        let cfg = crate::policy::config::parse(
+        let cfg = crate::model::policy::config::parse(
             std::path::Path::new("/etc/sluice/t.toml"),
             "[[interface]]\nname = \"veth0\"\nnetns = \"lb\"\n\n\
              [[service]]\nvip = \"198.18.0.10:80\"\nbackends = [\"198.18.1.2:8080\"]\n\

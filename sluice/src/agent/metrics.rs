@@ -7,40 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use sluice_common::{Family as IpFamily, L4, Reason, Verdict, counter_index};
 
-use super::core::Core;
+use super::core::{AgentMetrics, Core};
 use crate::dataplane::{PolicyMaps, attach};
 
 type Labels = Vec<(String, String)>;
-
-/// Metrics that live as long as the agent (the rest is read per scrape).
-#[derive(Clone)]
-pub struct AgentMetrics {
-    pub apply_seconds: Histogram,
-    /// The flow reader, once it runs.
-    pub flows: Option<std::sync::Arc<super::flows::Flows>>,
-    /// Sources put on the deny list by escalation.
-    pub escalations: Counter,
-    /// Temporary deny entries expired.
-    pub expirations: Counter,
-}
-
-impl Default for AgentMetrics {
-    fn default() -> Self {
-        Self {
-            apply_seconds: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
-            ),
-            flows: None,
-            escalations: Counter::default(),
-            expirations: Counter::default(),
-        }
-    }
-}
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -227,7 +202,7 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         if let Ok(rules) = maps.rules() {
             let packets: Family<Labels, Counter> = Family::default();
             for row in rules {
-                let spec = crate::policy::RuleSpec::from_rule(&row.rule).to_string();
+                let spec = crate::model::policy::RuleSpec::from_rule(&row.rule).to_string();
                 packets
                     .get_or_create(&labels(&[
                         ("id", &row.rule.id.to_string()),
@@ -251,12 +226,7 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
     if core.desired.services.is_empty() {
         return;
     }
-    let Ok(view) = super::lb::view(
-        &core.root,
-        Some(&core.desired.services),
-        core.checker.as_deref(),
-        super::lb::default_probe_netns(&core.desired.interfaces).as_deref(),
-    ) else {
+    let Ok(view) = core.lb_view() else {
         return;
     };
     let svc_packets: Family<Labels, Counter> = Family::default();

@@ -24,7 +24,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use self::core::{AgentError, Core};
-use crate::policy::config;
+use crate::model::policy::config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -144,10 +144,10 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             missing: missing.join(", "),
         });
     }
-    let text = config::read(&opts.config, crate::policy::files::DEFAULT_FILE_SIZE_LIMIT)
+    let text = config::read(&opts.config, crate::files::DEFAULT_FILE_SIZE_LIMIT)
         .map_err(AgentError::from)?;
     let cfg = config::parse(&opts.config, &text).map_err(AgentError::from)?;
-    let limits = api::Limits {
+    let limits = crate::api::Limits {
         file_size_limit: cfg.agent.file_size_limit,
     };
     let settings = cfg.agent.clone();
@@ -162,8 +162,6 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
             source,
         })?;
     let std_listener = bind_socket(&listener_path)?;
-    // The connection table is sized when the dataplane is first created.
-    crate::dataplane::lb::set_conn_capacity(cfg.lb.connections);
     let hash = store::content_hash(&text);
     let (ddos, lb) = (cfg.ddos, cfg.lb);
     let started = Core::start(settings, Some((opts.config.clone(), cfg, hash)));
@@ -202,7 +200,7 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         let mut agent_metrics = core.metrics.clone();
         agent_metrics.flows = Some(flows.clone());
         let flow_reader = flows::spawn_reader(flows.clone());
-        let shared: api::Shared = Arc::new(Mutex::new(core));
+        let shared: core::Shared = Arc::new(Mutex::new(core));
         let metrics_task = match metrics_addr {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -234,14 +232,14 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
                     _ = hup.recv() => {
                         info!("SIGHUP: reloading the config file");
                         reload(&background, true).await;
-                        flows::reload_settings(&background, &background_flows).await;
+                        reload_flow_settings(&background, &background_flows).await;
                     }
                     _ = tick.tick() => {
                         since_drift += Duration::from_secs(1);
                         if config_changed(&background).await {
                             info!("config file changed on disk: reloading");
                             reload(&background, false).await;
-                            flows::reload_settings(&background, &background_flows).await;
+                            reload_flow_settings(&background, &background_flows).await;
                         }
                         if since_drift >= drift_every {
                             since_drift = Duration::ZERO;
@@ -300,14 +298,14 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
 }
 
 /// The agent's config file: where, its size limit, and whether `hash` is known.
-fn config_file(core: &api::Shared) -> Option<(PathBuf, u64)> {
+fn config_file(core: &core::Shared) -> Option<(PathBuf, u64)> {
     let c = core.lock().ok()?;
     Some((c.config_path.clone()?, c.settings.file_size_limit))
 }
 
 /// Whether the config file on disk differs from what the agent took in (or
 /// refused). Reads the file outside the agent's lock.
-async fn config_changed(core: &api::Shared) -> bool {
+async fn config_changed(core: &core::Shared) -> bool {
     let c = core.clone();
     tokio::task::spawn_blocking(move || {
         let Some((path, limit)) = config_file(&c) else {
@@ -325,10 +323,10 @@ async fn config_changed(core: &api::Shared) -> bool {
 
 /// Re-reads the config file (read and parsed outside the agent's lock; the
 /// lock is taken only to apply it).
-async fn reload(core: &api::Shared, forced: bool) {
+async fn reload(core: &core::Shared, forced: bool) {
     let c = core.clone();
     let r = tokio::task::spawn_blocking(
-        move || -> Result<Result<Option<core::Applied>, AgentError>, ()> {
+        move || -> Result<Result<Option<crate::api::Applied>, AgentError>, ()> {
             let (path, limit) = config_file(&c).ok_or(())?;
             let parsed = config::read(&path, limit).map(|text| {
                 let hash = store::content_hash(&text);
@@ -359,5 +357,34 @@ async fn reload(core: &api::Shared, forced: bool) {
         Ok(Ok(Ok(None))) => info!("config file unchanged"),
         Ok(Ok(Err(e))) => warn!(error = %e, "reload refused; the running policy stays"),
         _ => warn!("reload failed"),
+    }
+}
+
+/// After a reload: the `[flows]` settings of the config file the agent
+/// took in (a file it refused changes nothing).
+async fn reload_flow_settings(core: &self::core::Shared, flows: &Arc<flows::Flows>) {
+    let core = core.clone();
+    let settings = tokio::task::spawn_blocking(move || {
+        let (path, hash, limit) = {
+            let c = core.lock().ok()?;
+            (
+                c.config_path.clone()?,
+                c.state.config_hash.clone(),
+                c.settings.file_size_limit,
+            )
+        };
+        let text = crate::model::policy::config::read(&path, limit).ok()?;
+        if store::content_hash(&text) != hash {
+            return None;
+        }
+        crate::model::policy::config::parse(&path, &text)
+            .ok()
+            .map(|c| c.flows)
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some(s) = settings {
+        flows.set_settings(s);
     }
 }

@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::policy::{Action, Delta, Desired, Op, Policy};
+use crate::model::policy::{Action, Delta, Desired, Op, Policy};
 
 pub const STATE_FILE: &str = "state.json";
 pub const JOURNAL_FILE: &str = "journal.ndjson";
@@ -261,7 +261,7 @@ fn migrate_v1(v1: StateV1) -> State {
             cause: v.cause,
             request: None,
             delta: Delta::between_policies(&prev, &v.policy),
-            fingerprint: crate::policy::delta::fingerprint(&v.policy),
+            fingerprint: crate::model::policy::delta::fingerprint(&v.policy),
             summary: Summary::of(&v.policy, 0),
         });
         prev = v.policy;

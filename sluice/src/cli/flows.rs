@@ -8,9 +8,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 
-use super::client::{Client, ClientError};
-use crate::agent::{
-    api::ErrorBody,
+use crate::api::{
+    ErrorBody,
+    client::{Client, ClientError},
     flows::{
         By, DEFAULT_LIMIT, DEFAULT_TOP, FilterError, FlowStats, FlowView, FlowsBody, FlowsQuery,
         MAX_TOP, RECENT_CAPACITY, TopAddr, TopReport, parse_limit,
@@ -101,7 +101,7 @@ fn query(args: &FlowsArgs) -> Result<FlowsQuery, FilterError> {
             _ => None,
         },
     };
-    let f = crate::agent::flows::Filter::parse(&q)?;
+    let f = crate::api::flows::Filter::parse(&q)?;
     // Canonical forms travel: a CIDR with host bits is sent as its network.
     let q = FlowsQuery {
         src: f.src.map(|n| n.to_string()),
@@ -281,13 +281,13 @@ const MONTHS: [&str; 12] = [
 fn local_time(unix_ns: u64) -> String {
     let millis = (unix_ns % 1_000_000_000) / 1_000_000;
     let Ok(secs) = libc::time_t::try_from(unix_ns / 1_000_000_000) else {
-        return crate::agent::flows::rfc3339(unix_ns);
+        return crate::api::time::rfc3339(unix_ns);
     };
     // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are to live locals; localtime_r is thread-safe.
     if unsafe { libc::localtime_r(&raw const secs, &raw mut tm) }.is_null() {
-        return crate::agent::flows::rfc3339(unix_ns);
+        return crate::api::time::rfc3339(unix_ns);
     }
     let month = usize::try_from(tm.tm_mon)
         .ok()

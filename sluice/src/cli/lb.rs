@@ -4,11 +4,13 @@
 use clap::{Args, Subcommand};
 use hyper::Method;
 
-use super::{client::Client, output};
+use super::output;
+use crate::api::client::Client;
 use crate::{
-    agent::{core::Applied, lb::LbView},
+    api::Applied,
     dataplane::{self, PinRoot},
-    lb::{
+    engine::lb_view::LbView,
+    model::lb::{
         BackendAddr, BackendSpec, CheckKind, DEFAULT_WEIGHT, HealthConf, LbOp, LbService, Mode,
         ServiceId, ServiceSpec,
     },
@@ -143,11 +145,11 @@ pub enum LbCliError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Lb(#[from] dataplane::lb::LbError),
+    Lb(#[from] crate::engine::lb::ApplyError),
     #[error(transparent)]
     Dataplane(#[from] dataplane::DataplaneError),
     #[error(transparent)]
-    Client(#[from] super::client::ClientError),
+    Client(#[from] crate::api::client::ClientError),
 }
 
 fn backend_arg(text: &str) -> Result<BackendSpec, LbCliError> {
@@ -167,7 +169,7 @@ fn backend_arg(text: &str) -> Result<BackendSpec, LbCliError> {
 }
 
 fn duration_ms(what: &'static str, text: &str) -> Result<u64, LbCliError> {
-    crate::policy::parse_duration_ms(text).ok_or_else(|| LbCliError::Duration {
+    crate::model::policy::parse_duration_ms(text).ok_or_else(|| LbCliError::Duration {
         what,
         text: text.into(),
     })
@@ -315,7 +317,7 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
         .into());
     }
     let Some(op) = change_of(&args.command)? else {
-        out.lb(&crate::agent::lb::view(root, None, None, None)?);
+        out.lb(&crate::engine::lb_view::view(root, None, &|_| None, None)?);
         return Ok(());
     };
     if let LbOp::ServiceAdd { service } = &op
@@ -329,9 +331,9 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
     }
     let mut services = pinned_services(root)?;
     op.apply(&mut services, true).map_err(LbCliError::Refused)?;
-    crate::lb::validate(&services).map_err(LbCliError::Refused)?;
+    crate::model::lb::validate(&services).map_err(LbCliError::Refused)?;
     let specs: Vec<ServiceSpec> = services.into_iter().map(|s| s.spec).collect();
-    let report = dataplane::lb::apply(root, &specs, &std::collections::HashSet::new())?;
+    let report = crate::engine::lb::apply(root, &specs, &std::collections::HashSet::new())?;
     out.lb_applied(&op.describe(), &report);
     Ok(())
 }
@@ -339,7 +341,7 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
 /// The services the pins hold, as desired services (no health checks:
 /// those live in the agent).
 pub(crate) fn pinned_services(root: &PinRoot) -> Result<Vec<LbService>, dataplane::DataplaneError> {
-    Ok(dataplane::lb::read(root)?
+    Ok(crate::engine::lb::read(root)?
         .into_iter()
         .map(|s| LbService {
             spec: ServiceSpec {

@@ -2,7 +2,6 @@
 //! and rendering results as tables or JSON. Work is done by `dataplane`.
 
 mod capture;
-mod client;
 mod flows;
 mod lb;
 mod output;
@@ -15,8 +14,9 @@ use ipnet::IpNet;
 use sluice_common::{ListId, Verdict};
 
 use crate::{
+    api::client,
     dataplane::{self, AttachMode, Change, PinRoot, PolicyMaps, attach, policy::list_for, stats},
-    policy::{self, RuleSpec},
+    model::policy::{self, RuleSpec},
 };
 
 /// sluice: an eBPF/XDP dataplane. Filters packets at the driver with
@@ -49,7 +49,7 @@ pub struct Cli {
         long,
         global = true,
         env = "SLUICE_SOCKET",
-        default_value = crate::policy::config::DEFAULT_SOCKET,
+        default_value = crate::model::policy::config::DEFAULT_SOCKET,
         value_name = "PATH"
     )]
     pub socket: PathBuf,
@@ -138,7 +138,7 @@ pub enum Command {
         /// Interface name, e.g. eth0.
         iface: String,
         /// native: in the driver; generic: in the stack; auto: native, else generic.
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = attach_mode_arg())]
         mode: AttachMode,
     },
     /// Detach from an interface; the last detach removes every pin.
@@ -262,7 +262,7 @@ pub enum ListCommand {
 fn print_list(
     out: &output::Out,
     kind: &str,
-    mut entries: Vec<dataplane::ListEntry>,
+    mut entries: Vec<crate::api::ListedEntry>,
     covering: Option<&str>,
 ) -> Result<(), CliError> {
     if let Some(q) = covering {
@@ -349,7 +349,7 @@ pub enum CliError {
     #[error(transparent)]
     Client(#[from] client::ClientError),
     #[error(transparent)]
-    Config(#[from] crate::policy::config::ConfigErrors),
+    Config(#[from] crate::model::policy::config::ConfigErrors),
     #[error(transparent)]
     Agent(#[from] crate::agent::RunError),
     #[error(
@@ -401,8 +401,15 @@ pub enum CliError {
     BadReason,
 }
 
+/// `--mode`: the modes, listed in `--help`, parsed by the mode's own names.
+fn attach_mode_arg() -> impl clap::builder::TypedValueParser<Value = AttachMode> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(AttachMode::ALL.map(AttachMode::name))
+        .try_map(|s| s.parse::<AttachMode>())
+}
+
 fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::policy::files::parse_size(s)
+    crate::files::parse_size(s)
         .filter(|n| *n >= 1024)
         .ok_or_else(|| format!("'{s}' is not a size of at least 1024 bytes (e.g. 256MiB)"))
 }
@@ -414,7 +421,7 @@ fn desired_from_pins(root: &PinRoot) -> Result<policy::Desired, CliError> {
     // and `status` takes it too.
     let policy = {
         let maps = PolicyMaps::open(root)?;
-        policy::pinned_policy(&maps)?
+        crate::engine::policy::pinned_policy(&maps)?
     };
     let interfaces = attach::status(root)?
         .attachments
@@ -470,7 +477,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     cli.pin_root.display()
                 ));
             }
-            if cli.socket.as_path() != std::path::Path::new(crate::policy::config::DEFAULT_SOCKET) {
+            if cli.socket.as_path()
+                != std::path::Path::new(crate::model::policy::config::DEFAULT_SOCKET)
+            {
                 given.push(format!(
                     "--socket {} (or SLUICE_SOCKET)",
                     cli.socket.display()
@@ -491,24 +500,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             return Ok(());
         }
         Command::Check { file } => {
-            let text = crate::policy::config::read(file, cli.file_size_limit)?;
-            let cfg = crate::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
+            let text = crate::model::policy::config::read(file, cli.file_size_limit)?;
+            let cfg =
+                crate::model::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
             out.checked(&cfg);
             return Ok(());
         }
         Command::Apply { file } | Command::Diff { file } => {
-            let text = crate::policy::config::read(file, cli.file_size_limit)?;
+            let text = crate::model::policy::config::read(file, cli.file_size_limit)?;
             // Check here too, so a bad file is reported even with no agent.
-            crate::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
+            crate::model::policy::config::parse_with(file, &text, Some(cli.file_size_limit))?;
             let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone());
-            let body = crate::agent::api::FileBody { path, text };
+            let body = crate::api::FileBody { path, text };
             if matches!(cli.command, Command::Apply { .. }) {
-                let applied: crate::agent::core::Applied =
+                let applied: crate::api::Applied =
                     client.call(hyper::Method::POST, "/v1/policy/apply", Some(&body))?;
                 out.applied(&format!("applied {}", file.display()), &applied);
             } else {
-                let diff: crate::policy::PolicyDiff =
+                let diff: crate::model::policy::PolicyDiff =
                     client.call(hyper::Method::POST, "/v1/policy/diff", Some(&body))?;
                 out.diff(&diff);
             }
@@ -516,10 +526,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Rollback { version } => {
             let client = client::Client::require(&cli.socket)?.with_force(cli.force);
-            let applied: crate::agent::core::Applied = client.call(
+            let applied: crate::api::Applied = client.call(
                 hyper::Method::POST,
                 "/v1/rollback",
-                Some(&crate::agent::api::RollbackBody { version: *version }),
+                Some(&crate::api::RollbackBody { version: *version }),
             )?;
             out.applied("rolled back", &applied);
             return Ok(());
@@ -528,12 +538,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let client = client::Client::require(&cli.socket)?.with_force(cli.force);
             match what {
                 None => {
-                    let h: Vec<crate::agent::api::HistoryEntry> =
+                    let h: Vec<crate::api::HistoryEntry> =
                         client.call(hyper::Method::GET, "/v1/history", None::<&()>)?;
                     out.history(&h);
                 }
                 Some(HistoryCommand::Show { version }) => {
-                    let v: crate::agent::api::VersionDetail = client.call(
+                    let v: crate::api::VersionDetail = client.call(
                         hyper::Method::GET,
                         &format!("/v1/history/{version}"),
                         None::<&()>,
@@ -542,7 +552,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 Some(HistoryCommand::Diff { from, to }) => {
                     let to = to.map(|t| format!("&to={t}")).unwrap_or_default();
-                    let d: crate::policy::PolicyDiff = client.call(
+                    let d: crate::model::policy::PolicyDiff = client.call(
                         hyper::Method::GET,
                         &format!("/v1/history/diff?from={from}{to}"),
                         None::<&()>,
@@ -637,7 +647,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let report = attach::detach(&root, &iface, &label)?;
             out.detach(&report);
         }
-        Command::Status => out.status(&attach::status(&root)?),
+        Command::Status => out.status(&crate::engine::status(&root)?),
         Command::Export => {
             let desired = desired_from_pins(&root)?;
             out.export(
@@ -646,7 +656,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     "sluice export: what the pins at {} hold (no agent), {}\n\
                      `sluice check` and `sluice apply` take this file; services carry no health checks (those live in the agent)",
                     root.root.display(),
-                    output::format_time(crate::agent::ddos::unix_now())
+                    output::format_time(crate::api::time::unix_now())
                 ),
             );
         }
@@ -717,14 +727,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 /// The same commands, carried out by the agent so its desired state (and
 /// history) records them.
 fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<(), CliError> {
-    use crate::agent::{api, core::Applied};
+    use crate::{api, api::Applied};
     use hyper::Method;
     match &cli.command {
         Command::Attach { iface, mode } => {
             let a: Applied = client.call(
                 Method::POST,
                 "/v1/interfaces/attach",
-                Some(&crate::policy::Interface {
+                Some(&crate::model::policy::Interface {
                     name: iface.clone(),
                     netns: cli.netns.clone(),
                     mode: *mode,
@@ -764,7 +774,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     "sluice export: the agent's desired state, version {}, {}\n\
                      `sluice check` and `sluice apply` take this file; temporary deny entries are left out",
                     d.version,
-                    output::format_time(crate::agent::ddos::unix_now())
+                    output::format_time(crate::api::time::unix_now())
                 ),
             );
         }
@@ -925,7 +935,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
             );
         }
         Command::Default { action } | Command::Malformed { action } => {
-            let a = crate::policy::Action::from(Verdict::from(*action));
+            let a = crate::model::policy::Action::from(Verdict::from(*action));
             let body = if matches!(cli.command, Command::Default { .. }) {
                 api::SettingsBody {
                     default: Some(a),
@@ -1076,6 +1086,7 @@ fn list_command(
             };
             let mut entries = maps.list_entries(v4)?;
             entries.extend(maps.list_entries(v6)?);
+            let entries = entries.into_iter().map(Into::into).collect();
             print_list(out, kind, entries, covering.as_deref())?;
         }
     }
@@ -1129,7 +1140,7 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
                 &maps
                     .rules()?
                     .iter()
-                    .map(policy::RuleRow::from_view)
+                    .map(crate::engine::policy::rule_row)
                     .collect::<Vec<_>>(),
             );
         }

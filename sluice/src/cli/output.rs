@@ -4,11 +4,11 @@ use serde_json::json;
 
 use crate::{
     dataplane::{
-        self, AttachReport, DetachReport, ListEntry, Status,
+        self, AttachReport, DetachReport, Status,
         policy::ChangeReport,
         stats::{Stats, Totals},
     },
-    policy::RuleRow,
+    model::policy::RuleRow,
 };
 
 pub struct Out {
@@ -83,7 +83,7 @@ fn ago(last_seen_ns: u64) -> String {
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC from Unix seconds.
 pub(crate) fn format_time(secs: u64) -> String {
-    let t = crate::agent::flows::rfc3339(secs.saturating_mul(1_000_000_000));
+    let t = crate::api::time::rfc3339(secs.saturating_mul(1_000_000_000));
     t[..19].replace('T', " ")
 }
 
@@ -159,7 +159,7 @@ impl Out {
         }
     }
 
-    pub fn applied(&self, message: &str, a: &crate::agent::core::Applied) {
+    pub fn applied(&self, message: &str, a: &crate::api::Applied) {
         if self.json {
             let mut v = serde_json::to_value(a).expect("serialisable");
             v["message"] = json!(message);
@@ -216,7 +216,7 @@ impl Out {
         }
     }
 
-    pub fn diff(&self, d: &crate::policy::PolicyDiff) {
+    pub fn diff(&self, d: &crate::model::policy::PolicyDiff) {
         if self.json {
             print_json(&serde_json::to_value(d).expect("serialisable"));
         } else {
@@ -225,15 +225,15 @@ impl Out {
     }
 
     /// `export`: the config file's text, or the desired state as JSON.
-    pub fn export(&self, desired: &crate::policy::Desired, header: &str) {
+    pub fn export(&self, desired: &crate::model::policy::Desired, header: &str) {
         if self.json {
             print_json(&serde_json::to_value(desired).expect("serialisable"));
         } else {
-            print!("{}", crate::policy::export::to_toml(desired, header));
+            print!("{}", crate::model::policy::export::to_toml(desired, header));
         }
     }
 
-    pub fn checked(&self, cfg: &crate::policy::config::Config) {
+    pub fn checked(&self, cfg: &crate::model::policy::config::Config) {
         let p = &cfg.desired.policy;
         if self.json {
             print_json(&json!({
@@ -271,7 +271,7 @@ impl Out {
         }
     }
 
-    pub fn history(&self, h: &[crate::agent::api::HistoryEntry]) {
+    pub fn history(&self, h: &[crate::api::HistoryEntry]) {
         if self.json {
             print_json(&serde_json::to_value(h).expect("serialisable"));
             return;
@@ -303,7 +303,7 @@ impl Out {
     }
 
     /// `history show N`.
-    pub fn version(&self, v: &crate::agent::api::VersionDetail) {
+    pub fn version(&self, v: &crate::api::VersionDetail) {
         if self.json {
             print_json(&serde_json::to_value(v).expect("serialisable"));
             return;
@@ -557,7 +557,7 @@ impl Out {
         }
     }
 
-    pub fn list(&self, kind: &str, entries: &[ListEntry]) {
+    pub fn list(&self, kind: &str, entries: &[crate::api::ListedEntry]) {
         if self.json {
             let v: Vec<serde_json::Value> = entries
                 .iter()
@@ -583,7 +583,7 @@ impl Out {
             return;
         }
         let temporary = entries.iter().any(|e| e.temporary.is_some());
-        let now = crate::agent::ddos::unix_now();
+        let now = crate::api::time::unix_now();
         let rows: Vec<Vec<String>> = entries
             .iter()
             .map(|e| {
@@ -598,7 +598,7 @@ impl Out {
                         Some(t) => {
                             row.push(format!(
                                 "in {}",
-                                crate::policy::format_duration_ms(
+                                crate::model::policy::format_duration_ms(
                                     t.expires_unix.saturating_sub(now) * 1000
                                 )
                             ));
@@ -672,7 +672,7 @@ impl Out {
         table(&["ID", "POS", "RULE", "PACKETS", "BYTES"], &rows);
     }
 
-    pub fn lb(&self, v: &crate::agent::lb::LbView) {
+    pub fn lb(&self, v: &crate::engine::lb_view::LbView) {
         if self.json {
             print_json(&serde_json::to_value(v).expect("serialisable"));
             return;
@@ -739,7 +739,7 @@ impl Out {
         }
     }
 
-    pub fn lb_applied(&self, message: &str, r: &crate::dataplane::lb::ApplyReport) {
+    pub fn lb_applied(&self, message: &str, r: &crate::engine::lb::ApplyReport) {
         if self.json {
             let mut v = serde_json::to_value(r).expect("serialisable");
             v["message"] = json!(message);

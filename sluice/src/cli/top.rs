@@ -19,13 +19,13 @@ use hyper::Method;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
 use self::model::{By, Sample, Snapshot};
-use super::client::{Client, ClientError};
+use crate::api::client::{Client, ClientError};
 
 /// Sources and destinations asked of the agent at least: more than are shown,
 /// so a talker that climbs into the shown rows usually has a rate at once.
 const FETCH_AT_LEAST: usize = 50;
 /// The agent's largest top list.
-const FETCH_AT_MOST: usize = crate::agent::flows::MAX_TOP;
+const FETCH_AT_MOST: usize = crate::api::flows::MAX_TOP;
 /// How often the terminal view looks for keys and signals.
 const POLL: Duration = Duration::from_millis(100);
 

@@ -23,45 +23,7 @@ use super::{
     sys, tc,
 };
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// In the driver (fastest); refused by drivers without XDP support.
-    Native,
-    /// In the kernel's generic path; works on every interface.
-    Generic,
-    /// Native, falling back to generic when the driver refuses it.
-    Auto,
-}
-
-impl AttachMode {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Native => "native",
-            Self::Generic => "generic",
-            Self::Auto => "auto",
-        }
-    }
-
-    fn from_name(s: &str) -> Option<Self> {
-        match s {
-            "native" => Some(Self::Native),
-            "generic" => Some(Self::Generic),
-            _ => None,
-        }
-    }
-}
+pub use sluice_common::settings::AttachMode;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AttachReport {
@@ -172,7 +134,7 @@ fn link_pin_name(netns: &str, iface: &str, mode: AttachMode) -> String {
 
 fn parse_link_pin_name(name: &str) -> Option<(String, String, AttachMode)> {
     let mut parts = name.rsplitn(3, ':');
-    let mode = AttachMode::from_name(parts.next()?)?;
+    let mode = AttachMode::attached_from_name(parts.next()?)?;
     let iface = parts.next()?.to_string();
     let netns = parts.next()?.to_string();
     Some((netns, iface, mode))
@@ -320,7 +282,7 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
         loader.map_pin_path(name.as_str(), path.as_path());
     }
     // Used only when the table is created; a pinned one keeps its size.
-    loader.map_max_entries(map_names::LB_CONNS, super::lb::conn_capacity());
+    loader.map_max_entries(map_names::LB_CONNS, root.conn_capacity);
     create_maglev_outer(root)?;
     let mut ebpf = loader.load(OBJECT).map_err(|e| {
         if super::is_permission(&format!("{e:?}")) {
@@ -896,18 +858,6 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
                 .to_string(),
                 entries: s.list_len[list as usize],
                 capacity: sluice_common::LIST_CAPACITY,
-            });
-        }
-        for svc in super::lb::read(root)? {
-            let down = svc.members.iter().filter(|m| m.down).count();
-            let draining = svc.members.iter().filter(|m| !m.down && m.draining).count();
-            st.services.push(ServiceStatus {
-                service: svc.id.to_string(),
-                mode: svc.mode.name().to_string(),
-                backends: svc.members.len(),
-                active: svc.members.len() - down - draining,
-                draining,
-                down,
             });
         }
     }

@@ -13,7 +13,7 @@ use aya::maps::MapInfo;
 
 use super::DataplaneError;
 
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+pub use sluice_common::settings::DEFAULT_PIN_ROOT;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The layout of a pin root:
@@ -21,11 +21,27 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, Clone)]
 pub struct PinRoot {
     pub root: PathBuf,
+    /// Entries of the LB connection table when this root's maps are first
+    /// created (a pinned table keeps its size).
+    pub conn_capacity: u32,
 }
 
 impl PinRoot {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            conn_capacity: sluice_common::lb::CONN_CAPACITY,
+        }
+    }
+
+    /// The connection table size to create, held to what sluice creates.
+    #[must_use]
+    pub fn with_conn_capacity(self, n: u32) -> Self {
+        use sluice_common::settings::{MAX_CONNS, MIN_CONNS};
+        Self {
+            conn_capacity: n.clamp(MIN_CONNS, MAX_CONNS),
+            ..self
+        }
     }
 
     pub fn maps_dir(&self) -> PathBuf {

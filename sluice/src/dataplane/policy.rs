@@ -26,8 +26,7 @@ use super::{
     sys,
 };
 
-/// A stats slot not yet assigned (a rule being added).
-pub const UNASSIGNED: u32 = u32::MAX;
+use sluice_common::UNASSIGNED_SLOT as UNASSIGNED;
 
 /// The defaults a fresh dataplane starts with: pass what nothing matched,
 /// drop what cannot be parsed.
@@ -88,9 +87,6 @@ pub struct ListEntry {
     pub last_seen_ns: u64,
     /// Seconds since the last hit when listed; `None` = never hit.
     pub last_seen_secs_ago: Option<f64>,
-    /// Set by the agent for entries that expire (reason and expiry).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temporary: Option<crate::policy::TempDeny>,
 }
 
 #[derive(Debug, Clone)]
@@ -728,7 +724,6 @@ impl PolicyMaps {
                 last_seen_ns: s.last_seen_ns,
                 last_seen_secs_ago: (s.last_seen_ns != 0)
                     .then(|| now.saturating_sub(s.last_seen_ns) as f64 / 1e9),
-                temporary: None,
             })
             .collect())
     }

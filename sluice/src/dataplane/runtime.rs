@@ -16,21 +16,7 @@ where
     })
 }
 
-/// Defaults of a fresh dataplane: a source that answered a SYN challenge
-/// stays verified for an hour; at most 100,000 new per-source buckets per
-/// second (burst 100,000) so a flood of new sources cannot flush known ones.
-pub const DEFAULT_VERIFIED_TTL_S: u64 = 3600;
-pub const DEFAULT_NEW_SOURCES_PER_S: u64 = 100_000;
-
-/// A GCRA (interval, tolerance) pair for `rate` events per second with a
-/// burst of `burst` events. `rate == 0` = no limit.
-pub fn gcra(rate: u64, burst: u64) -> (u64, u64) {
-    if rate == 0 {
-        return (0, 0);
-    }
-    let interval = (1_000_000_000 / rate).max(1);
-    (interval, interval * burst.max(1).saturating_sub(1))
-}
+use sluice_common::settings::{DEFAULT_NEW_SOURCES_PER_S, DEFAULT_VERIFIED_TTL_S, gcra};
 
 fn random_key() -> [u64; 2] {
     let mut buf = [0u8; 16];

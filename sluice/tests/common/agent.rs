@@ -383,7 +383,7 @@ fn changes_policy(args: &[&str]) -> bool {
 }
 
 /// The agent's desired policy (`GET /v1/policy`) and its version.
-pub fn agent_policy(socket: &Path) -> (u64, sluice::policy::Policy) {
+pub fn agent_policy(socket: &Path) -> (u64, sluice::model::policy::Policy) {
     let (code, body) = api_request(socket, "GET", "/v1/policy", &[], None).expect("agent answers");
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("JSON");
@@ -393,11 +393,12 @@ pub fn agent_policy(socket: &Path) -> (u64, sluice::policy::Policy) {
 
 /// The policy the attached program judges packets by, read through the map
 /// ids in the program's own map list (not through the pins).
-pub fn kernel_policy(pin_root: &Path) -> sluice::policy::Policy {
+pub fn kernel_policy(pin_root: &Path) -> sluice::model::policy::Policy {
     let root = sluice::dataplane::PinRoot::new(pin_root);
     let maps = sluice::dataplane::PolicyMaps::open_from_program(&root)
         .unwrap_or_else(|e| panic!("reading the program's maps: {e}"));
-    sluice::policy::pinned_policy(&maps).unwrap_or_else(|e| panic!("reading the policy: {e}"))
+    sluice::engine::policy::pinned_policy(&maps)
+        .unwrap_or_else(|e| panic!("reading the policy: {e}"))
 }
 
 /// The agent's view (lists, rules, settings) equals a read-back of the maps
@@ -415,7 +416,7 @@ pub fn assert_agent_matches_kernel(env: &AgentEnv) {
             continue;
         }
         if desired != kernel {
-            let d = sluice::policy::PolicyDiff::between(&kernel, &desired);
+            let d = sluice::model::policy::PolicyDiff::between(&kernel, &desired);
             panic!(
                 "the agent reports a policy the packets do not get (version {v1}); from the kernel's to the agent's:\n{d}"
             );

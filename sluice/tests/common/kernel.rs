@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use sluice::{
     dataplane::{Change, PolicyMaps, policy::list_for, sandbox::Sandbox},
-    policy::RuleSpec,
+    model::policy::RuleSpec,
 };
 use sluice_common::{Counter, Family, L4, ListId, Reason, Verdict, counter_index};
 

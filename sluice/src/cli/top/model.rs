@@ -7,8 +7,8 @@ use serde::Serialize;
 use sluice_common::{Reason, Verdict};
 
 use crate::{
-    agent::{
-        api::EventsBody,
+    api::{
+        EventsBody,
         flows::{FlowStats, TopAddr, TopReport},
     },
     dataplane::{Status, stats::Stats},
@@ -441,7 +441,7 @@ pub fn compute(prev: Option<&Sample>, cur: &Sample, by: By, show: usize) -> Snap
     });
 
     Snapshot {
-        time: crate::agent::flows::rfc3339(cur.unix_ns),
+        time: crate::api::time::rfc3339(cur.unix_ns),
         interval_secs: secs,
         counters_reset: reset,
         total,

@@ -1,9 +1,17 @@
 //! The L4 load balancer's user-space model: services (VIP, protocol, port,
 //! mode) and their backends as the user writes them, and Maglev tables.
 
+pub mod health;
 pub mod maglev;
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
+
+use sluice_common::lb::{MAX_BACKENDS, MAX_SERVICES};
 
 use serde::{Deserialize, Serialize};
 
@@ -261,11 +269,11 @@ impl HealthConf {
         }
     }
 
-    pub fn to_spec(&self) -> crate::agent::health::CheckSpec {
-        crate::agent::health::CheckSpec {
+    pub fn to_spec(&self) -> self::health::CheckSpec {
+        self::health::CheckSpec {
             probe: match self.check {
-                CheckKind::Tcp => crate::agent::health::Probe::Tcp,
-                CheckKind::Http => crate::agent::health::Probe::Http {
+                CheckKind::Tcp => self::health::Probe::Tcp,
+                CheckKind::Http => self::health::Probe::Http {
                     path: self.path.clone(),
                     expect_status: self.expect,
                     host: None,
@@ -528,8 +536,148 @@ pub fn validate(services: &[LbService]) -> Result<(), String> {
             h.validate(&s.spec)?;
         }
     }
-    crate::dataplane::lb::validate(&specs).map_err(|e| e.to_string())
+    validate_specs(&specs).map_err(|e| e.to_string())
 }
+
+/// A set of services the kernel cannot hold or NAT cannot translate back.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("too many services: sluice holds at most {max}")]
+    TooManyServices { max: u32 },
+    #[error("too many backends: sluice holds at most {max} (service members, all services)")]
+    TooManyBackends { max: u32 },
+    #[error(
+        "service {service}: backend {backend} is IPv{backend_family}, the VIP is IPv{vip_family}"
+    )]
+    FamilyMismatch {
+        service: ServiceId,
+        backend: BackendAddr,
+        vip_family: u8,
+        backend_family: u8,
+    },
+    #[error("service {service}: VNI {vni} is out of range (0 to 16777215)")]
+    Vni { service: ServiceId, vni: u32 },
+    #[error("service {service}: VXLAN backends are reached over IPv4; {backend} is IPv6")]
+    VxlanFamily {
+        service: ServiceId,
+        backend: BackendAddr,
+    },
+    #[error(
+        "service {service}: a DSR backend keeps the client's destination port; \
+         {backend} names another port"
+    )]
+    DsrPort {
+        service: ServiceId,
+        backend: BackendAddr,
+    },
+    #[error(
+        "service {service}: backend {backend} needs a port only when the service has one \
+         (whole-VIP NAT services keep the client's port)"
+    )]
+    WildcardPort {
+        service: ServiceId,
+        backend: BackendAddr,
+    },
+    #[error(
+        "backend {backend} ({proto}) is behind two NAT services, {first} and {second}: its replies \
+         could not be translated back to one VIP; give each service its own backend port"
+    )]
+    ReverseConflict {
+        backend: BackendAddr,
+        proto: &'static str,
+        first: ServiceId,
+        second: ServiceId,
+    },
+    #[error("service {service} lists backend {backend} twice")]
+    DuplicateBackend {
+        service: ServiceId,
+        backend: BackendAddr,
+    },
+}
+
+fn family(a: IpAddr) -> u8 {
+    if a.is_ipv4() { 4 } else { 6 }
+}
+
+/// Checks a desired set of services against what the kernel can hold and
+/// what NAT can translate back. Nothing is written.
+pub fn validate_specs(services: &[ServiceSpec]) -> Result<(), LbError> {
+    if services.len() > MAX_SERVICES as usize {
+        return Err(LbError::TooManyServices { max: MAX_SERVICES });
+    }
+    let members: usize = services.iter().map(|s| s.backends.len()).sum();
+    if members > MAX_BACKENDS as usize {
+        return Err(LbError::TooManyBackends { max: MAX_BACKENDS });
+    }
+    let mut reverse: HashMap<(BackendAddr, Proto), ServiceId> = HashMap::new();
+    for s in services {
+        if let Mode::Vxlan { vni } = s.mode
+            && vni > MAX_VNI
+        {
+            return Err(LbError::Vni { service: s.id, vni });
+        }
+        let mut seen = HashSet::new();
+        for b in &s.backends {
+            if !seen.insert(b.addr) {
+                return Err(LbError::DuplicateBackend {
+                    service: s.id,
+                    backend: b.addr,
+                });
+            }
+            if let Mode::Vxlan { .. } = s.mode {
+                if !b.addr.addr.is_ipv4() {
+                    return Err(LbError::VxlanFamily {
+                        service: s.id,
+                        backend: b.addr,
+                    });
+                }
+            } else if family(b.addr.addr) != family(s.id.vip) {
+                return Err(LbError::FamilyMismatch {
+                    service: s.id,
+                    backend: b.addr,
+                    vip_family: family(s.id.vip),
+                    backend_family: family(b.addr.addr),
+                });
+            }
+            if s.id.port == 0 && b.addr.port != 0 {
+                return Err(LbError::WildcardPort {
+                    service: s.id,
+                    backend: b.addr,
+                });
+            }
+            if s.mode != Mode::Nat && b.addr.port != 0 && b.addr.port != s.id.port {
+                return Err(LbError::DsrPort {
+                    service: s.id,
+                    backend: b.addr,
+                });
+            }
+            if s.mode == Mode::Nat {
+                let reply = BackendAddr {
+                    addr: b.addr.addr,
+                    port: if b.addr.port == 0 {
+                        s.id.port
+                    } else {
+                        b.addr.port
+                    },
+                };
+                if let Some(first) = reverse.insert((reply, s.id.proto), s.id)
+                    && first != s.id
+                {
+                    return Err(LbError::ReverseConflict {
+                        backend: reply,
+                        proto: s.id.proto.name(),
+                        first,
+                        second: s.id,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One backend of one service: what health checks and drains are kept by.
+pub type MemberKey = (ServiceId, BackendAddr);
 
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;

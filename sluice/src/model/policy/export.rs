@@ -7,7 +7,7 @@
 use toml::{Table, Value};
 
 use super::Desired;
-use crate::lb::{CheckKind, LbService, Mode};
+use crate::model::lb::{CheckKind, LbService, Mode};
 
 fn strings<I: IntoIterator<Item = String>>(items: I) -> Value {
     Value::Array(items.into_iter().map(Value::String).collect())
@@ -49,7 +49,7 @@ fn service(s: &LbService) -> Table {
         ht.insert("check".into(), Value::String(check.into()));
         // An HTTP check's path and status always; a TCP check's only when
         // set (the parser keeps them either way).
-        let defaults = crate::lb::HealthConf::new(h.check);
+        let defaults = crate::model::lb::HealthConf::new(h.check);
         if h.check == CheckKind::Http || h.path != defaults.path {
             ht.insert("path".into(), Value::String(h.path.clone()));
         }
@@ -150,7 +150,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::policy::config;
+    use crate::model::policy::config;
 
     const FULL: &str = r#"
 [[interface]]
@@ -219,7 +219,7 @@ backends = ["198.18.13.2"]
         cfg.desired.policy.deny.insert(temp);
         cfg.desired.temp_deny.insert(
             temp,
-            crate::policy::TempDeny {
+            crate::model::policy::TempDeny {
                 reason: "escalated".into(),
                 expires_unix: 1,
             },

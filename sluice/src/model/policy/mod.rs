@@ -10,19 +10,16 @@ use sluice_common::{
     addr_words,
 };
 
-use crate::dataplane::policy::UNASSIGNED;
-
 pub mod config;
 pub mod delta;
 mod desired;
 pub mod eval;
 pub mod export;
-pub mod files;
 
 pub use delta::Delta;
 pub use desired::{
-    Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, change_for, change_to,
-    compact_overlay, exact_prefix, overlay_for_base, pinned_policy,
+    Action, Desired, Interface, Op, Policy, PolicyDiff, TempDeny, compact_overlay, exact_prefix,
+    overlay_for_base,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,7 +91,7 @@ pub fn parse_prefix_lenient(input: &str) -> Result<IpNet, PolicyError> {
 /// Reads one prefix per line; blank lines and `#` comments are skipped. The
 /// file must be a regular file of at most `limit` bytes.
 pub fn read_prefix_file(path: &Path, limit: u64) -> Result<Vec<IpNet>, PolicyError> {
-    let text = files::read_text(path, limit).map_err(|e| PolicyError::File {
+    let text = crate::files::read_text(path, limit).map_err(|e| PolicyError::File {
         file: path.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -123,18 +120,6 @@ pub struct RuleRow {
     pub rule: RuleSpec,
     pub packets: u64,
     pub bytes: u64,
-}
-
-impl RuleRow {
-    pub fn from_view(v: &crate::dataplane::RuleView) -> Self {
-        Self {
-            id: v.rule.id,
-            position: v.position,
-            rule: RuleSpec::from_rule(&v.rule),
-            packets: v.packets,
-            bytes: v.bytes,
-        }
-    }
 }
 
 /// A rule as users write it: `drop udp dport 4444`, `pass tcp dport 1-1023 dst 198.18.0.0/24`,
@@ -637,7 +622,7 @@ impl RuleSpec {
         let mut r = Rule {
             action: self.action as u32,
             proto: self.proto.map_or(0, u32::from),
-            stats_slot: UNASSIGNED,
+            stats_slot: sluice_common::UNASSIGNED_SLOT,
             ..Rule::default()
         };
         if self.audit {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Desired, Interface, Policy, RuleSpec, parse_prefix};
-use crate::dataplane::AttachMode;
+use sluice_common::settings::AttachMode;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
 pub const DEFAULT_SOCKET: &str = "/run/sluice/sluice.sock";
@@ -65,7 +65,7 @@ pub struct AgentSettings {
 }
 
 fn default_file_size_limit() -> u64 {
-    super::files::DEFAULT_FILE_SIZE_LIMIT
+    crate::files::DEFAULT_FILE_SIZE_LIMIT
 }
 
 impl Default for AgentSettings {
@@ -73,10 +73,10 @@ impl Default for AgentSettings {
         Self {
             state_dir: DEFAULT_STATE_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
-            pin_root: crate::dataplane::DEFAULT_PIN_ROOT.into(),
+            pin_root: sluice_common::settings::DEFAULT_PIN_ROOT.into(),
             history: DEFAULT_HISTORY,
             metrics: None,
-            file_size_limit: super::files::DEFAULT_FILE_SIZE_LIMIT,
+            file_size_limit: crate::files::DEFAULT_FILE_SIZE_LIMIT,
         }
     }
 }
@@ -114,7 +114,7 @@ impl FlowSettings {
     /// The `FLOW_CONFIG` entry these settings stand for.
     #[must_use]
     pub fn to_kernel(&self) -> sluice_common::FlowConfig {
-        let (interval, tolerance) = crate::dataplane::runtime::gcra(self.rate_cap, self.burst);
+        let (interval, tolerance) = sluice_common::settings::gcra(self.rate_cap, self.burst);
         sluice_common::FlowConfig {
             sample: [self.sample_pass, self.sample_drop, self.sample_audit, 0],
             cap_interval_ns: interval,
@@ -137,9 +137,9 @@ pub struct DdosSettings {
 impl Default for DdosSettings {
     fn default() -> Self {
         Self {
-            new_sources_per_second: crate::dataplane::runtime::DEFAULT_NEW_SOURCES_PER_S,
-            new_sources_burst: crate::dataplane::runtime::DEFAULT_NEW_SOURCES_PER_S,
-            verified_ttl_secs: crate::dataplane::runtime::DEFAULT_VERIFIED_TTL_S,
+            new_sources_per_second: sluice_common::settings::DEFAULT_NEW_SOURCES_PER_S,
+            new_sources_burst: sluice_common::settings::DEFAULT_NEW_SOURCES_PER_S,
+            verified_ttl_secs: sluice_common::settings::DEFAULT_VERIFIED_TTL_S,
         }
     }
 }
@@ -150,7 +150,7 @@ impl DdosSettings {
     #[must_use]
     pub fn to_kernel(&self) -> sluice_common::DdosConfig {
         let (interval, tolerance) =
-            crate::dataplane::runtime::gcra(self.new_sources_per_second, self.new_sources_burst);
+            sluice_common::settings::gcra(self.new_sources_per_second, self.new_sources_burst);
         sluice_common::DdosConfig {
             new_source_interval_ns: interval,
             new_source_tolerance_ns: tolerance,
@@ -184,7 +184,7 @@ pub struct LbSettings {
 
 impl Default for LbSettings {
     fn default() -> Self {
-        use crate::dataplane::lb::{
+        use sluice_common::settings::{
             DEFAULT_NEW_CONNS_PER_S, DEFAULT_TCP_IDLE_S, DEFAULT_UDP_IDLE_S,
         };
         Self {
@@ -518,7 +518,7 @@ fn lb_settings(pos: &Positions<'_>, raw: &RawLb, diags: &mut Vec<Diagnostic>) ->
         }
     }
     if let Some(v) = &raw.connections {
-        use crate::dataplane::lb::{MAX_CONNS, MIN_CONNS};
+        use sluice_common::settings::{MAX_CONNS, MIN_CONNS};
         match u32::try_from(*v.get_ref()) {
             Ok(n) if (MIN_CONNS..=MAX_CONNS).contains(&n) => l.connections = n,
             _ => diags.push(pos.span(
@@ -550,13 +550,13 @@ fn service(
     pos: &Positions<'_>,
     raw: &Spanned<RawService>,
     diags: &mut Vec<Diagnostic>,
-) -> Option<crate::lb::LbService> {
-    use crate::lb::{
+) -> Option<crate::model::lb::LbService> {
+    use crate::model::lb::{
         BackendSpec, CheckKind, DEFAULT_WEIGHT, HealthConf, LbService, Mode, ServiceSpec,
     };
     let r = raw.get_ref();
     let before = diags.len();
-    let id = match r.vip.get_ref().parse::<crate::lb::ServiceId>() {
+    let id = match r.vip.get_ref().parse::<crate::model::lb::ServiceId>() {
         Ok(id) => Some(id),
         Err(e) => {
             diags.push(pos.span(&r.vip, e.to_string()));
@@ -568,13 +568,13 @@ fn service(
         Some((_, "dsr")) => Mode::Dsr,
         Some((m, "vxlan")) => match &r.vni {
             Some(v) => match u32::try_from(*v.get_ref()) {
-                Ok(n) if n <= crate::lb::MAX_VNI => Mode::Vxlan { vni: n },
+                Ok(n) if n <= crate::model::lb::MAX_VNI => Mode::Vxlan { vni: n },
                 _ => {
                     diags.push(pos.span(
                         v,
                         format!(
                             "vni must be 0 to {}, found {}",
-                            crate::lb::MAX_VNI,
+                            crate::model::lb::MAX_VNI,
                             v.get_ref()
                         ),
                     ));
@@ -620,11 +620,14 @@ fn service(
         let weight = match weight {
             None => DEFAULT_WEIGHT,
             Some(w) => match u32::try_from(w) {
-                Ok(w) if (1..=crate::lb::MAX_WEIGHT).contains(&w) => w,
+                Ok(w) if (1..=crate::model::lb::MAX_WEIGHT).contains(&w) => w,
                 _ => {
                     diags.push(pos.span(
                         b,
-                        format!("weight must be 1 to {}, found {w}", crate::lb::MAX_WEIGHT),
+                        format!(
+                            "weight must be 1 to {}, found {w}",
+                            crate::model::lb::MAX_WEIGHT
+                        ),
                     ));
                     continue;
                 }
@@ -759,7 +762,7 @@ pub fn parse_with(
     if let Some(v) = &raw.agent.file_size_limit {
         let n = match v.get_ref() {
             toml::Value::Integer(n) => u64::try_from(*n).ok(),
-            toml::Value::String(s) => super::files::parse_size(s),
+            toml::Value::String(s) => crate::files::parse_size(s),
             _ => None,
         };
         match n {
@@ -914,7 +917,7 @@ pub fn parse_with(
         }
     }
     if diags.is_empty()
-        && let Err(e) = crate::lb::validate(&services)
+        && let Err(e) = crate::model::lb::validate(&services)
     {
         let at = raw.services.first().map_or(0, |s| s.span().start);
         diags.push(pos.at(at, e));
@@ -941,12 +944,12 @@ pub fn parse_with(
 
 /// Reads and parses a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    parse(path, &read(path, super::files::DEFAULT_FILE_SIZE_LIMIT)?)
+    parse(path, &read(path, crate::files::DEFAULT_FILE_SIZE_LIMIT)?)
 }
 
 /// Reads a configuration file's text (a regular file of at most `limit` bytes).
 pub fn read(path: &Path, limit: u64) -> Result<String, ConfigErrors> {
-    super::files::read_text(path, limit).map_err(|e| {
+    crate::files::read_text(path, limit).map_err(|e| {
         ConfigErrors(vec![Diagnostic {
             file: path.to_path_buf(),
             line: 0,
@@ -962,7 +965,7 @@ mod tests {
     fn a_config_that_cannot_be_read_is_named_once() {
         let e = super::read(
             std::path::Path::new("/nonexistent/sluice.toml"),
-            super::super::files::DEFAULT_FILE_SIZE_LIMIT,
+            crate::files::DEFAULT_FILE_SIZE_LIMIT,
         )
         .expect_err("missing");
         assert_eq!(
@@ -1233,7 +1236,7 @@ backends = ["2001:2::5"]
             ),
             ("/healthz", 204, 500, 200, 1, 4)
         );
-        assert_eq!(s[1].spec.mode, crate::lb::Mode::Dsr);
+        assert_eq!(s[1].spec.mode, crate::model::lb::Mode::Dsr);
         assert_eq!(s[1].spec.id.port, 0);
     }
 

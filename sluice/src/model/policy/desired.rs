@@ -7,13 +7,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use sluice_common::{ListId, Rule, Verdict};
+use sluice_common::Verdict;
 
 use super::RuleSpec;
-use crate::dataplane::{
-    AttachMode, Change, DataplaneError, PolicyMaps,
-    policy::{UNASSIGNED, list_for},
-};
+use sluice_common::settings::AttachMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,7 +94,7 @@ pub struct Desired {
     pub temp_deny: BTreeMap<IpNet, TempDeny>,
     /// Load-balanced services (`[[service]]`, `sluice lb ...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub services: Vec<crate::lb::LbService>,
+    pub services: Vec<crate::model::lb::LbService>,
 }
 
 /// Why a temporary deny entry exists and when it goes.
@@ -193,100 +190,6 @@ impl fmt::Display for PolicyDiff {
     }
 }
 
-/// What the pinned maps hold now, as a policy.
-pub fn pinned_policy(maps: &PolicyMaps) -> Result<Policy, DataplaneError> {
-    let s = maps.active_settings()?;
-    let mut deny = BTreeSet::new();
-    let mut allow = BTreeSet::new();
-    for list in ListId::ALL {
-        let into = if list.kind() == "allow" {
-            &mut allow
-        } else {
-            &mut deny
-        };
-        into.extend(maps.list_entries(list)?.into_iter().map(|e| e.prefix));
-    }
-    Ok(Policy {
-        default: Verdict::from_u32(s.default_action)
-            .unwrap_or(Verdict::Pass)
-            .into(),
-        malformed: Verdict::from_u32(s.malformed_action)
-            .unwrap_or(Verdict::Drop)
-            .into(),
-        audit: s.flags & sluice_common::SETTINGS_F_AUDIT != 0,
-        deny,
-        allow,
-        rules: maps
-            .rules()?
-            .iter()
-            .map(|r| RuleSpec::from_rule(&r.rule))
-            .collect(),
-    })
-}
-
-/// The one change that turns `current` (what is pinned) into `target`.
-/// Rules that stay keep their id and counters.
-pub fn change_to(
-    maps: &PolicyMaps,
-    current: &Policy,
-    target: &Policy,
-) -> Result<Change, DataplaneError> {
-    change_for(
-        maps,
-        &super::Delta::between_policies(current, target),
-        target,
-    )
-}
-
-/// The kernel change for `delta`, whose result is `target`. Rules that stay
-/// keep their id and counters; deleting what the maps do not hold is not an
-/// error (the result is what counts).
-pub fn change_for(
-    maps: &PolicyMaps,
-    delta: &super::Delta,
-    target: &Policy,
-) -> Result<Change, DataplaneError> {
-    let mut change = Change {
-        tolerate_missing: true,
-        ..Change::default()
-    };
-    for (allow, add, del) in [
-        (false, &delta.deny_add, &delta.deny_del),
-        (true, &delta.allow_add, &delta.allow_del),
-    ] {
-        change
-            .add
-            .extend(add.iter().map(|n| (list_for(allow, n), *n)));
-        change
-            .del
-            .extend(del.iter().map(|n| (list_for(allow, n), *n)));
-    }
-    if delta.rules.is_some() {
-        let mut existing: Vec<Option<Rule>> =
-            maps.rules()?.into_iter().map(|r| Some(r.rule)).collect();
-        let rules = target
-            .rules
-            .iter()
-            .map(|spec| {
-                let reuse = existing
-                    .iter_mut()
-                    .find(|r| r.as_ref().is_some_and(|r| RuleSpec::from_rule(r) == *spec))
-                    .and_then(Option::take);
-                reuse.unwrap_or_else(|| {
-                    let mut r = spec.to_rule();
-                    r.stats_slot = UNASSIGNED;
-                    r
-                })
-            })
-            .collect();
-        change.rules = Some(rules);
-    }
-    change.default_action = delta.default.map(|(_, b)| b.into());
-    change.malformed_action = delta.malformed.map(|(_, b)| b.into());
-    change.audit = delta.audit.map(|(_, b)| b);
-    Ok(change)
-}
-
 /// A runtime change made through the API, kept as an overlay on the last
 /// applied file so it survives reloads of that file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -336,7 +239,7 @@ pub enum Op {
     },
     /// A change to the load balancer's services.
     Lb {
-        change: crate::lb::LbOp,
+        change: crate::model::lb::LbOp,
     },
 }
 
@@ -474,7 +377,7 @@ impl Op {
                 let mut services = e.d.services.clone();
                 change.apply(&mut services, strict)?;
                 if strict {
-                    crate::lb::validate(&services)?;
+                    crate::model::lb::validate(&services)?;
                 }
                 if services != e.d.services {
                     *e.services() = services;
@@ -674,14 +577,14 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
     for b in &base.services {
         if !fin.services.iter().any(|f| f.spec.id == b.spec.id) {
             out.push(Op::Lb {
-                change: crate::lb::LbOp::ServiceDel { id: b.spec.id },
+                change: crate::model::lb::LbOp::ServiceDel { id: b.spec.id },
             });
         }
     }
     for f in &fin.services {
         if !base.services.contains(f) {
             out.push(Op::Lb {
-                change: crate::lb::LbOp::ServiceAdd { service: f.clone() },
+                change: crate::model::lb::LbOp::ServiceAdd { service: f.clone() },
             });
         }
     }

@@ -7,7 +7,7 @@ use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::agent::api::{ErrorBody, Info};
+use crate::api::{ErrorBody, Info};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -105,7 +105,7 @@ impl Client {
             Some(b) => serde_json::to_vec(b).map_err(|e| transport(e.to_string()))?,
             None => Vec::new(),
         };
-        let request = crate::agent::api::new_request_id();
+        let request = super::new_request_id();
         let changes = method != Method::GET;
         let req = Request::builder()
             .method(method)

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 
 use super::{Action, Desired, Interface, Policy, PolicyDiff, RuleSpec, TempDeny};
-use crate::lb::LbService;
+use crate::model::lb::LbService;
 
 /// The difference between two desired states.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -461,7 +461,7 @@ pub fn apply_ops(d: &mut Desired, ops: &[super::Op], strict: bool) -> Result<Del
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Op;
+    use crate::model::policy::Op;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
