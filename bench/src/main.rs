@@ -239,7 +239,7 @@ fn run(args: &Args) -> Result<bool> {
         (Only::Scale, "rule scale and update time", s3_scale::run),
         (Only::Control, "control plane", s4_control::run),
         (Only::Ddos, "DDoS stage cost", s5_ddos::run),
-        (Only::Lb, "load balancer", s6_lb::run),
+        (Only::Lb, "load balancer", s6_lb_live::lb_section),
     ];
     let mut done = Vec::new();
     let mut errors = Vec::new();

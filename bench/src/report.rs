@@ -239,7 +239,7 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             }
             vec![t]
         }
-        "lb" => crate::s6_lb::tables(sec),
+        "lb" => lb_tables(sec),
         "live" => {
             let mut t = Table::new(
                 &sec.title,
@@ -479,4 +479,85 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
     s
+}
+
+fn lb_tables(sec: &Section) -> Vec<Table> {
+    let mut pp = Table {
+        title: format!("{}: per packet (BPF_PROG_TEST_RUN)", sec.title),
+        header: ["case", "how", "ns/pkt", "+ns over baseline"]
+            .map(String::from)
+            .to_vec(),
+        rows: Vec::new(),
+    };
+    let mut live = Table {
+        title: "Live forwarding through the LB (veth, 64-byte frames)".into(),
+        header: [
+            "configuration",
+            "Mpps",
+            "counted at",
+            "vs baseline",
+            "offered Mpps",
+            "out/in",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: Vec::new(),
+    };
+    let mut cp = Table {
+        title: "LB control plane".into(),
+        header: ["operation", "ms"].map(String::from).to_vec(),
+        rows: Vec::new(),
+    };
+    for m in &sec.measurements {
+        if m.id.starts_with("pp/") || m.id.starts_with("single/") {
+            let how = match m.params.get("how").and_then(|v| v.as_str()) {
+                Some("repeat") => format!(
+                    "repeat {}",
+                    m.params
+                        .get("repeat")
+                        .and_then(serde_json::Value::as_u64)
+                        .map_or("?".into(), |n| group(n as usize))
+                ),
+                Some(h) => format!(
+                    "{h} x{}",
+                    m.params
+                        .get("calls")
+                        .and_then(serde_json::Value::as_u64)
+                        .map_or("?".into(), |n| group(n as usize))
+                ),
+                None => "-".into(),
+            };
+            pp.rows.push(vec![
+                m.label.clone(),
+                how,
+                cell(Some(m)),
+                extra(Some(m), "over_baseline_ns", |x| format!("{x:+.0}")),
+            ]);
+        } else if m.id.starts_with("live/") {
+            let vs = if m.extra.contains_key("ratio_to_reflect") {
+                extra(Some(m), "ratio_to_reflect", |x| {
+                    format!("{:.0}% of reflect", x * 100.0)
+                })
+            } else {
+                extra(Some(m), "ratio_to_ceiling", |x| {
+                    format!("{:.0}% of ceiling", x * 100.0)
+                })
+            };
+            live.rows.push(vec![
+                m.label.clone(),
+                cell(Some(m)),
+                m.params
+                    .get("counted_at")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-")
+                    .to_string(),
+                vs,
+                extra(Some(m), "offered_mpps", num),
+                extra(Some(m), "out_in_fraction", |x| format!("{:.0}%", x * 100.0)),
+            ]);
+        } else {
+            cp.rows.push(vec![m.label.clone(), cell(Some(m))]);
+        }
+    }
+    vec![pp, live, cp]
 }

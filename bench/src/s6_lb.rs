@@ -32,9 +32,8 @@ use crate::{
     Plan,
     frames::{self, L4, Spec},
     netns::{Lab, PinDir},
-    report::{Table, cell, extra, group, num},
-    s6_lb_live,
-    stats::{Measurement, Section, percentile},
+    report::group,
+    stats::{Measurement, percentile},
     util,
 };
 
@@ -84,33 +83,13 @@ pub fn method(plan: &Plan) -> String {
 }
 
 /// Calls with repeat 1 per `single` measurement and run.
-fn singles(plan: &Plan) -> usize {
+pub fn singles(plan: &Plan) -> usize {
     if plan.smoke { 200 } else { 5_000 }
 }
 
 /// Services and backends per service of the capacity row.
 fn capacity(plan: &Plan) -> (usize, usize) {
     if plan.smoke { (32, 8) } else { (512, 8) }
-}
-
-pub fn run(plan: &Plan) -> Result<Section> {
-    let mut sec = Section::new("lb", "6. Load balancer", &method(plan));
-    sec.facts.insert("repeat".into(), plan.pp_repeat.into());
-    sec.facts.insert("singles".into(), singles(plan).into());
-    eprintln!("  lb: per-packet cost");
-    for m in per_packet(plan)? {
-        sec.push(m);
-    }
-    util::check_stop()?;
-    for m in s6_lb_live::run(plan)? {
-        sec.push(m);
-    }
-    util::check_stop()?;
-    eprintln!("  lb: control plane");
-    for m in control(plan)? {
-        sec.push(m);
-    }
-    Ok(sec)
 }
 
 // ---------------------------------------------------------------------------
@@ -752,7 +731,7 @@ fn restore_cap(root: &PinRoot, cfg: LbConfig) -> Result<()> {
 const PP_METHOD_REPEAT: &str = "BPF_PROG_TEST_RUN on the attached program (veth as ingress), repeat on one frame: kernel mean ns per run, median over runs";
 const PP_METHOD_SINGLE: &str = "BPF_PROG_TEST_RUN on the attached program (veth as ingress), repeat 1: median of the kernel's ns per call within a run, median over runs";
 
-fn per_packet(plan: &Plan) -> Result<Vec<Measurement>> {
+pub fn per_packet(plan: &Plan) -> Result<Vec<Measurement>> {
     let lab = Lab::new(1)?;
     let sluice = SluiceOn::attach(&lab)?;
     let mut v4 = vec![VIP_SAME4];
@@ -822,7 +801,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
-fn control(plan: &Plan) -> Result<Vec<Measurement>> {
+pub fn control(plan: &Plan) -> Result<Vec<Measurement>> {
     let sb = Sandbox::new().map_err(|e| anyhow!("sluice sandbox: {e}"))?;
     let root = sb.root().clone();
     let (n_svc, per) = capacity(plan);
@@ -970,87 +949,6 @@ fn check_many(sb: &Sandbox, many: &[ServiceSpec], per: usize) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------
-
-pub fn tables(sec: &Section) -> Vec<Table> {
-    let mut pp = Table {
-        title: format!("{}: per packet (BPF_PROG_TEST_RUN)", sec.title),
-        header: ["case", "how", "ns/pkt", "+ns over baseline"]
-            .map(String::from)
-            .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut live = Table {
-        title: "Live forwarding through the LB (veth, 64-byte frames)".into(),
-        header: [
-            "configuration",
-            "Mpps",
-            "counted at",
-            "vs baseline",
-            "offered Mpps",
-            "out/in",
-        ]
-        .map(String::from)
-        .to_vec(),
-        rows: Vec::new(),
-    };
-    let mut cp = Table {
-        title: "LB control plane".into(),
-        header: ["operation", "ms"].map(String::from).to_vec(),
-        rows: Vec::new(),
-    };
-    for m in &sec.measurements {
-        if m.id.starts_with("pp/") || m.id.starts_with("single/") {
-            let how = match m.params.get("how").and_then(|v| v.as_str()) {
-                Some("repeat") => format!(
-                    "repeat {}",
-                    m.params
-                        .get("repeat")
-                        .and_then(serde_json::Value::as_u64)
-                        .map_or("?".into(), |n| group(n as usize))
-                ),
-                Some(h) => format!(
-                    "{h} x{}",
-                    m.params
-                        .get("calls")
-                        .and_then(serde_json::Value::as_u64)
-                        .map_or("?".into(), |n| group(n as usize))
-                ),
-                None => "-".into(),
-            };
-            pp.rows.push(vec![
-                m.label.clone(),
-                how,
-                cell(Some(m)),
-                extra(Some(m), "over_baseline_ns", |x| format!("{x:+.0}")),
-            ]);
-        } else if m.id.starts_with("live/") {
-            let vs = if m.extra.contains_key("ratio_to_reflect") {
-                extra(Some(m), "ratio_to_reflect", |x| {
-                    format!("{:.0}% of reflect", x * 100.0)
-                })
-            } else {
-                extra(Some(m), "ratio_to_ceiling", |x| {
-                    format!("{:.0}% of ceiling", x * 100.0)
-                })
-            };
-            live.rows.push(vec![
-                m.label.clone(),
-                cell(Some(m)),
-                m.params
-                    .get("counted_at")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("-")
-                    .to_string(),
-                vs,
-                extra(Some(m), "offered_mpps", num),
-                extra(Some(m), "out_in_fraction", |x| format!("{:.0}%", x * 100.0)),
-            ]);
-        } else {
-            cp.rows.push(vec![m.label.clone(), cell(Some(m))]);
-        }
-    }
-    vec![pp, live, cp]
-}
 
 #[cfg(test)]
 mod tests {

@@ -23,7 +23,7 @@ use crate::{
     receivers::{Installed, Limits, Tool},
     s2_live,
     s6_lb::{self, SluiceOn},
-    stats::{Measurement, percentile},
+    stats::{Measurement, Section, percentile},
     util,
 };
 
@@ -423,4 +423,26 @@ pub fn run(plan: &Plan) -> Result<Vec<Measurement>> {
         }
     }
     Ok(out)
+}
+
+/// Section 6: the LB's per-packet cost, live rate and control plane.
+pub fn lb_section(plan: &Plan) -> Result<Section> {
+    let mut sec = Section::new("lb", "6. Load balancer", &s6_lb::method(plan));
+    sec.facts.insert("repeat".into(), plan.pp_repeat.into());
+    sec.facts
+        .insert("singles".into(), s6_lb::singles(plan).into());
+    eprintln!("  lb: per-packet cost");
+    for m in s6_lb::per_packet(plan)? {
+        sec.push(m);
+    }
+    util::check_stop()?;
+    for m in run(plan)? {
+        sec.push(m);
+    }
+    util::check_stop()?;
+    eprintln!("  lb: control plane");
+    for m in s6_lb::control(plan)? {
+        sec.push(m);
+    }
+    Ok(sec)
 }

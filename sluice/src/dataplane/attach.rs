@@ -1,7 +1,7 @@
 //! Attaching the XDP program to interfaces, detaching it, and reporting what
 //! is attached where. Links are pinned so filtering outlives the command.
 
-use std::{ffi::CString, os::fd::AsFd as _, path::Path};
+use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
     EbpfLoader,
@@ -138,13 +138,6 @@ fn parse_link_pin_name(name: &str) -> Option<(String, String, AttachMode)> {
     let iface = parts.next()?.to_string();
     let netns = parts.next()?.to_string();
     Some((netns, iface, mode))
-}
-
-pub(super) fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
@@ -375,7 +368,7 @@ fn attach_tc(
 /// Removes the TC egress attachment of `iface` and the interface from the
 /// redirect targets.
 fn detach_tc(root: &PinRoot, iface: &str, netns: &str) {
-    let index = ifindex(iface);
+    let index = sys::ifindex(iface);
     tc::detach(root, iface, index, netns);
     if let Some(index) = index {
         let _ = super::lb::remove_tx_port(root, index);
@@ -530,7 +523,7 @@ pub fn attach(
     mode: AttachMode,
     netns: &str,
 ) -> Result<AttachReport, DataplaneError> {
-    let index = ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface {
+    let index = sys::ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface {
         name: iface.to_string(),
         netns: netns.to_string(),
     })?;

@@ -677,3 +677,11 @@ pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
         }
     }
 }
+
+/// The index of interface `name` in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

@@ -364,7 +364,7 @@ pub(super) fn status(root: &PinRoot, iface: &str, netns: &str) -> Option<TcStatu
     let id = pinned_prog_id(&cls)?;
     let name = iface.to_string();
     let live = in_netns(netns, move || {
-        let Some(index) = super::attach::ifindex(&name) else {
+        let Some(index) = super::sys::ifindex(&name) else {
             return false;
         };
         clsact_slot(index).is_ok_and(|s| s.is_some_and(|f| f.prog_id == id))
@@ -429,7 +429,7 @@ pub(super) fn upgrade(
             };
             let replaced = in_netns(netns, move || -> Result<(), String> {
                 let index =
-                    super::attach::ifindex(&iface).ok_or_else(|| "interface gone".to_string())?;
+                    super::sys::ifindex(&iface).ok_or_else(|| "interface gone".to_string())?;
                 let mut prog = SchedClassifier::from_pin(&new_prog).map_err(|e| e.to_string())?;
                 let link = SchedClassifierLink::attached(
                     &iface,
