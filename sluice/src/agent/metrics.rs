@@ -10,7 +10,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use sluice_common::{Family as IpFamily, L4, Reason, Verdict, counter_index};
 
 use super::core::{AgentMetrics, Core};
 use crate::dataplane::{PolicyMaps, attach};
@@ -172,25 +171,15 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
         if let Ok(slots) = maps.counters() {
             let packets: Family<Labels, Counter> = Family::default();
             let bytes: Family<Labels, Counter> = Family::default();
-            for f in IpFamily::ALL {
-                for l in L4::ALL {
-                    for v in Verdict::ALL {
-                        for reason in Reason::ALL {
-                            let c = &slots[counter_index(f, l, v, reason) as usize];
-                            if c.packets == 0 {
-                                continue;
-                            }
-                            let lb = labels(&[
-                                ("family", f.name()),
-                                ("protocol", l.name()),
-                                ("verdict", v.name()),
-                                ("reason", reason.name()),
-                            ]);
-                            packets.get_or_create(&lb).inc_by(c.packets);
-                            bytes.get_or_create(&lb).inc_by(c.bytes);
-                        }
-                    }
-                }
+            for (f, l, v, reason, c) in crate::dataplane::stats::nonzero(&slots) {
+                let lb = labels(&[
+                    ("family", f.name()),
+                    ("protocol", l.name()),
+                    ("verdict", v.name()),
+                    ("reason", reason.name()),
+                ]);
+                packets.get_or_create(&lb).inc_by(c.packets);
+                bytes.get_or_create(&lb).inc_by(c.bytes);
             }
             r.register(
                 "sluice_packets",

@@ -788,6 +788,17 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
             } else {
                 "deny"
             };
+            let send = |verb: &str, prefixes: Vec<IpNet>| -> Result<Applied, CliError> {
+                Ok(client.call(
+                    Method::POST,
+                    &format!("/v1/lists/{kind}/{verb}"),
+                    Some(&api::PrefixesBody {
+                        prefixes,
+                        ttl_secs: None,
+                        reason: None,
+                    }),
+                )?)
+            };
             match &args.action {
                 ListCommand::Add(AddArgs {
                     prefixes: p,
@@ -820,29 +831,13 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                 ListCommand::Del(p) => {
                     let prefixes = gather_prefixes(p, cli.file_size_limit)?;
                     let n = prefixes.len();
-                    let a: Applied = client.call(
-                        Method::POST,
-                        &format!("/v1/lists/{kind}/del"),
-                        Some(&api::PrefixesBody {
-                            prefixes,
-                            ttl_secs: None,
-                            reason: None,
-                        }),
-                    )?;
+                    let a = send("del", prefixes)?;
                     out.applied(&format!("{kind} del: {n} prefix(es)"), &a);
                 }
                 ListCommand::Replace(p) => {
                     let prefixes = gather_prefixes(p, cli.file_size_limit)?;
                     let n = prefixes.len();
-                    let a: Applied = client.call(
-                        Method::POST,
-                        &format!("/v1/lists/{kind}/replace"),
-                        Some(&api::PrefixesBody {
-                            prefixes,
-                            ttl_secs: None,
-                            reason: None,
-                        }),
-                    )?;
+                    let a = send("replace", prefixes)?;
                     out.applied(
                         &format!(
                             "{kind} replace: {n} prefix(es), {} added, {} removed",
@@ -853,15 +848,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
                     );
                 }
                 ListCommand::Flush => {
-                    let a: Applied = client.call(
-                        Method::POST,
-                        &format!("/v1/lists/{kind}/flush"),
-                        Some(&api::PrefixesBody {
-                            prefixes: Vec::new(),
-                            ttl_secs: None,
-                            reason: None,
-                        }),
-                    )?;
+                    let a = send("flush", Vec::new())?;
                     out.applied(
                         &format!(
                             "{kind} flush: {} removed",

@@ -278,7 +278,7 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
     loader.map_max_entries(map_names::LB_CONNS, root.conn_capacity);
     create_maglev_outer(root)?;
     let mut ebpf = loader.load(OBJECT).map_err(|e| {
-        if super::is_permission(&format!("{e:?}")) {
+        if super::is_permission(&e) {
             DataplaneError::Permission {
                 what: "loading the XDP program".into(),
             }
@@ -709,19 +709,16 @@ fn attach_error(
     first: &aya::programs::ProgramError,
     last: &aya::programs::ProgramError,
 ) -> DataplaneError {
-    let text = format!("{first:?} {last:?}");
-    let detail = if text.contains("Device or resource busy")
-        || text.contains("EBUSY")
-        || text.contains("os error 16")
-    {
+    let errnos = [super::errno(first), super::errno(last)];
+    let detail = if errnos.contains(&Some(libc::EBUSY)) {
         "another XDP program is already attached to it (not sluice's, or from another pin root)"
             .to_string()
-    } else if text.contains("os error 95") || text.contains("Operation not supported") {
+    } else if errnos.contains(&Some(libc::EOPNOTSUPP)) {
         format!(
             "{}: the driver has no native XDP; use --mode generic or --mode auto",
             last
         )
-    } else if super::is_permission(&text) {
+    } else if super::is_permission(first) || super::is_permission(last) {
         return DataplaneError::Permission {
             what: format!("attaching to {iface}"),
         };

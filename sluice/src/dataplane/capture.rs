@@ -15,7 +15,7 @@ use sluice_common::{
 use super::{
     DataplaneError, PinRoot,
     lockfile::{self, LockError, LockFile},
-    policy::open_map,
+    policy::typed,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -167,16 +167,6 @@ pub struct Capture {
     /// Records skipped: left from before the start, another interface or verdict.
     pub skipped: u64,
     _lock: CaptureLock,
-}
-
-fn typed<T>(root: &PinRoot, name: &'static str) -> Result<T, DataplaneError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    T::try_from(open_map(root, name)?).map_err(|e| DataplaneError::PinnedMap {
-        path: root.map(name),
-        detail: e.to_string(),
-    })
 }
 
 fn counts(stats: &PerCpuArray<MapData, u64>) -> Result<KernelCounts, DataplaneError> {

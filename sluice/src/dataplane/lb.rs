@@ -7,7 +7,7 @@ use std::{
     os::fd::AsFd as _,
 };
 
-use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, PerCpuArray};
 use sluice_common::{
     lb::{
         Backend, BackendKey, CONN_F_CLOSED, Conn, FlowKey, LbConfig, LbCounter, MAX_BACKENDS,
@@ -16,17 +16,7 @@ use sluice_common::{
     map_names,
 };
 
-use super::{DataplaneError, PinRoot, policy::open_map, sys};
-
-fn typed<T>(root: &PinRoot, name: &'static str) -> Result<T, DataplaneError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    T::try_from(open_map(root, name)?).map_err(|e| DataplaneError::PinnedMap {
-        path: root.map(name),
-        detail: e.to_string(),
-    })
-}
+use super::{DataplaneError, PinRoot, policy::typed, sys};
 
 /// The pinned connection table's capacity.
 pub fn pinned_conn_capacity(root: &PinRoot) -> Result<u32, DataplaneError> {

@@ -150,19 +150,43 @@ pub enum DataplaneError {
 impl DataplaneError {
     /// Wraps an aya/io failure, turning EPERM/EACCES into the clear
     /// "needs privileges" error.
-    pub(crate) fn map_err(op: &'static str, map: &'static str, e: impl std::fmt::Display) -> Self {
-        let detail = e.to_string();
-        if is_permission(&detail) {
+    pub(crate) fn map_err(
+        op: &'static str,
+        map: &'static str,
+        e: impl std::error::Error + 'static,
+    ) -> Self {
+        if is_permission(&e) {
             return Self::Permission {
                 what: format!("({op} {map})"),
             };
         }
-        Self::Map { op, map, detail }
+        Self::Map {
+            op,
+            map,
+            detail: e.to_string(),
+        }
     }
 }
 
-pub(crate) fn is_permission(detail: &str) -> bool {
-    detail.contains("Operation not permitted") || detail.contains("Permission denied")
+/// The errno of the first OS error in `e`'s chain of causes (aya wraps the
+/// syscall's or netlink's `io::Error` as a source).
+pub(crate) fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(n) = err
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The kernel refused for want of privileges (EPERM, EACCES).
+pub(crate) fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(errno(e), Some(libc::EPERM | libc::EACCES))
 }
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds: the clock `last_seen_ns` uses.

@@ -220,7 +220,7 @@ pub fn check_pinned_maps(root: &PinRoot, specs: &[MapSpec]) -> Result<(), Datapl
             continue;
         }
         let info = MapInfo::from_pin(&path).map_err(|e| {
-            if super::is_permission(&format!("{e:?}")) {
+            if super::is_permission(&e) {
                 DataplaneError::Permission {
                     what: format!("opening {}", path.display()),
                 }

@@ -195,20 +195,22 @@ impl<K: AddrKey> List<K> {
             Err((0, e)) if batch_unsupported(&e) => {
                 for (n, k) in keys.iter().enumerate() {
                     if let Err(e) = self.trie.insert(k, entry_value(&nets[n]), 0) {
-                        return Err((n, self.full_or(e.to_string(), "insert", nets.len() - n)));
+                        return Err((n, self.full_or(e, "insert", nets.len() - n)));
                     }
                 }
                 Ok(())
             }
-            Err((n, e)) => Err((
-                n,
-                self.full_or(e.to_string(), "batch insert", nets.len() - n),
-            )),
+            Err((n, e)) => Err((n, self.full_or(e, "batch insert", nets.len() - n))),
         }
     }
 
-    fn full_or(&self, detail: String, op: &'static str, adding: usize) -> DataplaneError {
-        if detail.contains("Argument list too long") || detail.contains("No space left") {
+    fn full_or(
+        &self,
+        e: impl std::error::Error + 'static,
+        op: &'static str,
+        adding: usize,
+    ) -> DataplaneError {
+        if matches!(super::errno(&e), Some(libc::E2BIG | libc::ENOSPC)) {
             // The kernel found the trie full although the sizes said it fits
             // (entries of the other generation count against it too).
             DataplaneError::ListFull {
@@ -218,7 +220,7 @@ impl<K: AddrKey> List<K> {
                 adding,
             }
         } else {
-            DataplaneError::map_err(op, self.name(), detail)
+            DataplaneError::map_err(op, self.name(), e)
         }
     }
 
@@ -342,7 +344,7 @@ pub(crate) fn open_map_with_id(
     let path = root.map(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         let detail = e.to_string();
-        if super::is_permission(&format!("{e:?}")) {
+        if super::is_permission(&e) {
             DataplaneError::Permission {
                 what: format!("opening {}", path.display()),
             }
@@ -371,6 +373,26 @@ pub(crate) fn open_map(root: &PinRoot, name: &'static str) -> Result<Map, Datapl
     open_map_with_id(root, name).map(|(m, _)| m)
 }
 
+/// Opens a pinned map as the typed map `T` (the one typed opener).
+pub(crate) fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    root: &PinRoot,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    as_typed(root, name, open_map(root, name)?)
+}
+
+fn as_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    root: &PinRoot,
+    name: &'static str,
+    map: Map,
+) -> Result<T, DataplaneError> {
+    map.try_into()
+        .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
+            path: root.map(name),
+            detail: e.to_string(),
+        })
+}
+
 /// Opens a pinned map as the typed map `T`, noting its id in `ids`.
 fn open_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     root: &PinRoot,
@@ -379,11 +401,7 @@ fn open_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
 ) -> Result<T, DataplaneError> {
     let (map, id) = open_map_with_id(root, name)?;
     ids.push((name, id));
-    map.try_into()
-        .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
-            path: root.map(name),
-            detail: e.to_string(),
-        })
+    as_typed(root, name, map)
 }
 
 fn open_list<K: AddrKey>(

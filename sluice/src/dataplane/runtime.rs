@@ -1,20 +1,10 @@
 //! Maps that are not policy: DDoS settings and event counters, flow-record
 //! sampling, capture control, and the rings user space reads.
 
-use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
 use sluice_common::{CaptureConfig, DdosConfig, FlowConfig, map_names, stat};
 
-use super::{DataplaneError, PinRoot, policy::open_map};
-
-fn typed<T>(root: &PinRoot, name: &'static str) -> Result<T, DataplaneError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    T::try_from(open_map(root, name)?).map_err(|e| DataplaneError::PinnedMap {
-        path: root.map(name),
-        detail: e.to_string(),
-    })
-}
+use super::{DataplaneError, PinRoot, policy::typed};
 
 use sluice_common::settings::{DEFAULT_NEW_SOURCES_PER_S, DEFAULT_VERIFIED_TTL_S, gcra};
 

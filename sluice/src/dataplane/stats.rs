@@ -35,7 +35,7 @@ pub struct TopRule {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub total: Totals,
     pub by_verdict: BTreeMap<String, Totals>,
@@ -47,42 +47,38 @@ pub struct Stats {
     pub top_rules: Vec<TopRule>,
 }
 
+/// The counter slots that saw packets, with the class each counts.
+pub fn nonzero(slots: &[Counter]) -> impl Iterator<Item = (Family, L4, Verdict, Reason, &Counter)> {
+    Family::ALL.into_iter().flat_map(move |f| {
+        L4::ALL.into_iter().flat_map(move |l| {
+            Verdict::ALL.into_iter().flat_map(move |v| {
+                Reason::ALL.into_iter().filter_map(move |r| {
+                    let c = &slots[counter_index(f, l, v, r) as usize];
+                    (c.packets != 0).then_some((f, l, v, r, c))
+                })
+            })
+        })
+    })
+}
+
 pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
     let slots = maps.counters()?;
-    let mut st = Stats {
-        total: Totals::default(),
-        by_verdict: BTreeMap::new(),
-        by_reason: BTreeMap::new(),
-        by_family: BTreeMap::new(),
-        by_protocol: BTreeMap::new(),
-        top_entries: Vec::new(),
-        top_rules: Vec::new(),
-    };
-    for f in Family::ALL {
-        for l in L4::ALL {
-            for v in Verdict::ALL {
-                for r in Reason::ALL {
-                    let c = &slots[counter_index(f, l, v, r) as usize];
-                    if c.packets == 0 {
-                        continue;
-                    }
-                    st.total.add(c);
-                    st.by_verdict
-                        .entry(v.name().to_string())
-                        .or_default()
-                        .add(c);
-                    st.by_reason
-                        .entry(format!("{}/{}", v.name(), r.name()))
-                        .or_default()
-                        .add(c);
-                    st.by_family.entry(f.name().to_string()).or_default().add(c);
-                    st.by_protocol
-                        .entry(l.name().to_string())
-                        .or_default()
-                        .add(c);
-                }
-            }
-        }
+    let mut st = Stats::default();
+    for (f, l, v, r, c) in nonzero(&slots) {
+        st.total.add(c);
+        st.by_verdict
+            .entry(v.name().to_string())
+            .or_default()
+            .add(c);
+        st.by_reason
+            .entry(format!("{}/{}", v.name(), r.name()))
+            .or_default()
+            .add(c);
+        st.by_family.entry(f.name().to_string()).or_default().add(c);
+        st.by_protocol
+            .entry(l.name().to_string())
+            .or_default()
+            .add(c);
     }
     if top > 0 {
         let mut entries = Vec::new();

@@ -50,22 +50,39 @@ pub fn map_update_batch(
     values: &[u8],
     count: usize,
 ) -> Result<(), (usize, io::Error)> {
+    write_batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values), count)
+}
+
+/// Deletes `keys` in batches. Missing keys are an error (ENOENT) from the kernel.
+pub fn map_delete_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    count: usize,
+) -> Result<(), (usize, io::Error)> {
+    write_batch(BPF_MAP_DELETE_BATCH, map, keys, None, count)
+}
+
+/// One batched update or delete command over `count` elements, repeated
+/// until the kernel has taken them all (it may take fewer per call).
+fn write_batch(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: Option<&[u8]>,
+    count: usize,
+) -> Result<(), (usize, io::Error)> {
     let mut done = 0usize;
     let key_size = keys.len() / count.max(1);
-    let value_size = values.len() / count.max(1);
+    let value_size = values.map_or(0, |v| v.len() / count.max(1));
     while done < count {
         let mut attr = BatchAttr {
             keys: keys[done * key_size..].as_ptr() as u64,
-            values: values[done * value_size..].as_ptr() as u64,
+            values: values.map_or(0, |v| v[done * value_size..].as_ptr() as u64),
             count: u32::try_from(count - done).unwrap_or(u32::MAX),
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let res = bpf(
-            BPF_MAP_UPDATE_BATCH,
-            (&raw mut attr).cast(),
-            size_of::<BatchAttr>(),
-        );
+        let res = bpf(cmd, (&raw mut attr).cast(), size_of::<BatchAttr>());
         // The kernel writes back how many elements it processed.
         done += attr.count as usize;
         if let Err(e) = res {
@@ -92,37 +109,6 @@ pub fn array_lookup_all(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<u32>> {
         }
     }
     Ok(out)
-}
-
-/// Deletes `keys` in batches. Missing keys are an error (ENOENT) from the kernel.
-pub fn map_delete_batch(
-    map: BorrowedFd<'_>,
-    keys: &[u8],
-    count: usize,
-) -> Result<(), (usize, io::Error)> {
-    let mut done = 0usize;
-    let key_size = keys.len() / count.max(1);
-    while done < count {
-        let mut attr = BatchAttr {
-            keys: keys[done * key_size..].as_ptr() as u64,
-            count: u32::try_from(count - done).unwrap_or(u32::MAX),
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let res = bpf(
-            BPF_MAP_DELETE_BATCH,
-            (&raw mut attr).cast(),
-            size_of::<BatchAttr>(),
-        );
-        done += attr.count as usize;
-        if let Err(e) = res {
-            return Err((done, e));
-        }
-        if attr.count == 0 {
-            break;
-        }
-    }
-    Ok(())
 }
 
 #[repr(C)]

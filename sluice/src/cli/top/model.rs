@@ -468,15 +468,7 @@ mod tests {
 
     /// Counters: `(verdict/reason, packets, bytes)`.
     fn stats(rows: &[(&str, u64, u64)]) -> Stats {
-        let mut s = Stats {
-            total: Totals::default(),
-            by_verdict: BTreeMap::new(),
-            by_reason: BTreeMap::new(),
-            by_family: BTreeMap::new(),
-            by_protocol: BTreeMap::new(),
-            top_entries: Vec::new(),
-            top_rules: Vec::new(),
-        };
+        let mut s = Stats::default();
         for (key, p, b) in rows {
             let verdict = key.split('/').next().unwrap();
             s.total.packets += p;
