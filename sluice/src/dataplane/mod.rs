@@ -3,6 +3,8 @@
 
 pub mod attach;
 pub mod capture;
+#[cfg(test)]
+mod contract;
 pub mod flows;
 pub mod integrity;
 pub mod lb;

@@ -685,13 +685,7 @@ impl PolicyMaps {
 
     fn reset_rule_buckets(&mut self, slot: u32) -> Result<(), DataplaneError> {
         for name in [map_names::RULE_BUCKETS, map_names::OVERFLOW_BKTS] {
-            let mut m: aya::maps::Array<MapData, sluice_common::Bucket> =
-                open_map(&self.root, name)?
-                    .try_into()
-                    .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
-                        path: self.root.map(name),
-                        detail: e.to_string(),
-                    })?;
+            let mut m: aya::maps::Array<MapData, sluice_common::Bucket> = typed(&self.root, name)?;
             m.set(slot, sluice_common::Bucket::default(), 0)
                 .map_err(|e| DataplaneError::map_err("write", name, e))?;
         }
