@@ -154,6 +154,9 @@ fn every_import_points_down_the_layers() {
                 wrong.push(format!("{} names crate::{module}::{item}", rel.display()));
             }
         }
+        if top != "dataplane" && (code.contains("aya::") || code.contains("aya_obj::")) {
+            wrong.push(format!("{} uses aya outside the dataplane", rel.display()));
+        }
         if top == "model" {
             for krate in MODEL_FORBIDDEN_CRATES {
                 if code.contains(&format!("{krate}::")) {

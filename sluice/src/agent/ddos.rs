@@ -58,16 +58,6 @@ pub fn ops_for(reports: &[Escalation], now_unix: u64) -> Vec<Op> {
         .collect()
 }
 
-/// Reads reports already in the ring (without waiting).
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, out: &mut Vec<Escalation>) {
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<Escalation>() {
-            // SAFETY: the kernel writes whole `Escalation` records; read unaligned.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Escalation>()) });
-        }
-    }
-}
-
 /// Applies reports (skipping sources already denied) and expires entries
 /// whose time is up. Runs on a blocking thread with the core locked.
 pub fn settle(core: &mut Core, reports: &[Escalation]) {
@@ -186,11 +176,7 @@ fn keep_settings(shared: &Shared, root: &crate::dataplane::PinRoot) {
 /// Runs until aborted: every 250 ms, read escalation reports (reopening the
 /// ring when the pins are recreated) and settle them with expiries.
 pub async fn run(shared: Shared) {
-    let mut ring: Option<(
-        std::path::PathBuf,
-        u64,
-        aya::maps::RingBuf<aya::maps::MapData>,
-    )> = None;
+    let mut ring: Option<(std::path::PathBuf, u64, runtime::Ring)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
@@ -213,7 +199,7 @@ pub async fn run(shared: Shared) {
         keep_settings(&shared, &root);
         let mut reports = Vec::new();
         if let Some((_, _, r)) = ring.as_mut() {
-            drain(r, &mut reports);
+            runtime::drain_escalations(r, &mut reports);
         }
         let c = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

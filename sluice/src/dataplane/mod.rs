@@ -1,5 +1,6 @@
-//! The only module that touches aya: loading, attaching and pinning the XDP
-//! program, and reading and writing its maps with generation flips.
+//! The only module that touches aya (the layering test holds it to that):
+//! loading, attaching and pinning the programs, and reading and writing
+//! their maps with generation flips. It speaks sluice-common types only.
 
 pub mod attach;
 pub mod capture;

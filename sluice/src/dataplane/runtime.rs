@@ -115,11 +115,24 @@ pub fn named_stats(root: &PinRoot) -> Result<Vec<(&'static str, u64)>, Dataplane
         .collect())
 }
 
+/// A ring buffer map opened for reading.
+pub type Ring = aya::maps::RingBuf<MapData>;
+
 /// Opens one of the rings (`EVENTS`, `FLOWS`, `CAPTURE`) for reading. A
 /// ring has one reader at a time: its read position is shared.
-pub fn open_ring(
-    root: &PinRoot,
-    name: &'static str,
-) -> Result<aya::maps::RingBuf<MapData>, DataplaneError> {
+pub fn open_ring(root: &PinRoot, name: &'static str) -> Result<Ring, DataplaneError> {
     typed(root, name)
+}
+
+/// Reads the escalation reports already in the `EVENTS` ring (without
+/// waiting) into `out`.
+pub fn drain_escalations(ring: &mut Ring, out: &mut Vec<sluice_common::Escalation>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<sluice_common::Escalation>() {
+            // SAFETY: the kernel writes whole `Escalation` records; read unaligned.
+            out.push(unsafe {
+                std::ptr::read_unaligned(item.as_ptr().cast::<sluice_common::Escalation>())
+            });
+        }
+    }
 }
