@@ -5,6 +5,11 @@
 //! a refusal (sluice/tests/compat.rs).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys stay passed by reference: one moved into aya's `impl Borrow<K>` \
+              parameter may be copied again on the 512-byte BPF stack"
+)]
 
 use aya_ebpf::{
     bindings::xdp_action,

@@ -211,7 +211,7 @@ fn new_bucket(key: &SrcKey, now: u64) -> Option<*mut Bucket> {
     match SRC_BUCKETS.insert(key, &FRESH_BUCKET, BPF_NOEXIST) {
         Ok(()) => bump(stat::SRC_INSERTED),
         // Another CPU inserted it first: use that one.
-        Err(e) if e == -17 => {}
+        Err(-17) => {}
         Err(_) => {
             bump(stat::SRC_INSERT_FAILED);
             return None;

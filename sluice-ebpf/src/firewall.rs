@@ -143,9 +143,7 @@ fn finish(ctx: &XdpContext, slot: *const Packet, v: *const [u32; 4]) -> Action {
         // and verdict are in its slots already.
         observe::capture(ctx, &outcome, bytes);
         // SAFETY: JUMP holds XDP programs only.
-        unsafe {
-            let _ = JUMP.tail_call(ctx, JUMP_LB);
-        }
+        unsafe { JUMP.tail_call(ctx, JUMP_LB) };
         // No LB program (cannot happen once loaded): the stack decides.
     }
     count(
@@ -166,9 +164,7 @@ fn finish(ctx: &XdpContext, slot: *const Packet, v: *const [u32; 4]) -> Action {
         // The rewrite runs as its own program (verified on its own, not
         // once per path through the pipeline); if the jump fails, drop.
         // SAFETY: JUMP holds XDP programs only.
-        unsafe {
-            let _ = JUMP.tail_call(ctx, JUMP_SYN_CHALLENGE);
-        }
+        unsafe { JUMP.tail_call(ctx, JUMP_SYN_CHALLENGE) };
         return Action::Drop;
     }
     action(outcome.verdict)
@@ -362,12 +358,13 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
             ..Outcome::of(drop_or_audit(audit), Reason::DenyList)
         };
     }
-    if settings.flags & SETTINGS_F_SYN_GUARD != 0 && matches!(pkt.l4, L4::Tcp) {
-        if ddos::answer_verifies(pkt) {
-            // Consumed: the server never sent the SYN-ACK it answers. In
-            // audit mode it is passed (the stack ignores it).
-            return Outcome::of(drop_or_audit(audit), Reason::SynDefence);
-        }
+    if settings.flags & SETTINGS_F_SYN_GUARD != 0
+        && matches!(pkt.l4, L4::Tcp)
+        && ddos::answer_verifies(pkt)
+    {
+        // Consumed: the server never sent the SYN-ACK it answers. In
+        // audit mode it is passed (the stack ignores it).
+        return Outcome::of(drop_or_audit(audit), Reason::SynDefence);
     }
     let mut scan = RuleScan {
         pkt,
@@ -390,33 +387,33 @@ fn judge(pkt: &Packet, bytes: u64) -> Outcome {
             );
         }
     }
-    if scan.hit != NO_HIT {
-        if let Some(r) = RULES.get(scan.base + scan.hit) {
-            if let Some(c) = RULE_STATS.get_ptr_mut(r.stats_slot) {
-                // SAFETY: per-CPU slot.
-                unsafe {
-                    (*c).packets += 1;
-                    (*c).bytes += bytes;
-                }
+    if scan.hit != NO_HIT
+        && let Some(r) = RULES.get(scan.base + scan.hit)
+    {
+        if let Some(c) = RULE_STATS.get_ptr_mut(r.stats_slot) {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
             }
-            let audit = audit || r.flags & RULE_F_AUDIT != 0;
-            let (verdict, reason) = match scan.by {
-                BY_RATE_LIMIT => (drop_or_audit(audit), Reason::RateLimit),
-                BY_MAP_FULL => (drop_or_audit(audit), Reason::MapFull),
-                BY_SYN_GUARD => (drop_or_audit(audit), Reason::SynDefence),
-                _ => match verdict_of(r.action) {
-                    Verdict::Drop => (drop_or_audit(audit), Reason::Rule),
-                    v => (v, Reason::Rule),
-                },
-            };
-            return Outcome {
-                verdict,
-                reason,
-                matched: r.id,
-                // In audit mode the SYN is passed, not answered.
-                challenge: scan.by == BY_SYN_GUARD && !audit,
-            };
         }
+        let audit = audit || r.flags & RULE_F_AUDIT != 0;
+        let (verdict, reason) = match scan.by {
+            BY_RATE_LIMIT => (drop_or_audit(audit), Reason::RateLimit),
+            BY_MAP_FULL => (drop_or_audit(audit), Reason::MapFull),
+            BY_SYN_GUARD => (drop_or_audit(audit), Reason::SynDefence),
+            _ => match verdict_of(r.action) {
+                Verdict::Drop => (drop_or_audit(audit), Reason::Rule),
+                v => (v, Reason::Rule),
+            },
+        };
+        return Outcome {
+            verdict,
+            reason,
+            matched: r.id,
+            // In audit mode the SYN is passed, not answered.
+            challenge: scan.by == BY_SYN_GUARD && !audit,
+        };
     }
     Outcome::of(
         match verdict_of(settings.default_action) {
