@@ -13,6 +13,7 @@ use sluice_common::{
     EntryStats, Family, JUMP_LB, JUMP_SYN_CHALLENGE, L4, MAX_RULES, RULE_ACTION_LIMIT,
     RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC,
     RULE_F_SYN, Reason, Rule, SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, counter_index,
+    handoff::{HANDOFF_F_CHALLENGE, HANDOFF_F_IP, Handoff},
     lpm_prefix_len,
 };
 
@@ -81,7 +82,7 @@ pub fn run(ctx: &XdpContext) -> Action {
         }
         Parsed::Ip(pkt) => {
             unsafe { slot.write(pkt) };
-            flags |= HANDOFF_IP;
+            flags |= HANDOFF_F_IP;
             // Read back through an opaque pointer: the optimiser must not
             // hand the judge the values it just wrote.
             // SAFETY: written just above.
@@ -89,24 +90,19 @@ pub fn run(ctx: &XdpContext) -> Action {
         }
     };
     if outcome.challenge {
-        flags |= HANDOFF_CHALLENGE;
+        flags |= HANDOFF_F_CHALLENGE;
     }
     // SAFETY: this CPU's slot.
     unsafe {
-        v.write([
-            outcome.reason as u32,
-            outcome.matched,
-            outcome.verdict as u32,
+        v.write(Handoff {
+            reason: outcome.reason as u32,
+            matched: outcome.matched,
+            verdict: outcome.verdict as u32,
             flags,
-        ]);
+        });
     }
     finish(ctx, slot, v)
 }
-
-/// `LB_VERDICT[0][3]` bits: the packet is IP (`LB_PACKET` holds its parse;
-/// otherwise only its family), and the SYN is to be answered with a challenge.
-const HANDOFF_IP: u32 = 1;
-const HANDOFF_CHALLENGE: u32 = 2;
 
 #[inline(always)]
 fn action(v: Verdict) -> Action {
@@ -119,23 +115,23 @@ fn action(v: Verdict) -> Action {
 /// The second half of the pipeline, on the handed-over verdict and packet:
 /// the LB jump, counters, flow record, capture and the SYN challenge.
 #[inline(always)]
-fn finish(ctx: &XdpContext, slot: *const Packet, v: *const [u32; 4]) -> Action {
+fn finish(ctx: &XdpContext, slot: *const Packet, v: *const Handoff) -> Action {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // SAFETY: both point at this CPU's slots written just before; volatile
     // so the optimiser cannot forward the values written (the point is
     // that the verifier sees them come from memory).
-    let (words, pkt) = unsafe { (core::ptr::read_volatile(v), &*slot) };
+    let (h, pkt) = unsafe { (core::ptr::read_volatile(v), &*slot) };
     let outcome = Outcome {
-        reason: Reason::from_u32(words[0]).unwrap_or(Reason::Default),
-        matched: words[1],
-        verdict: match words[2] {
+        reason: Reason::from_u32(h.reason).unwrap_or(Reason::Default),
+        matched: h.matched,
+        verdict: match h.verdict {
             w if w == Verdict::Drop as u32 => Verdict::Drop,
             w if w == Verdict::Audit as u32 => Verdict::Audit,
             _ => Verdict::Pass,
         },
-        challenge: words[3] & HANDOFF_CHALLENGE != 0,
+        challenge: h.flags & HANDOFF_F_CHALLENGE != 0,
     };
-    let is_ip = words[3] & HANDOFF_IP != 0;
+    let is_ip = h.flags & HANDOFF_F_IP != 0;
     let (family, l4) = (pkt.family, pkt.l4);
     if is_ip && outcome.verdict != Verdict::Drop && !outcome.challenge && lb::is_vip(pkt) {
         // The load balancer counts the packet and writes its flow record

@@ -10,6 +10,7 @@ use aya_ebpf::{
 };
 use sluice_common::{
     Family, L4, Reason, Verdict, counter_index,
+    handoff::IcmpService,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, CONN_F_CLOSED, Conn, FlowKey, LB_F_ENABLED,
         MODE_DSR, MODE_NAT, MODE_VXLAN, NO_BACKEND, Service, ServiceKey, TABLE_SIZE, VXLAN_PORT,
@@ -161,7 +162,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     // What the firewall decided (it left counting and the flow record to us).
     let (fw_reason, fw_matched, fw_audit) = match LB_VERDICT.get(0) {
-        Some(v) => (v[0], v[1], v[2] == Verdict::Audit as u32),
+        Some(h) => (h.reason, h.matched, h.verdict == Verdict::Audit as u32),
         None => (Reason::Default as u32, 0, false),
     };
     let fw_reason = Reason::from_u32(fw_reason).unwrap_or(Reason::Default);
@@ -334,7 +335,7 @@ fn icmp_decision(ctx: &XdpContext, pkt: &Packet) -> Decision {
         return Decision::pass_on(xdp_action::XDP_PASS, 0);
     };
     let (mode, vni) = match LB_ICMP_SVC.get(0) {
-        Some(m) => (m[0], m[1]),
+        Some(m) => (m.mode, m.vni),
         None => (MODE_NAT, 0),
     };
     let action = if mode == MODE_VXLAN {
@@ -466,7 +467,12 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     }
     if let Some(m) = LB_ICMP_SVC.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
-        unsafe { *m = [svc.mode, svc.vni] };
+        unsafe {
+            *m = IcmpService {
+                mode: svc.mode,
+                vni: svc.vni,
+            };
+        }
     }
     bump(lb_stat::ICMP_TRANSLATED);
     if svc.mode != MODE_NAT {
