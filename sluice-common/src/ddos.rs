@@ -43,7 +43,7 @@ pub const REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SrcKey {
     pub rule_id: u32,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u32,
     /// `addr_words` of the masked source.
     pub addr: [u64; 2],
@@ -57,7 +57,7 @@ unsafe impl aya::Pod for SrcKey {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u32,
     pub _pad: u32,
     pub addr: [u64; 2],
@@ -96,7 +96,7 @@ pub const EVENTS_BYTES: u32 = 64 * 1024;
 pub struct Escalation {
     pub ts_ns: u64,
     pub rule_id: u32,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u32,
     /// Masked source address (IPv4 in the first 4 bytes).
     pub addr: [u8; 16],

@@ -168,7 +168,7 @@ pub struct Rule {
     pub action: u32,
     /// IP protocol number; 0 = any.
     pub proto: u32,
-    /// 4 or 6, used when `RULE_F_FAMILY` is set.
+    /// 4 or 6 (`Family::version`), used when `RULE_F_FAMILY` is set.
     pub family: u32,
     /// `RULE_F_*` bits.
     pub flags: u32,

@@ -69,7 +69,7 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP).
     pub proto: u8,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u8,
     pub _pad: u32,
 }
@@ -103,7 +103,7 @@ pub struct Backend {
     pub addr: [u64; 2],
     /// Destination port after translation; 0 = keep the packet's port.
     pub port: u16,
-    /// 4 or 6 (0 = free slot).
+    /// 4 or 6 (`Family::version`; 0 = free slot).
     pub family: u8,
     pub _pad: u8,
     /// `BACKEND_F_*`.
@@ -132,7 +132,7 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u8,
     pub _pad: u16,
 }

@@ -15,6 +15,8 @@ use sluice_common::{
     stat,
 };
 
+use crate::net::parse::PacketSlot;
+
 /// Active policy generation (0 or 1). One u32; written only by the control
 /// plane to flip between fully built generations. Never full.
 #[map]
@@ -201,10 +203,10 @@ pub static LB_VERDICT: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
-/// The packet as the main program parsed it (`lb::PacketSlot`), written
-/// for every packet like `LB_VERDICT`. Per-CPU scratch; one entry.
+/// The packet as the main program parsed it (`PacketSlot`), written for
+/// every packet like `LB_VERDICT`. Per-CPU scratch; one entry.
 #[map]
-pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_PACKET: PerCpuArray<PacketSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// The service an ICMP error was matched to, for the forwarding that
 /// follows: its mode and VNI (`IcmpService`). Per-CPU scratch; one entry.

@@ -1,170 +1,27 @@
-//! The firewall stage: allow list, deny list, L4 rules, default action, and
-//! the counters every verdict feeds.
+//! The firewall stage: allow list, deny list, L4 rules (which consult the
+//! DDoS stage for `limit` and `syn-guard`) and the default action. It only
+//! judges; the pipeline counts, records and acts on what it decides.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     cty::{c_long, c_void},
-    helpers::{bpf_ktime_get_boot_ns, bpf_loop},
+    helpers::bpf_loop,
     maps::lpm_trie::Key,
-    programs::XdpContext,
 };
 use sluice_common::{
-    EntryStats, Family, JUMP_LB, JUMP_SYN_CHALLENGE, L4, MAX_RULES, RULE_ACTION_LIMIT,
-    RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC,
-    RULE_F_SYN, Reason, Rule, SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, counter_index,
-    handoff::{HANDOFF_F_CHALLENGE, HANDOFF_F_IP, Handoff},
-    lpm_prefix_len,
+    EntryStats, Family, L4, MAX_RULES, RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT,
+    RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, RULE_F_SYN, Reason, Rule,
+    SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, lpm_prefix_len,
 };
 
 use crate::{
-    ddos::{self, Limit},
-    lb,
-    maps::{
-        ALLOW_V4, ALLOW_V6, COUNTERS, DENY_V4, DENY_V6, GENERATION, JUMP, LB_PACKET, LB_VERDICT,
-        RULE_STATS, RULES, SETTINGS,
-    },
-    observe,
-    parse::{Packet, Parsed, parse},
+    maps::{ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, GENERATION, RULE_STATS, RULES, SETTINGS},
+    net::parse::Packet,
+    outcome::Outcome,
+    stages::ddos::{self, Limit},
+    time::now,
 };
-
-pub struct Outcome {
-    pub verdict: Verdict,
-    pub reason: Reason,
-    /// Rule id, or the matched list entry's prefix length; 0 if none.
-    pub matched: u32,
-    /// Answer the packet with a SYN challenge instead of passing or dropping it.
-    pub challenge: bool,
-}
-
-impl Outcome {
-    const fn of(verdict: Verdict, reason: Reason) -> Self {
-        Self {
-            verdict,
-            reason,
-            matched: 0,
-            challenge: false,
-        }
-    }
-}
-
-/// What the entry point does with the frame.
-pub enum Action {
-    Pass,
-    Drop,
-}
-
-#[inline(always)]
-pub fn run(ctx: &XdpContext) -> Action {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    // The parsed packet and then the verdict go into this CPU's hand-off
-    // slots (the LB program reads the same slots after its tail call), and
-    // each stage after parsing reads them back from there: values from map
-    // memory are unknown to the verifier, so the many paths through parsing
-    // (and then through judging) meet in one state where the next stage
-    // starts, which is then verified about once instead of once per path.
-    // Linux 6.1's verifier ran out of its 1M instructions otherwise.
-    let (Some(slot), Some(v)) = (LB_PACKET.get_ptr_mut(0), LB_VERDICT.get_ptr_mut(0)) else {
-        // Cannot happen (one-entry arrays); fail closed.
-        return Action::Drop;
-    };
-    let slot = slot.cast::<Packet>();
-    let mut flags = 0;
-    // SAFETY (all writes to `slot`): this CPU's slot, which a Packet fits.
-    let outcome = match parse(ctx) {
-        Parsed::NotIp => {
-            unsafe { slot.write(Packet::other(Family::Other)) };
-            Outcome::of(Verdict::Pass, Reason::NotIp)
-        }
-        Parsed::Malformed(family) => {
-            unsafe { slot.write(Packet::other(family)) };
-            Outcome::of(malformed_action(), Reason::Malformed)
-        }
-        Parsed::Ip(pkt) => {
-            unsafe { slot.write(pkt) };
-            flags |= HANDOFF_F_IP;
-            // Read back through an opaque pointer: the optimiser must not
-            // hand the judge the values it just wrote.
-            // SAFETY: written just above.
-            judge(unsafe { &*core::hint::black_box(slot) }, bytes)
-        }
-    };
-    if outcome.challenge {
-        flags |= HANDOFF_F_CHALLENGE;
-    }
-    // SAFETY: this CPU's slot.
-    unsafe {
-        v.write(Handoff {
-            reason: outcome.reason as u32,
-            matched: outcome.matched,
-            verdict: outcome.verdict as u32,
-            flags,
-        });
-    }
-    finish(ctx, slot, v)
-}
-
-#[inline(always)]
-fn action(v: Verdict) -> Action {
-    match v {
-        Verdict::Pass | Verdict::Audit => Action::Pass,
-        Verdict::Drop => Action::Drop,
-    }
-}
-
-/// The second half of the pipeline, on the handed-over verdict and packet:
-/// the LB jump, counters, flow record, capture and the SYN challenge.
-#[inline(always)]
-fn finish(ctx: &XdpContext, slot: *const Packet, v: *const Handoff) -> Action {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    // SAFETY: both point at this CPU's slots written just before; volatile
-    // so the optimiser cannot forward the values written (the point is
-    // that the verifier sees them come from memory).
-    let (h, pkt) = unsafe { (core::ptr::read_volatile(v), &*slot) };
-    let outcome = Outcome {
-        reason: Reason::from_u32(h.reason).unwrap_or(Reason::Default),
-        matched: h.matched,
-        verdict: match h.verdict {
-            w if w == Verdict::Drop as u32 => Verdict::Drop,
-            w if w == Verdict::Audit as u32 => Verdict::Audit,
-            _ => Verdict::Pass,
-        },
-        challenge: h.flags & HANDOFF_F_CHALLENGE != 0,
-    };
-    let is_ip = h.flags & HANDOFF_F_IP != 0;
-    let (family, l4) = (pkt.family, pkt.l4);
-    if is_ip && outcome.verdict != Verdict::Drop && !outcome.challenge && lb::is_vip(pkt) {
-        // The load balancer counts the packet and writes its flow record
-        // once it knows the backend (and the final verdict); the packet
-        // and verdict are in its slots already.
-        observe::capture(ctx, &outcome, bytes);
-        // SAFETY: JUMP holds XDP programs only.
-        unsafe { JUMP.tail_call(ctx, JUMP_LB) };
-        // No LB program (cannot happen once loaded): the stack decides.
-    }
-    count(
-        counter_index(family, l4, outcome.verdict, outcome.reason),
-        bytes,
-    );
-    observe::flow(
-        ctx,
-        if is_ip { Some(pkt) } else { None },
-        family,
-        l4,
-        &outcome,
-        bytes,
-        0,
-    );
-    observe::capture(ctx, &outcome, bytes);
-    if outcome.challenge {
-        // The rewrite runs as its own program (verified on its own, not
-        // once per path through the pipeline); if the jump fails, drop.
-        // SAFETY: JUMP holds XDP programs only.
-        unsafe { JUMP.tail_call(ctx, JUMP_SYN_CHALLENGE) };
-        return Action::Drop;
-    }
-    action(outcome.verdict)
-}
 
 #[inline(always)]
 fn generation() -> u32 {
@@ -180,23 +37,13 @@ fn verdict_of(v: u32) -> Verdict {
     }
 }
 
+/// The verdict for a frame the parser could not make sense of.
 #[inline(always)]
-fn malformed_action() -> Verdict {
+pub fn malformed_action() -> Verdict {
     match SETTINGS.get(generation()) {
         Some(s) => verdict_of(s.malformed_action),
         // Unreachable for a 2-entry array; fail closed like the default setting.
         None => Verdict::Drop,
-    }
-}
-
-#[inline(always)]
-pub fn count(index: u32, bytes: u64) {
-    if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
     }
 }
 
@@ -208,7 +55,7 @@ fn hit(entry: &EntryStats, bytes: u64) {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).bytes, bytes);
-        (*p).last_seen_ns = bpf_ktime_get_boot_ns();
+        (*p).last_seen_ns = now();
     }
 }
 
@@ -247,12 +94,7 @@ fn list_hit(pkt: &Packet, g: u8, allow: bool) -> Option<&'static EntryStats> {
 
 #[inline(always)]
 fn rule_matches(r: &Rule, pkt: &Packet) -> bool {
-    let fam = match pkt.family {
-        Family::V4 => 4,
-        Family::V6 => 6,
-        Family::Other => 0,
-    };
-    if r.flags & RULE_F_FAMILY != 0 && r.family != fam {
+    if r.flags & RULE_F_FAMILY != 0 && r.family != u32::from(pkt.family.version()) {
         return false;
     }
     if r.proto != 0 && r.proto != u32::from(pkt.proto) {
@@ -333,8 +175,10 @@ extern "C" fn scan_rule(index: u32, ctx: *mut c_void) -> c_long {
     1
 }
 
+/// The verdict for an IP packet: lists first, then the SYN guard's answers,
+/// then the rules in order, then the default action.
 #[inline(always)]
-fn judge(pkt: &Packet, bytes: u64) -> Outcome {
+pub fn judge(pkt: &Packet, bytes: u64) -> Outcome {
     let g = generation();
     let Some(settings) = SETTINGS.get(g) else {
         return Outcome::of(Verdict::Drop, Reason::Default);
