@@ -69,10 +69,14 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP).
     pub proto: u8,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u8,
     pub _pad: u32,
 }
+
+// SAFETY: repr(C), Copy, integers only; `_pad` fills the tail.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServiceKey {}
 
 /// Value of `LB_SERVICES`.
 #[repr(C)]
@@ -88,6 +92,10 @@ pub struct Service {
     pub vni: u32,
 }
 
+// SAFETY: repr(C), Copy, u32s only.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Service {}
+
 /// Value of `LB_BACKENDS` (indexed by backend slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,7 +103,7 @@ pub struct Backend {
     pub addr: [u64; 2],
     /// Destination port after translation; 0 = keep the packet's port.
     pub port: u16,
-    /// 4 or 6 (0 = free slot).
+    /// 4 or 6 (`Family::version`; 0 = free slot).
     pub family: u8,
     pub _pad: u8,
     /// `BACKEND_F_*`.
@@ -111,6 +119,10 @@ pub struct Backend {
     pub _pad2: u32,
 }
 
+// SAFETY: repr(C), Copy, integers only; `_pad`/`_pad2` are explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Backend {}
+
 /// A connection as the client sent it (key of `LB_CONNS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -120,10 +132,14 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// 4 or 6.
+    /// 4 or 6 (`Family::version`).
     pub family: u8,
     pub _pad: u16,
 }
+
+// SAFETY: repr(C), Copy, integers only; `_pad` fills the tail.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowKey {}
 
 /// Value of `LB_CONNS`: where the connection goes.
 #[repr(C)]
@@ -141,6 +157,10 @@ pub struct Conn {
     pub last_ns: u64,
 }
 
+// SAFETY: repr(C), Copy, integers only, no gap.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Conn {}
+
 /// Key of `LB_REVERSE`: a NAT backend as its replies show it. `port` 0 =
 /// the backend of a whole-VIP service (replies keep their port).
 #[repr(C)]
@@ -153,6 +173,10 @@ pub struct BackendKey {
     pub _pad: u32,
 }
 
+// SAFETY: repr(C), Copy, integers only; `_pad` fills the tail.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BackendKey {}
+
 /// Value of `LB_REVERSE`: the VIP (and port; 0 = keep) replies get as source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,6 +186,10 @@ pub struct Vip {
     pub _pad: u16,
     pub service: u32,
 }
+
+// SAFETY: repr(C), Copy, integers only; `_pad` is explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Vip {}
 
 /// `LB_CONFIG[0]`.
 #[repr(C)]
@@ -180,6 +208,10 @@ pub struct LbConfig {
     pub new_conn_tolerance_ns: u64,
 }
 
+// SAFETY: repr(C), Copy, integers only; `_pad` is explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LbConfig {}
+
 /// Per-CPU counters of a service or a backend (`LB_SVC_STATS`, `LB_BE_STATS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -190,6 +222,10 @@ pub struct LbCounter {
     /// the cap, new unrecorded connections).
     pub conns: u64,
 }
+
+// SAFETY: repr(C), Copy, u64s only.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LbCounter {}
 
 /// Indexes of the per-CPU `LB_STATS` array.
 pub mod lb_stat {

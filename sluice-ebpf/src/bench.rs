@@ -5,6 +5,11 @@
 //! a refusal (sluice/tests/compat.rs).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys stay passed by reference: one moved into aya's `impl Borrow<K>` \
+              parameter may be copied again on the 512-byte BPF stack"
+)]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -12,6 +17,12 @@ use aya_ebpf::{
     maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
+use ptr::ptr_at;
+
+// The pipeline's own bounds-checked pointer: the reference does the same
+// checks sluice does.
+#[path = "net/ptr.rs"]
+mod ptr;
 
 /// Reference lists: plain address keys (no generation byte), no counters.
 #[map]
@@ -26,15 +37,6 @@ static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// How many distinct IPv4 sources the generator cycles through (set at load).
 #[unsafe(no_mangle)]
 static GEN_SOURCES: u32 = 1;
-
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
 
 /// Reads the first byte of the frame without checking it is there: every
 /// kernel's verifier refuses this (invalid access to packet). Never loaded

@@ -2,30 +2,34 @@
 //! returns the verdict it computed.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys stay passed by reference: one moved into aya's `impl Borrow<K>` \
+              parameter may be copied again on the 512-byte BPF stack"
+)]
 // Atomic adds on map values shared between CPUs (core's atomics are not
 // available for the BPF target).
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic_xadd is the BPF atomic add")]
 
-mod csum;
-mod ddos;
-mod firewall;
-mod lb;
+mod counters;
 mod maps;
-mod observe;
-pub mod parse;
-mod tc;
+mod net;
+mod outcome;
+mod pipeline;
+mod stages;
+mod time;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use firewall::Action;
+use pipeline::Action;
 
 #[xdp]
 pub fn sluice_xdp(ctx: XdpContext) -> u32 {
-    match firewall::run(&ctx) {
+    match pipeline::ingress(&ctx) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
     }
@@ -35,23 +39,20 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
 /// call from `sluice_xdp` after it judged the SYN; never attached.
 #[xdp]
 pub fn sluice_syn_challenge(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        parse::Parsed::Ip(pkt) if pkt.is_syn() => ddos::challenge(&ctx, &pkt),
-        _ => xdp_action::XDP_DROP,
-    }
+    pipeline::syn_challenge(&ctx)
 }
 
 /// The load balancer. Reached only by a tail call from `sluice_xdp` for
 /// packets to a VIP the firewall let through; never attached.
 #[xdp]
 pub fn sluice_lb(ctx: XdpContext) -> u32 {
-    lb::run(&ctx)
+    pipeline::balance(&ctx)
 }
 
 /// TC egress: translates NAT backends' replies back to the VIP.
 #[classifier]
 pub fn sluice_tc_egress(ctx: TcContext) -> i32 {
-    tc::run(&ctx)
+    pipeline::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -10,9 +10,12 @@ use sluice_common::{
     AddrKey, Bucket, CAPTURE_BYTES, COUNTER_SLOTS, CaptureConfig, Counter, DdosConfig,
     EVENTS_BYTES, EntryStats, FLOWS_BYTES, FlowConfig, GENERATIONS, JUMP_SLOTS, KeyV4, KeyV6,
     LIST_CAPACITY, MAX_RULES, Rule, SOURCE_CAPACITY, Settings, SrcKey, VERIFIED_CAPACITY,
+    handoff::{Handoff, IcmpService},
     lb::{self, Backend, BackendKey, Conn, FlowKey, LbConfig, LbCounter, Service, ServiceKey, Vip},
     stat,
 };
+
+use crate::net::parse::PacketSlot;
 
 /// Active policy generation (0 or 1). One u32; written only by the control
 /// plane to flip between fully built generations. Never full.
@@ -188,12 +191,11 @@ pub static LB_SVC_STATS: PerCpuArray<LbCounter> =
 #[map]
 pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(lb::MAX_BACKENDS, 0);
 
-/// What the firewall decided for the packet in hand: (reason, matched,
-/// verdict, hand-off flags). Written for every packet by the main program
-/// (whose second half reads it back) and read by the LB program after the
-/// tail call. Per-CPU scratch; one entry.
+/// What the firewall decided for the packet in hand (`Handoff`). Written
+/// for every packet by the main program (whose second half reads it back)
+/// and read by the LB program after the tail call. Per-CPU scratch; one entry.
 #[map]
-pub static LB_VERDICT: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_VERDICT: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch space for the LB's FIB lookup (a 64-byte `bpf_fib_lookup`; as
 /// plain words, since that type's unions would break loading the object's
@@ -201,15 +203,15 @@ pub static LB_VERDICT: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 
 #[map]
 pub static LB_FIB: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
-/// The packet as the main program parsed it (`lb::PacketSlot`), written
-/// for every packet like `LB_VERDICT`. Per-CPU scratch; one entry.
+/// The packet as the main program parsed it (`PacketSlot`), written for
+/// every packet like `LB_VERDICT`. Per-CPU scratch; one entry.
 #[map]
-pub static LB_PACKET: PerCpuArray<crate::lb::PacketSlot> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_PACKET: PerCpuArray<PacketSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// The service an ICMP error was matched to, for the forwarding that
-/// follows: its mode and VNI. Per-CPU scratch; one entry.
+/// follows: its mode and VNI (`IcmpService`). Per-CPU scratch; one entry.
 #[map]
-pub static LB_ICMP_SVC: PerCpuArray<[u32; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_ICMP_SVC: PerCpuArray<IcmpService> = PerCpuArray::with_max_entries(1, 0);
 
 /// Interfaces the LB may redirect to (ifindex -> ifindex), filled by attach.
 /// A backend behind an interface not in it is reached with a plain redirect.

@@ -6,13 +6,16 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
-use sluice_common::{CAPTURE_SNAP, CaptureHeader, CaptureRecord, Family, FlowRecord, L4, stat};
+use sluice_common::{
+    CAPTURE_SNAP, CaptureHeader, CaptureRecord, Family, FlowRecord, L4, stat, words_bytes,
+};
 
 use crate::{
-    ddos::{bump, now, words_bytes},
-    firewall::Outcome,
+    counters::bump,
     maps::{CAPTURE, CAPTURE_CONFIG, FLOW_BUDGET, FLOW_CONFIG, FLOWS},
-    parse::Packet,
+    net::parse::Packet,
+    outcome::Outcome,
+    time::now,
 };
 
 /// Per-CPU record rate cap (GCRA on this CPU's own clock word: no atomics).

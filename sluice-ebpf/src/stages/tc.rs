@@ -7,17 +7,19 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use sluice_common::lb::{BackendKey, LB_F_ENABLED, Vip, lb_stat};
+use sluice_common::{
+    Family,
+    lb::{BackendKey, LB_F_ENABLED, Vip, lb_stat},
+};
 
-use crate::maps::{LB_CONFIG, LB_REVERSE, LB_STATS};
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
+use crate::{
+    counters::bump_lb as bump,
+    maps::{LB_CONFIG, LB_REVERSE},
+    net::proto::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED,
+        ICMPV6_ERROR_MAX, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    },
+};
 
 /// Difference of two equal-length buffers for `l4_csum_replace` (diff mode).
 #[inline(always)]
@@ -44,9 +46,12 @@ fn diff<const N: usize>(old: &mut [u8; N], new: &mut [u8; N]) -> Option<u64> {
 fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
     let ty = ctx.load::<u8>(l4).ok()?;
     let error = if v6 {
-        (1..=4).contains(&ty)
+        (1..=ICMPV6_ERROR_MAX).contains(&ty)
     } else {
-        matches!(ty, 3 | 11 | 12)
+        matches!(
+            ty,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        )
     };
     if !error {
         return None;
@@ -78,7 +83,7 @@ fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
             addr: sluice_common::addr_words(&idst),
             port: dport,
             proto,
-            family: 6,
+            family: Family::V6.version(),
             _pad: 0,
         };
         let vip = lookup(&mut key)?;
@@ -106,7 +111,7 @@ fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
             addr: sluice_common::addr_words(&a),
             port: dport,
             proto,
-            family: 4,
+            family: Family::V4.version(),
             _pad: 0,
         };
         let vip = lookup(&mut key)?;
@@ -161,14 +166,6 @@ pub fn run(ctx: &TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
-    if let Some(c) = LB_STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot.
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
 fn lookup(key: &mut BackendKey) -> Option<Vip> {
     // SAFETY: read-only lookups of plain values, copied out.
     unsafe {
@@ -211,7 +208,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
                 addr: sluice_common::addr_words(&a),
                 port: sport,
                 proto,
-                family: 4,
+                family: Family::V4.version(),
                 _pad: 0,
             };
             let vip = lookup(&mut key)?;
@@ -252,7 +249,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
                 addr: sluice_common::addr_words(&src),
                 port: sport,
                 proto,
-                family: 6,
+                family: Family::V6.version(),
                 _pad: 0,
             };
             let vip = lookup(&mut key)?;

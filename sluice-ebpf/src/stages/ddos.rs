@@ -1,61 +1,27 @@
 //! The DDoS stage: token buckets of `limit` rules (shared or per source),
 //! escalation reports, and the SYN guard's challenge/answer exchange.
-//! Decisions here are called from the rule scan in `firewall`.
+//! Decisions here are called from the rule scan in the firewall stage; the
+//! challenge is written by its own program (`sluice_syn_challenge`).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use sluice_common::{
     AddrKey, Bucket, Escalation, Family, OVER_GAP_NS, REPORT_INTERVAL_NS, RULE_F_BYTES,
-    RULE_F_ESCALATE, RULE_F_PER_SOURCE, Rule, SrcKey, stat,
+    RULE_F_ESCALATE, RULE_F_PER_SOURCE, Rule, SrcKey, stat, words_bytes,
 };
 
 use crate::{
-    csum::{fold, ptr_mut as ptr_at, sum16},
+    counters::bump,
     maps::{
-        DDOS_CONFIG, EVENTS, NEW_SOURCES, OVERFLOW_BKTS, RULE_BUCKETS, SRC_BUCKETS, STATS,
-        SYN_VERIFIED,
+        DDOS_CONFIG, EVENTS, NEW_SOURCES, OVERFLOW_BKTS, RULE_BUCKETS, SRC_BUCKETS, SYN_VERIFIED,
     },
-    parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    net::{
+        csum::{fold, sum16},
+        parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+        proto::{IPPROTO_TCP, IPV4_HDR, IPV6_HDR, TCP_HDR},
+        ptr::ptr_at,
+    },
+    time::{conform, now},
 };
-
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_boot_ns() }
-}
-
-#[inline(always)]
-pub fn bump(index: u32) {
-    if let Some(c) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot.
-        unsafe { *c += 1 };
-    }
-}
-
-/// GCRA test-and-update. Reads the bucket once; a conforming packet moves
-/// the bucket's time on with an atomic add (or a plain store when the bucket
-/// had gone idle — two CPUs racing there can each admit one extra packet).
-#[inline(always)]
-pub fn conform(b: *mut Bucket, now: u64, cost: u64, tolerance: u64) -> bool {
-    // SAFETY: b points at a live map value.
-    unsafe {
-        let tat = core::ptr::read_volatile(&raw const (*b).tat_ns);
-        if tat <= now {
-            core::ptr::write_volatile(&raw mut (*b).tat_ns, now + cost);
-            return true;
-        }
-        if tat - now > tolerance {
-            return false;
-        }
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*b).tat_ns, cost);
-        true
-    }
-}
 
 /// What one packet costs in a rule's bucket, in nanoseconds.
 #[inline(always)]
@@ -90,15 +56,6 @@ pub enum Limit {
     MapFull,
 }
 
-#[inline(always)]
-fn family_num(f: Family) -> u32 {
-    match f {
-        Family::V4 => 4,
-        Family::V6 => 6,
-        Family::Other => 0,
-    }
-}
-
 /// Checks a `limit` rule's bucket for this packet.
 #[inline(always)]
 pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
@@ -123,7 +80,7 @@ pub fn limit(r: &Rule, pkt: &Packet, bytes: u64) -> Limit {
             Limit::Over
         };
     }
-    let fam = family_num(pkt.family);
+    let fam = u32::from(pkt.family.version());
     let bits = if fam == 4 {
         u32::from(r.per_source_v4)
     } else {
@@ -211,7 +168,7 @@ fn new_bucket(key: &SrcKey, now: u64) -> Option<*mut Bucket> {
     match SRC_BUCKETS.insert(key, &FRESH_BUCKET, BPF_NOEXIST) {
         Ok(()) => bump(stat::SRC_INSERTED),
         // Another CPU inserted it first: use that one.
-        Err(e) if e == -17 => {}
+        Err(-17) => {}
         Err(_) => {
             bump(stat::SRC_INSERT_FAILED);
             return None;
@@ -242,20 +199,12 @@ fn report(r: &Rule, key: &SrcKey, bits: u32, now: u64, over_for: u64) {
     bump(stat::ESCALATIONS);
 }
 
-#[inline(always)]
-pub fn words_bytes(w: [u64; 2]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&w[0].to_ne_bytes());
-    b[8..].copy_from_slice(&w[1].to_ne_bytes());
-    b
-}
-
 // SYN guard.
 
 #[inline(always)]
 fn src_key(pkt: &Packet) -> AddrKey {
     AddrKey {
-        family: family_num(pkt.family),
+        family: u32::from(pkt.family.version()),
         _pad: 0,
         addr: pkt.src,
     }
@@ -367,11 +316,6 @@ pub fn answer_verifies(pkt: &Packet) -> bool {
     }
     true
 }
-
-const TCP_HDR: usize = 20;
-const IPV4_HDR: usize = 20;
-const IPV6_HDR: usize = 40;
-const IPPROTO_TCP: u8 = 6;
 
 /// Turns the SYN in `ctx` into the challenge: a SYN-ACK back to the sender
 /// whose acknowledgement number is the cookie, which a real TCP stack

@@ -1,6 +1,7 @@
 //! The L4 load balancer: packets to a VIP that the firewall let through are
 //! pinned to a backend (connection table, else the service's Maglev table),
 //! rewritten (NAT: destination; DSR: MAC only) and sent with XDP_TX or a redirect.
+//! The pipeline counts and records what it decides.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
@@ -9,50 +10,39 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    Family, L4, Reason, Verdict, counter_index,
+    Family, L4, Reason, Verdict,
+    handoff::IcmpService,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, CONN_F_CLOSED, Conn, FlowKey, LB_F_ENABLED,
-        MODE_DSR, MODE_NAT, MODE_VXLAN, NO_BACKEND, Service, ServiceKey, TABLE_SIZE, VXLAN_PORT,
-        flow_hash, lb_stat,
+        LbCounter, MODE_DSR, MODE_NAT, MODE_VXLAN, NO_BACKEND, Service, ServiceKey, TABLE_SIZE,
+        VXLAN_PORT, flow_hash, lb_stat,
     },
 };
 
 use crate::{
-    csum::{apply, apply_udp4, apply_udp6, delta, fold, ptr_mut, sum16},
-    ddos::{conform, now},
-    firewall::{Outcome, count},
+    counters::bump_lb as bump,
     maps::{
         LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNS, LB_FIB, LB_ICMP_SVC, LB_MAGLEV,
-        LB_NEW_CONNS, LB_PACKET, LB_SERVICES, LB_STATS, LB_SVC_STATS, LB_TX_PORTS, LB_VERDICT,
+        LB_NEW_CONNS, LB_SERVICES, LB_SVC_STATS, LB_TX_PORTS,
     },
-    observe,
-    parse::{Packet, TCP_FIN, TCP_RST},
+    net::{
+        csum::{apply, apply_udp4, apply_udp6, delta, fold, sum16},
+        parse::{MAX_L3_OFF, MAX_L4_OFF, Packet, TCP_FIN, TCP_RST},
+        proto::{
+            ETH_HLEN, ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED, ICMPV6_ERROR_MAX,
+            IPPROTO_TCP, IPPROTO_UDP,
+        },
+        ptr::ptr_at,
+    },
+    time::{conform, now},
 };
 
-const IPPROTO_TCP: u8 = 6;
+/// Address families of `bpf_fib_lookup`.
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const ETH_HLEN: usize = 14;
 /// A pinned connection's last-seen time is refreshed at most this often
 /// (a write per packet would bounce the entry's cache line between CPUs).
 const REFRESH_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn family_num(f: Family) -> u8 {
-    match f {
-        Family::V4 => 4,
-        Family::V6 => 6,
-        Family::Other => 0,
-    }
-}
-
-#[inline(always)]
-fn bump(index: u32) {
-    if let Some(c) = LB_STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot.
-        unsafe { *c += 1 };
-    }
-}
 
 /// True when load balancing is on and `pkt` is addressed to a VIP (one
 /// lookup of the VIP's marker entry). Called by the main program.
@@ -68,7 +58,7 @@ pub fn is_vip(pkt: &Packet) -> bool {
         addr: pkt.dst,
         port: 0,
         proto: 0,
-        family: family_num(pkt.family),
+        family: pkt.family.version(),
         _pad: 0,
     };
     // SAFETY: read-only lookup of a plain value.
@@ -81,7 +71,7 @@ fn service_of(pkt: &Packet) -> Option<Service> {
         addr: pkt.dst,
         port: pkt.dport,
         proto: pkt.proto,
-        family: family_num(pkt.family),
+        family: pkt.family.version(),
         _pad: 0,
     };
     // SAFETY: read-only lookups of plain values, copied out.
@@ -96,7 +86,7 @@ fn service_of(pkt: &Packet) -> Option<Service> {
 
 #[inline(always)]
 fn account(
-    slot_stats: &aya_ebpf::maps::PerCpuArray<sluice_common::lb::LbCounter>,
+    slot_stats: &aya_ebpf::maps::PerCpuArray<LbCounter>,
     i: u32,
     bytes: u64,
     new_conn: bool,
@@ -155,74 +145,28 @@ fn pick(pkt: &Packet, svc: &Service) -> u32 {
     }
 }
 
-/// The tail-called LB program: the packet is IP and addressed to a VIP.
+/// What the LB does with a packet the firewall let through to a VIP. The
+/// packet's offsets are within `MAX_L3_OFF` / `MAX_L4_OFF`.
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> u32 {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    // What the firewall decided (it left counting and the flow record to us).
-    let (fw_reason, fw_matched, fw_audit) = match LB_VERDICT.get(0) {
-        Some(v) => (v[0], v[1], v[2] == Verdict::Audit as u32),
-        None => (Reason::Default as u32, 0, false),
-    };
-    let fw_reason = Reason::from_u32(fw_reason).unwrap_or(Reason::Default);
-    // The main program's parse, handed over with the tail call (parsing
-    // again would cost time and more stack than the verifier allows).
-    let Some(slot) = LB_PACKET.get_ptr(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: the main program wrote a whole Packet into this CPU's slot
-    // just before the tail call; the layout fits (checked at compile time).
-    let pkt = unsafe { &*slot.cast::<Packet>() };
-    if pkt.l3_off > MAX_L3_OFF || pkt.l4_off > MAX_L4_OFF {
-        return xdp_action::XDP_PASS;
-    }
+pub fn balance(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
     // ICMP errors are handled here, not in `decide`: each of the two
     // needs most of the stack the verifier allows a chain of calls.
-    let d = if !pkt.fragment && matches!(pkt.l4, L4::Icmp | L4::Icmpv6) {
+    if !pkt.fragment && matches!(pkt.l4, L4::Icmp | L4::Icmpv6) {
         icmp_decision(ctx, pkt)
     } else {
         decide(ctx, pkt, bytes)
-    };
-    let reason = match d.reason {
-        Some(r) => r,
-        None => fw_reason,
-    };
-    // Passed on in audit mode: the firewall would have dropped it.
-    let verdict = if fw_audit && d.verdict == Verdict::Pass {
-        Verdict::Audit
-    } else {
-        d.verdict
-    };
-    count(counter_index(pkt.family, pkt.l4, verdict, reason), bytes);
-    let out = Outcome {
-        verdict,
-        reason,
-        matched: if d.reason.is_none() { fw_matched } else { 0 },
-        challenge: false,
-    };
-    observe::flow(ctx, Some(pkt), pkt.family, pkt.l4, &out, bytes, d.backend);
-    d.action
+    }
 }
 
-/// Bounds of the header offsets the parser can produce (two VLAN tags; an
-/// IPv6 chain of extension headers), restated for the verifier: the
-/// handed-over offsets come from memory.
-const MAX_L3_OFF: usize = 22;
-const MAX_L4_OFF: usize = 2048;
-
-const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<PacketSlot>());
-
-/// Room for a `Packet` in `LB_PACKET`.
-pub type PacketSlot = [u64; 12];
-
 /// What the LB did with a packet.
-struct Decision {
-    verdict: Verdict,
+pub struct Decision {
+    pub verdict: Verdict,
     /// None: the firewall's reason stands.
-    reason: Option<Reason>,
+    pub reason: Option<Reason>,
     /// Backend slot + 1 (0: none).
-    backend: u32,
-    action: u32,
+    pub backend: u32,
+    /// The XDP action.
+    pub action: u32,
 }
 
 impl Decision {
@@ -268,7 +212,7 @@ fn decide(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> Decision {
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
-        family: family_num(pkt.family),
+        family: pkt.family.version(),
         _pad: 0,
     };
     let idle = if matches!(pkt.l4, L4::Tcp) {
@@ -334,7 +278,7 @@ fn icmp_decision(ctx: &XdpContext, pkt: &Packet) -> Decision {
         return Decision::pass_on(xdp_action::XDP_PASS, 0);
     };
     let (mode, vni) = match LB_ICMP_SVC.get(0) {
-        Some(m) => (m[0], m[1]),
+        Some(m) => (m.mode, m.vni),
         None => (MODE_NAT, 0),
     };
     let action = if mode == MODE_VXLAN {
@@ -347,12 +291,6 @@ fn icmp_decision(ctx: &XdpContext, pkt: &Packet) -> Decision {
     }
     Decision::pass_on(action, id + 1)
 }
-
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-/// ICMPv6 errors are types 1 (unreachable) to 4 (parameter problem).
-const ICMPV6_ERROR_MAX: u8 = 4;
 
 /// An ICMP error about a balanced connection (a router on the way to the
 /// client saying "fragmentation needed", ...), addressed to the VIP: finds
@@ -374,10 +312,10 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         return None;
     }
     let v4 = matches!(pkt.family, Family::V4);
-    // SAFETY (all reads and writes below): bounds-checked by ptr_mut.
+    // SAFETY (all reads and writes below): bounds-checked by ptr_at.
     // Reads are at least 2 bytes: for 1-byte reads the compiler turns the
     // bounds check into a form the verifier does not follow.
-    let ty = unsafe { (*ptr_mut::<[u8; 2]>(ctx, l4)?)[0] };
+    let ty = unsafe { (*ptr_at::<[u8; 2]>(ctx, l4)?)[0] };
     let error = if v4 {
         matches!(
             ty,
@@ -392,39 +330,39 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let i3 = l4 + 8;
     // The quoted packet: what the VIP sent the client.
     let (inner_src_off, inner_proto, i4) = if v4 {
-        let vihl = unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3)?)[0] };
+        let vihl = unsafe { (*ptr_at::<[u8; 2]>(ctx, i3)?)[0] };
         let ihl = usize::from(vihl & 0x0f) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
             return None;
         }
         (
             i3 + 12,
-            unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 8)?)[1] },
+            unsafe { (*ptr_at::<[u8; 2]>(ctx, i3 + 8)?)[1] },
             i3 + ihl,
         )
     } else {
         (
             i3 + 8,
-            unsafe { (*ptr_mut::<[u8; 2]>(ctx, i3 + 6)?)[0] },
+            unsafe { (*ptr_at::<[u8; 2]>(ctx, i3 + 6)?)[0] },
             i3 + 40,
         )
     };
-    if inner_proto != IPPROTO_TCP && inner_proto != 17 {
+    if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
         return None;
     }
-    let ports = unsafe { *ptr_mut::<[u8; 4]>(ctx, i4)? };
+    let ports = unsafe { *ptr_at::<[u8; 4]>(ctx, i4)? };
     let inner_sport = u16::from_be_bytes([ports[0], ports[1]]);
     let inner_dport = u16::from_be_bytes([ports[2], ports[3]]);
     let mut isrc = [0u8; 16];
     let mut idst = [0u8; 16];
     if v4 {
-        let a = unsafe { *ptr_mut::<[u8; 4]>(ctx, inner_src_off)? };
-        let b = unsafe { *ptr_mut::<[u8; 4]>(ctx, inner_src_off + 4)? };
+        let a = unsafe { *ptr_at::<[u8; 4]>(ctx, inner_src_off)? };
+        let b = unsafe { *ptr_at::<[u8; 4]>(ctx, inner_src_off + 4)? };
         isrc[..4].copy_from_slice(&a);
         idst[..4].copy_from_slice(&b);
     } else {
-        isrc = unsafe { *ptr_mut::<[u8; 16]>(ctx, inner_src_off)? };
-        idst = unsafe { *ptr_mut::<[u8; 16]>(ctx, inner_src_off + 16)? };
+        isrc = unsafe { *ptr_at::<[u8; 16]>(ctx, inner_src_off)? };
+        idst = unsafe { *ptr_at::<[u8; 16]>(ctx, inner_src_off + 16)? };
     }
     let vip = sluice_common::addr_words(&isrc);
     // The quoted packet came from the VIP the error is addressed to.
@@ -437,7 +375,7 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         sport: inner_dport,
         dport: inner_sport,
         proto: inner_proto,
-        family: family_num(pkt.family),
+        family: pkt.family.version(),
         _pad: 0,
     };
     let conn = LB_CONNS.get_ptr(&key)?;
@@ -451,7 +389,7 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         addr: vip,
         port: inner_sport,
         proto: inner_proto,
-        family: family_num(pkt.family),
+        family: pkt.family.version(),
         _pad: 0,
     };
     // SAFETY: read-only lookups of plain values.
@@ -466,7 +404,12 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     }
     if let Some(m) = LB_ICMP_SVC.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
-        unsafe { *m = [svc.mode, svc.vni] };
+        unsafe {
+            *m = IcmpService {
+                mode: svc.mode,
+                vni: svc.vni,
+            };
+        }
     }
     bump(lb_stat::ICMP_TRANSLATED);
     if svc.mode != MODE_NAT {
@@ -475,18 +418,18 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let mut new = [0u8; 16];
     new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
     new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
-    let check = ptr_mut::<[u8; 2]>(ctx, l4 + 2)?;
+    let check = ptr_at::<[u8; 2]>(ctx, l4 + 2)?;
     let mut icmp_delta = 0u64;
     if v4 {
-        let dst = ptr_mut::<[u8; 4]>(ctx, l3 + 16)?;
-        let ipck = ptr_mut::<[u8; 2]>(ctx, l3 + 10)?;
+        let dst = ptr_at::<[u8; 4]>(ctx, l3 + 16)?;
+        let ipck = ptr_at::<[u8; 2]>(ctx, l3 + 10)?;
         let n4 = [new[0], new[1], new[2], new[3]];
         unsafe {
             apply(ipck, delta(&*dst, &n4));
             *dst = n4;
         }
-        let isrc_p = ptr_mut::<[u8; 4]>(ctx, inner_src_off)?;
-        let ick = ptr_mut::<[u8; 2]>(ctx, i3 + 10)?;
+        let isrc_p = ptr_at::<[u8; 4]>(ctx, inner_src_off)?;
+        let ick = ptr_at::<[u8; 2]>(ctx, i3 + 10)?;
         unsafe {
             let d = delta(&*isrc_p, &n4);
             icmp_delta += d;
@@ -496,20 +439,20 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
             *isrc_p = n4;
         }
     } else {
-        let dst = ptr_mut::<[u8; 16]>(ctx, l3 + 24)?;
+        let dst = ptr_at::<[u8; 16]>(ctx, l3 + 24)?;
         unsafe {
             // ICMPv6's checksum covers the pseudo-header (outer addresses).
             icmp_delta += delta(&*dst, &new);
             *dst = new;
         }
-        let isrc_p = ptr_mut::<[u8; 16]>(ctx, inner_src_off)?;
+        let isrc_p = ptr_at::<[u8; 16]>(ctx, inner_src_off)?;
         unsafe {
             icmp_delta += delta(&*isrc_p, &new);
             *isrc_p = new;
         }
     }
     if be.port != 0 && be.port != inner_sport {
-        let sp = ptr_mut::<[u8; 2]>(ctx, i4)?;
+        let sp = ptr_at::<[u8; 2]>(ctx, i4)?;
         let np = be.port.to_be_bytes();
         unsafe {
             icmp_delta += delta(&*sp, &np);
@@ -578,15 +521,15 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
     }
     let tcp = pkt.proto == IPPROTO_TCP;
     let check_off = if tcp { l4 + 16 } else { l4 + 6 };
-    let check = ptr_mut::<[u8; 2]>(ctx, check_off)?;
+    let check = ptr_at::<[u8; 2]>(ctx, check_off)?;
     let mut d: u64;
     match pkt.family {
         Family::V4 => {
-            let dst = ptr_mut::<[u8; 4]>(ctx, l3 + 16)?;
-            let ipck = ptr_mut::<[u8; 2]>(ctx, l3 + 10)?;
+            let dst = ptr_at::<[u8; 4]>(ctx, l3 + 16)?;
+            let ipck = ptr_at::<[u8; 2]>(ctx, l3 + 10)?;
             let new = be.addr[0].to_ne_bytes();
             let new = [new[0], new[1], new[2], new[3]];
-            // SAFETY: bounds-checked by ptr_mut.
+            // SAFETY: bounds-checked by ptr_at.
             let old = unsafe { *dst };
             d = delta(&old, &new);
             apply(ipck, d);
@@ -594,11 +537,11 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
             unsafe { *dst = new };
         }
         Family::V6 => {
-            let dst = ptr_mut::<[u8; 16]>(ctx, l3 + 24)?;
+            let dst = ptr_at::<[u8; 16]>(ctx, l3 + 24)?;
             let mut new = [0u8; 16];
             new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
             new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
-            // SAFETY: bounds-checked by ptr_mut.
+            // SAFETY: bounds-checked by ptr_at.
             let old = unsafe { *dst };
             d = delta(&old, &new);
             // SAFETY: as above.
@@ -607,9 +550,9 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
         Family::Other => return None,
     }
     if be.port != 0 && be.port != pkt.dport {
-        let port = ptr_mut::<[u8; 2]>(ctx, l4 + 2)?;
+        let port = ptr_at::<[u8; 2]>(ctx, l4 + 2)?;
         let new = be.port.to_be_bytes();
-        // SAFETY: bounds-checked by ptr_mut.
+        // SAFETY: bounds-checked by ptr_at.
         let old = unsafe { *port };
         d += delta(&old, &new);
         // SAFETY: as above.
@@ -706,13 +649,13 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         bump(lb_stat::TO_STACK);
         return xdp_action::XDP_PASS;
     }
-    let Some(eth) = ptr_mut::<[u8; 12]>(ctx, 0) else {
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&p.dmac);
     macs[6..].copy_from_slice(&p.smac);
-    // SAFETY: bounds-checked by ptr_mut.
+    // SAFETY: bounds-checked by ptr_at.
     unsafe { *eth = macs };
     if same {
         bump(lb_stat::TX);
@@ -762,7 +705,7 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
         0xc000 | (flow_hash(pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto) as u16 & 0x3fff);
     p.family = AF_INET;
     p.ifindex = ingress;
-    p.l4_protocol = 17;
+    p.l4_protocol = IPPROTO_UDP;
     p.sport = sport.to_be();
     p.dport = VXLAN_PORT.to_be();
     p.__bindgen_anon_1.tot_len = (inner_len + VXLAN_HDRS - 14) as u16;
@@ -789,7 +732,7 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VXLAN_HDRS as i32)) } != 0 {
         return xdp_action::XDP_DROP;
     }
-    let Some(h) = ptr_mut::<[u8; VXLAN_HDRS + 12]>(ctx, 0) else {
+    let Some(h) = ptr_at::<[u8; VXLAN_HDRS + 12]>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
     let ip_len = ((inner_len + VXLAN_HDRS - 14) as u16).to_be_bytes();
@@ -814,7 +757,7 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     let c = fold(sum16(&ip)).to_be_bytes();
     ip[10] = c[0];
     ip[11] = c[1];
-    // SAFETY: bounds-checked by ptr_mut; the whole outer header plus the
+    // SAFETY: bounds-checked by ptr_at; the whole outer header plus the
     // inner MACs are written.
     unsafe {
         let h = &mut *h;

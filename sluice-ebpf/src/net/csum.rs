@@ -1,18 +1,5 @@
-//! Writable packet access and Internet checksums: full sums for headers
-//! sluice builds, RFC 1624 incremental updates for fields it rewrites.
-
-use aya_ebpf::programs::XdpContext;
-
-/// A bounds-checked writable pointer into the frame (re-derive after any
-/// helper that moves packet data).
-#[inline(always)]
-pub fn ptr_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
+//! Internet checksums: full sums for headers sluice builds, RFC 1624
+//! incremental updates for fields it rewrites.
 
 /// One's-complement of the folded sum: the checksum of what was summed.
 #[inline(always)]

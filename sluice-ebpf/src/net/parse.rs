@@ -1,8 +1,6 @@
 //! Bounded header parsing: Ethernet, up to two VLAN tags, IPv4 (options,
 //! fragments), IPv6 (extension chain) and the TCP/UDP/ICMP/ICMPv6 headers.
-//! Every read goes through `ptr_at`, which checks it against the frame's end.
-
-use core::mem::size_of;
+//! Every read goes through `ptr::ptr_at`, which checks it against the frame's end.
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{
@@ -14,20 +12,14 @@ use network_types::{
 };
 use sluice_common::{Family, L4, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_AH: u8 = 51;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_DSTOPTS: u8 = 60;
+use super::{
+    proto::{
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_AH, IPPROTO_DSTOPTS,
+        IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING,
+        IPPROTO_TCP, IPPROTO_UDP,
+    },
+    ptr::ptr_at,
+};
 
 /// ICMP and ICMPv6 messages are at least 8 bytes (type, code, checksum, 4 more).
 const ICMP_MIN_LEN: usize = 8;
@@ -56,6 +48,19 @@ pub struct Packet {
     pub l3_off: usize,
     pub l4_off: usize,
 }
+
+/// Bounds of the header offsets the parser can produce (two VLAN tags; an
+/// IPv6 chain of extension headers), restated for the verifier wherever
+/// offsets come back from memory (the LB's handed-over parse).
+pub const MAX_L3_OFF: usize = 22;
+pub const MAX_L4_OFF: usize = 2048;
+
+/// Room for a `Packet` in the per-CPU `LB_PACKET` slot, which hands the
+/// parse over from the main program to the LB program (and to its own
+/// second half). Words, so the map's BTF needs no kernel-only types.
+pub type PacketSlot = [u64; 12];
+
+const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<PacketSlot>());
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -101,17 +106,6 @@ pub enum Parsed {
     NotIp,
     /// Cannot be parsed; the family is what the Ethernet header claimed.
     Malformed(Family),
-}
-
-/// The one bounds-checked read of packet memory.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *const T)
 }
 
 /// Frame length for the IP length-consistency checks. `data_end` is read
