@@ -1,21 +1,20 @@
 //! Kernel compatibility, run on the host's kernel and inside the Linux 6.1
-//! guest (tests/lts.rs): every program loads and passes the verifier well
+//! guest (`lts`): every program loads and passes the verifier well
 //! under its limits (the verified instruction counts are printed); a
 //! refusal names the program and shows the end of the verifier's log; the
 //! TC egress hook uses TCX where the kernel has it and a clsact filter of
 //! sluice's own otherwise, and other owners' clsact filters survive
 //! attach, re-adopt, upgrade and detach. Needs root.
 
-mod common;
-
 use std::io::Write as _;
 
-use common::{
+use serde_json::Value;
+use sluice::dataplane::{DataplaneError, attach, tc};
+
+use crate::support::{
     cli::{sluice, sluice_json, sluice_output, stderr},
     netns::{Lab, Netns, PinRoot},
 };
-use serde_json::Value;
-use sluice::dataplane::{DataplaneError, attach, tc};
 
 /// The verifier's limit on instructions processed per program.
 const VERIFIER_LIMIT: u32 = 1_000_000;
@@ -46,7 +45,7 @@ fn kernel_has_tcx() -> bool {
 
 #[test]
 fn every_program_verifies_well_under_the_limit() {
-    let sb = common::kernel::new_sandbox();
+    let sb = crate::support::kernel::new_sandbox();
     let programs = attach::programs(sb.root()).expect("program status");
     let names: Vec<&str> = programs.iter().map(|p| p.name.as_str()).collect();
     // Kernel names are cut at 15 bytes.

@@ -5,8 +5,6 @@
 //! source. Needs root and bpffs; every namespace, pin root, agent and
 //! process is a guard removed on failure too.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -19,12 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::Value;
+
+use crate::support::{
     agent::{AgentEnv, AgentProc, api_get, interface_toml, policy_toml, stderr, stdout},
     cli::{SLUICE, expect_one_line_error},
     netns::{Child, Lab, output_with_timeout},
 };
-use serde_json::Value;
 
 /// The longest any sender in these tests runs.
 const SEND_LIMIT: Duration = Duration::from_secs(30);

@@ -11,8 +11,6 @@
 //! the cases, not the machine's speed. Every wait polls a condition with a
 //! deadline.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
@@ -26,14 +24,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use sluice::dataplane::{PinRoot as SluiceRoot, PolicyMaps};
+use sluice_common::{Family, L4, Reason, Verdict, counter_index};
+
+use crate::support::{
     cli::sluice,
     frames::{Frame, TcpSeen},
     netns::{Lab, Netns, PacketSocket, PinRoot, Seen, link_mac, ping},
     rate::{Gcra, model_passes, pace},
 };
-use sluice::dataplane::{PinRoot as SluiceRoot, PolicyMaps};
-use sluice_common::{Family, L4, Reason, Verdict, counter_index};
 
 /// Sets the flag on drop: helper threads stop also when the test panics.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -563,7 +562,7 @@ fn observe(
     };
     let from_client = |t: &TcpSeen| t.src == a && t.sport == port && t.dport == SYN_PORT;
     let to_client = |t: &TcpSeen| t.src == b && t.sport == SYN_PORT && t.dport == port;
-    let bare_rst = |t: &TcpSeen| t.is_rst() && t.flags & common::frames::TCP_ACK == 0;
+    let bare_rst = |t: &TcpSeen| t.is_rst() && t.flags & crate::support::frames::TCP_ACK == 0;
     let isn = a_out
         .iter()
         .find(|t| from_client(t) && t.is_syn())

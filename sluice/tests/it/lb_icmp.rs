@@ -3,8 +3,6 @@
 //! and an error a NAT backend sends the client (TC egress: from the VIP).
 //! IPv4 and IPv6. Needs root.
 
-mod common;
-
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -14,10 +12,6 @@ use aya::{
     maps::{Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use common::{
-    frames::{Frame, checksum},
-    kernel::{hex, new_sandbox},
-};
 use sluice::{
     dataplane::{
         lb as lbmaps,
@@ -26,6 +20,11 @@ use sluice::{
     lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::{lb::lb_stat, map_names};
+
+use crate::support::{
+    frames::{Frame, checksum},
+    kernel::{hex, new_sandbox},
+};
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 5);
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);

@@ -1,6 +1,6 @@
 //! A throwaway Linux guest for the kernel-compatibility tier: Debian's 6.1
 //! cloud kernel booted in qemu (TCG) from an initramfs built here, holding
-//! this build's test binaries, their shared libraries and the tools they run.
+//! this build's test binary, its shared libraries and the tools it runs.
 //!
 //! Nothing is installed into the guest at run time: the initramfs is the
 //! whole root filesystem. Suites run one after another from a small shell
@@ -41,12 +41,13 @@ const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
 /// Marker that starts every framing line on the results port.
 const MARK: &str = "@@sluice-guest";
 
-/// One test binary to run in the guest, with the arguments for libtest
-/// (filters, `--skip`).
+/// One suite to run in the guest: the test binary run once with these
+/// tests named exactly.
 #[derive(Debug, Clone)]
-pub struct Suite {
-    pub binary: &'static str,
-    pub args: &'static [&'static str],
+pub struct GuestSuite {
+    pub name: String,
+    /// Full test names (`module::test`), passed with `--exact`.
+    pub tests: Vec<String>,
     /// Upper bound for the suite inside the guest (it is killed past it).
     pub limit: Duration,
 }
@@ -371,7 +372,12 @@ fn add_binary(cpio: &mut Cpio<impl std::io::Write>, path: &Path, scratch: &Path)
 /// The shell that runs inside the guest as PID 1. /tmp stays the
 /// initramfs's own (already in RAM): a tmpfs there would hide the binaries
 /// of a checkout under /tmp, which sit at their host paths.
-fn init_script(kernel: &Kernel, modules: &[String], suites: &[(Suite, PathBuf)]) -> String {
+fn init_script(
+    kernel: &Kernel,
+    modules: &[String],
+    binary: &Path,
+    suites: &[GuestSuite],
+) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
@@ -393,17 +399,17 @@ fn init_script(kernel: &Kernel, modules: &[String], suites: &[(Suite, PathBuf)])
             kernel.release
         ));
     }
-    for (suite, path) in suites {
-        let args: Vec<String> = suite.args.iter().map(|a| format!("'{a}'")).collect();
+    for suite in suites {
+        let args: Vec<String> = suite.tests.iter().map(|t| format!("'{t}'")).collect();
         s.push_str(&format!(
             "echo \"{MARK} begin {name}\" >&3\n\
              start=$(date +%s)\n\
-             timeout -s KILL {limit} {path} --test-threads=2 {args} >&3 2>&3 </dev/null\n\
+             timeout -s KILL {limit} {path} --test-threads=2 --exact {args} >&3 2>&3 </dev/null\n\
              rc=$?\n\
              echo \"{MARK} end {name} $rc $(( $(date +%s) - start ))\" >&3\n",
-            name = suite.binary,
+            name = suite.name,
             limit = suite.limit.as_secs(),
-            path = path.display(),
+            path = binary.display(),
             args = args.join(" "),
         ));
     }
@@ -411,10 +417,11 @@ fn init_script(kernel: &Kernel, modules: &[String], suites: &[(Suite, PathBuf)])
     s
 }
 
-/// Writes the initramfs for `suites` (binaries resolved to host paths).
+/// Writes the initramfs that runs `suites` of the test `binary`.
 fn build_initramfs(
     kernel: &Kernel,
-    suites: &[(Suite, PathBuf)],
+    binary: &Path,
+    suites: &[GuestSuite],
     extra_binaries: &[PathBuf],
     out: &Path,
     scratch: &Path,
@@ -478,13 +485,11 @@ fn build_initramfs(
             &data,
         );
     }
-    for (_, path) in suites {
-        add_binary(&mut cpio, path, scratch);
-    }
+    add_binary(&mut cpio, binary, scratch);
     for path in extra_binaries {
         add_binary(&mut cpio, path, scratch);
     }
-    let init = init_script(kernel, &modules, suites);
+    let init = init_script(kernel, &modules, binary, suites);
     cpio.file(Path::new("/init"), 0o755, init.as_bytes());
     cpio.finish();
 }
@@ -553,20 +558,28 @@ impl Drop for Scratch {
     }
 }
 
-/// Boots the guest with `suites` and waits for it (at most `limit`).
-/// `extra_binaries` go into the guest at their host paths too (the CLI the
-/// suites run).
+/// Boots the guest to run `suites` of the test `binary` and waits for it
+/// (at most `limit`). `extra_binaries` go into the guest at their host
+/// paths too (the CLI the suites run).
 pub fn run(
     kernel: &Kernel,
     qemu: &Path,
-    suites: &[(Suite, PathBuf)],
+    binary: &Path,
+    suites: &[GuestSuite],
     extra_binaries: &[PathBuf],
     limit: Duration,
 ) -> GuestRun {
     let start = Instant::now();
     let scratch = Scratch::new("guest");
     let initramfs = scratch.0.join("initramfs.cpio");
-    build_initramfs(kernel, suites, extra_binaries, &initramfs, &scratch.0);
+    build_initramfs(
+        kernel,
+        binary,
+        suites,
+        extra_binaries,
+        &initramfs,
+        &scratch.0,
+    );
     let console = scratch.0.join("console.log");
     let results = scratch.0.join("results.log");
     let mut child = Command::new(qemu)

@@ -1,15 +1,13 @@
-mod common;
-
-// Fault injection: sluice must never report a policy the packets do not
-// get. Each test breaks something (a full list, a removed pin, a second
-// agent, a file that never ends, a huge change, a kill -9 mid-apply, input
-// that lies) and judges by real packets through a lab veth, before, during
-// and after the fault; the CLI/API answers and `history` must agree with
-// what the packets get, and the agent's view with a read-back of the maps
-// the attached program references (`assert_agent_matches_kernel`).
-//
-// Needs root, bpffs, ping, bpftool. Lists at capacity hold 1,048,576 IPv6
-// /128s inside 2001:2::/48 (no traffic is sent to them).
+//! Fault injection: sluice must never report a policy the packets do not
+//! get. Each test breaks something (a full list, a removed pin, a second
+//! agent, a file that never ends, a huge change, a kill -9 mid-apply, input
+//! that lies) and judges by real packets through a lab veth, before, during
+//! and after the fault; the CLI/API answers and `history` must agree with
+//! what the packets get, and the agent's view with a read-back of the maps
+//! the attached program references (`assert_agent_matches_kernel`).
+//!
+//! Needs root, bpffs, ping, bpftool. Lists at capacity hold 1,048,576 IPv6
+//! /128s inside 2001:2::/48 (no traffic is sent to them).
 
 use std::{
     fmt::Write as _,
@@ -18,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::Value;
+
+use crate::support::{
     agent::{
         AgentEnv, AgentProc, agent_policy, api_request, assert_agent_matches_kernel,
         interface_toml, kernel_policy, stderr, stdout,
@@ -27,7 +27,6 @@ use common::{
     netns::{Lab, PinRoot, output_with_timeout, ping},
     openapi::Doc,
 };
-use serde_json::Value;
 
 /// The deny lists' capacity per family (sluice_common::LIST_CAPACITY).
 const CAP: usize = 1 << 20;
@@ -236,7 +235,7 @@ fn tempdir(tag: &str) -> PathBuf {
 /// careless loader would leave): bpftool reads the old one's shape.
 fn replace_pin(pin_root: &Path, map: &str) {
     let path = pin_root.join("maps").join(map);
-    let out = common::netns::run_ok([
+    let out = crate::support::netns::run_ok([
         "bpftool",
         "-j",
         "map",
@@ -246,7 +245,7 @@ fn replace_pin(pin_root: &Path, map: &str) {
     ]);
     let info: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     std::fs::remove_file(&path).unwrap();
-    common::netns::run_ok([
+    crate::support::netns::run_ok([
         "bpftool",
         "map",
         "create",
@@ -270,7 +269,7 @@ fn replace_pin(pin_root: &Path, map: &str) {
 fn a_removed_map_pin_is_repaired_and_writes_never_miss_the_program() {
     let lab = Lab::new("pin");
     let env = AgentEnv::new("pin");
-    let port = common::agent::free_port();
+    let port = crate::support::agent::free_port();
     env.write_config(&format!("{}[agent]\n", interface_toml(&lab.b, &lab.b_if)));
     let text = std::fs::read_to_string(&env.config)
         .unwrap()
@@ -296,9 +295,10 @@ fn a_removed_map_pin_is_repaired_and_writes_never_miss_the_program() {
         "the agent reported a deny the packets do not get"
     );
     assert!(agent.wait_for_log("pinned the program's own map again", Duration::from_secs(5)));
-    let metrics = common::agent::scrape(port);
+    let metrics = crate::support::agent::scrape(port);
     assert!(
-        common::agent::sample(&metrics, "sluice_agent_integrity_repairs_total").unwrap_or(0.0)
+        crate::support::agent::sample(&metrics, "sluice_agent_integrity_repairs_total")
+            .unwrap_or(0.0)
             >= 1.0,
         "{metrics}"
     );
@@ -360,7 +360,7 @@ fn one_agent_per_pin_root_and_no_direct_changes_behind_its_back() {
     env_a.write_config(&format!(
         "{}{}",
         interface_toml(&lab.b, &lab.b_if),
-        common::agent::policy_toml("pass", &[], &[&a4(&lab)])
+        crate::support::agent::policy_toml("pass", &[], &[&a4(&lab)])
     ));
     // B: its own socket and state, A's pin root, no deny entries.
     let b_text = env_b
@@ -442,7 +442,7 @@ fn files_that_are_not_regular_or_too_large_are_refused_at_once() {
     env.write_config(&format!(
         "{}{}",
         interface_toml(&lab.b, &lab.b_if),
-        common::agent::policy_toml("pass", &[], &[&a4(&lab)])
+        crate::support::agent::policy_toml("pass", &[], &[&a4(&lab)])
     ));
     let text = std::fs::read_to_string(&env.config)
         .unwrap()
@@ -673,7 +673,7 @@ fn kill9_at_random_points_of_a_million_entry_apply_recovers_to_what_history_says
         let target = if in_force_is_c1 { &c2 } else { &c1 };
         let at = Duration::from_millis(rng.next() % (full.as_millis() as u64 + 1));
         let mut cmd = env.cli_cmd(None, &["apply", target.to_str().unwrap()]);
-        let cli = common::netns::Child::spawn(
+        let cli = crate::support::netns::Child::spawn(
             cmd.stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped()),
         );

@@ -2,11 +2,9 @@
 //! mode through the agent, the metrics endpoint, and running with only the
 //! capabilities it needs. Needs root.
 
-mod common;
-
 use std::{net::IpAddr, process::Output, time::Duration};
 
-use common::{
+use crate::support::{
     agent::{AgentEnv, AgentProc, free_port, interface_toml, policy_toml, sample, scrape},
     cli::{CLI_TIMEOUT, parse_json},
     netns::{Lab, output_with_timeout, ping},
@@ -360,7 +358,7 @@ fn agent_refuses_global_options_by_name() {
     std::fs::write(&cfg, "").expect("write config");
     let cfg_s = cfg.to_str().expect("utf-8 path");
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(common::cli::SLUICE);
+        let mut cmd = std::process::Command::new(crate::support::cli::SLUICE);
         cmd.args(args)
             .env_remove("SLUICE_SOCKET")
             .env_remove("SLUICE_PIN_ROOT");
@@ -392,7 +390,7 @@ fn agent_refuses_global_options_by_name() {
         ),
     ] {
         let out = run(&args, &env);
-        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        let line = crate::support::cli::expect_one_line_error(&format!("{args:?}"), &out);
         assert!(line.contains(want), "{args:?} {env:?}: {line}");
     }
     let _ = std::fs::remove_file(&cfg);

@@ -1,15 +1,13 @@
-mod common;
-
-// End-to-end tests of `sluice capture`: the real binary attached to a veth in
-// a network namespace, frames of known bytes sent from the peer namespace,
-// and the pcapng file read back with tcpdump and with pcap-file.
-//
-// Needs root, bpffs and tcpdump. The sending end is silenced first (no ARP,
-// no IPv6, so no neighbour discovery, MLD or router solicitations) and the
-// test frames go out through an AF_PACKET socket: every frame that reaches
-// sluice is one the test sent, so the captures can be checked exactly. The
-// frames' destination MAC is not B's, so B's stack ignores what sluice
-// passes and never answers.
+//! End-to-end tests of `sluice capture`: the real binary attached to a veth in
+//! a network namespace, frames of known bytes sent from the peer namespace,
+//! and the pcapng file read back with tcpdump and with pcap-file.
+//!
+//! Needs root, bpffs and tcpdump. The sending end is silenced first (no ARP,
+//! no IPv6, so no neighbour discovery, MLD or router solicitations) and the
+//! test frames go out through an AF_PACKET socket: every frame that reaches
+//! sluice is one the test sent, so the captures can be checked exactly. The
+//! frames' destination MAC is not B's, so B's stack ignores what sluice
+//! passes and never answers.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _},
@@ -22,11 +20,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use common::{
-    cli::{TempFile, expect_one_line_error, parse_json, sluice, sluice_cmd, sluice_output, stderr},
-    frames::Frame,
-    netns::{Child, Lab, Netns, PinRoot, output_with_timeout},
-};
 use nix::{sys::signal::Signal, unistd::Pid};
 use pcap_file::{
     DataLink,
@@ -38,6 +31,12 @@ use pcap_file::{
             interface_statistics::InterfaceStatisticsOption,
         },
     },
+};
+
+use crate::support::{
+    cli::{TempFile, expect_one_line_error, parse_json, sluice, sluice_cmd, sluice_output, stderr},
+    frames::Frame,
+    netns::{Child, Lab, Netns, PinRoot, output_with_timeout},
 };
 
 /// How long a capture may take to say it started, or to end once it should.

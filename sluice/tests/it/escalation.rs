@@ -3,18 +3,17 @@
 //! agent takes it off again when the TTL is up; `deny add --ttl` does the
 //! same by hand. Needs root.
 
-mod common;
-
 use std::{
     net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::Value;
+
+use crate::support::{
     agent::{AgentEnv, AgentProc, interface_toml, policy_toml, stderr},
     netns::Lab,
 };
-use serde_json::Value;
 
 /// UDP datagrams from `lab.a` to `lab.b` at about `pps` for `secs`.
 fn send_udp(lab: &Lab, v6: bool, port: u16, pps: u32, secs: f64) -> u32 {

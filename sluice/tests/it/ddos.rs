@@ -6,8 +6,6 @@
 //! the kernel counted (verdict counters, `STATS`), never how fast the test
 //! managed to send: a busy machine makes the test send less, not fail.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -16,11 +14,6 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use common::{
-    frames::{DST_MAC, ExtHeader, Frame, SRC_MAC, checksum},
-    kernel::{hex, new_sandbox, slot_name},
-    rate::{Gcra, boot_ns, model_passes, pace},
-};
 use sluice::{
     dataplane::{
         Change,
@@ -32,6 +25,12 @@ use sluice::{
 use sluice_common::{
     Bucket, Counter, DdosConfig, Escalation, Family, L4, Reason, Rule, SrcKey, Verdict, addr_words,
     counter_index, map_names, stat,
+};
+
+use crate::support::{
+    frames::{DST_MAC, ExtHeader, Frame, SRC_MAC, checksum},
+    kernel::{hex, new_sandbox, slot_name},
+    rate::{Gcra, boot_ns, model_passes, pace},
 };
 
 const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);

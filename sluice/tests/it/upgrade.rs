@@ -3,11 +3,9 @@
 //! denied packet gets through, the maps (policy and counters) carry over, and
 //! allowed traffic keeps flowing. Needs root.
 
-mod common;
-
 use std::net::IpAddr;
 
-use common::{
+use crate::support::{
     cli::{sluice, sluice_json, status_json_attachment},
     netns::{Lab, PinRoot, ping},
 };

@@ -2,16 +2,15 @@
 //! each (4,096 backends) applied at once, every service balancing; one
 //! service too many and one backend too many refused whole. Needs root.
 
-mod common;
-
 use std::{collections::HashSet, net::Ipv4Addr, time::Instant};
 
-use common::{frames::Frame, kernel::new_sandbox};
 use sluice::{
     dataplane::{lb as lbmaps, sandbox::XDP_PASS},
     lb::{BackendSpec, Mode, ServiceSpec},
 };
 use sluice_common::lb::{MAX_BACKENDS, MAX_SERVICES};
+
+use crate::support::{frames::Frame, kernel::new_sandbox};
 
 fn service(i: u32, backends: u32) -> ServiceSpec {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i);

@@ -554,11 +554,6 @@ impl AgentProc {
         );
     }
 
-    /// Waits for an agent that was only spawned.
-    pub fn wait_ready(&mut self, timeout: Duration) {
-        self.wait_ready_within(timeout);
-    }
-
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> ExitStatus {
         self.child.kill_and_wait()

@@ -1,15 +1,13 @@
-mod common;
-
-// End-to-end tests: the real `sluice` binary attached to a veth in a network
-// namespace, with real traffic (ping, UDP, TCP) from a peer namespace.
-//
-// Needs root, bpffs and `ping` (iputils-ping). Every test makes its own
-// [`Lab`] (namespaces A and B joined by a veth pair) and [`PinRoot`], attaches
-// sluice on B's veth end, and detaches in the test body; the guards remove
-// whatever is left if a test fails half-way.
-//
-// The CLI's JSON output is read only through the small lookup helpers below
-// and in common::cli, so a change of field names touches few places.
+//! End-to-end tests: the real `sluice` binary attached to a veth in a network
+//! namespace, with real traffic (ping, UDP, TCP) from a peer namespace.
+//!
+//! Needs root, bpffs and `ping` (iputils-ping). Every test makes its own
+//! [`Lab`] (namespaces A and B joined by a veth pair) and [`PinRoot`], attaches
+//! sluice on B's veth end, and detaches in the test body; the guards remove
+//! whatever is left if a test fails half-way.
+//!
+//! The CLI's JSON output is read only through the small lookup helpers below
+//! and in crate::support::cli, so a change of field names touches few places.
 
 use std::{
     path::Path,
@@ -18,17 +16,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::Value;
+
+use crate::support::{
     cli::{
         CLI_TIMEOUT, SLUICE, TempFile, deny_list_in, sluice, sluice_cmd, sluice_json,
         sluice_output, status_json_attachment, stderr, xdp_on,
     },
     netns::{Child, Lab, Netns, PinRoot, ping, tcp_connect, udp_probe},
 };
-use serde_json::Value;
 
 // ---------------------------------------------------------------------------
-// Driving the CLI (the generic helpers are in common::cli)
+// Driving the CLI (the generic helpers are in crate::support::cli)
 // ---------------------------------------------------------------------------
 
 fn attach(pin: &PinRoot, lab: &Lab) {
@@ -40,7 +39,7 @@ fn detach(pin: &PinRoot, lab: &Lab) {
 }
 
 // ---------------------------------------------------------------------------
-// JSON lookups (with those in common::cli, the only places that know field names)
+// JSON lookups (with those in crate::support::cli, the only places that know field names)
 // ---------------------------------------------------------------------------
 
 fn program_id(pin: &PinRoot, lab: &Lab) -> u64 {
@@ -56,7 +55,7 @@ fn deny_list(pin: &PinRoot, lab: &Lab) -> Vec<String> {
 
 /// `rule list --json` → `{"rules":[{"id":N,"action":"drop",..}]}`: (id, action) pairs.
 fn rule_list_json(list: &Value) -> Vec<(u64, String)> {
-    common::cli::rule_list_fields(list, "action")
+    crate::support::cli::rule_list_fields(list, "action")
 }
 
 /// `rule add ...` prints `rule N added`: N.
@@ -316,7 +315,7 @@ fn e2e_allow_overrides_deny() {
         "no deny list entry covers 2001:2:ffff::1/128"
     );
     let bad = sluice_output(&pin, &lab.b, &["deny", "list", "--covering", "nope"]);
-    let line = common::cli::expect_one_line_error("--covering nope", &bad);
+    let line = crate::support::cli::expect_one_line_error("--covering nope", &bad);
     assert!(line.contains("invalid prefix 'nope'"), "{line}");
     sluice(&pin, &lab.b, &["deny", "del", "198.18.0.0/15"]);
 
@@ -697,7 +696,7 @@ fn e2e_replace_and_flush() {
         (vec!["deny", "replace", "::/0"], "--force"),
     ] {
         let out = sluice_output(&pin, &lab.b, &args);
-        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        let line = crate::support::cli::expect_one_line_error(&format!("{args:?}"), &out);
         assert!(line.contains(want), "{args:?}: {line}");
     }
     assert_eq!(deny_list(&pin, &lab).len(), 3, "refusals changed nothing");

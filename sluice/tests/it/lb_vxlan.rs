@@ -4,8 +4,6 @@
 //! decapsulates with a Linux VXLAN device and answers the client itself.
 //! Needs root.
 
-mod common;
-
 use std::{
     collections::HashSet,
     io::{BufRead, BufReader, Write},
@@ -18,12 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    agent::{AgentEnv, AgentProc},
-    frames::{Frame, checksum},
-    kernel::{hex, new_sandbox},
-    netns::{Netns, link_mac},
-};
 use sluice::{
     dataplane::lb as lbmaps,
     lb::{BackendSpec, Mode, ServiceSpec},
@@ -31,6 +23,13 @@ use sluice::{
 use sluice_common::{
     addr_words,
     lb::{flow_hash, vxlan_mac},
+};
+
+use crate::support::{
+    agent::{AgentEnv, AgentProc},
+    frames::{Frame, checksum},
+    kernel::{hex, new_sandbox},
+    netns::{Netns, link_mac},
 };
 
 const XDP_DROP: u32 = 1;
@@ -301,10 +300,10 @@ fn vxlan_dsr_serves_real_connections() {
     // The LB redirects to the backend-facing veth (sluice is attached to it
     // too); a veth takes redirected frames only if its peer runs XDP, so
     // the backend's end gets sluice as well (its own pin root, pass-all).
-    let be_pins = common::netns::PinRoot::new();
+    let be_pins = crate::support::netns::PinRoot::new();
     let be_pin_root = be_pins.path().display().to_string();
-    common::netns::run_ok([
-        common::cli::SLUICE,
+    crate::support::netns::run_ok([
+        crate::support::cli::SLUICE,
         "-n",
         be.name(),
         "--pin-root",

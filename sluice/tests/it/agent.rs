@@ -1,18 +1,16 @@
-mod common;
-
-// Integration tests for `sluice agent`: the real binary run as the agent on a
-// config file, driven through the CLI (`--socket SOCK --pin-root ROOT`), with
-// real traffic in a [`Lab`] (namespaces A and B joined by a veth pair; the
-// agent keeps sluice attached on B's end).
-//
-// Needs root, bpffs, `ping` and `setpriv` (`capsh` is used when present).
-// Every test has its own lab, state directory, API socket, config file and
-// pin root ([`AgentEnv`]); the guards kill the agent and remove the rest if a
-// test fails half-way.
-//
-// The CLI's JSON and the agent's log are read only through the small helpers
-// below and in common::{agent,cli}, so a change of field names or wording
-// touches few places.
+//! Integration tests for `sluice agent`: the real binary run as the agent on a
+//! config file, driven through the CLI (`--socket SOCK --pin-root ROOT`), with
+//! real traffic in a [`Lab`] (namespaces A and B joined by a veth pair; the
+//! agent keeps sluice attached on B's end).
+//!
+//! Needs root, bpffs, `ping` and `setpriv` (`capsh` is used when present).
+//! Every test has its own lab, state directory, API socket, config file and
+//! pin root ([`AgentEnv`]); the guards kill the agent and remove the rest if a
+//! test fails half-way.
+//!
+//! The CLI's JSON and the agent's log are read only through the small helpers
+//! below and in crate::support::{agent,cli}, so a change of field names or wording
+//! touches few places.
 
 use std::{
     os::unix::fs::{FileTypeExt as _, MetadataExt as _},
@@ -22,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::{Value, json};
+
+use crate::support::{
     agent::{
         AgentEnv, AgentProc, assert_through_agent, interface_toml, json_log_events, policy_toml,
         serving, stderr, stdout, unprivileged,
@@ -30,10 +30,9 @@ use common::{
     cli::{CLI_TIMEOUT, SLUICE, list_json_entries, list_json_prefixes, parse_json, xdp_on},
     netns::{Lab, output_with_timeout, ping, udp_probe},
 };
-use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------
-// JSON lookups (with those in common::{agent,cli}, the only places that know field names)
+// JSON lookups (with those in crate::support::{agent,cli}, the only places that know field names)
 // ---------------------------------------------------------------------------
 
 /// `deny list --json` → the sorted prefixes.
@@ -53,7 +52,7 @@ fn deny_packets(env: &AgentEnv, prefix: &str) -> u64 {
 
 /// `rule list --json` → (id, rule text) in evaluation order.
 fn rule_list(env: &AgentEnv) -> Vec<(u64, String)> {
-    common::cli::rule_list_fields(&env.cli_json(&["rule", "list", "--json"]), "rule")
+    crate::support::cli::rule_list_fields(&env.cli_json(&["rule", "list", "--json"]), "rule")
 }
 
 fn rule_texts(env: &AgentEnv) -> Vec<String> {
@@ -513,7 +512,7 @@ fn agent_runtime_changes_survive_a_restart() {
     // `rule del` of several ids is all or nothing: one unknown id refuses it
     // whole, and the known rule stays (its packets still pass).
     let out = env.cli(&["rule", "del", &rule_id.to_string(), "999"]);
-    let line = common::cli::expect_one_line_error("rule del with an unknown id", &out);
+    let line = crate::support::cli::expect_one_line_error("rule del with an unknown id", &out);
     assert!(line.contains("no rule with id 999"), "{line}");
     assert_eq!(rule_list(&env).len(), 1, "the known rule stays");
     assert_eq!(
@@ -1023,7 +1022,7 @@ fn agent_list_replace_and_flush_are_one_version_each() {
         (vec!["deny", "replace", "0.0.0.0/0"], "--force"),
     ] {
         let out = env.cli(&args);
-        let line = common::cli::expect_one_line_error(&format!("{args:?}"), &out);
+        let line = crate::support::cli::expect_one_line_error(&format!("{args:?}"), &out);
         assert!(line.contains(want), "{args:?}: {line}");
     }
     assert_eq!(history(&env).len(), before + 2);
@@ -1186,7 +1185,7 @@ fn agent_with_a_full_state_directory_refuses_changes_and_says_why() {
         let _ = f.sync_all();
     }
     let out = env.cli(&["deny", "add", &v4]);
-    let line = common::cli::expect_one_line_error("deny add on a full state dir", &out);
+    let line = crate::support::cli::expect_one_line_error("deny add on a full state dir", &out);
     assert!(line.contains("No space left"), "{line}");
     assert!(
         agent.wait_for_log("cannot write the state journal", Duration::from_secs(5)),

@@ -1,7 +1,14 @@
 //! The Linux 6.1 LTS tier: boots Debian's 6.1 cloud kernel in qemu (TCG)
-//! once, with an initramfs holding the test binaries cargo built for this
-//! run, and runs the suites below inside it. Each suite is one test here;
-//! a failure inside the guest fails it with the guest's output.
+//! once, with an initramfs holding this very test binary, and runs the
+//! suites below inside it (a suite: some tests of one module of this crate,
+//! named exactly). Each suite is one test here; a failure inside the guest
+//! fails it with the guest's output.
+//!
+//! The guest keeps both host CPUs busy for minutes: it runs under
+//! [`crate::support::heavy`], and its tests, next to each other in
+//! libtest's (alphabetical) order, hold the test threads while it runs, so
+//! that host tests do not compete with it (the single binary must not make
+//! the 6.1 kernel slower than its own binary did).
 //!
 //! Needs root (only for what the suites do inside the guest: nothing here
 //! touches the host's network or bpffs), qemu-system-x86_64, busybox-static
@@ -9,8 +16,6 @@
 //! here passes after one line on stderr that says the tier was skipped and
 //! why (`make test` counts them as skipped). `SLUICE_LTS_SUITES=a,b` runs
 //! only those suites.
-
-mod common;
 
 use std::{
     io::Write as _,
@@ -20,7 +25,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::guest::{self, GuestRun, Suite};
+use crate::support::guest::{self, GuestRun, GuestSuite};
+
+/// What the guest runs for one suite: the tests of `module` that match a
+/// filter (a substring of the name within the module, as libtest's).
+#[derive(Debug, Clone)]
+struct Suite {
+    /// The module of this crate, and the suite's name (`SLUICE_LTS_SUITES`).
+    module: &'static str,
+    /// None: every test of the module.
+    filters: &'static [&'static str],
+    /// Upper bound for the suite inside the guest (it is killed past it).
+    limit: Duration,
+}
 
 /// Upper bound for the whole guest run (boot, every suite, power-off).
 const GUEST_LIMIT: Duration = Duration::from_secs(25 * 60);
@@ -31,13 +48,13 @@ const GUEST_LIMIT: Duration = Duration::from_secs(25 * 60);
 /// end-to-end test per capability) within a few minutes of TCG.
 const SUITES: &[Suite] = &[
     Suite {
-        binary: "compat",
-        args: &[],
+        module: "compat",
+        filters: &[],
         limit: Duration::from_secs(300),
     },
     Suite {
-        binary: "packets",
-        args: &[],
+        module: "packets",
+        filters: &[],
         limit: Duration::from_secs(300),
     },
     // The LB's packet tests that cover its kernel-facing paths (DNAT and
@@ -45,8 +62,8 @@ const SUITES: &[Suite] = &[
     // XDP_TX and redirect); the connection-cap tests are left to the host
     // (their 1 connection/s cap assumes a host's speed, not emulation's).
     Suite {
-        binary: "lb_packets",
-        args: &[
+        module: "lb_packets",
+        filters: &[
             "dnat_exact_bytes_table",
             "dnat_tcp_ipv4_exact_bytes",
             "reverse_nat_exact_bytes",
@@ -60,8 +77,8 @@ const SUITES: &[Suite] = &[
         limit: Duration::from_secs(400),
     },
     Suite {
-        binary: "e2e_attach",
-        args: &[
+        module: "e2e_attach",
+        filters: &[
             "e2e_attach_modes",
             "e2e_readopt_and_shared_policy",
             "e2e_failed_first_attach_leaves_no_pins",
@@ -70,13 +87,13 @@ const SUITES: &[Suite] = &[
         limit: Duration::from_secs(300),
     },
     Suite {
-        binary: "atomicity",
-        args: &[],
+        module: "atomicity",
+        filters: &[],
         limit: Duration::from_secs(300),
     },
     Suite {
-        binary: "e2e_netns",
-        args: &[
+        module: "e2e_netns",
+        filters: &[
             "e2e_deny_blocks_each_family_without_reload",
             "e2e_port_rules",
             "e2e_detach_restores_and_leaves_no_pins",
@@ -87,8 +104,8 @@ const SUITES: &[Suite] = &[
     // against spoofed SYNs and a real client, sized to be exact under
     // emulation (not the throughput-bound `syn_flood`).
     Suite {
-        binary: "ddos_e2e",
-        args: &[],
+        module: "ddos_e2e",
+        filters: &[],
         limit: Duration::from_secs(300),
     },
     // LB end to end: real connections through NAT (XDP, and reverse NAT on
@@ -96,8 +113,8 @@ const SUITES: &[Suite] = &[
     // CLI without an agent, 101 connections (the agent test's thousands,
     // health checks and backend kills are left to the host).
     Suite {
-        binary: "lb_e2e",
-        args: &["cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend"],
+        module: "lb_e2e",
+        filters: &["cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend"],
         limit: Duration::from_secs(300),
     },
 ];
@@ -108,72 +125,58 @@ fn note(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// The executables cargo built for `names` in this workspace and profile,
-/// asked of cargo itself (a build that is already fresh: nothing compiles).
-/// The package selection is `make test`'s, so the binaries are the ones it
-/// runs on the host.
-fn test_binaries(names: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+/// Every test name in this binary (`--list`: nothing runs).
+fn all_tests() -> Result<Vec<String>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    // target/<profile dir>/deps/lts-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .and_then(|d| d.file_name())
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug")
-        .to_owned();
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "sluice-ebpf",
-            "--no-run",
-        ])
-        .args(["--message-format", "json-render-diagnostics"]);
-    match profile_dir.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    for n in names {
-        cmd.args(["--test", n]);
-    }
-    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let out = Command::new(&exe)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .map_err(|e| format!("{} --list: {e}", exe.display()))?;
     if !out.status.success() {
         return Err(format!(
-            "{cmd:?} failed:\n{}",
+            "{} --list failed:\n{}",
+            exe.display(),
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let (Some(name), Some(path)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
-        else {
-            continue;
-        };
-        if names.contains(&name) && msg["target"]["kind"][0] == "test" {
-            found.push((name.to_owned(), PathBuf::from(path)));
-        }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The exact names of the tests `suite` runs: those in its module that
+/// match one of its filters (a substring, as libtest's filters; no filters:
+/// the whole module). Passed with `--exact`, so that `packets` never picks
+/// `lb_packets`'s tests; a filter that names no test is an error rather than
+/// a suite that silently runs less.
+fn resolve(suite: &Suite, all: &[String]) -> Result<Vec<String>, String> {
+    let prefix = format!("{}::", suite.module);
+    // (full name, name within the module)
+    let in_module: Vec<(&String, &str)> = all
+        .iter()
+        .filter_map(|t| Some((t, t.strip_prefix(&prefix)?)))
+        .collect();
+    if let Some(f) = suite
+        .filters
+        .iter()
+        .find(|f| !in_module.iter().any(|(_, t)| t.contains(*f)))
+    {
+        return Err(format!("suite {}: no test matches {f:?}", suite.module));
     }
-    for n in names {
-        if !found.iter().any(|(f, _)| f == n) {
-            return Err(format!("cargo reported no test binary {n}"));
-        }
+    let tests: Vec<String> = in_module
+        .into_iter()
+        .filter(|(_, t)| suite.filters.is_empty() || suite.filters.iter().any(|f| t.contains(f)))
+        .map(|(full, _)| full.clone())
+        .collect();
+    if tests.is_empty() {
+        return Err(format!(
+            "suite {}: no tests in module {prefix}",
+            suite.module
+        ));
     }
-    Ok(found)
+    Ok(tests)
 }
 
 enum Tier {
@@ -187,7 +190,7 @@ fn selected() -> Vec<Suite> {
         .iter()
         .filter(|s| {
             only.as_deref()
-                .is_none_or(|o| o.split(',').any(|n| n.trim() == s.binary))
+                .is_none_or(|o| o.split(',').any(|n| n.trim() == s.module))
         })
         .cloned()
         .collect()
@@ -207,23 +210,21 @@ fn tier() -> &'static Tier {
                 return Tier::Skipped;
             }
         };
+        let _alone = crate::support::heavy();
         let start = Instant::now();
-        let suites = selected();
-        let names: Vec<&str> = suites.iter().map(|s| s.binary).collect();
-        let binaries = test_binaries(&names).unwrap_or_else(|e| panic!("{e}"));
-        let with_paths: Vec<(Suite, PathBuf)> = suites
+        let all = all_tests().unwrap_or_else(|e| panic!("{e}"));
+        let suites: Vec<GuestSuite> = selected()
             .iter()
-            .map(|s| {
-                let path = binaries
-                    .iter()
-                    .find(|(n, _)| n == s.binary)
-                    .map(|(_, p)| p.clone())
-                    .expect("resolved above");
-                (s.clone(), path)
+            .map(|s| GuestSuite {
+                name: s.module.to_owned(),
+                tests: resolve(s, &all).unwrap_or_else(|e| panic!("{e}")),
+                limit: s.limit,
             })
             .collect();
-        let cli = PathBuf::from(common::cli::SLUICE);
-        let mut run = guest::run(&kernel, &qemu, &with_paths, std::slice::from_ref(&cli), GUEST_LIMIT);
+        // The guest runs this very binary, with each suite's tests named.
+        let binary = std::env::current_exe().expect("current_exe");
+        let cli = PathBuf::from(crate::support::cli::SLUICE);
+        let mut run = guest::run(&kernel, &qemu, &binary, &suites, std::slice::from_ref(&cli), GUEST_LIMIT);
         // The emulated 6.1 kernel has locked up (two vCPUs stuck in the
         // kernel, timers not firing) under a heavily loaded host: that boot
         // is stopped at once and the tier boots once more, saying so. A
@@ -236,13 +237,13 @@ fn tier() -> &'static Tier {
                 run.wall.as_secs_f64(),
                 quoted(&first)
             ));
-            run = guest::run(&kernel, &qemu, &with_paths, &[cli], GUEST_LIMIT);
+            run = guest::run(&kernel, &qemu, &binary, &suites, &[cli], GUEST_LIMIT);
             retried = " after a soft lockup of the first boot".into();
         }
         let mut line = format!(
             "lts-6.1 tier: Linux {} (qemu TCG), {} suites in {:.0} s{retried} (guest boot {:.1} s):",
             run.kernel_release,
-            with_paths.len(),
+            suites.len(),
             start.elapsed().as_secs_f64(),
             run.boot.map_or(0.0, |b| b.as_secs_f64()),
         );
@@ -271,17 +272,17 @@ fn quoted(text: &str) -> String {
         .join("\n")
 }
 
-fn check(binary: &str) {
+fn check(module: &str) {
     let run = match tier() {
         Tier::Skipped => return,
         Tier::Ran(run) => run,
     };
-    if !selected().iter().any(|s| s.binary == binary) {
+    if !selected().iter().any(|s| s.module == module) {
         return;
     }
-    let Some(r) = run.results.get(binary) else {
+    let Some(r) = run.results.get(module) else {
         panic!(
-            "the 6.1 guest never ran {binary}; its console:\n{}",
+            "the 6.1 guest never ran {module}; its console:\n{}",
             quoted(&run.console)
         );
     };
@@ -289,14 +290,14 @@ fn check(binary: &str) {
         Some(0) => {
             // Verified instruction counts and other notes the suite printed.
             for l in r.output.lines().filter(|l| l.starts_with("verified:")) {
-                note(&format!("lts-6.1 {binary}: {l}"));
+                note(&format!("lts-6.1 {module}: {l}"));
             }
         }
         status => {
             let tail: Vec<&str> = run.console.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             panic!(
-                "{binary} failed inside the Linux {} guest (status {status:?}, {} s):\n{}\n\
+                "{module} failed inside the Linux {} guest (status {status:?}, {} s):\n{}\n\
                  --- guest console (last lines) ---\n{}",
                 run.kernel_release,
                 r.seconds,
@@ -353,9 +354,9 @@ fn every_suite_has_a_test() {
     let src = include_str!("lts.rs");
     for s in SUITES {
         assert!(
-            src.contains(&format!("check(\"{}\")", s.binary)),
+            src.contains(&format!("check(\"{}\")", s.module)),
             "suite {} has no test",
-            s.binary
+            s.module
         );
     }
 }

@@ -4,8 +4,6 @@
 //! (nothing matched → default). The counters prove no packet saw a mix.
 //! Needs root.
 
-mod common;
-
 use std::{
     net::Ipv4Addr,
     sync::{
@@ -15,12 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use sluice_common::{Family, L4, Reason, Verdict, counter_index};
+
+use crate::support::{
     frames::Frame,
     kernel,
     model::{Policy, Rule},
 };
-use sluice_common::{Family, L4, Reason, Verdict, counter_index};
 
 const FLIPS: usize = 1_000;
 

@@ -1,14 +1,12 @@
-mod common;
-
-// Attaching, re-adopting and detaching; what sluice refuses (a pinned map of
-// another layout, users without privileges, a full list, a bad prefix file);
-// and the counters `stats` and `deny list` report.
-//
-// Needs root, bpffs, `ping` (iputils-ping), `bpftool` and `setpriv`
-// (util-linux). The end-to-end tests each make their own [`Lab`] and
-// [`PinRoot`] and attach sluice in namespace B; the bulk-load test needs no
-// namespace: it drives the real program through BPF_PROG_TEST_RUN in a
-// [`Sandbox`](sluice::dataplane::sandbox::Sandbox).
+//! Attaching, re-adopting and detaching; what sluice refuses (a pinned map of
+//! another layout, users without privileges, a full list, a bad prefix file);
+//! and the counters `stats` and `deny list` report.
+//!
+//! Needs root, bpffs, `ping` (iputils-ping), `bpftool` and `setpriv`
+//! (util-linux). The end-to-end tests each make their own [`Lab`] and
+//! [`PinRoot`] and attach sluice in namespace B; the bulk-load test needs no
+//! namespace: it drives the real program through BPF_PROG_TEST_RUN in a
+//! [`Sandbox`](sluice::dataplane::sandbox::Sandbox).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -17,15 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    cli::{
-        CLI_TIMEOUT, SLUICE, TempFile, deny_list_in, expect_one_line_error, list_json_entries,
-        parse_json, sluice, sluice_json, sluice_output, status_json_attachment, xdp_on,
-    },
-    frames::Frame,
-    kernel,
-    netns::{Lab, Netns, PinRoot, output_with_timeout, ping, run_ok},
-};
 use ipnet::{IpNet, Ipv4Net};
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng, seq::index::sample};
 use serde_json::Value;
@@ -34,6 +23,16 @@ use sluice::dataplane::{
     sandbox::{XDP_DROP, XDP_PASS},
 };
 use sluice_common::{LIST_CAPACITY, ListId, SETTINGS_F_DIRTY};
+
+use crate::support::{
+    cli::{
+        CLI_TIMEOUT, SLUICE, TempFile, deny_list_in, expect_one_line_error, list_json_entries,
+        parse_json, sluice, sluice_json, sluice_output, status_json_attachment, xdp_on,
+    },
+    frames::Frame,
+    kernel,
+    netns::{Lab, Netns, PinRoot, output_with_timeout, ping, run_ok},
+};
 
 const PINGS: u32 = 3;
 

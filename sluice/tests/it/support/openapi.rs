@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-pub const OPENAPI: &str = include_str!("../../../docs/api/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../../docs/api/openapi.json");
 
 pub struct Doc(Value);
 

@@ -1,16 +1,14 @@
-mod common;
-
-// Flow records end to end: the kernel samples packets into the FLOWS ring,
-// the agent reads it, and `sluice flows` (recent, filtered, followed, top)
-// shows exactly the packets that went through. Plus back-pressure: a reader
-// that stalls loses records (counted) and never changes a verdict.
-//
-// Needs root and bpffs. The agent tests run in a [`Lab`] (namespaces A and
-// B joined by a veth pair; the agent keeps sluice attached on B's end) with
-// their own state directory, socket, config and pin root ([`AgentEnv`]);
-// the back-pressure test drives the program with BPF_PROG_TEST_RUN in a
-// [`Sandbox`](sluice::dataplane::sandbox::Sandbox). Guards remove
-// everything on failure too.
+//! Flow records end to end: the kernel samples packets into the FLOWS ring,
+//! the agent reads it, and `sluice flows` (recent, filtered, followed, top)
+//! shows exactly the packets that went through. Plus back-pressure: a reader
+//! that stalls loses records (counted) and never changes a verdict.
+//!
+//! Needs root and bpffs. The agent tests run in a [`Lab`] (namespaces A and
+//! B joined by a veth pair; the agent keeps sluice attached on B's end) with
+//! their own state directory, socket, config and pin root ([`AgentEnv`]);
+//! the back-pressure test drives the program with BPF_PROG_TEST_RUN in a
+//! [`Sandbox`](sluice::dataplane::sandbox::Sandbox). Guards remove
+//! everything on failure too.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use ipnet::IpNet;
+use serde_json::Value;
+use sluice::dataplane::{Change, flows::FlowRing, policy::list_for, runtime, sandbox};
+use sluice_common::{Family, FlowConfig, FlowRecord, L4, Reason, Verdict, counter_index, stat};
+
+use crate::support::{
     agent::{
         AgentEnv, AgentProc, api_get, free_port, interface_toml, policy_toml, sample, scrape,
         stderr, stdout,
@@ -32,10 +35,6 @@ use common::{
     kernel::new_sandbox,
     netns::{Child, Lab, Netns},
 };
-use ipnet::IpNet;
-use serde_json::Value;
-use sluice::dataplane::{Change, flows::FlowRing, policy::list_for, runtime, sandbox};
-use sluice_common::{Family, FlowConfig, FlowRecord, L4, Reason, Verdict, counter_index, stat};
 
 // ---------------------------------------------------------------------------
 // Helpers

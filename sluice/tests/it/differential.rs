@@ -3,14 +3,13 @@
 //! verdict must agree, and so must every counter the frames moved.
 //! Reproduce a failure with `SLUICE_SEED=<seed>`. Needs root.
 
-mod common;
+use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 
-use common::{
+use crate::support::{
     frames::{mutate, random_frame, random_policy},
     kernel::{self, Expected},
     model,
 };
-use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 
 const POLICIES: usize = 40;
 const FRAMES_PER_POLICY: usize = 2_600;

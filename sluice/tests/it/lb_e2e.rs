@@ -6,8 +6,6 @@
 //! it. A small test of the same paths through the CLI alone is sized for an
 //! emulated CPU (the Linux 6.1 tier runs it). Needs root.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Write},
@@ -20,16 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    agent::{AgentEnv, AgentProc},
-    cli::sluice,
-    netns::{Netns, PinRoot, ping, wait_links_ready},
-};
 use serde_json::Value;
 use sluice::lb::maglev;
 use sluice_common::{
     addr_words,
     lb::{TABLE_SIZE, flow_hash},
+};
+
+use crate::support::{
+    agent::{AgentEnv, AgentProc},
+    cli::sluice,
+    netns::{Netns, PinRoot, ping, wait_links_ready},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
@@ -895,7 +894,7 @@ fn health_checks_probe_from_the_balanced_interfaces_namespace() {
     env.write_config(&format!(
         "{}[[service]]\nvip = \"{VIP4}:{SERVICE_PORT}\"\nmode = \"nat\"\nbackends = [\"{}\", \"{}\"]\n\
          health = {{ check = \"tcp\", interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }}\n",
-        common::agent::interface_toml(&topo.lb, &topo.lb_if),
+        crate::support::agent::interface_toml(&topo.lb, &topo.lb_if),
         backend_addr(0, false),
         backend_addr(1, false),
     ));

@@ -1,17 +1,16 @@
 //! Hand-checked cases for the reference model and the frame builders: one or
 //! more per rule of `docs/dataplane.md`, so that a disagreement in the
 //! differential test can be pinned on the kernel, not on the model.
-mod common;
-
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use common::{
-    frames::{self, ExtHeader, Frame, TPID_8021AD, TPID_8021Q, checksum},
-    model::{self, Outcome, Packet, Parsed, Policy, Rule, judge},
-};
 use ipnet::IpNet;
 use rand::{SeedableRng, rngs::SmallRng};
 use sluice_common::{Family, L4, Reason, Verdict};
+
+use crate::support::{
+    frames::{self, ExtHeader, Frame, TPID_8021AD, TPID_8021Q, checksum},
+    model::{self, Outcome, Packet, Parsed, Policy, Rule, judge},
+};
 
 fn a4(s: &str) -> Ipv4Addr {
     s.parse().expect("IPv4 literal")

@@ -2,15 +2,8 @@
 //! exact verdict, reason and counter deltas the XDP program must produce.
 //! The reference model must agree with every row too. Needs root.
 
-mod common;
-
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use common::{
-    frames::{ETH_P_ARP, ExtHeader, Frame, TPID_8021AD, TPID_8021Q},
-    kernel::{self, Expected},
-    model::{self, Policy, Rule},
-};
 use ipnet::IpNet;
 use sluice_common::{Family, L4, Reason, Verdict};
 
@@ -105,6 +98,12 @@ fn case(
 use Family::{Other as FO, V4, V6};
 use Reason::{AllowList, Default as Dflt, DenyList, Malformed, NotIp, Rule as ByRule};
 use Verdict::{Drop, Pass};
+
+use crate::support::{
+    frames::{ETH_P_ARP, ExtHeader, Frame, TPID_8021AD, TPID_8021Q},
+    kernel::{self, Expected},
+    model::{self, Policy, Rule},
+};
 
 fn table() -> Vec<Case> {
     let mut t = vec![
@@ -275,7 +274,7 @@ fn table() -> Vec<Case> {
         // Not IP.
         case(
             "arp passes untouched",
-            common::frames::arp_request(A4, B4),
+            crate::support::frames::arp_request(A4, B4),
             Pass,
             NotIp,
             FO,

@@ -4,8 +4,6 @@
 //! flows across backend changes, the reverse translation (TC egress), and
 //! the counters. Needs root.
 
-mod common;
-
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -16,11 +14,6 @@ use std::{
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
-use common::{
-    frames::{ETH_P_ARP, ExtHeader, Frame, TPID_8021Q, arp_request},
-    kernel::{hex, new_sandbox, slot_name},
-    netns::{Netns, link_mac},
 };
 use sluice::{
     dataplane::{
@@ -33,6 +26,12 @@ use sluice_common::{
     COUNTER_SLOTS, Counter, Family, L4, Reason, Verdict, addr_words, counter_index,
     lb::{CONN_F_CLOSED, Conn, FlowKey, LbCounter, TABLE_SIZE, flow_hash, lb_stat},
     map_names,
+};
+
+use crate::support::{
+    frames::{ETH_P_ARP, ExtHeader, Frame, TPID_8021Q, arp_request},
+    kernel::{hex, new_sandbox, slot_name},
+    netns::{Netns, link_mac},
 };
 
 /// XDP_REDIRECT (the sandbox names only the actions the firewall uses).
@@ -2022,7 +2021,7 @@ fn dsr_and_nat_with_a_route_and_a_neighbour() {
         let exec = |cmd: &str| {
             let mut argv = vec!["ip", "netns", "exec", ns_name.as_str()];
             argv.extend(cmd.split(' '));
-            common::netns::run_ok(argv);
+            crate::support::netns::run_ok(argv);
         };
         let c4 = IpAddr::V4(CLIENT4);
         let dsr4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 20));
