@@ -3,6 +3,10 @@
 //! a VIP untouched, fragments and IP options, the connection table pinning
 //! flows across backend changes, the reverse translation (TC egress), and
 //! the counters. Needs root.
+//!
+//! The fixtures are tables per feature (frame, services, expected verdict,
+//! bytes and counter deltas); the framework that runs them is `harness`,
+//! the frame builders are `support::frames`.
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
@@ -11,469 +15,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
+use aya::programs::{TestRun as _, TestRunOptions};
 use sluice::{
     dataplane::{
         lb as lbmaps,
         sandbox::{Sandbox, XDP_DROP, XDP_PASS},
     },
-    lb::{BackendAddr, BackendSpec, Mode, ServiceId, ServiceSpec, maglev},
+    lb::Mode,
 };
 use sluice_common::{
-    COUNTER_SLOTS, Counter, Family, L4, Reason, Verdict, addr_words, counter_index,
-    lb::{CONN_F_CLOSED, Conn, FlowKey, LbCounter, TABLE_SIZE, flow_hash, lb_stat},
-    map_names,
+    Family, L4, Reason, Verdict,
+    lb::{CONN_F_CLOSED, LbCounter, lb_stat},
 };
+
+mod harness;
+
+use harness::*;
 
 use crate::support::{
     frames::{ETH_P_ARP, ExtHeader, Frame, TPID_8021Q, arp_request},
-    kernel::{hex, new_sandbox, slot_name},
+    kernel::{hex, new_sandbox},
     netns::{Netns, link_mac},
 };
-
-/// XDP_REDIRECT (the sandbox names only the actions the firewall uses).
-const XDP_REDIRECT: u32 = 4;
-/// TC_ACT_UNSPEC (-1, TCX_NEXT) as test_run reports it.
-const TC_NEXT: u32 = u32::MAX;
-
-const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 5);
-const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const BE4: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(198, 18, 1, 2),
-    Ipv4Addr::new(198, 18, 1, 3),
-    Ipv4Addr::new(198, 18, 1, 4),
-];
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, 5);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10);
-const BE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
-
-const SVC_WEB: &str = "198.18.0.10:80/tcp";
-const WEB3: [&str; 3] = ["198.18.1.2:8080", "198.18.1.3:8080", "198.18.1.4:8080"];
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN_ACK: u8 = 0x11;
-const RST: u8 = 0x04;
-
-// ---------------------------------------------------------------------------
-// Plumbing
-// ---------------------------------------------------------------------------
-
-fn svc(id: &str, mode: Mode, backends: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        id: id.parse().unwrap(),
-        mode,
-        backends: backends
-            .iter()
-            .map(|b| BackendSpec {
-                addr: b.parse().unwrap(),
-                weight: 1,
-                draining: false,
-            })
-            .collect(),
-    }
-}
-
-/// A NAT service whose listed backends are draining.
-fn svc_draining(id: &str, backends: &[&str], draining: &[&str]) -> ServiceSpec {
-    let mut s = svc(id, Mode::Nat, backends);
-    for b in &mut s.backends {
-        b.draining = draining
-            .iter()
-            .any(|d| d.parse::<BackendAddr>().unwrap() == b.addr);
-    }
-    s
-}
-
-fn apply(sb: &Sandbox, services: &[ServiceSpec]) {
-    lbmaps::apply(sb.root(), services, &HashSet::new()).unwrap_or_else(|e| panic!("apply: {e}"));
-}
-
-fn apply_down(sb: &Sandbox, services: &[ServiceSpec], down: &[(&str, &str)]) {
-    let down: HashSet<(ServiceId, BackendAddr)> = down
-        .iter()
-        .map(|(s, b)| (s.parse().unwrap(), b.parse().unwrap()))
-        .collect();
-    lbmaps::apply(sb.root(), services, &down).unwrap_or_else(|e| panic!("apply: {e}"));
-}
-
-fn run(sb: &Sandbox, frame: &[u8]) -> (u32, Vec<u8>) {
-    let (r, out) = sb.run_out(frame).expect("test_run");
-    (r.action, out)
-}
-
-/// Runs the TC egress program (skb test_run: the input is an Ethernet frame).
-fn run_tc(sb: &Sandbox, frame: &[u8]) -> (u32, Vec<u8>) {
-    let path = sb.root().prog_dir().join(sluice_common::TC_EGRESS_PROGRAM);
-    let prog =
-        SchedClassifier::from_pin(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    let r = prog
-        .test_run(opts)
-        .unwrap_or_else(|e| panic!("tc test_run: {e}\nframe:\n{}", hex(frame)));
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
-fn assert_frame(what: &str, got: &[u8], want: &[u8]) {
-    assert!(
-        got == want,
-        "{what}: output differs\n got:\n{}\nwant:\n{}",
-        hex(got),
-        hex(want)
-    );
-}
-
-fn stat(sb: &Sandbox, index: u32) -> u64 {
-    let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(sb.root().map(map_names::LB_STATS)).unwrap(),
-    ))
-    .unwrap();
-    m.get(&index, 0).unwrap().iter().sum()
-}
-
-fn counter(sb: &Sandbox, family: Family, l4: L4, verdict: Verdict, reason: Reason) -> u64 {
-    let m: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(sb.root().map(map_names::COUNTERS)).unwrap(),
-    ))
-    .unwrap();
-    m.get(&counter_index(family, l4, verdict, reason), 0)
-        .unwrap()
-        .iter()
-        .map(|c| c.packets)
-        .sum()
-}
-
-fn conns(sb: &Sandbox) -> Vec<(FlowKey, Conn)> {
-    let m: HashMap<MapData, FlowKey, Conn> = HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(sb.root().map(map_names::LB_CONNS)).unwrap(),
-    ))
-    .unwrap();
-    m.iter().map(Result::unwrap).collect()
-}
-
-/// Every LB_STATS and COUNTERS slot, summed over CPUs.
-#[derive(Clone, Debug)]
-struct Snap {
-    lb: Vec<u64>,
-    ctr: Vec<Counter>,
-}
-
-fn snap(sb: &Sandbox) -> Snap {
-    let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(sb.root().map(map_names::LB_STATS)).unwrap(),
-    ))
-    .unwrap();
-    let lb = (0..lb_stat::SLOTS)
-        .map(|i| m.get(&i, 0).unwrap().iter().sum())
-        .collect();
-    let c: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(sb.root().map(map_names::COUNTERS)).unwrap(),
-    ))
-    .unwrap();
-    let ctr = (0..COUNTER_SLOTS)
-        .map(|i| {
-            c.get(&i, 0)
-                .unwrap()
-                .iter()
-                .fold(Counter::default(), |a, c| Counter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                })
-        })
-        .collect();
-    Snap { lb, ctr }
-}
-
-/// A COUNTERS slot with the packets and bytes it should gain.
-fn ctr(
-    family: Family,
-    l4: L4,
-    verdict: Verdict,
-    reason: Reason,
-    packets: u64,
-    bytes: u64,
-) -> (u32, u64, u64) {
-    (counter_index(family, l4, verdict, reason), packets, bytes)
-}
-
-/// Checks that every LB_STATS and COUNTERS slot moved by exactly what is
-/// listed (unlisted slots: not at all); names every mismatch.
-fn deltas(
-    before: &Snap,
-    after: &Snap,
-    lb: &[(u32, u64)],
-    counters: &[(u32, u64, u64)],
-) -> Result<(), String> {
-    let mut problems = Vec::new();
-    for (i, (b, a)) in before.lb.iter().zip(&after.lb).enumerate() {
-        let want: u64 = lb
-            .iter()
-            .filter(|(s, _)| *s == i as u32)
-            .map(|(_, n)| n)
-            .sum();
-        if a - b != want {
-            problems.push(format!(
-                "LB_STATS {} ({i}): got +{}, want +{want}",
-                lb_stat::NAMES[i],
-                a - b
-            ));
-        }
-    }
-    for (i, (b, a)) in before.ctr.iter().zip(&after.ctr).enumerate() {
-        let want = counters
-            .iter()
-            .filter(|(s, _, _)| *s == i as u32)
-            .fold((0, 0), |acc, (_, p, by)| (acc.0 + p, acc.1 + by));
-        let got = (a.packets - b.packets, a.bytes - b.bytes);
-        if got != want {
-            problems.push(format!(
-                "COUNTERS {} ({i}): got +{got:?}, want +{want:?} (packets, bytes)",
-                slot_name(i as u32)
-            ));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n"))
-    }
-}
-
-fn assert_deltas(
-    what: &str,
-    before: &Snap,
-    after: &Snap,
-    lb: &[(u32, u64)],
-    counters: &[(u32, u64, u64)],
-) {
-    if let Err(e) = deltas(before, after, lb, counters) {
-        panic!("{what}: counters:\n{e}");
-    }
-}
-
-/// One frame through a program: what goes in, what must come out.
-struct Case {
-    what: &'static str,
-    input: Vec<u8>,
-    action: u32,
-    want: Vec<u8>,
-    /// LB_STATS deltas.
-    lb: Vec<(u32, u64)>,
-    /// The COUNTERS slot that counts this one packet (None: no slot moves,
-    /// as for the TC program).
-    counted: Option<(Family, L4, Verdict, Reason)>,
-}
-
-/// Runs every case on `sb` (in order, each one's deltas on their own) and
-/// reports all failures at once, each with its input frame.
-fn run_cases(sb: &Sandbox, cases: &[Case], runner: fn(&Sandbox, &[u8]) -> (u32, Vec<u8>)) {
-    let mut failures = Vec::new();
-    for c in cases {
-        let before = snap(sb);
-        let (action, out) = runner(sb, &c.input);
-        let after = snap(sb);
-        let mut problems = Vec::new();
-        if action != c.action {
-            problems.push(format!("action {action}, want {}", c.action));
-        }
-        if out != c.want {
-            problems.push(format!(
-                "output differs\n got:\n{}\nwant:\n{}",
-                hex(&out),
-                hex(&c.want)
-            ));
-        }
-        let counted: Vec<(u32, u64, u64)> = c
-            .counted
-            .iter()
-            .map(|&(f, l, v, r)| ctr(f, l, v, r, 1, c.input.len() as u64))
-            .collect();
-        if let Err(e) = deltas(&before, &after, &c.lb, &counted) {
-            problems.push(e);
-        }
-        if !problems.is_empty() {
-            failures.push(format!(
-                "{}:\n{}\ninput:\n{}",
-                c.what,
-                problems.join("\n"),
-                hex(&c.input)
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} case(s) failed:\n\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
-}
-
-fn words(a: IpAddr) -> [u64; 2] {
-    let mut b = [0u8; 16];
-    match a {
-        IpAddr::V4(v) => b[..4].copy_from_slice(&v.octets()),
-        IpAddr::V6(v) => b.copy_from_slice(&v.octets()),
-    }
-    addr_words(&b)
-}
-
-fn tcp_frame(
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
-    flags: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    Frame::ip(src, dst)
-        .tcp(sport, dport)
-        .tcp_flags(flags)
-        .payload(payload)
-        .build()
-}
-
-fn udp_frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    Frame::ip(src, dst)
-        .udp(sport, dport)
-        .payload(payload)
-        .build()
-}
-
-/// Where a backend sends a packet addressed to `dport`: its address, and its
-/// port or (none) the packet's.
-fn target(be: BackendAddr, dport: u16) -> (IpAddr, u16) {
-    (be.addr, if be.port == 0 { dport } else { be.port })
-}
-
-/// The destination (address, port) of an untagged IPv4 TCP/UDP frame
-/// without options.
-fn dst_of_v4(frame: &[u8]) -> (IpAddr, u16) {
-    let a = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-    (IpAddr::V4(a), u16::from_be_bytes([frame[36], frame[37]]))
-}
-
-/// The Maglev table of a service as predicted here, from the member names
-/// (as the user wrote them), weights and the slots the kernel holds: an
-/// independent rebuild, not a read of the kernel's table.
-struct Predictor {
-    table: Vec<u32>,
-    by_slot: StdHashMap<u32, BackendAddr>,
-}
-
-impl Predictor {
-    /// `members`: (name, weight); weight 0 = out of the table.
-    fn new(sb: &Sandbox, service: &str, members: &[(&str, u32)]) -> Self {
-        let id: ServiceId = service.parse().unwrap();
-        let state = lbmaps::read(sb.root()).expect("lb read");
-        let s = state
-            .iter()
-            .find(|s| s.id == id)
-            .unwrap_or_else(|| panic!("no service {service} in {state:?}"));
-        let mut by_slot = StdHashMap::new();
-        let list: Vec<maglev::Member<'_>> = members
-            .iter()
-            .map(|&(name, weight)| {
-                let addr: BackendAddr = name.parse().unwrap();
-                let m = s
-                    .members
-                    .iter()
-                    .find(|m| m.backend == addr)
-                    .unwrap_or_else(|| panic!("no member {name} in {s:?}"));
-                by_slot.insert(m.slot, addr);
-                maglev::Member {
-                    name,
-                    slot: m.slot,
-                    weight,
-                }
-            })
-            .collect();
-        let table = maglev::build(&list, TABLE_SIZE).expect("maglev build");
-        Self { table, by_slot }
-    }
-
-    fn pick(&self, src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> BackendAddr {
-        let i = flow_hash(words(src), words(dst), sport, dport, proto) % TABLE_SIZE;
-        self.by_slot[&self.table[i as usize]]
-    }
-
-    fn pick_web(&self, sport: u16) -> BackendAddr {
-        self.pick(IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), sport, 80, 6)
-    }
-}
-
-/// Sends a TCP segment CLIENT4:sport → VIP4:80 (no route: to the stack),
-/// checks the output is exactly the segment DNATed to the backend it went
-/// to, and returns that backend.
-fn send_web(sb: &Sandbox, sport: u16, flags: u8, payload: &[u8]) -> (IpAddr, u16) {
-    let input = tcp_frame(CLIENT4.into(), VIP4.into(), sport, 80, flags, payload);
-    let (action, out) = run(sb, &input);
-    assert_eq!(
-        action,
-        XDP_PASS,
-        "sport {sport} flags {flags:#x}:\n{}",
-        hex(&input)
-    );
-    assert!(
-        out.len() >= 38,
-        "short output for sport {sport}:\n{}",
-        hex(&out)
-    );
-    let (addr, port) = dst_of_v4(&out);
-    let want = tcp_frame(CLIENT4.into(), addr, sport, port, flags, payload);
-    assert_frame(&format!("sport {sport} flags {flags:#x}"), &out, &want);
-    (addr, port)
-}
-
-fn be_target(name: &str, dport: u16) -> (IpAddr, u16) {
-    target(name.parse().unwrap(), dport)
-}
-
-/// A UDP payload that makes the checksum of `build(payload)` come out as 0
-/// (sent as 0xffff): the 2 bytes equal the checksum over a zero payload.
-fn zero_sum_payload(build: impl Fn(&[u8]) -> Vec<u8>, csum_at: usize) -> Vec<u8> {
-    let f = build(&[0, 0]);
-    let c = [f[csum_at], f[csum_at + 1]];
-    let p = c.to_vec();
-    let g = build(&p);
-    assert_eq!(
-        [g[csum_at], g[csum_at + 1]],
-        [0xff, 0xff],
-        "payload {p:02x?} does not sum to 0"
-    );
-    p
-}
-
-fn svc_id(sb: &Sandbox, service: &str) -> u32 {
-    let id: ServiceId = service.parse().unwrap();
-    lbmaps::read(sb.root())
-        .unwrap()
-        .into_iter()
-        .find(|s| s.id == id)
-        .unwrap_or_else(|| panic!("no service {service}"))
-        .slot
-}
-
-fn member_slot(sb: &Sandbox, service: &str, backend: &str) -> u32 {
-    let id: ServiceId = service.parse().unwrap();
-    let addr: BackendAddr = backend.parse().unwrap();
-    lbmaps::read(sb.root())
-        .unwrap()
-        .into_iter()
-        .find(|s| s.id == id)
-        .unwrap_or_else(|| panic!("no service {service}"))
-        .members
-        .into_iter()
-        .find(|m| m.backend == addr)
-        .unwrap_or_else(|| panic!("no member {backend} in {service}"))
-        .slot
-}
 
 // ---------------------------------------------------------------------------
 // 1. DNAT, byte for byte
@@ -1012,226 +575,258 @@ fn open_flows(sb: &Sandbox, sports: std::ops::Range<u16>) -> Vec<(u16, (IpAddr, 
     sports.map(|s| (s, send_web(sb, s, SYN, b""))).collect()
 }
 
-#[test]
-fn established_flows_stay_when_a_backend_is_added() {
-    let sb = new_sandbox();
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)]);
-    let old = Predictor::new(&sb, SVC_WEB, &[(WEB3[0], 1), (WEB3[1], 1), (WEB3[2], 1)]);
-    let flows = open_flows(&sb, 20_000..20_300);
-    for (s, t) in &flows {
-        assert_eq!(
-            *t,
-            target(old.pick_web(*s), 80),
-            "sport {s}: first packet not where the table says"
-        );
-    }
-    let four = [
-        "198.18.1.2:8080",
-        "198.18.1.3:8080",
-        "198.18.1.4:8080",
-        "198.18.1.5:8080",
-    ];
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &four)]);
-    let new = Predictor::new(&sb, SVC_WEB, &four.map(|n| (n, 1)));
-    let moved = flows
-        .iter()
-        .filter(|(s, t)| target(new.pick_web(*s), 80) != *t)
-        .count();
-    println!(
-        "the new table moves {moved} of {} established flows",
-        flows.len()
-    );
-    assert!(
-        moved > 50,
-        "the new table should move about a quarter of the flows, moves {moved}"
-    );
+/// The web service with a fourth backend, .5.
+const WEB4: [&str; 4] = [
+    "198.18.1.2:8080",
+    "198.18.1.3:8080",
+    "198.18.1.4:8080",
+    "198.18.1.5:8080",
+];
 
-    let before = snap(&sb);
-    let mut bytes = 0;
-    for (s, t) in &flows {
-        bytes += tcp_frame(CLIENT4.into(), VIP4.into(), *s, 80, ACK, b"data").len() as u64;
-        assert_eq!(
-            send_web(&sb, *s, ACK, b"data"),
-            *t,
-            "established flow {s} moved"
-        );
-    }
-    let after = snap(&sb);
-    assert_deltas(
-        "ACKs of established flows",
-        &before,
-        &after,
-        &[(lb_stat::TO_STACK, 300)],
-        &[ctr(
-            Family::V4,
-            L4::Tcp,
-            Verdict::Pass,
-            Reason::Default,
-            300,
-            bytes,
-        )],
-    );
-
-    // New flows follow the new table, the new backend included.
-    let before = snap(&sb);
-    let fresh = open_flows(&sb, 30_000..30_300);
-    let mut to_new = 0;
-    for (s, t) in &fresh {
-        assert_eq!(
-            *t,
-            target(new.pick_web(*s), 80),
-            "new flow {s} not where the new table says"
-        );
-        to_new += usize::from(t.0 == IpAddr::V4(Ipv4Addr::new(198, 18, 1, 5)));
-    }
-    println!("{to_new} of 300 new flows went to the added backend");
-    assert!(to_new > 0);
-    let after = snap(&sb);
-    assert_eq!(
-        after.lb[lb_stat::CONN_CREATED as usize] - before.lb[lb_stat::CONN_CREATED as usize],
-        300
-    );
-    assert_eq!(after.lb[lb_stat::CONN_REBALANCED as usize], 0);
+/// One change to the backends of the web service (three backends, 300
+/// flows opened), and what the established flows must do after it.
+struct BackendChange {
+    what: &'static str,
+    /// Makes the change; checks what it left in the maps; returns the
+    /// table (as predicted here) that new or moved flows follow.
+    change: fn(&Sandbox, &Flows) -> Predictor,
+    /// The backend whose flows go where the new table says (balanced again,
+    /// then pinned there); every other flow stays on its backend.
+    moves_off: Option<&'static str>,
+    /// Payload of the established flows' next segment (an ACK).
+    payload: &'static [u8],
+    /// Checks of its own after that round: (sb, new table, where each flow is now).
+    then: fn(&Sandbox, &Predictor, &Flows),
 }
 
-#[test]
-fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
-    let sb = new_sandbox();
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)]);
-    let flows = open_flows(&sb, 20_000..20_300);
-    let drained = be_target(WEB3[1], 80);
-    let on_drained = flows.iter().filter(|(_, t)| *t == drained).count();
-    println!("{on_drained} of 300 flows on the backend to drain");
-    assert!(on_drained > 0);
+type Flows = Vec<(u16, (IpAddr, u16))>;
 
-    apply(&sb, &[svc_draining(SVC_WEB, &WEB3, &[WEB3[1]])]);
-    let state = lbmaps::read(sb.root()).unwrap();
-    let m = state[0]
-        .members
-        .iter()
-        .find(|m| m.backend == WEB3[1].parse().unwrap())
-        .unwrap();
-    assert!(
-        m.draining && !m.down && m.table_slots == 0,
-        "drained member: {m:?}"
-    );
-
-    let before = snap(&sb);
-    for (s, t) in &flows {
-        assert_eq!(
-            send_web(&sb, *s, ACK, b""),
-            *t,
-            "flow {s} moved off its (draining?) backend"
-        );
-    }
-    let after = snap(&sb);
-    let bytes = 300 * tcp_frame(CLIENT4.into(), VIP4.into(), 1, 80, ACK, b"").len() as u64;
-    assert_deltas(
-        "ACKs after draining",
-        &before,
-        &after,
-        &[(lb_stat::TO_STACK, 300)],
-        &[ctr(
-            Family::V4,
-            L4::Tcp,
-            Verdict::Pass,
-            Reason::Default,
-            300,
-            bytes,
-        )],
-    );
-
-    let p = Predictor::new(&sb, SVC_WEB, &[(WEB3[0], 1), (WEB3[1], 0), (WEB3[2], 1)]);
-    let fresh = open_flows(&sb, 30_000..30_300);
-    for (s, t) in &fresh {
-        assert_ne!(*t, drained, "new flow {s} went to the draining backend");
-        assert_eq!(
-            *t,
-            target(p.pick_web(*s), 80),
-            "new flow {s} not where the table says"
-        );
-    }
-    let end = snap(&sb);
-    assert_eq!(end.lb[lb_stat::CONN_CREATED as usize], 600);
-    assert_eq!(end.lb[lb_stat::CONN_REBALANCED as usize], 0);
-}
-
-#[test]
-fn down_backend_flows_are_rebalanced() {
-    let sb = new_sandbox();
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)]);
-    let flows = open_flows(&sb, 20_000..20_300);
-    let down = be_target(WEB3[1], 80);
-    let on_down = flows.iter().filter(|(_, t)| *t == down).count() as u64;
-    assert!(on_down > 0);
-
-    apply_down(
-        &sb,
-        &[svc(SVC_WEB, Mode::Nat, &WEB3)],
-        &[(SVC_WEB, WEB3[1])],
-    );
-    let p = Predictor::new(&sb, SVC_WEB, &[(WEB3[0], 1), (WEB3[1], 0), (WEB3[2], 1)]);
-    let before = snap(&sb);
+/// Every established flow sends one ACK: flows on `moves_off` go where
+/// `table` says (never back to it), every other flow stays where it was;
+/// each flow moved is one rebalanced and one created connection. Returns
+/// where each flow is now.
+fn ack_round(
+    sb: &Sandbox,
+    what: &str,
+    flows: &Flows,
+    moves_off: Option<&str>,
+    table: &Predictor,
+    payload: &[u8],
+) -> Flows {
+    let off = moves_off.map(|b| be_target(b, 80));
+    let moving = flows.iter().filter(|(_, t)| Some(*t) == off).count() as u64;
+    let before = snap(sb);
     let mut now_at = Vec::new();
     let mut bytes = 0;
-    for (s, t) in &flows {
-        bytes += tcp_frame(CLIENT4.into(), VIP4.into(), *s, 80, ACK, b"").len() as u64;
-        let got = send_web(&sb, *s, ACK, b"");
-        if *t == down {
+    for (s, t) in flows {
+        bytes += tcp_frame(CLIENT4.into(), VIP4.into(), *s, 80, ACK, payload).len() as u64;
+        let got = send_web(sb, *s, ACK, payload);
+        if Some(*t) == off {
             assert_eq!(
                 got,
-                target(p.pick_web(*s), 80),
-                "flow {s} of the down backend"
+                target(table.pick_web(*s), 80),
+                "{what}: flow {s} of {off:?}"
             );
-            assert_ne!(got, down);
+            assert_ne!(Some(got), off, "{what}: flow {s} back on {off:?}");
         } else {
-            assert_eq!(got, *t, "flow {s} on a healthy backend moved");
+            assert_eq!(got, *t, "{what}: flow {s} moved");
         }
         now_at.push((*s, got));
     }
-    let after = snap(&sb);
-    println!("{on_down} flows rebalanced off the down backend");
+    let after = snap(sb);
+    println!("{what}: {moving} flows balanced again");
     assert_deltas(
-        "first packets after the backend went down",
+        what,
         &before,
         &after,
         &[
-            (lb_stat::TO_STACK, 300),
-            (lb_stat::CONN_REBALANCED, on_down),
-            (lb_stat::CONN_CREATED, on_down),
+            (lb_stat::TO_STACK, flows.len() as u64),
+            (lb_stat::CONN_REBALANCED, moving),
+            (lb_stat::CONN_CREATED, moving),
         ],
         &[ctr(
             Family::V4,
             L4::Tcp,
             Verdict::Pass,
             Reason::Default,
-            300,
+            flows.len() as u64,
             bytes,
         )],
     );
-    // Pinned again to their new backends.
-    let before = snap(&sb);
-    for (s, t) in &now_at {
+    now_at
+}
+
+/// New flows 30,000..30,300 go where `table` says; returns where they went.
+fn fresh_flows(sb: &Sandbox, table: &Predictor) -> Flows {
+    let fresh = open_flows(sb, 30_000..30_300);
+    for (s, t) in &fresh {
         assert_eq!(
-            send_web(&sb, *s, ACK, b""),
             *t,
-            "flow {s} after rebalancing"
+            target(table.pick_web(*s), 80),
+            "new flow {s} not where the new table says"
         );
     }
-    let after = snap(&sb);
-    assert_deltas(
-        "second packets",
-        &before,
-        &after,
-        &[(lb_stat::TO_STACK, 300)],
-        &[ctr(
-            Family::V4,
-            L4::Tcp,
-            Verdict::Pass,
-            Reason::Default,
-            300,
-            bytes,
-        )],
+    fresh
+}
+
+const BACKEND_CHANGES: &[BackendChange] = &[
+    BackendChange {
+        what: "a backend is added: established flows stay",
+        change: |sb, flows| {
+            let old = Predictor::new(sb, SVC_WEB, &WEB3.map(|n| (n, 1)));
+            for (s, t) in flows {
+                assert_eq!(
+                    *t,
+                    target(old.pick_web(*s), 80),
+                    "sport {s}: first packet not where the table says"
+                );
+            }
+            apply(sb, &[svc(SVC_WEB, Mode::Nat, &WEB4)]);
+            let new = Predictor::new(sb, SVC_WEB, &WEB4.map(|n| (n, 1)));
+            let moved = flows
+                .iter()
+                .filter(|(s, t)| target(new.pick_web(*s), 80) != *t)
+                .count();
+            println!(
+                "the new table moves {moved} of {} established flows",
+                flows.len()
+            );
+            assert!(
+                moved > 50,
+                "the new table should move about a quarter of the flows, moves {moved}"
+            );
+            new
+        },
+        moves_off: None,
+        payload: b"data",
+        then: |sb, new, _| {
+            // New flows follow the new table, the new backend included.
+            let before = snap(sb);
+            let fresh = fresh_flows(sb, new);
+            let to_new = fresh
+                .iter()
+                .filter(|(_, t)| *t == be_target(WEB4[3], 80))
+                .count();
+            println!("{to_new} of 300 new flows went to the added backend");
+            assert!(to_new > 0);
+            let after = snap(sb);
+            let created = lb_stat::CONN_CREATED as usize;
+            assert_eq!(after.lb[created] - before.lb[created], 300);
+            assert_eq!(after.lb[lb_stat::CONN_REBALANCED as usize], 0);
+        },
+    },
+    BackendChange {
+        what: "a backend drains: it keeps its flows and gets no new ones",
+        change: |sb, flows| {
+            let on_drained = flows
+                .iter()
+                .filter(|(_, t)| *t == be_target(WEB3[1], 80))
+                .count();
+            println!("{on_drained} of 300 flows on the backend to drain");
+            assert!(on_drained > 0);
+            apply(sb, &[svc_draining(SVC_WEB, &WEB3, &[WEB3[1]])]);
+            let state = lbmaps::read(sb.root()).unwrap();
+            let m = state[0]
+                .members
+                .iter()
+                .find(|m| m.backend == WEB3[1].parse().unwrap())
+                .unwrap();
+            assert!(
+                m.draining && !m.down && m.table_slots == 0,
+                "drained member: {m:?}"
+            );
+            Predictor::new(sb, SVC_WEB, &[(WEB3[0], 1), (WEB3[1], 0), (WEB3[2], 1)])
+        },
+        moves_off: None,
+        payload: b"",
+        then: |sb, new, _| {
+            let drained = be_target(WEB3[1], 80);
+            for (s, t) in fresh_flows(sb, new) {
+                assert_ne!(t, drained, "new flow {s} went to the draining backend");
+            }
+            let end = snap(sb);
+            assert_eq!(end.lb[lb_stat::CONN_CREATED as usize], 600);
+            assert_eq!(end.lb[lb_stat::CONN_REBALANCED as usize], 0);
+        },
+    },
+    BackendChange {
+        what: "a backend goes down: its flows are balanced again",
+        change: |sb, flows| {
+            assert!(flows.iter().any(|(_, t)| *t == be_target(WEB3[1], 80)));
+            apply_down(sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)], &[(SVC_WEB, WEB3[1])]);
+            Predictor::new(sb, SVC_WEB, &[(WEB3[0], 1), (WEB3[1], 0), (WEB3[2], 1)])
+        },
+        moves_off: Some(WEB3[1]),
+        payload: b"",
+        // Pinned again to their new backends.
+        then: |sb, new, now_at| {
+            ack_round(sb, "second packets", now_at, None, new, b"");
+        },
+    },
+    BackendChange {
+        what: "a re-used backend slot does not inherit pinned flows",
+        change: |sb, flows| {
+            // Remove .3 (its slot is freed), then add .9, which gets the freed slot.
+            let old_slot = member_slot(sb, SVC_WEB, WEB3[1]);
+            assert!(flows.iter().any(|(_, t)| *t == be_target(WEB3[1], 80)));
+            apply(sb, &[svc(SVC_WEB, Mode::Nat, &[WEB3[0], WEB3[2]])]);
+            let with9 = [WEB3[0], WEB3[2], "198.18.1.9:8080"];
+            apply(sb, &[svc(SVC_WEB, Mode::Nat, &with9)]);
+            assert_eq!(
+                member_slot(sb, SVC_WEB, with9[2]),
+                old_slot,
+                "the new backend re-uses the freed slot"
+            );
+            let p = Predictor::new(sb, SVC_WEB, &with9.map(|n| (n, 1)));
+            let (gone, nine) = (be_target(WEB3[1], 80), be_target(with9[2], 80));
+            let not_to_nine = flows
+                .iter()
+                .filter(|(s, t)| *t == gone && target(p.pick_web(*s), 80) != nine)
+                .count();
+            assert!(
+                not_to_nine > 0,
+                "some flows of the removed backend must not map to the new one"
+            );
+            p
+        },
+        moves_off: Some(WEB3[1]),
+        payload: b"",
+        then: |_, _, _| {},
+    },
+];
+
+/// Each change of [`BACKEND_CHANGES`] on a sandbox of its own: 300 flows
+/// opened, the change, one ACK per flow, then the change's own checks.
+/// Every failing change is reported by name.
+#[test]
+fn established_flows_across_backend_changes() {
+    let failures: Vec<String> = BACKEND_CHANGES
+        .iter()
+        .filter_map(|c| {
+            let run = std::panic::catch_unwind(|| {
+                let sb = new_sandbox();
+                apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)]);
+                let flows = open_flows(&sb, 20_000..20_300);
+                let table = (c.change)(&sb, &flows);
+                let now_at = ack_round(&sb, c.what, &flows, c.moves_off, &table, c.payload);
+                (c.then)(&sb, &table, &now_at);
+            });
+            run.err().map(|e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| e.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                format!("{}: {msg}", c.what)
+            })
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} backend changes failed:\n{}",
+        failures.len(),
+        BACKEND_CHANGES.len(),
+        failures.join("\n")
     );
 }
 
@@ -1262,14 +857,8 @@ fn fin_or_rst_then_syn_is_balanced_afresh() {
     assert_eq!(stat(&sb, lb_stat::CONN_REBALANCED), 0);
 
     // A new table, so a flow balanced afresh can be told from a pinned one.
-    let four = [
-        "198.18.1.2:8080",
-        "198.18.1.3:8080",
-        "198.18.1.4:8080",
-        "198.18.1.5:8080",
-    ];
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &four)]);
-    let p = Predictor::new(&sb, SVC_WEB, &four.map(|n| (n, 1)));
+    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB4)]);
+    let p = Predictor::new(&sb, SVC_WEB, &WEB4.map(|n| (n, 1)));
     let before = snap(&sb);
     let mut moved = 0;
     for (s, t) in &closed {
@@ -1318,71 +907,6 @@ fn fin_or_rst_then_syn_is_balanced_afresh() {
 }
 
 #[test]
-fn reused_backend_slot_does_not_inherit_pinned_flows() {
-    let sb = new_sandbox();
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &WEB3)]);
-    let old_slot = member_slot(&sb, SVC_WEB, WEB3[1]);
-    let flows = open_flows(&sb, 20_000..20_300);
-    let gone = be_target(WEB3[1], 80);
-    let on_gone = flows.iter().filter(|(_, t)| *t == gone).count() as u64;
-    assert!(on_gone > 0);
-
-    // Remove .3 (its slot is freed), then add .9, which gets the freed slot.
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &[WEB3[0], WEB3[2]])]);
-    let with9 = [WEB3[0], WEB3[2], "198.18.1.9:8080"];
-    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &with9)]);
-    assert_eq!(
-        member_slot(&sb, SVC_WEB, with9[2]),
-        old_slot,
-        "the new backend re-uses the freed slot"
-    );
-    let p = Predictor::new(&sb, SVC_WEB, &with9.map(|n| (n, 1)));
-    let nine = be_target(with9[2], 80);
-    let not_to_nine = flows
-        .iter()
-        .filter(|(s, t)| *t == gone && target(p.pick_web(*s), 80) != nine)
-        .count();
-    assert!(
-        not_to_nine > 0,
-        "some flows of the removed backend must not map to the new one"
-    );
-
-    let before = snap(&sb);
-    for (s, t) in &flows {
-        let got = send_web(&sb, *s, ACK, b"");
-        if *t == gone {
-            assert_eq!(
-                got,
-                target(p.pick_web(*s), 80),
-                "flow {s} of the removed backend"
-            );
-        } else {
-            assert_eq!(got, *t, "flow {s} moved");
-        }
-    }
-    let after = snap(&sb);
-    let bytes = 300 * tcp_frame(CLIENT4.into(), VIP4.into(), 1, 80, ACK, b"").len() as u64;
-    assert_deltas(
-        "ACKs after the slot was re-used",
-        &before,
-        &after,
-        &[
-            (lb_stat::TO_STACK, 300),
-            (lb_stat::CONN_REBALANCED, on_gone),
-            (lb_stat::CONN_CREATED, on_gone),
-        ],
-        &[ctr(
-            Family::V4,
-            L4::Tcp,
-            Verdict::Pass,
-            Reason::Default,
-            300,
-            bytes,
-        )],
-    );
-}
-
-#[test]
 fn idle_connections_are_rebalanced_per_protocol() {
     let sb = new_sandbox();
     apply(
@@ -1398,50 +922,40 @@ fn idle_connections_are_rebalanced_per_protocol() {
         assert_eq!(action, XDP_PASS);
         assert_frame("UDP", &out, &udp_frame(c4, b4, 45000, 5353, b"q"));
     };
-    // TCP idle 1 s, UDP 60 s; then the other way round.
-    lbmaps::set_conn_settings(sb.root(), 1, 60, 100_000, 100_000).unwrap();
-    send_web(&sb, 45000, SYN, b"");
-    udp(&sb);
-    thread::sleep(Duration::from_millis(2200));
-    let before = snap(&sb);
-    send_web(&sb, 45000, ACK, b"");
-    let mid = snap(&sb);
-    udp(&sb);
-    let after = snap(&sb);
     let r = lb_stat::CONN_REBALANCED as usize;
-    assert_eq!(
-        mid.lb[r] - before.lb[r],
-        1,
-        "TCP idle 2.2 s past a 1 s timeout"
-    );
-    assert_eq!(
-        after.lb[r] - mid.lb[r],
-        0,
-        "UDP idle 2.2 s within a 60 s timeout"
-    );
-
-    lbmaps::set_conn_settings(sb.root(), 60, 1, 100_000, 100_000).unwrap();
-    thread::sleep(Duration::from_millis(2200));
-    let before = snap(&sb);
-    send_web(&sb, 45000, ACK, b"");
-    let mid = snap(&sb);
-    udp(&sb);
-    let after = snap(&sb);
-    assert_eq!(
-        mid.lb[r] - before.lb[r],
-        0,
-        "TCP idle 2.2 s within a 60 s timeout"
-    );
-    assert_eq!(
-        after.lb[r] - mid.lb[r],
-        1,
-        "UDP idle 2.2 s past a 1 s timeout"
-    );
-    assert_eq!(
-        after.lb[lb_stat::CONN_CREATED as usize],
-        4,
-        "2 flows, each recorded twice"
-    );
+    // (TCP idle timeout, UDP idle timeout) in seconds: TCP 1 s and UDP 60 s,
+    // then the other way round. Each flow is idle 2.2 s: balanced again
+    // past a 1 s timeout, kept within 60 s.
+    for (round, (tcp_idle, udp_idle)) in [(1, 60), (60, 1)].into_iter().enumerate() {
+        lbmaps::set_conn_settings(sb.root(), tcp_idle, udp_idle, 100_000, 100_000).unwrap();
+        if round == 0 {
+            send_web(&sb, 45000, SYN, b"");
+            udp(&sb);
+        }
+        thread::sleep(Duration::from_millis(2200));
+        let before = snap(&sb);
+        send_web(&sb, 45000, ACK, b"");
+        let mid = snap(&sb);
+        udp(&sb);
+        let after = snap(&sb);
+        assert_eq!(
+            mid.lb[r] - before.lb[r],
+            u64::from(tcp_idle == 1),
+            "TCP idle 2.2 s, timeout {tcp_idle} s"
+        );
+        assert_eq!(
+            after.lb[r] - mid.lb[r],
+            u64::from(udp_idle == 1),
+            "UDP idle 2.2 s, timeout {udp_idle} s"
+        );
+        if round == 1 {
+            assert_eq!(
+                after.lb[lb_stat::CONN_CREATED as usize],
+                4,
+                "2 flows, each recorded twice"
+            );
+        }
+    }
 }
 
 /// A flow whose packets are 0.4 s apart is never idle for the 1 s timeout
