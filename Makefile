@@ -30,7 +30,9 @@ demo: build
 ## the `user` feature. sluice-ebpf is excluded from the host test run: its
 ## binary is BPF-only (nightly, bpfel-unknown-none) and is built and exercised
 ## through the `sluice` crate. Runs everything, fails if anything failed.
-## The Linux 6.1 tier (sluice/tests/lts.rs) runs with the rest: its tests
+## sluice's integration tests are one binary (sluice/tests/it: a module per
+## capability), so one `test result` line covers them all.
+## The Linux 6.1 tier (sluice/tests/it/lts.rs) runs with the rest: its tests
 ## pass after one "lts-6.1 tier: SKIPPED N tests: why" line when qemu or the
 ## kernel package is missing; those are counted as skipped, not passed.
 test: setup
@@ -49,11 +51,11 @@ test: setup
 
 ## test-lts: only the Linux 6.1 tier (qemu TCG; about 4 minutes): programs
 ## verified, packet tables, attach/re-adopt, generation flips, and the
-## firewall, DDoS and LB end to end (suites: SUITES in sluice/tests/lts.rs,
+## firewall, DDoS and LB end to end (suites: SUITES in sluice/tests/it/lts.rs,
 ## described in docs/dataplane.md). Builds what it needs;
 ## SLUICE_LTS_SUITES=compat,packets runs only those suites.
 test-lts: setup
-	$(CARGO) test --workspace --exclude sluice-ebpf --test lts
+	$(CARGO) test -p sluice --test it -- lts::
 
 ## bench: sluice's benchmarks (root, ~10 min): prints a table per section,
 ## writes bench-results/results.json and docs/benchmarks.md. Benchmarks never

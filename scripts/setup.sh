@@ -7,7 +7,7 @@
 #   - rust-src for the nightly toolchain (the BPF target builds `core` itself);
 #   - bpf-linker, built against LLVM 22;
 #   - bpffs mounted at /sys/fs/bpf (where sluice pins its maps);
-#   - for the Linux 6.1 test tier (sluice/tests/lts.rs): qemu and busybox
+#   - for the Linux 6.1 test tier (sluice/tests/it/lts.rs): qemu and busybox
 #     (Debian packages) and Debian's 6.1 cloud kernel, downloaded as a .deb
 #     and unpacked into a cache directory (never installed into /boot).
 #
