@@ -194,3 +194,50 @@ fn the_scanner_sees_plain_and_grouped_imports() {
     // Comments are no imports.
     assert!(crate_paths(&code_of("// crate::agent::x\nlet a = 1; // crate::cli")).is_empty());
 }
+
+/// The kernel crate (docs/decisions/009-kernel-layout.md): stages never name
+/// each other (but the firewall calls the DDoS stage for its rate rules),
+/// and the leaves below them name no stage and not the pipeline.
+#[test]
+fn kernel_stages_and_leaves_point_down_too() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice-ebpf/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut wrong = Vec::new();
+    let mut stages = 0;
+    for f in &files {
+        let rel = f.strip_prefix(&src).expect("under src").to_path_buf();
+        let name = rel.to_string_lossy().replace(".rs", "");
+        let code = code_of(&std::fs::read_to_string(f).expect("reading a source file"));
+        let paths = crate_paths(&code);
+        if let Some(stage) = name.strip_prefix("stages/") {
+            stages += 1;
+            for (m, item) in &paths {
+                let ok = match m.as_str() {
+                    "pipeline" => false,
+                    "stages" => stage == "firewall" && item == "ddos",
+                    _ => true,
+                };
+                if !ok {
+                    wrong.push(format!("stage {stage} names crate::{m}::{item}"));
+                }
+            }
+        } else if name != "main" && name != "pipeline" && name != "lib" {
+            for (m, item) in &paths {
+                if m == "stages" || m == "pipeline" {
+                    wrong.push(format!("leaf {name} names crate::{m}::{item}"));
+                }
+            }
+        }
+    }
+    assert!(
+        stages >= 5,
+        "only {stages} stage files found under {}",
+        src.display()
+    );
+    assert!(
+        wrong.is_empty(),
+        "kernel arrows that point up or across:\n{}",
+        wrong.join("\n")
+    );
+}
