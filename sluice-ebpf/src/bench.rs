@@ -2,7 +2,7 @@
 //! hand-written source lookup to compare sluice's pipeline against, and the
 //! traffic generator driven by BPF_PROG_TEST_RUN with live frames. Also
 //! one program every verifier refuses, for the test of how sluice reports
-//! a refusal (sluice/tests/compat.rs).
+//! a refusal (sluice/tests/it/compat.rs).
 #![no_std]
 #![no_main]
 #![expect(
