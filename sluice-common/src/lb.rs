@@ -290,9 +290,10 @@ pub fn flow_hash(src: [u64; 2], dst: [u64; 2], sport: u16, dport: u16, proto: u8
     (h >> 32) as u32 ^ h as u32
 }
 
-/// SplitMix64's finaliser: every input bit affects every output bit.
+/// SplitMix64's finaliser: every input bit affects every output bit (the
+/// kernel's flow hash and user space's Maglev permutations both use it).
 #[inline(always)]
-const fn mix(x: u64) -> u64 {
+pub const fn mix(x: u64) -> u64 {
     let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)

@@ -78,8 +78,8 @@ impl FlowKey {
     fn addrs(&self) -> Option<(IpAddr, IpAddr)> {
         (self.family == Family::V4 as u8 || self.family == Family::V6 as u8).then(|| {
             (
-                addr_of(self.family, &self.src),
-                addr_of(self.family, &self.dst),
+                record_addr(self.family, &self.src),
+                record_addr(self.family, &self.dst),
             )
         })
     }

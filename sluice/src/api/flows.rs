@@ -237,7 +237,7 @@ pub(crate) fn has_addrs(r: &FlowRecord) -> bool {
         && (r.family == Family::V4 as u8 || r.family == Family::V6 as u8)
 }
 
-pub(crate) fn addr_of(family: u8, b: &[u8; 16]) -> IpAddr {
+pub(crate) fn record_addr(family: u8, b: &[u8; 16]) -> IpAddr {
     if family == Family::V4 as u8 {
         IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
     } else {
@@ -247,7 +247,7 @@ pub(crate) fn addr_of(family: u8, b: &[u8; 16]) -> IpAddr {
 
 /// Source and destination, for IP packets that parsed.
 pub(crate) fn addrs(r: &FlowRecord) -> Option<(IpAddr, IpAddr)> {
-    has_addrs(r).then(|| (addr_of(r.family, &r.src), addr_of(r.family, &r.dst)))
+    has_addrs(r).then(|| (record_addr(r.family, &r.src), record_addr(r.family, &r.dst)))
 }
 
 /// Source and destination port, for TCP and UDP (not later fragments).

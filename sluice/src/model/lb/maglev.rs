@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BinaryHeap},
 };
 
-use sluice_common::lb::NO_BACKEND;
+use sluice_common::lb::{NO_BACKEND, mix};
 
 /// One backend as Maglev sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,13 +200,6 @@ fn name_hash(name: &str, seed: u64) -> u64 {
         h = mix(h ^ u64::from_le_bytes(word)).wrapping_add(0x9e37_79b9_7f4a_7c15);
     }
     mix(h)
-}
-
-/// `SplitMix64`'s finaliser: every input bit affects every output bit.
-const fn mix(x: u64) -> u64 {
-    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use sluice_common::{
     RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_BYTES, RULE_F_DPORT, RULE_F_DST,
     RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SRC, RULE_F_SYN, Rule, Verdict,
-    addr_words,
+    addr_words, words_bytes,
 };
 
 pub mod config;
@@ -723,13 +723,6 @@ impl RuleSpec {
             }),
         }
     }
-}
-
-fn words_bytes(w: [u64; 2]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&w[0].to_ne_bytes());
-    b[8..].copy_from_slice(&w[1].to_ne_bytes());
-    b
 }
 
 fn net_words(n: &IpNet) -> ([u64; 2], [u64; 2]) {
