@@ -20,7 +20,7 @@ pub struct FlowRecord {
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// `Family` value.
+    /// IP version (4, 6; 0 when not IP: `Family::version`).
     pub family: u8,
     /// IP protocol (last IPv6 next header); 0 when not IP.
     pub proto: u8,

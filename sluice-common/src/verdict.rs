@@ -137,7 +137,7 @@ pub const COUNTER_SLOTS: u32 = FAMILY_SLOTS * L4_SLOTS * VERDICT_SLOTS * REASON_
 
 #[must_use]
 pub const fn counter_index(family: Family, l4: L4, verdict: Verdict, reason: Reason) -> u32 {
-    (((family as u32) * L4_SLOTS + l4 as u32) * VERDICT_SLOTS + verdict as u32) * REASON_SLOTS
+    (((family.slot()) * L4_SLOTS + l4 as u32) * VERDICT_SLOTS + verdict as u32) * REASON_SLOTS
         + reason as u32
 }
 

@@ -81,7 +81,7 @@ pub fn flow(
         (*r).ts_ns = now;
         (*r).ifindex = ctx.ingress_ifindex() as u32;
         (*r).len = len as u32;
-        (*r).family = family as u8;
+        (*r).family = family.version();
         (*r).l4 = l4 as u8;
         (*r).verdict = out.verdict as u8;
         (*r).reason = out.reason as u8;

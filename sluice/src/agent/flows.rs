@@ -14,7 +14,7 @@ use std::{
 };
 
 use axum::body::Bytes;
-use sluice_common::{Family, FlowConfig, FlowRecord, L4, stat};
+use sluice_common::{FlowConfig, FlowRecord, L4, ip_from_bytes, stat};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::{info, warn};
 
@@ -44,6 +44,17 @@ fn clock_ns(clock: nix::time::ClockId) -> i128 {
     nix::time::clock_gettime(clock).map_or(0, |ts| {
         i128::from(ts.tv_sec()) * 1_000_000_000 + i128::from(ts.tv_nsec())
     })
+}
+
+fn log_settings(s: &FlowSettings, what: &str) {
+    info!(
+        sample_pass = s.sample_pass,
+        sample_drop = s.sample_drop,
+        sample_audit = s.sample_audit,
+        rate_cap = s.rate_cap,
+        burst = s.burst,
+        "{what}"
+    );
 }
 
 /// A flow: what the totals are kept by.
@@ -76,12 +87,10 @@ impl FlowKey {
     }
 
     fn addrs(&self) -> Option<(IpAddr, IpAddr)> {
-        (self.family == Family::V4 as u8 || self.family == Family::V6 as u8).then(|| {
-            (
-                record_addr(self.family, &self.src),
-                record_addr(self.family, &self.dst),
-            )
-        })
+        Some((
+            ip_from_bytes(self.family, &self.src)?,
+            ip_from_bytes(self.family, &self.dst)?,
+        ))
     }
 }
 
@@ -178,14 +187,7 @@ impl Flows {
     pub fn set_settings(&self, s: FlowSettings) {
         let old = std::mem::replace(&mut *lock(&self.settings), s);
         if old != s {
-            info!(
-                sample_pass = s.sample_pass,
-                sample_drop = s.sample_drop,
-                sample_audit = s.sample_audit,
-                rate_cap = s.rate_cap,
-                burst = s.burst,
-                "flow settings changed"
-            );
+            log_settings(&s, "flow settings changed");
             self.poke.notify_one();
         }
     }
@@ -201,15 +203,7 @@ impl Flows {
     }
 
     fn log_applied(&self) {
-        let s = self.settings();
-        info!(
-            sample_pass = s.sample_pass,
-            sample_drop = s.sample_drop,
-            sample_audit = s.sample_audit,
-            rate_cap = s.rate_cap,
-            burst = s.burst,
-            "flow sampling applied"
-        );
+        log_settings(&self.settings(), "flow sampling applied");
     }
 
     /// Takes records read from the ring.
@@ -734,7 +728,7 @@ mod tests {
             len,
             sport,
             dport: 53,
-            family: Family::V4 as u8,
+            family: sluice_common::Family::V4.version(),
             proto: 17,
             l4: L4::Udp as u8,
             verdict: verdict as u8,

@@ -2,14 +2,11 @@
 //! `GET /v1/flows` and `/v1/flows/top` (parsed alike by the agent and the
 //! CLI), the records and tables it answers with, and their names.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
-};
+use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use sluice_common::{Family, FlowRecord, L4, Reason, Verdict};
+use sluice_common::{Family, FlowRecord, L4, Reason, Verdict, ip_from_bytes};
 
 use super::time::rfc3339;
 use crate::model::policy::config::FlowSettings;
@@ -233,21 +230,18 @@ impl Filter {
 }
 
 pub(crate) fn has_addrs(r: &FlowRecord) -> bool {
-    r.reason != Reason::Malformed as u8
-        && (r.family == Family::V4 as u8 || r.family == Family::V6 as u8)
-}
-
-pub(crate) fn record_addr(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == Family::V4 as u8 {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    }
+    r.reason != Reason::Malformed as u8 && Family::from_version(r.family) != Family::Other
 }
 
 /// Source and destination, for IP packets that parsed.
 pub(crate) fn addrs(r: &FlowRecord) -> Option<(IpAddr, IpAddr)> {
-    has_addrs(r).then(|| (record_addr(r.family, &r.src), record_addr(r.family, &r.dst)))
+    if !has_addrs(r) {
+        return None;
+    }
+    Some((
+        ip_from_bytes(r.family, &r.src)?,
+        ip_from_bytes(r.family, &r.dst)?,
+    ))
 }
 
 /// Source and destination port, for TCP and UDP (not later fragments).
@@ -268,8 +262,12 @@ pub(crate) fn reason_name(v: u8) -> String {
     name_of(&Reason::ALL, v, Reason::name)
 }
 
+/// The name of an IP version as records hold it (4, 6, 0 = not IP).
 pub(crate) fn family_name(v: u8) -> String {
-    name_of(&Family::ALL, v, Family::name)
+    match v {
+        0 | 4 | 6 => Family::from_version(v).name().to_string(),
+        _ => format!("unknown-{v}"),
+    }
 }
 
 pub(crate) fn l4_name(v: u8) -> String {

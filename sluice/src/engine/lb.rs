@@ -9,7 +9,7 @@ use std::{
 };
 
 use sluice_common::{
-    addr_words,
+    Family, ip_from_words, ip_words,
     lb::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, Backend, BackendKey, LB_F_ENABLED, MAX_BACKENDS,
         MAX_SERVICES, MODE_DSR, MODE_NAT, MODE_VXLAN, Service, ServiceKey, TABLE_SIZE, Vip,
@@ -36,46 +36,28 @@ pub enum ApplyError {
     },
 }
 
-fn family(a: IpAddr) -> u8 {
-    if a.is_ipv4() { 4 } else { 6 }
-}
-
-fn words(a: IpAddr) -> [u64; 2] {
-    let mut b = [0u8; 16];
-    match a {
-        IpAddr::V4(v) => b[..4].copy_from_slice(&v.octets()),
-        IpAddr::V6(v) => b.copy_from_slice(&v.octets()),
-    }
-    addr_words(&b)
-}
-
+/// An address read back from an LB key or backend entry; an entry that is
+/// not IP (never written so) reads as the unspecified IPv6 address.
 fn addr_of(family: u8, w: [u64; 2]) -> IpAddr {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&w[0].to_ne_bytes());
-    b[8..].copy_from_slice(&w[1].to_ne_bytes());
-    if family == 4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
-    }
+    ip_from_words(family, w).unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 fn service_key(id: &ServiceId) -> ServiceKey {
     ServiceKey {
-        addr: words(id.vip),
+        addr: ip_words(&id.vip),
         port: id.port,
         proto: id.proto.number(),
-        family: family(id.vip),
+        family: Family::of(&id.vip).version(),
         _pad: 0,
     }
 }
 
 fn marker_key(vip: IpAddr) -> ServiceKey {
     ServiceKey {
-        addr: words(vip),
+        addr: ip_words(&vip),
         port: 0,
         proto: 0,
-        family: family(vip),
+        family: Family::of(&vip).version(),
         _pad: 0,
     }
 }
@@ -204,7 +186,7 @@ pub fn apply(
         old.sort_unstable();
         old_inputs.push(old);
         for b in &s.backends {
-            let k = (id, words(b.addr.addr), b.addr.port);
+            let k = (id, ip_words(&b.addr.addr), b.addr.port);
             let slot = match slot_of.get(&k) {
                 Some(&slot) => slot,
                 None => {
@@ -230,9 +212,9 @@ pub fn apply(
         for &(slot, b, is_down) in m {
             let old = backends[slot as usize];
             let mut new = Backend {
-                addr: words(b.addr.addr),
+                addr: ip_words(&b.addr.addr),
                 port: b.addr.port,
-                family: family(b.addr.addr),
+                family: Family::of(&b.addr.addr).version(),
                 flags: member_flags(b.draining, is_down),
                 generation: old.generation,
                 service: id,
@@ -320,14 +302,14 @@ pub fn apply(
             };
             want_rev.insert(
                 BackendKey {
-                    addr: words(b.addr.addr),
+                    addr: ip_words(&b.addr.addr),
                     port,
                     proto: s.id.proto.number(),
-                    family: family(b.addr.addr),
+                    family: Family::of(&b.addr.addr).version(),
                     _pad: 0,
                 },
                 Vip {
-                    addr: words(s.id.vip),
+                    addr: ip_words(&s.id.vip),
                     port: s.id.port,
                     _pad: 0,
                     service: id,

@@ -383,6 +383,33 @@ impl LbOp {
         let find = |services: &mut Vec<LbService>, id: &ServiceId| {
             services.iter().position(|s| s.spec.id == *id)
         };
+        // The backends of a service the change names; `None`: no such
+        // service, which only a strict change refuses.
+        fn backends_of<'a>(
+            services: &'a mut [LbService],
+            id: &ServiceId,
+            strict: bool,
+        ) -> Result<Option<&'a mut Vec<BackendSpec>>, String> {
+            match services.iter().position(|s| s.spec.id == *id) {
+                Some(i) => Ok(Some(&mut services[i].spec.backends)),
+                None if strict => Err(format!("no service {id}")),
+                None => Ok(None),
+            }
+        }
+        // Where a backend the change names stands; `None`: absent, which
+        // only a strict change refuses.
+        fn backend_at(
+            list: &[BackendSpec],
+            service: &ServiceId,
+            backend: &BackendAddr,
+            strict: bool,
+        ) -> Result<Option<usize>, String> {
+            match list.iter().position(|b| b.addr == *backend) {
+                Some(j) => Ok(Some(j)),
+                None if strict => Err(format!("service {service} has no backend {backend}")),
+                None => Ok(None),
+            }
+        }
         match self {
             Self::ServiceAdd { service } => match find(services, &service.spec.id) {
                 Some(_) if strict => {
@@ -403,14 +430,9 @@ impl LbOp {
                 None => {}
             },
             Self::BackendAdd { service, backend } => {
-                let Some(i) = find(services, service) else {
-                    return if strict {
-                        Err(format!("no service {service}"))
-                    } else {
-                        Ok(())
-                    };
+                let Some(list) = backends_of(services, service, strict)? else {
+                    return Ok(());
                 };
-                let list = &mut services[i].spec.backends;
                 match list.iter().position(|b| b.addr == backend.addr) {
                     Some(_) if strict => {
                         return Err(format!(
@@ -424,22 +446,11 @@ impl LbOp {
                 }
             }
             Self::BackendDel { service, backend } => {
-                let Some(i) = find(services, service) else {
-                    return if strict {
-                        Err(format!("no service {service}"))
-                    } else {
-                        Ok(())
-                    };
+                let Some(list) = backends_of(services, service, strict)? else {
+                    return Ok(());
                 };
-                let list = &mut services[i].spec.backends;
-                match list.iter().position(|b| b.addr == *backend) {
-                    Some(j) => {
-                        list.remove(j);
-                    }
-                    None if strict => {
-                        return Err(format!("service {service} has no backend {backend}"));
-                    }
-                    None => {}
+                if let Some(j) = backend_at(list, service, backend, strict)? {
+                    list.remove(j);
                 }
             }
             Self::BackendSet {
@@ -448,31 +459,17 @@ impl LbOp {
                 weight,
                 draining,
             } => {
-                let Some(i) = find(services, service) else {
-                    return if strict {
-                        Err(format!("no service {service}"))
-                    } else {
-                        Ok(())
-                    };
+                let Some(list) = backends_of(services, service, strict)? else {
+                    return Ok(());
                 };
-                match services[i]
-                    .spec
-                    .backends
-                    .iter_mut()
-                    .find(|b| b.addr == *backend)
-                {
-                    Some(b) => {
-                        if let Some(w) = weight {
-                            b.weight = *w;
-                        }
-                        if let Some(d) = draining {
-                            b.draining = *d;
-                        }
+                if let Some(j) = backend_at(list, service, backend, strict)? {
+                    let b = &mut list[j];
+                    if let Some(w) = weight {
+                        b.weight = *w;
                     }
-                    None if strict => {
-                        return Err(format!("service {service} has no backend {backend}"));
+                    if let Some(d) = draining {
+                        b.draining = *d;
                     }
-                    None => {}
                 }
             }
         }
@@ -596,7 +593,7 @@ pub enum LbError {
 }
 
 fn family(a: IpAddr) -> u8 {
-    if a.is_ipv4() { 4 } else { 6 }
+    sluice_common::Family::of(&a).version()
 }
 
 /// Checks a desired set of services against what the kernel can hold and
