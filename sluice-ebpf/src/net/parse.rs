@@ -179,19 +179,13 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
     src[..4].copy_from_slice(&ip.src_addr);
     dst[..4].copy_from_slice(&ip.dst_addr);
     let mut pkt = Packet {
-        family: Family::V4,
         l4: L4::Fragment,
         proto: ip.proto,
         src: sluice_common::addr_words(&src),
         dst: sluice_common::addr_words(&dst),
-        sport: 0,
-        dport: 0,
-        has_ports: false,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        fragment: false,
         l3_off: off,
         l4_off: off,
+        ..Packet::other(Family::V4)
     };
     pkt.fragment = fragment;
     if frags & 0x1fff != 0 {
@@ -215,19 +209,13 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         return None;
     }
     let mut pkt = Packet {
-        family: Family::V6,
         l4: L4::Fragment,
         proto: ip.next_hdr,
         src: sluice_common::addr_words(&ip.src_addr),
         dst: sluice_common::addr_words(&ip.dst_addr),
-        sport: 0,
-        dport: 0,
-        has_ports: false,
-        tcp_flags: 0,
-        tcp_seq: 0,
-        fragment: false,
         l3_off: off,
         l4_off: off,
+        ..Packet::other(Family::V6)
     };
     let mut next = ip.next_hdr;
     let mut cur = off + Ipv6Hdr::LEN;
@@ -339,20 +327,19 @@ fn parse_l4(
             pkt.has_ports = true;
             pkt.l4_off = off;
         }
-        IPPROTO_ICMP if matches!(pkt.family, Family::V4) => {
+        // ICMP for IPv4, ICMPv6 for IPv6 (the other one is just another protocol).
+        IPPROTO_ICMP | IPPROTO_ICMPV6
+            if (pkt.proto == IPPROTO_ICMP) == matches!(pkt.family, Family::V4) =>
+        {
             if len < ICMP_MIN_LEN {
                 return None;
             }
             ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
-            pkt.l4 = L4::Icmp;
-            pkt.l4_off = off;
-        }
-        IPPROTO_ICMPV6 if matches!(pkt.family, Family::V6) => {
-            if len < ICMP_MIN_LEN {
-                return None;
-            }
-            ptr_at::<[u8; ICMP_MIN_LEN]>(ctx, off)?;
-            pkt.l4 = L4::Icmpv6;
+            pkt.l4 = if pkt.proto == IPPROTO_ICMP {
+                L4::Icmp
+            } else {
+                L4::Icmpv6
+            };
             pkt.l4_off = off;
         }
         _ => pkt.l4 = L4::Other,

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use sluice_common::{
     AddrKey, Bucket, Escalation, Family, OVER_GAP_NS, REPORT_INTERVAL_NS, RULE_F_BYTES,
-    RULE_F_ESCALATE, RULE_F_PER_SOURCE, Rule, SrcKey, stat, words_bytes,
+    RULE_F_ESCALATE, RULE_F_PER_SOURCE, Rule, SrcKey, stat, words_bytes, words_v4,
 };
 
 use crate::{
@@ -357,8 +357,8 @@ pub fn challenge(ctx: &XdpContext, pkt: &Packet) -> u32 {
         let Some(ip) = ptr_at::<[u8; IPV4_HDR]>(ctx, pkt.l3_off) else {
             return xdp_action::XDP_DROP;
         };
-        let s = src[0].to_ne_bytes();
-        let d = dst[0].to_ne_bytes();
+        let s = words_v4(src);
+        let d = words_v4(dst);
         let tot = ((IPV4_HDR + TCP_HDR) as u16).to_be_bytes();
         let mut h = [
             0x45,
@@ -398,13 +398,10 @@ pub fn challenge(ctx: &XdpContext, pkt: &Packet) -> u32 {
         h[5] = TCP_HDR as u8;
         h[6] = IPPROTO_TCP;
         h[7] = 64;
-        let mut a = [0u8; 32];
-        a[..8].copy_from_slice(&dst[0].to_ne_bytes());
-        a[8..16].copy_from_slice(&dst[1].to_ne_bytes());
-        a[16..24].copy_from_slice(&src[0].to_ne_bytes());
-        a[24..].copy_from_slice(&src[1].to_ne_bytes());
-        h[8..40].copy_from_slice(&a);
-        pseudo = sum16(&a);
+        let (d, s) = (words_bytes(dst), words_bytes(src));
+        h[8..24].copy_from_slice(&d);
+        h[24..40].copy_from_slice(&s);
+        pseudo = sum16(&d) + sum16(&s);
     }
     pseudo += u64::from(IPPROTO_TCP) + TCP_HDR as u64;
     let Some(tcp) = ptr_at::<[u8; TCP_HDR]>(ctx, pkt.l4_off) else {

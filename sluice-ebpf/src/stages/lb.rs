@@ -17,6 +17,7 @@ use sluice_common::{
         LbCounter, MODE_DSR, MODE_NAT, MODE_VXLAN, NO_BACKEND, Service, ServiceKey, TABLE_SIZE,
         VXLAN_PORT, flow_hash, lb_stat,
     },
+    words_bytes, words_v4,
 };
 
 use crate::{
@@ -415,9 +416,7 @@ fn icmp_error_inner(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     if svc.mode != MODE_NAT {
         return Some(id);
     }
-    let mut new = [0u8; 16];
-    new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
-    new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
+    let new = words_bytes(be.addr);
     let check = ptr_at::<[u8; 2]>(ctx, l4 + 2)?;
     let mut icmp_delta = 0u64;
     if v4 {
@@ -527,8 +526,7 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
         Family::V4 => {
             let dst = ptr_at::<[u8; 4]>(ctx, l3 + 16)?;
             let ipck = ptr_at::<[u8; 2]>(ctx, l3 + 10)?;
-            let new = be.addr[0].to_ne_bytes();
-            let new = [new[0], new[1], new[2], new[3]];
+            let new = words_v4(be.addr);
             // SAFETY: bounds-checked by ptr_at.
             let old = unsafe { *dst };
             d = delta(&old, &new);
@@ -538,9 +536,7 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
         }
         Family::V6 => {
             let dst = ptr_at::<[u8; 16]>(ctx, l3 + 24)?;
-            let mut new = [0u8; 16];
-            new[..8].copy_from_slice(&be.addr[0].to_ne_bytes());
-            new[8..].copy_from_slice(&be.addr[1].to_ne_bytes());
+            let new = words_bytes(be.addr);
             // SAFETY: bounds-checked by ptr_at.
             let old = unsafe { *dst };
             d = delta(&old, &new);
@@ -611,10 +607,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         Family::V4 => {
             p.family = AF_INET;
             p.__bindgen_anon_1.tot_len = tot;
-            let s = pkt.src[0].to_ne_bytes();
-            let d = be.addr[0].to_ne_bytes();
-            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
-            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+            p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(words_v4(pkt.src));
+            p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(words_v4(be.addr));
         }
         _ => {
             p.family = AF_INET6;
@@ -709,8 +703,8 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     p.sport = sport.to_be();
     p.dport = VXLAN_PORT.to_be();
     p.__bindgen_anon_1.tot_len = (inner_len + VXLAN_HDRS - 14) as u16;
-    let d = be.addr[0].to_ne_bytes();
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+    let d = words_v4(be.addr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(d);
     // SAFETY: p is a valid bpf_fib_lookup in map memory.
     let rc = unsafe {
         bpf_fib_lookup(

@@ -8,13 +8,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    Family,
+    Family, addr_words,
     lb::{BackendKey, LB_F_ENABLED, Vip, lb_stat},
+    v4_words, words_bytes, words_v4,
 };
 
 use crate::{
     counters::bump_lb as bump,
     maps::{LB_CONFIG, LB_REVERSE},
+    net::csum::{delta, fold},
     net::proto::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED,
         ICMPV6_ERROR_MAX, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -79,17 +81,8 @@ fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
         if osrc != idst {
             return None;
         }
-        let mut key = BackendKey {
-            addr: sluice_common::addr_words(&idst),
-            port: dport,
-            proto,
-            family: Family::V6.version(),
-            _pad: 0,
-        };
-        let vip = lookup(&mut key)?;
-        let mut new = [0u8; 16];
-        new[..8].copy_from_slice(&vip.addr[0].to_ne_bytes());
-        new[8..].copy_from_slice(&vip.addr[1].to_ne_bytes());
+        let vip = lookup(addr_words(&idst), dport, proto, Family::V6)?;
+        let mut new = words_bytes(vip.addr);
         let mut new2 = new;
         let d_outer = diff(&mut osrc, &mut new)?;
         ctx.l4_csum_replace(check, 0, d_outer, u64::from(BPF_F_PSEUDO_HDR))
@@ -105,18 +98,8 @@ fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
         if osrc != idst {
             return None;
         }
-        let mut a = [0u8; 16];
-        a[..4].copy_from_slice(&idst);
-        let mut key = BackendKey {
-            addr: sluice_common::addr_words(&a),
-            port: dport,
-            proto,
-            family: Family::V4.version(),
-            _pad: 0,
-        };
-        let vip = lookup(&mut key)?;
-        let v = vip.addr[0].to_ne_bytes();
-        let new = [v[0], v[1], v[2], v[3]];
+        let vip = lookup(v4_words(idst), dport, proto, Family::V4)?;
+        let new = words_v4(vip.addr);
         let from = u64::from(u32::from_ne_bytes(idst));
         let to = u64::from(u32::from_ne_bytes(new));
         // Outer source: the IP checksum (ICMPv4 has no pseudo-header).
@@ -125,16 +108,7 @@ fn icmp_error(ctx: &TcContext, l3: usize, l4: usize, v6: bool) -> Option<()> {
         // Quoted destination: its own header checksum, and the ICMP
         // checksum for both changes.
         let old_ck = ctx.load::<u16>(i3 + 10).ok()?;
-        let mut sum = u64::from(!u16::from_be(old_ck));
-        for w in [[idst[0], idst[1]], [idst[2], idst[3]]] {
-            sum += u64::from(!u16::from_be_bytes(w));
-        }
-        for w in [[new[0], new[1]], [new[2], new[3]]] {
-            sum += u64::from(u16::from_be_bytes(w));
-        }
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        let new_ck = (!(sum as u16)).to_be();
+        let new_ck = fold(u64::from(!u16::from_be(old_ck)) + delta(&idst, &new)).to_be();
         ctx.store(i3 + 10, &new_ck, 0).ok()?;
         ctx.store(idst_off, &new, 0).ok()?;
         ctx.l4_csum_replace(check, from, to, 4).ok()?;
@@ -165,15 +139,24 @@ pub fn run(ctx: &TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// The VIP a NAT backend's `addr`:`port` (`proto`) answers for: the
+/// service port's entry, else the whole-VIP one (port 0).
 #[inline(always)]
-fn lookup(key: &mut BackendKey) -> Option<Vip> {
+fn lookup(addr: [u64; 2], port: u16, proto: u8, family: Family) -> Option<Vip> {
+    let mut key = BackendKey {
+        addr,
+        port,
+        proto,
+        family: family.version(),
+        _pad: 0,
+    };
     // SAFETY: read-only lookups of plain values, copied out.
     unsafe {
-        if let Some(v) = LB_REVERSE.get(&*key) {
+        if let Some(v) = LB_REVERSE.get(&key) {
             return Some(*v);
         }
         key.port = 0;
-        LB_REVERSE.get(&*key).copied()
+        LB_REVERSE.get(&key).copied()
     }
 }
 
@@ -202,18 +185,8 @@ fn translate(ctx: &TcContext) -> Option<()> {
             }
             let src = ctx.load::<[u8; 4]>(l3 + 12).ok()?;
             let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&src);
-            let mut key = BackendKey {
-                addr: sluice_common::addr_words(&a),
-                port: sport,
-                proto,
-                family: Family::V4.version(),
-                _pad: 0,
-            };
-            let vip = lookup(&mut key)?;
-            let v = vip.addr[0].to_ne_bytes();
-            let new = [v[0], v[1], v[2], v[3]];
+            let vip = lookup(v4_words(src), sport, proto, Family::V4)?;
+            let new = words_v4(vip.addr);
             let check = if proto == IPPROTO_TCP {
                 l4 + 16
             } else {
@@ -245,24 +218,9 @@ fn translate(ctx: &TcContext) -> Option<()> {
             }
             let mut src = ctx.load::<[u8; 16]>(l3 + 8).ok()?;
             let sport = u16::from_be(ctx.load::<u16>(l4).ok()?);
-            let mut key = BackendKey {
-                addr: sluice_common::addr_words(&src),
-                port: sport,
-                proto,
-                family: Family::V6.version(),
-                _pad: 0,
-            };
-            let vip = lookup(&mut key)?;
-            let mut new = [0u8; 16];
-            new[..8].copy_from_slice(&vip.addr[0].to_ne_bytes());
-            new[8..].copy_from_slice(&vip.addr[1].to_ne_bytes());
-            // SAFETY: both buffers are 16 bytes on the stack.
-            let diff = unsafe {
-                bpf_csum_diff(src.as_mut_ptr().cast(), 16, new.as_mut_ptr().cast(), 16, 0)
-            };
-            if diff < 0 {
-                return None;
-            }
+            let vip = lookup(addr_words(&src), sport, proto, Family::V6)?;
+            let mut new = words_bytes(vip.addr);
+            let diff = diff(&mut src, &mut new)?;
             let check = if proto == IPPROTO_TCP {
                 l4 + 16
             } else {
@@ -275,7 +233,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
             } else {
                 0
             };
-            ctx.l4_csum_replace(check, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR) | mangled)
+            ctx.l4_csum_replace(check, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)
                 .ok()?;
             ctx.store(l3 + 8, &new, 0).ok()?;
             rewrite_port(ctx, l4, check, sport, vip.port, mangled)?;
