@@ -65,6 +65,21 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Every Rust file below `src`: its path relative to `src` and its code
+/// without comments.
+fn sources(src: &Path) -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    files
+        .iter()
+        .map(|f| {
+            let rel = f.strip_prefix(src).expect("under src").to_path_buf();
+            let text = std::fs::read_to_string(f).expect("reading a source file");
+            (rel, code_of(&text))
+        })
+        .collect()
+}
+
 /// The code of a file without comments (so prose naming a module is no
 /// import).
 fn code_of(text: &str) -> String {
@@ -130,12 +145,9 @@ fn crate_paths(code: &str) -> BTreeSet<(String, String)> {
 #[test]
 fn every_import_points_down_the_layers() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut wrong = Vec::new();
     let mut checked = 0;
-    for f in &files {
-        let rel = f.strip_prefix(&src).expect("under src");
+    for (rel, code) in &sources(&src) {
         let top = rel
             .components()
             .next()
@@ -146,8 +158,7 @@ fn every_import_points_down_the_layers() {
             continue;
         };
         checked += 1;
-        let code = code_of(&std::fs::read_to_string(f).expect("reading a source file"));
-        for (module, item) in crate_paths(&code) {
+        for (module, item) in crate_paths(code) {
             let ok = allowed.contains(&module.as_str())
                 && !(top == "cli" && module == "agent" && !AGENT_ENTRY.contains(&item.as_str()));
             if !ok {
@@ -201,15 +212,11 @@ fn the_scanner_sees_plain_and_grouped_imports() {
 #[test]
 fn kernel_stages_and_leaves_point_down_too() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice-ebpf/src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
     let mut wrong = Vec::new();
     let mut stages = 0;
-    for f in &files {
-        let rel = f.strip_prefix(&src).expect("under src").to_path_buf();
+    for (rel, code) in &sources(&src) {
         let name = rel.to_string_lossy().replace(".rs", "");
-        let code = code_of(&std::fs::read_to_string(f).expect("reading a source file"));
-        let paths = crate_paths(&code);
+        let paths = crate_paths(code);
         if let Some(stage) = name.strip_prefix("stages/") {
             stages += 1;
             for (m, item) in &paths {

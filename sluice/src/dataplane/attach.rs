@@ -181,7 +181,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
         return Xdp::from_pin(root.prog(), XdpAttachType::Interface).map_err(|e| {
             DataplaneError::PinnedMap {
                 path: root.prog(),
-                detail: e.to_string(),
+                source: e.into(),
             }
         });
     }
@@ -214,7 +214,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
         Xdp::from_pin(root.prog(), XdpAttachType::Interface).map_err(|e| {
             DataplaneError::PinnedMap {
                 path: root.prog(),
-                detail: e.to_string(),
+                source: e.into(),
             }
         })
     })();
@@ -283,13 +283,7 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
                 what: "loading the XDP program".into(),
             }
         } else {
-            let mut detail = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                detail.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            DataplaneError::Load { detail }
+            DataplaneError::Load { source: e.into() }
         }
     })?;
     xdp_of(&mut ebpf)?
@@ -305,7 +299,6 @@ fn load_program(root: &PinRoot, specs: &[pins::MapSpec]) -> Result<aya::Ebpf, Da
 /// Loads the programs `sluice_xdp` tail-calls and puts them in its pinned
 /// `JUMP` map (which keeps them loaded; an upgrade replaces them).
 fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
-    let load_err = |detail: String| DataplaneError::Load { detail };
     let fd = load_jump_target(ebpf, SYN_CHALLENGE_PROGRAM)?;
     let lb_fd = load_jump_target(ebpf, LB_PROGRAM)?;
     let map = ebpf
@@ -320,27 +313,28 @@ fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+fn load_err(source: impl Into<super::Cause>) -> DataplaneError {
+    DataplaneError::Load {
+        source: source.into(),
+    }
+}
+
 /// Loads a program `sluice_xdp` tail-calls and returns its fd.
 fn load_jump_target(
     ebpf: &mut aya::Ebpf,
     name: &str,
 ) -> Result<aya::programs::ProgramFd, DataplaneError> {
-    let load_err = |detail: String| DataplaneError::Load { detail };
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
+        .map_err(|e: aya::programs::ProgramError| load_err(e))?;
     prog.load().map_err(|e| load_error(name, e))?;
-    prog.fd()
-        .map_err(|e| load_err(e.to_string()))?
-        .try_clone()
-        .map_err(|e| load_err(e.to_string()))
+    prog.fd().map_err(load_err)?.try_clone().map_err(load_err)
 }
 
 /// The TC egress program of a loaded object (loaded into the kernel).
 fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
-    let load_err = |detail: String| DataplaneError::Load { detail };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(TC_EGRESS_PROGRAM)
         .ok_or_else(|| {
@@ -349,7 +343,7 @@ fn tc_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
             ))
         })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| load_err(e.to_string()))?;
+        .map_err(|e: aya::programs::ProgramError| load_err(e))?;
     Ok(prog)
 }
 
@@ -378,12 +372,10 @@ fn detach_tc(root: &PinRoot, iface: &str, netns: &str) {
 fn xdp_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, DataplaneError> {
     ebpf.program_mut(XDP_PROGRAM)
         .ok_or_else(|| DataplaneError::Load {
-            detail: format!("program {XDP_PROGRAM} missing from the object"),
+            source: format!("program {XDP_PROGRAM} missing from the object").into(),
         })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
-            detail: e.to_string(),
-        })
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load { source: e.into() })
 }
 
 /// Initialises fresh settings without taking the root lock (the caller holds it).
@@ -454,7 +446,7 @@ pub fn load_error(program: &str, e: aya::programs::ProgramError) -> DataplaneErr
             }
         }
         other => DataplaneError::Load {
-            detail: format!("program {program}: {other}"),
+            source: format!("program {program}: {other}").into(),
         },
     }
 }
@@ -464,12 +456,10 @@ pub fn load_xdp(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> 
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or_else(|| DataplaneError::Load {
-            detail: format!("program {name} missing from the object"),
+            source: format!("program {name} missing from the object").into(),
         })?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load {
-            detail: e.to_string(),
-        })?;
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load { source: e.into() })?;
     prog.load().map_err(|e| load_error(name, e))
 }
 
@@ -598,20 +588,21 @@ pub fn attach(
         // A refused mode change must not leave the interface unfiltered.
         let restored = attach_prog(root, &mut prog, iface, index, old, netns).is_ok();
         let detail = match e {
-            DataplaneError::Attach { detail, .. } => detail.clone(),
+            DataplaneError::Attach { source, .. } => source.to_string(),
             other => other.to_string(),
         };
         result = Err(DataplaneError::Attach {
             iface: iface.to_string(),
             mode: mode.name(),
-            detail: format!(
+            source: format!(
                 "{detail}; {}",
                 if restored {
                     format!("still attached in {} mode", old.name())
                 } else {
                     "re-attaching in the previous mode failed too".to_string()
                 }
-            ),
+            )
+            .into(),
         });
     }
     // A failed first attach must not leave a program and maps pinned with
@@ -673,17 +664,17 @@ fn attach_prog(
         .map_err(|e| DataplaneError::Attach {
             iface: iface.to_string(),
             mode: used.name(),
-            detail: e.to_string(),
+            source: e.into(),
         })?;
     let fd_link = FdLink::try_from(link).map_err(|e| DataplaneError::Attach {
         iface: iface.to_string(),
         mode: used.name(),
-        detail: format!("the kernel did not give a bpf_link ({e}); sluice needs Linux 5.9+"),
+        source: format!("the kernel did not give a bpf_link ({e}); sluice needs Linux 5.9+").into(),
     })?;
     let info = fd_link.info().map_err(|e| DataplaneError::Attach {
         iface: iface.to_string(),
         mode: used.name(),
-        detail: e.to_string(),
+        source: e.into(),
     })?;
     let pin = root.links_dir().join(link_pin_name(netns, iface, used));
     fd_link.pin(&pin).map_err(|e| DataplaneError::Io {
@@ -710,7 +701,7 @@ fn attach_error(
     last: &aya::programs::ProgramError,
 ) -> DataplaneError {
     let errnos = [super::errno(first), super::errno(last)];
-    let detail = if errnos.contains(&Some(libc::EBUSY)) {
+    let detail: String = if errnos.contains(&Some(libc::EBUSY)) {
         "another XDP program is already attached to it (not sluice's, or from another pin root)"
             .to_string()
     } else if errnos.contains(&Some(libc::EOPNOTSUPP)) {
@@ -723,16 +714,12 @@ fn attach_error(
             what: format!("attaching to {iface}"),
         };
     } else {
-        let s = last.to_string();
-        match std::error::Error::source(last) {
-            Some(src) => format!("{s}: {src}"),
-            None => s,
-        }
+        super::chain(last)
     };
     DataplaneError::Attach {
         iface: iface.to_string(),
         mode,
-        detail,
+        source: detail.into(),
     }
 }
 
@@ -818,7 +805,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
     if root.prog().exists() {
         let info = ProgramInfo::from_pin(root.prog()).map_err(|e| DataplaneError::PinnedMap {
             path: root.prog(),
-            detail: e.to_string(),
+            source: e.into(),
         })?;
         st.program = Some(program_status(&info, bpf_stats_enabled()));
         st.programs = programs(root)?;
@@ -919,16 +906,16 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
     pins::check_pinned_maps(root, &specs)?;
     let old = ProgramInfo::from_pin(root.prog()).map_err(|e| DataplaneError::PinnedMap {
         path: root.prog(),
-        detail: e.to_string(),
+        source: e.into(),
     })?;
     let old_fd =
         sys::obj_get(&root.prog()).map_err(io_err(format!("opening {}", root.prog().display())))?;
 
     let mut ebpf = load_program(root, &specs)?;
     let prog = xdp_of(&mut ebpf)?;
-    let new = prog.info().map_err(|e| DataplaneError::Load {
-        detail: e.to_string(),
-    })?;
+    let new = prog
+        .info()
+        .map_err(|e| DataplaneError::Load { source: e.into() })?;
     let mut report = UpgradeReport {
         old_program_id: old.id(),
         old_tag: format!("{:016x}", old.tag()),
@@ -945,9 +932,9 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         report.new_program_id = old.id();
         return Ok(report);
     }
-    let new_fd = prog.fd().map_err(|e| DataplaneError::Load {
-        detail: e.to_string(),
-    })?;
+    let new_fd = prog
+        .fd()
+        .map_err(|e| DataplaneError::Load { source: e.into() })?;
     let new_fd = new_fd.as_fd();
     let mut swapped = Vec::new();
     for (_, iface, _, path) in pinned_links(root)? {
@@ -965,7 +952,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
             }
             return Err(DataplaneError::Upgrade {
                 iface,
-                detail: e.to_string(),
+                source: e.into(),
             });
         }
         swapped.push(link);

@@ -25,7 +25,7 @@ pub fn pinned_conn_capacity(root: &PinRoot) -> Result<u32, DataplaneError> {
         .map(|i| i.max_entries())
         .map_err(|e| DataplaneError::PinnedMap {
             path,
-            detail: e.to_string(),
+            source: e.into(),
         })
 }
 

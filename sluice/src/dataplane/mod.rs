@@ -56,10 +56,10 @@ pub enum DataplaneError {
     PrivateMountNamespace,
     #[error("pin root {path} is not on a bpf filesystem")]
     NotBpffs { path: PathBuf },
-    #[error("the embedded kernel program cannot be parsed: {detail}")]
-    Object { detail: String },
-    #[error("pinned map {path} cannot be opened: {detail}")]
-    PinnedMap { path: PathBuf, detail: String },
+    #[error("the embedded kernel program cannot be parsed: {source}")]
+    Object { source: Cause },
+    #[error("pinned map {path} cannot be opened: {source}")]
+    PinnedMap { path: PathBuf, source: Cause },
     #[error(
         "pinned map {path} does not match this build (expected {expected}, found {found}); \
          it was made by another sluice version: `sluice detach` each interface (any version can; \
@@ -76,8 +76,8 @@ pub enum DataplaneError {
     NotAttachedTo { iface: String, netns: String },
     #[error("interface {name} does not exist in netns {netns}")]
     UnknownInterface { name: String, netns: String },
-    #[error("the kernel refused the XDP program: {detail}")]
-    Load { detail: String },
+    #[error("the kernel refused the XDP program: {}", chain(source.as_ref()))]
+    Load { source: Cause },
     /// The verifier refused one of sluice's programs.
     #[error(
         "the kernel's verifier refused program {program}: {source}{}\nverifier log (last lines):\n{log_tail}",
@@ -93,11 +93,11 @@ pub enum DataplaneError {
         /// a feature sluice's programs use.
         hint: Option<String>,
     },
-    #[error("attaching XDP to {iface} in {mode} mode failed: {detail}")]
+    #[error("attaching XDP to {iface} in {mode} mode failed: {source}")]
     Attach {
         iface: String,
         mode: &'static str,
-        detail: String,
+        source: Cause,
     },
     #[error(
         "the clsact egress filter slot sluice uses on {iface} (priority {priority}, handle \
@@ -113,9 +113,9 @@ pub enum DataplaneError {
         name: String,
     },
     #[error(
-        "upgrading the program on {iface} failed: {detail}; every interface keeps the old program"
+        "upgrading the program on {iface} failed: {source}; every interface keeps the old program"
     )]
-    Upgrade { iface: String, detail: String },
+    Upgrade { iface: String, source: Cause },
     #[error(
         "{list} list is full: it holds at most {capacity} prefixes ({current} now, {adding} more requested)"
     )]
@@ -142,12 +142,29 @@ pub enum DataplaneError {
     Unbound { findings: Vec<integrity::Finding> },
     #[error("the maps do not hold what was just written: {what}")]
     Readback { what: String },
-    #[error("{op} on map {map} failed: {detail}")]
+    #[error("{op} on map {map} failed: {source}")]
     Map {
         op: &'static str,
         map: &'static str,
-        detail: String,
+        source: Cause,
     },
+}
+
+/// What a dataplane error came from: the library's or kernel's own error,
+/// kept whole so its chain (and errno) stays readable, or sluice's words
+/// where there is no underlying error.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error and its causes, joined by ": ".
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl DataplaneError {
@@ -156,7 +173,7 @@ impl DataplaneError {
     pub(crate) fn map_err(
         op: &'static str,
         map: &'static str,
-        e: impl std::error::Error + 'static,
+        e: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         if is_permission(&e) {
             return Self::Permission {
@@ -166,7 +183,7 @@ impl DataplaneError {
         Self::Map {
             op,
             map,
-            detail: e.to_string(),
+            source: e.into(),
         }
     }
 }

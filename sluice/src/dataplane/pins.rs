@@ -190,9 +190,8 @@ pub struct MapSpec {
 
 /// The specs of every map in the embedded object.
 pub fn expected_maps(object: &[u8]) -> Result<Vec<MapSpec>, DataplaneError> {
-    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Object {
-        detail: e.to_string(),
-    })?;
+    let obj =
+        aya_obj::Object::parse(object).map_err(|e| DataplaneError::Object { source: e.into() })?;
     let mut specs: Vec<MapSpec> = obj
         .maps
         .iter()
@@ -213,24 +212,30 @@ pub fn expected_maps(object: &[u8]) -> Result<Vec<MapSpec>, DataplaneError> {
 /// Refuses a pinned map whose type, key size, value size, capacity or flags
 /// differ from what this build expects. Missing pins are fine (they will be
 /// created).
+/// A pinned map that could not be opened: for want of privileges, or why.
+pub(crate) fn pinned_map_error(
+    path: &std::path::Path,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> DataplaneError {
+    if super::is_permission(&e) {
+        DataplaneError::Permission {
+            what: format!("opening {}", path.display()),
+        }
+    } else {
+        DataplaneError::PinnedMap {
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
+    }
+}
+
 pub fn check_pinned_maps(root: &PinRoot, specs: &[MapSpec]) -> Result<(), DataplaneError> {
     for spec in specs {
         let path = root.map(&spec.name);
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).map_err(|e| {
-            if super::is_permission(&e) {
-                DataplaneError::Permission {
-                    what: format!("opening {}", path.display()),
-                }
-            } else {
-                DataplaneError::PinnedMap {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                }
-            }
-        })?;
+        let info = MapInfo::from_pin(&path).map_err(|e| pinned_map_error(&path, e))?;
         let found = MapSpec {
             name: spec.name.clone(),
             map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),

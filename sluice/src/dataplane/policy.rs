@@ -206,7 +206,7 @@ impl<K: AddrKey> List<K> {
 
     fn full_or(
         &self,
-        e: impl std::error::Error + 'static,
+        e: impl std::error::Error + Send + Sync + 'static,
         op: &'static str,
         adding: usize,
     ) -> DataplaneError {
@@ -342,29 +342,17 @@ pub(crate) fn open_map_with_id(
     name: &'static str,
 ) -> Result<(Map, u32), DataplaneError> {
     let path = root.map(name);
-    let data = MapData::from_pin(&path).map_err(|e| {
-        let detail = e.to_string();
-        if super::is_permission(&e) {
-            DataplaneError::Permission {
-                what: format!("opening {}", path.display()),
-            }
-        } else {
-            DataplaneError::PinnedMap {
-                path: path.clone(),
-                detail,
-            }
-        }
-    })?;
+    let data = MapData::from_pin(&path).map_err(|e| super::pins::pinned_map_error(&path, e))?;
     let id = data
         .info()
         .map_err(|e| DataplaneError::PinnedMap {
             path: path.clone(),
-            detail: e.to_string(),
+            source: e.into(),
         })?
         .id();
     let map = Map::from_map_data(data).map_err(|e| DataplaneError::PinnedMap {
         path,
-        detail: e.to_string(),
+        source: e.into(),
     })?;
     Ok((map, id))
 }
@@ -389,7 +377,7 @@ fn as_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     map.try_into()
         .map_err(|e: aya::maps::MapError| DataplaneError::PinnedMap {
             path: root.map(name),
-            detail: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -530,7 +518,7 @@ impl PolicyMaps {
         let mut open = |name: &'static str| -> Result<Map, DataplaneError> {
             let id = *by_name.get(name).ok_or_else(|| DataplaneError::PinnedMap {
                 path: root.prog(),
-                detail: format!("the program reads no map named {name}"),
+                source: format!("the program reads no map named {name}").into(),
             })?;
             ids.push((name, id));
             let data =
@@ -965,15 +953,6 @@ impl PolicyMaps {
         if let Err(e) = phase2 {
             report.resync_pending = Some(e.to_string());
         }
-        Ok(report)
-    }
-
-    /// [`PolicyMaps::commit`], then proof from the kernel: the maps written
-    /// are the ones the live programs read, and they hold what was asked.
-    pub fn commit_verified(&mut self, change: Change) -> Result<ChangeReport, DataplaneError> {
-        let report = self.commit(change.clone())?;
-        self.verify_bound()?;
-        self.verify_applied(&change)?;
         Ok(report)
     }
 

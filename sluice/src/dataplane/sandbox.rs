@@ -93,7 +93,7 @@ impl Sandbox {
         let r = self.prog.test_run(opts).map_err(|e| DataplaneError::Map {
             op: "test_run",
             map: "sluice_xdp",
-            detail: e.to_string(),
+            source: e.into(),
         })?;
         out.truncate(r.data_size_out as usize);
         Ok((
@@ -113,12 +113,13 @@ impl Sandbox {
         let r = self.prog.test_run(opts).map_err(|e| DataplaneError::Map {
             op: "test_run",
             map: "sluice_xdp",
-            detail: format!(
+            source: format!(
                 "{e}: {}",
                 std::error::Error::source(&e)
                     .map(ToString::to_string)
                     .unwrap_or_default()
-            ),
+            )
+            .into(),
         })?;
         Ok(RunResult {
             action: r.return_value,

@@ -19,9 +19,19 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
-fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<libc::c_long> {
-    // SAFETY: attr points at a zero-initialised, correctly sized bpf_attr variant.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+/// bpf(2) with `attr`, one of this module's `#[repr(C)]` bpf_attr variants
+/// (zero-initialised where the kernel expects zeros); the kernel may write
+/// back into it.
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a live, correctly sized bpf_attr variant for `cmd`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<u8>(),
+            size_of::<A>(),
+        )
+    };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -82,7 +92,7 @@ fn write_batch(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let res = bpf(cmd, (&raw mut attr).cast(), size_of::<BatchAttr>());
+        let res = bpf(cmd, &mut attr);
         // The kernel writes back how many elements it processed.
         done += attr.count as usize;
         if let Err(e) = res {
@@ -128,12 +138,7 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
         key: key.as_ptr() as u64,
         ..ElemAttr::default()
     };
-    bpf(
-        BPF_MAP_DELETE_ELEM,
-        (&raw mut attr).cast(),
-        size_of::<ElemAttr>(),
-    )
-    .map(|_| ())
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
 }
 
 #[repr(C)]
@@ -173,11 +178,7 @@ pub fn map_create(
     for (d, s) in attr.map_name.iter_mut().zip(name.bytes().take(15)) {
         *d = s;
     }
-    let fd = bpf(
-        BPF_MAP_CREATE,
-        (&raw mut attr).cast(),
-        size_of::<MapCreateAttr>(),
-    )?;
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -191,7 +192,7 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         bpf_fd: fd.as_raw_fd() as u32,
         ..ObjGetAttr::default()
     };
-    bpf(BPF_OBJ_PIN, (&raw mut attr).cast(), size_of::<ObjGetAttr>()).map(|_| ())
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
 #[repr(C)]
@@ -213,7 +214,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         pathname: c.as_ptr() as u64,
         ..ObjGetAttr::default()
     };
-    let fd = bpf(BPF_OBJ_GET, (&raw mut attr).cast(), size_of::<ObjGetAttr>())?;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -257,11 +258,7 @@ pub fn link_info(fd: impl AsFd) -> io::Result<LinkInfo> {
         info_len: size_of::<RawLinkInfo>() as u32,
         info: (&raw mut info) as u64,
     };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&raw mut attr).cast(),
-        size_of::<InfoAttr>(),
-    )?;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(LinkInfo {
         link_type: info.link_type,
         id: info.id,
@@ -295,12 +292,7 @@ pub fn link_update(
         flags: BPF_F_REPLACE,
         old_prog_fd: old_prog.as_raw_fd() as u32,
     };
-    bpf(
-        BPF_LINK_UPDATE,
-        (&raw mut attr).cast(),
-        size_of::<LinkUpdateAttr>(),
-    )
-    .map(|_| ())
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 #[repr(C)]
@@ -316,7 +308,7 @@ fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
         id,
         ..GetByIdAttr::default()
     };
-    let fd = bpf(cmd, (&raw mut attr).cast(), size_of::<GetByIdAttr>())?;
+    let fd = bpf(cmd, &mut attr)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -341,11 +333,7 @@ pub fn prog_maps(fd: impl AsFd) -> io::Result<(u32, Vec<u32>)> {
             info_len: size_of::<bpf_prog_info>() as u32,
             info: std::ptr::from_mut(info) as u64,
         };
-        bpf(
-            BPF_OBJ_GET_INFO_BY_FD,
-            (&raw mut attr).cast(),
-            size_of::<InfoAttr>(),
-        )
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)
     };
     // SAFETY: bpf_prog_info is plain data; all zeroes is its empty value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
@@ -378,11 +366,7 @@ pub fn map_id_name(fd: impl AsFd) -> io::Result<(u32, String)> {
         info_len: size_of::<bpf_map_info>() as u32,
         info: (&raw mut info) as u64,
     };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&raw mut attr).cast(),
-        size_of::<InfoAttr>(),
-    )?;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let name: Vec<u8> = info
         .name
         .iter()
@@ -401,11 +385,7 @@ pub fn prog_array_get(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u32>>
         value: (&raw mut id) as u64,
         ..ElemAttr::default()
     };
-    match bpf(
-        BPF_MAP_LOOKUP_ELEM,
-        (&raw mut attr).cast(),
-        size_of::<ElemAttr>(),
-    ) {
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
         Ok(_) => Ok(Some(id)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
@@ -442,11 +422,7 @@ pub fn map_lookup_batch_all(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let res = bpf(
-            BPF_MAP_LOOKUP_BATCH,
-            (&raw mut attr).cast(),
-            size_of::<BatchAttr>(),
-        );
+        let res = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         total += attr.count as usize;
         match res {
             Ok(_) => {}

@@ -60,6 +60,20 @@ pub struct TcStatus {
     pub live: bool,
 }
 
+impl TcStatus {
+    /// A live TCX link running `program_id`.
+    fn tcx(program_id: u32) -> Self {
+        Self {
+            mode: TcMode::Tcx,
+            fallback: None,
+            priority: None,
+            handle: None,
+            program_id,
+            live: true,
+        }
+    }
+}
+
 fn fallback_reason() -> String {
     format!("this kernel has no TCX (Linux {TCX_MIN_KERNEL}+)")
 }
@@ -83,11 +97,11 @@ fn clsact_pin(root: &PinRoot, netns: &str, iface: &str) -> PathBuf {
     links_dir(root).join(format!("{netns}:{iface}:clsact"))
 }
 
-fn attach_err(iface: &str, detail: String) -> DataplaneError {
+fn attach_err(iface: &str, source: impl Into<super::Cause>) -> DataplaneError {
     DataplaneError::Attach {
         iface: iface.to_string(),
         mode: "tc egress",
-        detail,
+        source: source.into(),
     }
 }
 
@@ -107,13 +121,6 @@ fn errno(e: &ProgramError) -> Option<i32> {
     }
 }
 
-fn describe(e: &ProgramError) -> String {
-    match std::error::Error::source(e) {
-        Some(s) => format!("{e}: {s}"),
-        None => e.to_string(),
-    }
-}
-
 /// Whether the kernel has TCX: a TCX query of the interface's egress hook
 /// works from 6.6 on and is refused with EINVAL before (unknown attach type).
 fn tcx_available(iface: &str) -> Result<bool, DataplaneError> {
@@ -122,7 +129,7 @@ fn tcx_available(iface: &str) -> Result<bool, DataplaneError> {
         Err(e) if errno(&e) == Some(libc::EINVAL) => Ok(false),
         Err(e) => Err(attach_err(
             iface,
-            format!("asking the kernel for TCX: {}", describe(&e)),
+            format!("asking the kernel for TCX: {}", super::chain(&e)),
         )),
     }
 }
@@ -161,11 +168,9 @@ pub(super) fn attach(
                 TcAttachType::Egress,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(|e| attach_err(iface, describe(&e)))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|e| attach_err(iface, e.to_string()))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(iface, e.to_string()))?;
+            .map_err(|e| attach_err(iface, super::chain(&e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(iface, e))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(iface, e))?;
         let path = tcx_pin(root, netns, iface);
         fd_link.pin(&path).map_err(|e| DataplaneError::Io {
             what: format!("pinning {}", path.display()),
@@ -174,14 +179,7 @@ pub(super) fn attach(
         let info = sys::obj_get(&path)
             .and_then(|fd| sys::link_info(&fd))
             .map_err(io_err(format!("reading {}", path.display())))?;
-        return Ok(TcStatus {
-            mode: TcMode::Tcx,
-            fallback: None,
-            priority: None,
-            handle: None,
-            program_id: info.prog_id,
-            live: true,
-        });
+        return Ok(TcStatus::tcx(info.prog_id));
     }
     attach_clsact(root, &mut prog, iface, index, netns)
 }
@@ -202,15 +200,12 @@ fn attach_clsact(
                 iface,
                 format!(
                     "adding the clsact qdisc: {}",
-                    describe(&ProgramError::from(e))
+                    super::chain(&ProgramError::from(e))
                 ),
             ));
         }
     }
-    let program_id = prog
-        .info()
-        .map_err(|e| attach_err(iface, e.to_string()))?
-        .id();
+    let program_id = prog.info().map_err(|e| attach_err(iface, e))?.id();
     let slot = clsact_slot(index).map_err(io_err(format!("listing TC filters of {iface}")))?;
     if let Some(f) = slot {
         return Err(DataplaneError::TcSlotTaken {
@@ -232,12 +227,15 @@ fn attach_clsact(
                 classid: None,
             }),
         )
-        .map_err(|e| attach_err(iface, format!("adding the clsact filter: {}", describe(&e))))?;
+        .map_err(|e| {
+            attach_err(
+                iface,
+                format!("adding the clsact filter: {}", super::chain(&e)),
+            )
+        })?;
     // The filter must outlive this process: take the link out of the
     // program (whose drop would detach it) and let it go without detaching.
-    let link = prog
-        .take_link(id)
-        .map_err(|e| attach_err(iface, e.to_string()))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(iface, e))?;
     std::mem::forget(link);
     let path = clsact_pin(root, netns, iface);
     let pinned = prog.pin(&path).map_err(|e| DataplaneError::Io {
@@ -274,14 +272,7 @@ fn readopt(
         if let Ok(info) = info
             && info.xdp_ifindex == index
         {
-            return Ok(Some(TcStatus {
-                mode: TcMode::Tcx,
-                fallback: None,
-                priority: None,
-                handle: None,
-                program_id: info.prog_id,
-                live: true,
-            }));
+            return Ok(Some(TcStatus::tcx(info.prog_id)));
         }
         std::fs::remove_file(&tcx).map_err(io_err(format!("removing {}", tcx.display())))?;
     }
@@ -443,7 +434,7 @@ pub(super) fn upgrade(
                 if !clsact_slot(index).is_ok_and(|s| s.is_some_and(|f| f.prog_id == old_id)) {
                     return Err("sluice's filter is gone".into());
                 }
-                let id = prog.attach_to_link(link).map_err(|e| describe(&e))?;
+                let id = prog.attach_to_link(link).map_err(|e| super::chain(&e))?;
                 // Keep the filter when `prog` drops.
                 std::mem::forget(prog.take_link(id).map_err(|e| e.to_string())?);
                 Ok(())
