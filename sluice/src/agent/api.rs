@@ -445,19 +445,7 @@ async fn list_change(
                     dels.len()
                 )
             };
-            let mut ops = Vec::new();
-            if !dels.is_empty() {
-                ops.push(Op::ListDel {
-                    allow,
-                    prefixes: dels,
-                });
-            }
-            if !adds.is_empty() {
-                ops.push(Op::ListAdd {
-                    allow,
-                    prefixes: adds,
-                });
-            }
+            let ops = Op::list_edit(allow, dels, adds);
             c.change_with_cause(ops, &ctx, cause)
         })
         .await

@@ -631,14 +631,10 @@ impl Core {
             if current != self.desired.policy {
                 let delta = Delta::between_policies(&current, &self.desired.policy);
                 report.changes = delta.size();
-                let change =
-                    crate::engine::policy::change_for(&maps, &delta, &self.desired.policy)?;
-                let r = maps.commit(change.clone())?;
+                let r = crate::engine::policy::write(&mut maps, &delta, &self.desired.policy)?;
                 if let Some(why) = r.resync_pending {
                     warn!(why = %why, "the standby generation could not be brought up to date; retried at the next change");
                 }
-                maps.verify_bound()?;
-                maps.verify_applied(&change)?;
             } else if repaired {
                 warn!("an interrupted change had left the standby generation behind; repaired");
             }
@@ -747,8 +743,7 @@ impl Core {
         if self.root.is_set_up() {
             if !delta.policy_is_empty() {
                 let mut maps = PolicyMaps::open(&self.root)?;
-                let change = crate::engine::policy::change_for(&maps, delta, &self.desired.policy)?;
-                let r = maps.commit(change.clone())?;
+                let r = crate::engine::policy::write(&mut maps, delta, &self.desired.policy)?;
                 if let Some(why) = r.resync_pending {
                     warn!(why = %why, "the change is in force; the standby generation could not be brought up to date (retried at the next change)");
                 }
@@ -758,8 +753,6 @@ impl Core {
                         "entries to delete were not in the maps (drift); the result is as desired"
                     );
                 }
-                maps.verify_bound()?;
-                maps.verify_applied(&change)?;
                 report.changes = delta.size();
             }
             if delta.services.is_some() || delta.interfaces.is_some() {

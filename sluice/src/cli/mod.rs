@@ -15,8 +15,9 @@ use sluice_common::{ListId, Verdict};
 
 use crate::{
     api::client,
-    dataplane::{self, AttachMode, Change, PinRoot, PolicyMaps, attach, policy::list_for, stats},
-    model::policy::{self, RuleSpec},
+    dataplane::{self, AttachMode, PinRoot, PolicyMaps, attach, stats},
+    engine::policy::{Pinned, Written},
+    model::policy::{self, Op, RuleSpec},
 };
 
 /// sluice: an eBPF/XDP dataplane. Filters packets at the driver with
@@ -340,6 +341,8 @@ pub enum RuleCommand {
 pub enum CliError {
     #[error(transparent)]
     Dataplane(#[from] dataplane::DataplaneError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::policy::EngineError),
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
     #[error(transparent)]
@@ -671,37 +674,29 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Allow(args) => list_command(&root, true, args, limit, force, &out)?,
         Command::Rule { action } => rule_command(&root, action, &out)?,
         Command::Default { action } => {
-            let mut maps = PolicyMaps::open(&root)?;
-            let report = maps.commit_verified(Change {
-                default_action: Some(action.into()),
-                ..Change::default()
-            })?;
+            let w = Pinned::open(&root)?.apply(&[Op::Default {
+                action: Verdict::from(action).into(),
+            }])?;
             out.done(
                 &format!("default action: {}", Verdict::from(action).name()),
-                &report,
+                &w.report,
             );
         }
         Command::Audit { state } => {
-            let mut maps = PolicyMaps::open(&root)?;
             let on = state == OnOff::On;
-            let report = maps.commit_verified(Change {
-                audit: Some(on),
-                ..Change::default()
-            })?;
+            let w = Pinned::open(&root)?.apply(&[Op::Audit { on }])?;
             out.done(
                 &format!("audit mode: {}", if on { "on" } else { "off" }),
-                &report,
+                &w.report,
             );
         }
         Command::Malformed { action } => {
-            let mut maps = PolicyMaps::open(&root)?;
-            let report = maps.commit_verified(Change {
-                malformed_action: Some(action.into()),
-                ..Change::default()
-            })?;
+            let w = Pinned::open(&root)?.apply(&[Op::Malformed {
+                action: Verdict::from(action).into(),
+            }])?;
             out.done(
                 &format!("malformed-frame action: {}", Verdict::from(action).name()),
-                &report,
+                &w.report,
             );
         }
         Command::Agent { .. }
@@ -967,6 +962,24 @@ fn list_command(
     out: &output::Out,
 ) -> Result<(), CliError> {
     let kind = if allow { "allow" } else { "deny" };
+    let refuse_everything = |nets: &[IpNet]| {
+        if !allow
+            && !force
+            && let Some(n) = nets.iter().find(|n| n.prefix_len() == 0)
+        {
+            return Err(CliError::DenyEverything {
+                prefix: n.to_string(),
+            });
+        }
+        Ok(())
+    };
+    let counts = |w: &Written| {
+        if allow {
+            (w.delta.allow_add.len(), w.delta.allow_del.len())
+        } else {
+            (w.delta.deny_add.len(), w.delta.deny_del.len())
+        }
+    };
     match args.action {
         ListCommand::Add(AddArgs {
             prefixes: p, ttl, ..
@@ -979,86 +992,58 @@ fn list_command(
                 return Err(CliError::TtlNeedsAgent);
             }
             let nets = gather_prefixes(&p, limit)?;
-            if !allow
-                && !force
-                && let Some(n) = nets.iter().find(|n| n.prefix_len() == 0)
-            {
-                return Err(CliError::DenyEverything {
-                    prefix: n.to_string(),
-                });
-            }
-            let mut maps = PolicyMaps::open(root)?;
-            let change = Change {
-                add: nets.iter().map(|n| (list_for(allow, n), *n)).collect(),
-                ..Change::default()
-            };
-            let report = maps.commit_verified(change)?;
+            refuse_everything(&nets)?;
+            let asked = nets.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let w = Pinned::open(root)?.apply(&[Op::ListAdd {
+                allow,
+                prefixes: nets,
+            }])?;
+            let (added, _) = counts(&w);
             out.done(
                 &format!(
-                    "{kind} list: {} added, {} already present",
-                    report.added, report.already_present
+                    "{kind} list: {added} added, {} already present",
+                    asked - added
                 ),
-                &report,
+                &w.report,
             );
         }
         ListCommand::Del(p) => {
             let nets = gather_prefixes(&p, limit)?;
-            let mut maps = PolicyMaps::open(root)?;
-            let change = Change {
-                del: nets.iter().map(|n| (list_for(allow, n), *n)).collect(),
-                ..Change::default()
-            };
-            let report = maps.commit_verified(change)?;
-            out.done(&format!("{kind} list: {} removed", report.deleted), &report);
+            let w = Pinned::open(root)?.apply(&[Op::ListDel {
+                allow,
+                prefixes: nets,
+            }])?;
+            let (_, deleted) = counts(&w);
+            out.done(&format!("{kind} list: {deleted} removed"), &w.report);
         }
         ListCommand::Replace(_) | ListCommand::Flush => {
             let new: std::collections::BTreeSet<IpNet> = match &args.action {
                 ListCommand::Replace(p) => gather_prefixes(p, limit)?.into_iter().collect(),
                 _ => std::collections::BTreeSet::new(),
             };
-            if !allow
-                && !force
-                && let Some(n) = new.iter().find(|n| n.prefix_len() == 0)
-            {
-                return Err(CliError::DenyEverything {
-                    prefix: n.to_string(),
-                });
-            }
-            let mut maps = PolicyMaps::open(root)?;
-            let (v4, v6) = if allow {
-                (ListId::AllowV4, ListId::AllowV6)
+            refuse_everything(&new.iter().copied().collect::<Vec<_>>())?;
+            let pinned = Pinned::open(root)?;
+            let current = if allow {
+                &pinned.policy.allow
             } else {
-                (ListId::DenyV4, ListId::DenyV6)
+                &pinned.policy.deny
             };
-            let mut current: std::collections::BTreeSet<IpNet> = std::collections::BTreeSet::new();
-            for id in [v4, v6] {
-                current.extend(maps.list_entries(id)?.into_iter().map(|e| e.prefix));
-            }
-            let change = Change {
-                add: new
-                    .difference(&current)
-                    .map(|n| (list_for(allow, n), *n))
-                    .collect(),
-                del: current
-                    .difference(&new)
-                    .map(|n| (list_for(allow, n), *n))
-                    .collect(),
-                ..Change::default()
-            };
-            let report = maps.commit_verified(change)?;
+            let kept = current.intersection(&new).count();
+            let ops = Op::list_edit(
+                allow,
+                current.difference(&new).copied().collect(),
+                new.difference(current).copied().collect(),
+            );
+            let w = pinned.apply(&ops)?;
+            let (added, deleted) = counts(&w);
             let what = if matches!(args.action, ListCommand::Flush) {
                 "flushed"
             } else {
                 "replaced"
             };
             out.done(
-                &format!(
-                    "{kind} list {what}: {} added, {} removed, {} kept",
-                    report.added,
-                    report.deleted,
-                    current.intersection(&new).count()
-                ),
-                &report,
+                &format!("{kind} list {what}: {added} added, {deleted} removed, {kept} kept"),
+                &w.report,
             );
         }
         ListCommand::List { covering } => {
@@ -1084,42 +1069,39 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
     match action {
         RuleCommand::Add { at, words } => {
             let spec = RuleSpec::parse(&words)?;
-            let mut maps = PolicyMaps::open(root)?;
-            let mut rules: Vec<_> = maps.rules()?.into_iter().map(|r| r.rule).collect();
-            let pos = at.unwrap_or(rules.len());
-            if pos > rules.len() {
+            let pinned = Pinned::open(root)?;
+            let pos = at.unwrap_or(pinned.policy.rules.len());
+            if pos > pinned.policy.rules.len() {
                 return Err(dataplane::DataplaneError::BadPosition {
                     at: pos,
-                    len: rules.len(),
+                    len: pinned.policy.rules.len(),
                 }
                 .into());
             }
-            rules.insert(pos, spec.to_rule());
-            let report = maps.commit_verified(Change {
-                rules: Some(rules),
-                ..Change::default()
-            })?;
-            let id = report.new_rule_ids.first().copied().unwrap_or(0);
+            let w = pinned.apply(&[Op::RuleAdd {
+                at,
+                rule: spec.clone(),
+            }])?;
+            let id = w.rules.get(pos).map_or(0, |r| r.rule.id);
             out.done(
                 &format!("rule {id} added at position {pos}: {spec}"),
-                &report,
+                &w.report,
             );
         }
         RuleCommand::Del { ids } => {
-            let mut maps = PolicyMaps::open(root)?;
-            let mut rules: Vec<_> = maps.rules()?.into_iter().map(|r| r.rule).collect();
+            let pinned = Pinned::open(root)?;
+            let mut ops = Vec::new();
             for id in &ids {
-                if !rules.iter().any(|r| r.id == *id) {
+                let Some(r) = pinned.rules.iter().find(|r| r.rule.id == *id) else {
                     return Err(dataplane::DataplaneError::NoSuchRule { id: *id }.into());
-                }
+                };
+                ops.push(Op::RuleDel {
+                    rule: RuleSpec::from_rule(&r.rule),
+                });
             }
-            rules.retain(|r| !ids.contains(&r.id));
-            let report = maps.commit_verified(Change {
-                rules: Some(rules),
-                ..Change::default()
-            })?;
+            let w = pinned.apply(&ops)?;
             let list: Vec<String> = ids.iter().map(u32::to_string).collect();
-            out.done(&format!("rule {} deleted", list.join(", ")), &report);
+            out.done(&format!("rule {} deleted", list.join(", ")), &w.report);
         }
         RuleCommand::List => {
             let maps = PolicyMaps::open(root)?;

@@ -6,9 +6,89 @@ use std::collections::BTreeSet;
 use sluice_common::{ListId, Rule, UNASSIGNED_SLOT, Verdict};
 
 use crate::{
-    dataplane::{Change, DataplaneError, PolicyMaps, RuleView, policy::list_for},
-    model::policy::{Delta, Policy, RuleRow, RuleSpec},
+    dataplane::{
+        Change, DataplaneError, PinRoot, PolicyMaps, RuleView,
+        policy::{ChangeReport, list_for},
+    },
+    model::policy::{Delta, Desired, Op, Policy, RuleRow, RuleSpec},
 };
+
+/// Why a change to the pinned policy was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The change does not fit the policy the maps hold (deleting what is
+    /// absent, a rule position out of range): nothing was written.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The one write of a policy change, for the agent and the direct CLI
+/// alike: the kernel change for `delta` (whose result is `target`),
+/// committed as one generation flip and read back from the maps the
+/// program uses.
+pub fn write(
+    maps: &mut PolicyMaps,
+    delta: &Delta,
+    target: &Policy,
+) -> Result<ChangeReport, DataplaneError> {
+    let change = change_for(maps, delta, target)?;
+    let report = maps.commit(change.clone())?;
+    maps.verify_bound()?;
+    maps.verify_applied(&change)?;
+    Ok(report)
+}
+
+/// The policy the pins hold, open for a change made without the agent.
+pub struct Pinned {
+    maps: PolicyMaps,
+    /// What the maps hold now.
+    pub policy: Policy,
+    /// The rules as the maps hold them (ids, positions, counters).
+    pub rules: Vec<RuleView>,
+}
+
+/// What [`Pinned::apply`] did: the kernel's report and the policy delta.
+pub struct Written {
+    pub report: ChangeReport,
+    pub delta: Delta,
+    pub rules: Vec<RuleView>,
+}
+
+impl Pinned {
+    pub fn open(root: &PinRoot) -> Result<Self, DataplaneError> {
+        let maps = PolicyMaps::open(root)?;
+        let policy = pinned_policy(&maps)?;
+        let rules = maps.rules()?;
+        Ok(Self {
+            maps,
+            policy,
+            rules,
+        })
+    }
+
+    /// Carries out `ops` as a new request would be at the agent (strict:
+    /// deleting what is absent is refused) on the policy the maps hold,
+    /// then writes the result. A refused op writes nothing.
+    pub fn apply(mut self, ops: &[Op]) -> Result<Written, EngineError> {
+        let mut d = Desired {
+            policy: self.policy.clone(),
+            ..Desired::default()
+        };
+        for op in ops {
+            op.apply(&mut d, true).map_err(EngineError::Refused)?;
+        }
+        let delta = Delta::between_policies(&self.policy, &d.policy);
+        let report = write(&mut self.maps, &delta, &d.policy)?;
+        let rules = self.maps.rules()?;
+        Ok(Written {
+            report,
+            delta,
+            rules,
+        })
+    }
+}
 
 /// What the pinned maps hold now, as a policy.
 pub fn pinned_policy(maps: &PolicyMaps) -> Result<Policy, DataplaneError> {

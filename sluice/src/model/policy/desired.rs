@@ -260,6 +260,26 @@ pub fn exact_prefix(n: &IpNet) -> Result<(), String> {
 }
 
 impl Op {
+    /// The ops that take `dels` out of a list and put `adds` in (none for
+    /// an empty side), deletes first.
+    #[must_use]
+    pub fn list_edit(allow: bool, dels: Vec<IpNet>, adds: Vec<IpNet>) -> Vec<Self> {
+        let mut ops = Vec::new();
+        if !dels.is_empty() {
+            ops.push(Self::ListDel {
+                allow,
+                prefixes: dels,
+            });
+        }
+        if !adds.is_empty() {
+            ops.push(Self::ListAdd {
+                allow,
+                prefixes: adds,
+            });
+        }
+        ops
+    }
+
     /// Applies the op. `strict` (a new request) refuses ops that do not fit
     /// (deleting what is absent, a prefix with host bits); replaying onto a
     /// new file skips them.
@@ -538,18 +558,7 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
             .copied()
             .collect();
         let dels: Vec<IpNet> = b.difference(f).copied().collect();
-        if !adds.is_empty() {
-            out.push(Op::ListAdd {
-                allow,
-                prefixes: adds,
-            });
-        }
-        if !dels.is_empty() {
-            out.push(Op::ListDel {
-                allow,
-                prefixes: dels,
-            });
-        }
+        out.extend(Op::list_edit(allow, dels, adds));
     }
     out.extend(
         overlay
