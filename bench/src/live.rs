@@ -94,16 +94,16 @@ fn sample(lab: &Lab) -> Result<(Instant, u64)> {
     Ok((a + (b - a) / 2, v))
 }
 
-/// Floods the receiver with `threads` generator threads: `warmup`, then a
-/// measurement window of `window`, then stops and waits (at most
-/// `drain_limit`) until the receiver has taken every queued frame.
-pub fn flood(
-    lab: &Lab,
-    threads: usize,
-    warmup: Duration,
-    window: Duration,
-    drain_limit: Duration,
-) -> Result<Flood> {
+/// Floods the receiver with the plan's generator threads: its warm-up, then
+/// a measurement window, then stops and waits (at most the plan's drain
+/// limit) until the receiver has taken every queued frame.
+pub fn flood(lab: &Lab, plan: &crate::Plan) -> Result<Flood> {
+    let (threads, warmup, window, drain_limit) = (
+        plan.gen_threads,
+        plan.live_warmup,
+        plan.live_window,
+        plan.live_drain,
+    );
     util::check_stop()?;
     let frame = Arc::new(flood_frame(lab));
     let (_, arr0) = sample(lab)?;

@@ -118,6 +118,15 @@ impl DenyList {
             .chain(self.v6.iter().map(|n| IpNet::V6(*n)))
             .collect()
     }
+
+    /// Every prefix with the deny list of its family, as a sluice change
+    /// adds them.
+    pub fn entries(&self) -> Vec<(sluice_common::ListId, IpNet)> {
+        self.all()
+            .into_iter()
+            .map(|p| (sluice::dataplane::policy::list_for(false, &p), p))
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -213,13 +213,13 @@ pub enum Generator {
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
+pub struct XdpMd {
+    pub data: u32,
+    pub data_end: u32,
+    pub data_meta: u32,
+    pub ingress_ifindex: u32,
+    pub rx_queue_index: u32,
+    pub egress_ifindex: u32,
 }
 
 /// Frames one generator call sends in one kernel batch (the kernel's

@@ -81,6 +81,16 @@ impl Tool {
         }
     }
 
+    /// The iptables front end this tool's rules go through (ipset's match
+    /// rule goes through iptables-nft).
+    fn iptables(self) -> &'static str {
+        if self == Self::IptablesLegacy {
+            "iptables-legacy"
+        } else {
+            "iptables-nft"
+        }
+    }
+
     pub fn needs(self) -> &'static [&'static str] {
         match self {
             Self::DropAll | Self::SluiceNative | Self::SluiceGeneric => &[],
@@ -287,30 +297,20 @@ impl<'a> Installed<'a> {
                 let i = counter_index(Family::V4, L4::Udp, Verdict::Drop, Reason::DenyList);
                 Ok(Some(c.get(i as usize).map_or(0, |c| c.packets)))
             }
-            (State::Netfilter, Tool::IptablesNft | Tool::Ipset) => list(&[
-                "iptables-nft",
-                "-t",
-                "raw",
-                "-L",
-                "PREROUTING",
-                "-v",
-                "-x",
-                "-n",
-            ])?
-            .map(|l| iptables_drops(&l))
-            .transpose(),
-            (State::Netfilter, Tool::IptablesLegacy) => list(&[
-                "iptables-legacy",
-                "-t",
-                "raw",
-                "-L",
-                "PREROUTING",
-                "-v",
-                "-x",
-                "-n",
-            ])?
-            .map(|l| iptables_drops(&l))
-            .transpose(),
+            (State::Netfilter, t @ (Tool::IptablesNft | Tool::Ipset | Tool::IptablesLegacy)) => {
+                list(&[
+                    t.iptables(),
+                    "-t",
+                    "raw",
+                    "-L",
+                    "PREROUTING",
+                    "-v",
+                    "-x",
+                    "-n",
+                ])?
+                .map(|l| iptables_drops(&l))
+                .transpose()
+            }
             (State::Netfilter, Tool::Nft) => {
                 match list(&["nft", "-j", "list", "chain", "netdev", NFT_TABLE, "ingress"])? {
                     Some(out) => {
@@ -340,8 +340,8 @@ impl<'a> Installed<'a> {
                 .map_err(|e| anyhow!("sluice commit: {e}"))?;
                 return Ok(t0.elapsed());
             }
-            (_, Tool::IptablesNft) => vec![
-                "iptables-nft",
+            (_, t @ (Tool::IptablesNft | Tool::IptablesLegacy)) => vec![
+                t.iptables(),
                 "-t",
                 "raw",
                 "-A",
@@ -351,19 +351,6 @@ impl<'a> Installed<'a> {
                 "-j",
                 "DROP",
             ],
-            (_, Tool::IptablesLegacy) => {
-                vec![
-                    "iptables-legacy",
-                    "-t",
-                    "raw",
-                    "-A",
-                    "PREROUTING",
-                    "-s",
-                    &p,
-                    "-j",
-                    "DROP",
-                ]
-            }
             (_, Tool::Ipset) => vec!["ipset", "add", SET, &p],
             (_, Tool::Nft) => vec![
                 "nft", "add", "element", "netdev", NFT_TABLE, "deny", "{", &p, "}",

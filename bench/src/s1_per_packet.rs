@@ -5,12 +5,10 @@
 use std::{net::IpAddr, time::Instant};
 
 use anyhow::{Result, anyhow, bail};
-use ipnet::IpNet;
 use sluice::dataplane::{
     Change, attach,
     sandbox::{Sandbox, XDP_DROP, XDP_PASS},
 };
-use sluice_common::ListId;
 
 use crate::{
     Plan,
@@ -100,18 +98,7 @@ pub fn run(plan: &Plan) -> Result<Section> {
             .policy()
             .map_err(|e| anyhow!("sluice policy maps: {e}"))?;
         let change = Change {
-            add: list
-                .all()
-                .into_iter()
-                .map(|p| {
-                    let l = if matches!(p, IpNet::V4(_)) {
-                        ListId::DenyV4
-                    } else {
-                        ListId::DenyV6
-                    };
-                    (l, p)
-                })
-                .collect(),
+            add: list.entries(),
             ..Change::default()
         };
         let t0 = Instant::now();

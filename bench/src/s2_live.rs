@@ -102,13 +102,7 @@ pub fn measure(
         None
     };
     let stack0 = lab.rx.run(live::stack_delivered_here)?;
-    let f = live::flood(
-        lab,
-        plan.gen_threads,
-        plan.live_warmup,
-        plan.live_window,
-        plan.live_drain,
-    )?;
+    let f = live::flood(lab, plan)?;
     let stack1 = lab.rx.run(live::stack_delivered_here)?;
     if f.drain_timed_out {
         eprintln!(
@@ -201,16 +195,7 @@ pub fn run(plan: &Plan) -> Result<Section> {
                 inst.teardown(plan.restore_timeout)?;
                 Ok(s)
             })();
-            match r {
-                Ok(s) => samples[i].push(s),
-                Err(e) => {
-                    if util::stopping() {
-                        return Err(e);
-                    }
-                    eprintln!("    error: {e:#}");
-                    errors[i] = Some(format!("{e:#}"));
-                }
-            }
+            util::keep(r, &mut samples[i], &mut errors[i])?;
         }
     }
     let mut ceiling = None;

@@ -72,20 +72,6 @@ fn rules(offset: usize) -> Result<Vec<sluice_common::Rule>> {
         .collect()
 }
 
-fn entries(list: &DenyList) -> Vec<(ListId, IpNet)> {
-    list.all()
-        .into_iter()
-        .map(|p| {
-            let l = if matches!(p, IpNet::V4(_)) {
-                ListId::DenyV4
-            } else {
-                ListId::DenyV6
-            };
-            (l, p)
-        })
-        .collect()
-}
-
 /// A second policy: other filler, other rule order, default drop.
 fn other_list(n: usize) -> DenyList {
     let mut v4 = vec![prefixes::hit_v4()];
@@ -145,7 +131,7 @@ pub fn run(plan: &Plan) -> Result<Section> {
     let sandbox = Sandbox::new().map_err(|e| anyhow!("sluice sandbox: {e}"))?;
     let a = DenyList::new(plan.cp_list);
     let b = other_list(plan.cp_list);
-    let (a_entries, b_entries) = (entries(&a), entries(&b));
+    let (a_entries, b_entries) = (a.entries(), b.entries());
     let common: std::collections::HashSet<IpNet> = {
         let in_a: std::collections::HashSet<IpNet> = a_entries.iter().map(|e| e.1).collect();
         b_entries

@@ -32,6 +32,7 @@ use crate::{
     Plan,
     frames::{self, L4, Spec},
     netns::{Lab, PinDir},
+    progs::XdpMd,
     report::group,
     stats::{Measurement, percentile},
     util,
@@ -161,29 +162,6 @@ pub fn backends_behind_veth(lab: &Lab, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Resu
     let ns = &lab.rx;
     let mac = mac_text(lab.tx_mac);
     ns.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    for a in v4 {
-        // On-link: the FIB must know a route before the neighbour counts.
-        ns.exec_ok(&[
-            "ip",
-            "route",
-            "replace",
-            &format!("{a}/32"),
-            "dev",
-            &lab.rx_if,
-        ])?;
-        ns.exec_ok(&[
-            "ip",
-            "neigh",
-            "replace",
-            &a.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            &lab.rx_if,
-            "nud",
-            "permanent",
-        ])?;
-    }
     if !v6.is_empty() {
         ns.exec_ok(&[
             "sysctl",
@@ -195,30 +173,36 @@ pub fn backends_behind_veth(lab: &Lab, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Resu
         ns.exec_ok(&[
             "ip", "-6", "addr", "add", RX_V6_NET, "dev", &lab.rx_if, "nodad",
         ])?;
-        for a in v6 {
-            ns.exec_ok(&[
-                "ip",
-                "-6",
-                "route",
-                "replace",
-                &format!("{a}/128"),
-                "dev",
-                &lab.rx_if,
-            ])?;
-            ns.exec_ok(&[
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                &a.to_string(),
-                "lladdr",
-                &mac,
-                "dev",
-                &lab.rx_if,
-                "nud",
-                "permanent",
-            ])?;
-        }
+    }
+    let all = v4
+        .iter()
+        .map(|a| IpAddr::from(*a))
+        .chain(v6.iter().map(|a| IpAddr::from(*a)));
+    for a in all {
+        // On-link: the FIB must know a route before the neighbour counts.
+        let (family, host) = if a.is_ipv4() { ("-4", 32) } else { ("-6", 128) };
+        ns.exec_ok(&[
+            "ip",
+            family,
+            "route",
+            "replace",
+            &format!("{a}/{host}"),
+            "dev",
+            &lab.rx_if,
+        ])?;
+        ns.exec_ok(&[
+            "ip",
+            family,
+            "neigh",
+            "replace",
+            &a.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            &lab.rx_if,
+            "nud",
+            "permanent",
+        ])?;
     }
     Ok(())
 }
@@ -534,18 +518,6 @@ fn pp_cases(lab: &Lab) -> Vec<PpCase> {
             Some("single/baseline-off-v4"),
         ),
     ]
-}
-
-/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`.
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
 }
 
 /// BPF_PROG_TEST_RUN of the attached program with `ifindex` as ingress

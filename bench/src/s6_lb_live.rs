@@ -188,13 +188,7 @@ fn measure_one(plan: &Plan, cfg: Cfg, what: &str) -> Result<Sample> {
                 Ok(c.get(i).map_or(0, |c| c.packets))
             };
             let p0 = passed()?;
-            let f = live::flood(
-                &lab,
-                plan.gen_threads,
-                plan.live_warmup,
-                plan.live_window,
-                plan.live_drain,
-            )?;
+            let f = live::flood(&lab, plan)?;
             let p = passed()? - p0;
             if f.arrived == 0 {
                 bail!("{what}: no frames arrived (sent {})", f.sent);
@@ -253,13 +247,7 @@ fn measure_one(plan: &Plan, cfg: Cfg, what: &str) -> Result<Sample> {
             let in0 = into.sum("_xdp_packets")?;
             let tx0 = lb_tx(&sluice)?;
             let stack0 = lab.rx.run(live::stack_delivered_here)?;
-            let f = live::flood(
-                lab,
-                plan.gen_threads,
-                plan.live_warmup,
-                plan.live_window,
-                plan.live_drain,
-            )?;
+            let f = live::flood(lab, plan)?;
             let took = into.sum("_xdp_packets")? - in0;
             let sent_back = lb_tx(&sluice)? - tx0;
             let stack = lab.rx.run(live::stack_delivered_here)? - stack0;
@@ -338,16 +326,11 @@ pub fn run(plan: &Plan) -> Result<Vec<Measurement>> {
             }
             let what = format!("{}, run {}", cfg.key(), run + 1);
             eprintln!("  lb live: {what}");
-            match measure_one(plan, *cfg, &what) {
-                Ok(s) => samples[i].push(s),
-                Err(e) => {
-                    if util::stopping() {
-                        return Err(e);
-                    }
-                    eprintln!("    error: {e:#}");
-                    errors[i] = Some(format!("{e:#}"));
-                }
-            }
+            util::keep(
+                measure_one(plan, *cfg, &what),
+                &mut samples[i],
+                &mut errors[i],
+            )?;
         }
     }
     let mut out = Vec::new();

@@ -61,6 +61,22 @@ pub fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// Keeps one run's sample, or its error so the configuration is skipped
+/// from then on and reported; a stop request ends the section instead.
+pub fn keep<T>(r: Result<T>, samples: &mut Vec<T>, error: &mut Option<String>) -> Result<()> {
+    match r {
+        Ok(s) => samples.push(s),
+        Err(e) => {
+            if stopping() {
+                return Err(e);
+            }
+            eprintln!("    error: {e:#}");
+            *error = Some(format!("{e:#}"));
+        }
+    }
+    Ok(())
+}
+
 /// Fails when a stop was requested; called between steps.
 pub fn check_stop() -> Result<()> {
     if stopping() {
