@@ -118,7 +118,7 @@ pub enum AgentError {
     )]
     Failed {
         error: Box<AgentError>,
-        restored: Result<(), String>,
+        restored: Result<(), Box<AgentError>>,
     },
 }
 
@@ -766,13 +766,13 @@ impl Core {
     /// After a failed change: the kernel goes back to the (restored) desired
     /// state. The inverse delta first (cheap); if that fails, a full
     /// reconcile.
-    fn restore_kernel(&mut self, delta: &Delta) -> Result<(), String> {
+    fn restore_kernel(&mut self, delta: &Delta) -> Result<(), Box<AgentError>> {
         let undo = delta.inverse();
         match self.apply_delta(&undo, false) {
             Ok(_) => Ok(()),
             Err(first) => {
                 warn!(error = %first, "undoing the failed change's delta failed; reconciling everything");
-                self.reconcile(false).map(|_| ()).map_err(|e| e.to_string())
+                self.reconcile(false).map(|_| ()).map_err(Box::new)
             }
         }
     }

@@ -215,10 +215,22 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// `error` is shown in the message (not as a `source`, so a chain
+    /// printer does not say it twice).
     #[error(
-        "state file {path} is not valid ({detail}); move it aside to start from the config file alone"
+        "state file {path} is not valid ({}{error}); move it aside to start from the config file alone",
+        at_line(*.line)
     )]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        path: PathBuf,
+        /// The journal line (1-based) that does not parse; `None`: the snapshot.
+        line: Option<usize>,
+        error: serde_json::Error,
+    },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!("line {n}: ")).unwrap_or_default()
 }
 
 pub struct Store {
@@ -312,9 +324,10 @@ impl Store {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 self.snapshot_bytes = bytes.len() as u64;
-                let corrupt = |e: serde_json::Error| StoreError::Corrupt {
+                let corrupt = |error| StoreError::Corrupt {
                     path: path.clone(),
-                    detail: e.to_string(),
+                    line: None,
+                    error,
                 };
                 let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(corrupt)?;
                 let state = if value.get("format").and_then(serde_json::Value::as_u64) == Some(1) {
@@ -357,10 +370,11 @@ impl Store {
                         loaded.torn_tail = true;
                         break;
                     }
-                    Err(e) => {
+                    Err(error) => {
                         return Err(StoreError::Corrupt {
                             path: jpath,
-                            detail: format!("line {n}: {e}"),
+                            line: Some(n),
+                            error,
                         });
                     }
                 };
@@ -629,10 +643,12 @@ mod tests {
             ),
         )
         .unwrap();
-        assert!(matches!(
-            Store::open(&d).unwrap().load(),
-            Err(StoreError::Corrupt { .. })
-        ));
+        let e = Store::open(&d).unwrap().load().unwrap_err();
+        assert!(
+            matches!(e, StoreError::Corrupt { line: Some(1), .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("is not valid (line 1: "), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

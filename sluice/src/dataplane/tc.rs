@@ -418,25 +418,25 @@ pub(super) fn upgrade(
             let Some(old_id) = pinned_prog_id(&e.path()) else {
                 continue;
             };
-            let replaced = in_netns(netns, move || -> Result<(), String> {
-                let index =
-                    super::sys::ifindex(&iface).ok_or_else(|| "interface gone".to_string())?;
-                let mut prog = SchedClassifier::from_pin(&new_prog).map_err(|e| e.to_string())?;
+            // Why a filter was not replaced does not matter here: only a
+            // replaced one gets its pin moved to the new program.
+            let replaced = in_netns(netns, move || -> Result<(), super::Cause> {
+                let index = super::sys::ifindex(&iface).ok_or("interface gone")?;
+                let mut prog = SchedClassifier::from_pin(&new_prog)?;
                 let link = SchedClassifierLink::attached(
                     &iface,
                     TcAttachType::Egress,
                     CLSACT_PRIORITY,
                     TcHandle::from(CLSACT_HANDLE),
                     None,
-                )
-                .map_err(|e| e.to_string())?;
+                )?;
                 // Only sluice's own filter is replaced.
                 if !clsact_slot(index).is_ok_and(|s| s.is_some_and(|f| f.prog_id == old_id)) {
                     return Err("sluice's filter is gone".into());
                 }
-                let id = prog.attach_to_link(link).map_err(|e| super::chain(&e))?;
+                let id = prog.attach_to_link(link)?;
                 // Keep the filter when `prog` drops.
-                std::mem::forget(prog.take_link(id).map_err(|e| e.to_string())?);
+                std::mem::forget(prog.take_link(id)?);
                 Ok(())
             });
             if matches!(replaced, Ok(Ok(()))) {
