@@ -4,7 +4,8 @@
 # (examples/lab.toml) and walks through runtime changes, history, diff and
 # apply of an edited config, the load balancer (three HTTP backends, weights,
 # a backend killed and taken out by health checks, drain), a per-source rate
-# limit under a flood, flow records and top, rollback, the
+# limit under a flood, the SYN guard under a spoofed SYN flood while a real
+# client is served, flow records and top, rollback, the
 # metrics endpoint, an agent killed
 # with SIGKILL (the dataplane keeps filtering) and restarted (it resumes), and
 # a clean stop, checking every outcome. Everything it creates is removed on
@@ -27,6 +28,7 @@ VETHB=vethb # lives in $NSB; the firewall is attached here (as in lab.toml)
 RUN_DIR=/run/sluice-demo-$$ # the agent's state and API socket
 SOCK=$RUN_DIR/sluice.sock
 PIN_ROOT=/sys/fs/bpf/sluice-demo-$$
+PEER_ROOT=/sys/fs/bpf/sluice-demo-peer-$$ # a pass-all sluice on $VETHA (SYN guard chapter)
 A4=198.18.0.1 B4=198.18.0.2
 A6=2001:2::1 B6=2001:2::2
 UDP_DROPPED_PORT=4444 UDP_OTHER_PORT=4445 UDP_PER_PORT=5 # datagrams per port and family
@@ -115,13 +117,16 @@ cleanup() {
         "$SLUICE" -n "$NSB" --pin-root "$PIN_ROOT" --socket "$SOCK" --no-agent \
             detach "$VETHB" >/dev/null 2>&1
     fi
+    if [ -d "$PEER_ROOT" ]; then
+        "$SLUICE" -n "$NSA" --pin-root "$PEER_ROOT" --no-agent detach "$VETHA" >/dev/null 2>&1
+    fi
     if [ "$LAB_MADE" = 1 ]; then
         ip netns del "$NSA" 2>/dev/null
         ip netns del "$NSB" 2>/dev/null
         for ns in "${BACKEND_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
     fi
-    rm -rf "$PIN_ROOT" "$RUN_DIR" "$TMP"
-    note "removed namespaces $NSA, $NSB, ${BACKEND_NS[*]}, pin root $PIN_ROOT and $RUN_DIR"
+    rm -rf "$PIN_ROOT" "$PEER_ROOT" "$RUN_DIR" "$TMP"
+    note "removed namespaces $NSA, $NSB, ${BACKEND_NS[*]}, pin roots $PIN_ROOT, $PEER_ROOT and $RUN_DIR"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -290,14 +295,16 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 '
-# GETs http://VIP/ N times from a, each a new connection (a new source
-# port): prints "NAME=COUNT ..." sorted, failures as FAILED.
+# GETs URL N times from a, each a new connection (a new source port), each
+# within TIMEOUT seconds (default 2): prints "NAME=COUNT ..." sorted,
+# failures as FAILED.
 HTTP_CLIENT='
 import collections, sys, urllib.request
+timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 2
 counts = collections.Counter()
 for _ in range(int(sys.argv[2])):
     try:
-        counts[urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().strip()] += 1
+        counts[urllib.request.urlopen(sys.argv[1], timeout=timeout).read().decode().strip()] += 1
     except Exception:
         counts["FAILED"] += 1
 print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -366,6 +373,30 @@ for i in range(count):
     while time.monotonic() < start + i * secs / count:
         pass
     s.sendto(b"sluice demo", (dst, port))
+'
+
+# COUNT TCP SYNs to DST:PORT in SECS seconds, each from a random source in
+# 198.18.100.0/22 (spoofed: a raw socket writes the IP header; the kernel
+# fills in its checksum, this computes the TCP one).
+SYN_SPOOFED='
+import random, socket, struct, sys, time
+dst, port, count, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+d = socket.inet_aton(dst)
+start = time.monotonic()
+for i in range(count):
+    while time.monotonic() < start + i * secs / count:
+        pass
+    src = socket.inet_aton("198.18.%d.%d" % (100 + random.randrange(4), 1 + random.randrange(254)))
+    tcp = struct.pack("!HHIIBBHHH", random.randrange(1024, 65536), port, random.randrange(1 << 32), 0, 5 << 4, 0x02, 64240, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", csum(src + d + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.randrange(65536), 0, 64, 6, 0, src, d)
+    s.sendto(ip + tcp, (dst, 0))
 '
 
 # --- the lab ----------------------------------------------------------------------
@@ -581,6 +612,42 @@ else
 fi
 sl stats --top 1
 sl rule del "$LIMIT_ID"
+
+step "DDoS: the SYN guard answers a spoofed SYN flood with challenges; a real client is served"
+note "challenges go back out of $VETHB with XDP_TX; on a veth they reach $NSA only when an XDP"
+note "program is attached to the peer end, so a second sluice (own pin root, default policy) passes all there"
+show "$NSA" "sluice -n $NSA --pin-root $PEER_ROOT attach $VETHA"
+"$SLUICE" -n "$NSA" --pin-root "$PEER_ROOT" --socket "$TMP/no-agent.sock" attach "$VETHA" >/dev/null
+in_ns "$NSB" timeout 120 python3 -c "$HTTP_SERVER" "$NSB" >/dev/null 2>&1 &
+SERVER_PIDS+=($!)
+for ((i = 0; i < 50; i++)); do
+    in_ns "$NSA" timeout 2 python3 -c 'import socket, sys; socket.create_connection((sys.argv[1], 8080), 1).close()' "$B4" 2>/dev/null && break
+    sleep 0.1
+done
+sl rule add syn-guard 20/s burst 5 dport 8080
+GUARD_ID=$(sed -n 's/^rule \([0-9]*\) added.*/\1/p' "$TMP/sl.out")
+syn_event() {
+    python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end="")' \
+        "http://127.0.0.1:$PORT/metrics" | awk -v m="sluice_events_total{event=\"$1\"}" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'
+}
+CH0=$(syn_event syn_challenges) VER0=$(syn_event syn_sources_verified)
+show "$NSA" "flood: 3000 SYNs to $B4:8080 in 3 s from random sources in 198.18.100.0/22; meanwhile 5 GETs from $A4"
+in_ns "$NSA" timeout 15 python3 -c "$SYN_SPOOFED" "$B4" 8080 3000 3 &
+FLOOD_PID=$!
+BG_PIDS+=("$FLOOD_PID")
+sleep 0.5
+GOT=$(in_ns "$NSA" timeout 30 python3 -c "$HTTP_CLIENT" "http://$B4:8080/" 5 5)
+wait "$FLOOD_PID" || bad "the spoofed SYN sender failed"
+CH=$(($(syn_event syn_challenges) - CH0)) VER=$(($(syn_event syn_sources_verified) - VER0))
+note "a's GETs: $GOT; challenges sent: $CH; sources verified: $VER"
+# 20/s for 3 s plus a burst of 5 pass unchallenged: the rest (~2900) are challenged.
+if [ "$GOT" = "$NSB=5" ] && [ "$CH" -ge 2000 ] && [ "$VER" -ge 1 ]; then
+    good "the flood was answered with challenges; $A4 answered its own, got verified and all 5 GETs were served"
+else
+    bad "SYN guard: GETs '$GOT' (expected $NSB=5), $CH challenges (expected >= 2000), $VER verified (expected >= 1)"
+fi
+sl rule del "$GUARD_ID"
+"$SLUICE" -n "$NSA" --pin-root "$PEER_ROOT" --socket "$TMP/no-agent.sock" detach "$VETHA" >/dev/null
 
 step "Flow records and top: what the dataplane saw, as the agent reads it"
 sl flows --reason deny-list --src "$A4" --limit 3

@@ -1228,6 +1228,7 @@ fn the_demo_runs_and_every_check_passes() {
         "Load balancer",
         "A backend dies",
         "DDoS: a per-source limit",
+        "DDoS: the SYN guard",
         "Flow records and top",
         "kill -9 the agent",
     ] {
