@@ -453,6 +453,21 @@ impl Out {
             ],
             &rows,
         );
+        if s.syn_guard == Some(true) {
+            for a in s
+                .attachments
+                .iter()
+                .filter(|a| a.peer_native_xdp == Some(false))
+            {
+                println!(
+                    "hint: {} is a veth whose peer runs no XDP program in native mode: the SYN \
+                     guard's challenges (XDP_TX) are lost on the way, so no client can verify \
+                     itself. Attach any XDP program that passes everything to the peer \
+                     (docs/ddos.md).",
+                    a.interface
+                );
+            }
+        }
         println!();
         let rows: Vec<Vec<String>> = s
             .lists

@@ -65,6 +65,11 @@ pub struct Attachment {
     /// fallback on kernels without TCX.
     #[serde(default)]
     pub tc: Option<tc::TcStatus>,
+    /// For a veth: whether its peer runs an XDP program in native mode
+    /// (without one, frames sent back with `XDP_TX` — the SYN guard's
+    /// challenges — never reach the peer). `None`: not a veth, or unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_native_xdp: Option<bool>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -102,6 +107,9 @@ pub struct Status {
     pub audit: Option<bool>,
     pub rules: Option<u32>,
     pub rule_capacity: u32,
+    /// The rules hold a `syn-guard` rule.
+    #[serde(default)]
+    pub syn_guard: Option<bool>,
     pub lists: Vec<ListStatus>,
     /// Load-balanced services: backends in each state.
     #[serde(default)]
@@ -780,6 +788,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         audit: None,
         rules: None,
         rule_capacity: sluice_common::MAX_RULES,
+        syn_guard: None,
         lists: Vec::new(),
         services: Vec::new(),
         integrity: None,
@@ -792,14 +801,24 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;
         let tc = tc::status(root, &iface, &netns);
+        let index = info.xdp_ifindex;
+        let peer_native_xdp = if index == 0 {
+            None
+        } else {
+            tc::in_netns(&netns, move || sys::veth_peer_has_native_xdp(index))
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        };
         st.attachments.push(Attachment {
             interface: iface,
             netns,
             mode,
             link_id: info.id,
             program_id: info.prog_id,
-            ifindex: info.xdp_ifindex,
+            ifindex: index,
             tc,
+            peer_native_xdp,
         });
     }
     if root.prog().exists() {
@@ -825,6 +844,7 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         st.malformed_action = Verdict::from_u32(s.malformed_action).map(|v| v.name().to_string());
         st.audit = Some(s.flags & sluice_common::SETTINGS_F_AUDIT != 0);
         st.rules = Some(s.rule_count);
+        st.syn_guard = Some(s.flags & sluice_common::SETTINGS_F_SYN_GUARD != 0);
         for list in ListId::ALL {
             st.lists.push(ListStatus {
                 list: list.kind().to_string(),

@@ -466,6 +466,14 @@ const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
 const NLA_TYPE_MASK: u16 = 0x3fff;
+// uapi/linux/if_link.h
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+const IFLA_TARGET_NETNSID: u16 = 46;
 
 /// Parent of the clsact egress hook: `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`.
 pub const TC_PARENT_EGRESS: u32 = 0xffff_fff3;
@@ -481,24 +489,6 @@ pub struct TcFilter {
     pub prog_id: u32,
     /// For a `bpf` filter: the name it was given.
     pub name: String,
-}
-
-#[repr(C)]
-struct TcRequest {
-    // struct nlmsghdr
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-    // struct tcmsg
-    family: u8,
-    _pad1: u8,
-    _pad2: u16,
-    ifindex: i32,
-    handle: u32,
-    parent: u32,
-    info: u32,
 }
 
 /// The netlink attributes in `buf` as (type, payload).
@@ -522,9 +512,13 @@ fn nl_string(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Every filter on hook `parent` of interface `ifindex` (in the calling
-/// thread's network namespace). A missing clsact qdisc lists nothing.
-pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
+/// Sends one rtnetlink request (`req`: header and body, the header's length
+/// filled in here) and hands each answer's type and body to `each`. A dump
+/// ends at `NLMSG_DONE`; any other request at its first answer. A kernel
+/// error comes back as that errno.
+fn nl_request(req: &mut [u8], dump: bool, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    let len = req.len() as u32;
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -538,33 +532,11 @@ pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
     }
     // SAFETY: a new fd nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = TcRequest {
-        len: size_of::<TcRequest>() as u32,
-        kind: RTM_GETTFILTER,
-        flags: NLM_F_REQUEST | NLM_F_DUMP,
-        seq: 1,
-        pid: 0,
-        family: libc::AF_UNSPEC as u8,
-        _pad1: 0,
-        _pad2: 0,
-        ifindex: ifindex as i32,
-        handle: 0,
-        parent,
-        info: 0,
-    };
-    // SAFETY: req is a plain repr(C) value of the length given.
-    let sent = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            (&raw const req).cast(),
-            size_of::<TcRequest>(),
-            0,
-        )
-    };
+    // SAFETY: req is readable for its length.
+    let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut filters = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: buf is writable for its length.
@@ -581,62 +553,168 @@ pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
             }
             let body = &msgs[16..len];
             match kind {
-                NLMSG_DONE => return Ok(filters),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
                     let errno = i32::from_ne_bytes(
                         body.get(0..4)
                             .and_then(|b| b.try_into().ok())
                             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?,
                     );
-                    if errno == 0 {
-                        return Ok(filters);
-                    }
-                    // No clsact qdisc (or no such interface hook): nothing there.
-                    if -errno == libc::EINVAL || -errno == libc::ENOENT {
-                        return Ok(filters);
-                    }
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                _ if body.len() >= 20 => {
-                    let handle = u32::from_ne_bytes(body[8..12].try_into().expect("4 bytes"));
-                    let info = u32::from_ne_bytes(body[16..20].try_into().expect("4 bytes"));
-                    let mut f = TcFilter {
-                        priority: (info >> 16) as u16,
-                        handle,
-                        kind: String::new(),
-                        prog_id: 0,
-                        name: String::new(),
+                    return if errno == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-errno))
                     };
-                    for (t, payload) in nl_attrs(&body[20..]) {
-                        match t {
-                            TCA_KIND => f.kind = nl_string(payload),
-                            TCA_OPTIONS => {
-                                for (o, p) in nl_attrs(payload) {
-                                    match o {
-                                        TCA_BPF_ID if p.len() >= 4 => {
-                                            f.prog_id = u32::from_ne_bytes(
-                                                p[0..4].try_into().expect("4 bytes"),
-                                            );
-                                        }
-                                        TCA_BPF_NAME => f.name = nl_string(p),
-                                        _ => {}
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    // Handle 0 is the per-priority head the kernel lists
-                    // before that priority's filters, not a filter.
-                    if f.handle != 0 {
-                        filters.push(f);
+                }
+                _ => {
+                    each(kind, body);
+                    if !dump {
+                        return Ok(());
                     }
                 }
-                _ => {}
             }
             let aligned = (len + 3) & !3;
             msgs = &msgs[aligned.min(msgs.len())..];
         }
+    }
+}
+
+/// A netlink request header (`struct nlmsghdr`, length filled in later).
+fn nl_header(kind: u16, flags: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 16];
+    h[4..6].copy_from_slice(&kind.to_ne_bytes());
+    h[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    h[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    h
+}
+
+/// Every filter on hook `parent` of interface `ifindex` (in the calling
+/// thread's network namespace). A missing clsact qdisc lists nothing.
+pub fn tc_filters(ifindex: u32, parent: u32) -> io::Result<Vec<TcFilter>> {
+    // struct tcmsg: family, padding, ifindex, handle, parent, info.
+    let mut req = nl_header(RTM_GETTFILTER, NLM_F_DUMP);
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&parent.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    let mut filters = Vec::new();
+    let r = nl_request(&mut req, true, |_, body| {
+        if body.len() < 20 {
+            return;
+        }
+        let handle = u32::from_ne_bytes(body[8..12].try_into().expect("4 bytes"));
+        let info = u32::from_ne_bytes(body[16..20].try_into().expect("4 bytes"));
+        let mut f = TcFilter {
+            priority: (info >> 16) as u16,
+            handle,
+            kind: String::new(),
+            prog_id: 0,
+            name: String::new(),
+        };
+        for (t, payload) in nl_attrs(&body[20..]) {
+            match t {
+                TCA_KIND => f.kind = nl_string(payload),
+                TCA_OPTIONS => {
+                    for (o, p) in nl_attrs(payload) {
+                        match o {
+                            TCA_BPF_ID if p.len() >= 4 => {
+                                f.prog_id =
+                                    u32::from_ne_bytes(p[0..4].try_into().expect("4 bytes"));
+                            }
+                            TCA_BPF_NAME => f.name = nl_string(p),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Handle 0 is the per-priority head the kernel lists before that
+        // priority's filters, not a filter.
+        if f.handle != 0 {
+            filters.push(f);
+        }
+    });
+    match r {
+        Ok(()) => Ok(filters),
+        // No clsact qdisc (or no such interface hook): nothing there.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(filters),
+        Err(e) => Err(e),
+    }
+}
+
+/// What `RTM_GETLINK` says of an interface: its kind, its link (a veth's
+/// peer) and which XDP program runs in the driver.
+#[derive(Debug, Default)]
+struct NlLink {
+    kind: String,
+    link: Option<u32>,
+    link_netnsid: Option<i32>,
+    /// The id of the XDP program in native (driver) mode; 0 when none.
+    xdp_drv_prog: u32,
+}
+
+/// `RTM_GETLINK` for interface `ifindex` in this namespace, or, with
+/// `netnsid`, in the namespace that id names here.
+fn link_info_nl(ifindex: u32, netnsid: Option<i32>) -> io::Result<NlLink> {
+    // struct ifinfomsg: family, padding, type, index, flags, change.
+    let mut req = nl_header(libc::RTM_GETLINK, 0);
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&[0u8; 8]);
+    if let Some(id) = netnsid {
+        req.extend_from_slice(&8u16.to_ne_bytes());
+        req.extend_from_slice(&IFLA_TARGET_NETNSID.to_ne_bytes());
+        req.extend_from_slice(&id.to_ne_bytes());
+    }
+    let mut info = NlLink::default();
+    let u32_of = |p: &[u8]| {
+        p.get(0..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+    };
+    nl_request(&mut req, false, |kind, body| {
+        if kind != libc::RTM_NEWLINK || body.len() < 16 {
+            return;
+        }
+        for (t, p) in nl_attrs(&body[16..]) {
+            match t {
+                IFLA_LINK => info.link = u32_of(p),
+                IFLA_LINK_NETNSID => info.link_netnsid = u32_of(p).map(|v| v as i32),
+                IFLA_LINKINFO => {
+                    for (i, q) in nl_attrs(p) {
+                        if i == IFLA_INFO_KIND {
+                            info.kind = nl_string(q);
+                        }
+                    }
+                }
+                IFLA_XDP => {
+                    for (x, q) in nl_attrs(p) {
+                        if x == IFLA_XDP_DRV_PROG_ID {
+                            info.xdp_drv_prog = u32_of(q).unwrap_or(0);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    })?;
+    Ok(info)
+}
+
+/// For a veth (in the calling thread's namespace): whether its peer runs an
+/// XDP program in native mode, wherever the peer lives. `None` when
+/// `ifindex` is not a veth or its peer cannot be found. Frames a program
+/// sends back with `XDP_TX` on a veth reach the peer only then.
+pub fn veth_peer_has_native_xdp(ifindex: u32) -> io::Result<Option<bool>> {
+    let me = link_info_nl(ifindex, None)?;
+    let (true, Some(peer)) = (me.kind == "veth", me.link.filter(|p| *p != 0)) else {
+        return Ok(None);
+    };
+    match link_info_nl(peer, me.link_netnsid) {
+        Ok(p) => Ok(Some(p.xdp_drv_prog != 0)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -366,7 +366,7 @@ pub(super) fn status(root: &PinRoot, iface: &str, netns: &str) -> Option<TcStatu
 
 /// Runs `f` in the namespace a pin name calls `label`: right here when it
 /// is the calling thread's own, else on a thread that entered it.
-fn in_netns<T: Send + 'static>(
+pub(super) fn in_netns<T: Send + 'static>(
     label: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, DataplaneError> {

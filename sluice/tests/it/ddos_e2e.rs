@@ -28,7 +28,7 @@ use sluice::dataplane::{PinRoot as SluiceRoot, PolicyMaps};
 use sluice_common::{Family, L4, Reason, Verdict, counter_index};
 
 use crate::support::{
-    cli::sluice,
+    cli::{sluice, sluice_json},
     frames::{Frame, TcpSeen},
     netns::{Lab, Netns, PacketSocket, PinRoot, Seen, link_mac, ping},
     rate::{Gcra, model_passes, pace},
@@ -594,10 +594,6 @@ fn ddos_e2e_syn_guard_challenges_spoofed_syns_and_verifies_a_real_client() {
     let lab = Lab::new("dsyn");
     let pin = PinRoot::new();
     sluice(&pin, &lab.b, &["attach", &lab.b_if, "--mode", "native"]);
-    // sluice answers challenges with XDP_TX on B's veth end; veth delivers
-    // those only to a peer with NAPI, which an XDP program gives A's end:
-    // the same sluice, its rules match nothing arriving in A.
-    sluice(&pin, &lab.a, &["attach", &lab.a_if, "--mode", "native"]);
     for v6 in [false, true] {
         let dst = if v6 {
             format!("{}/128", lab.b_v6)
@@ -624,6 +620,31 @@ fn ddos_e2e_syn_guard_challenges_spoofed_syns_and_verifies_a_real_client() {
             ],
         );
     }
+    // sluice answers challenges with XDP_TX on B's veth end; veth delivers
+    // those only to a peer with NAPI, which an XDP program gives A's end.
+    // Until A's end has one, `status` says so.
+    let peer_xdp = |what: &str| -> Vec<Option<bool>> {
+        let st = sluice_json(&pin, &lab.b, &["--json", "status"]);
+        assert_eq!(st["syn_guard"], serde_json::json!(true), "{what}: {st}");
+        st["attachments"]
+            .as_array()
+            .expect("attachments")
+            .iter()
+            .map(|a| a["peer_native_xdp"].as_bool())
+            .collect()
+    };
+    let hint = "is a veth whose peer runs no XDP program in native mode";
+    assert_eq!(peer_xdp("B attached"), vec![Some(false)]);
+    let text = String::from_utf8_lossy(&sluice(&pin, &lab.b, &["status"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!("hint: {} {hint}", lab.b_if)),
+        "{text}"
+    );
+    // The same sluice on A's end: its rules match nothing arriving in A.
+    sluice(&pin, &lab.a, &["attach", &lab.a_if, "--mode", "native"]);
+    assert_eq!(peer_xdp("both ends attached"), vec![Some(true), Some(true)]);
+    let text = String::from_utf8_lossy(&sluice(&pin, &lab.b, &["status"]).stdout).into_owned();
+    assert!(!text.contains(hint), "{text}");
     let stop = Arc::new(AtomicBool::new(false));
     let _stop = StopOnDrop(Arc::clone(&stop));
     let server = pong_server(&lab.b, Arc::clone(&stop));

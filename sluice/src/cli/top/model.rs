@@ -492,6 +492,7 @@ mod tests {
             audit: Some(false),
             rules: Some(64),
             rule_capacity: 256,
+            syn_guard: Some(false),
             lists: vec![crate::dataplane::attach::ListStatus {
                 list: "deny".into(),
                 family: "ipv4".into(),
