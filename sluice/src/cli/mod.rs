@@ -1082,7 +1082,7 @@ fn rule_command(root: &PinRoot, action: RuleCommand, out: &output::Out) -> Resul
                 at,
                 rule: spec.clone(),
             }])?;
-            let id = w.rules.get(pos).map_or(0, |r| r.rule.id);
+            let id = w.report.new_rule_ids.first().copied().unwrap_or(0);
             out.done(
                 &format!("rule {id} added at position {pos}: {spec}"),
                 &w.report,

@@ -53,7 +53,6 @@ pub struct Pinned {
 pub struct Written {
     pub report: ChangeReport,
     pub delta: Delta,
-    pub rules: Vec<RuleView>,
 }
 
 impl Pinned {
@@ -73,20 +72,13 @@ impl Pinned {
     /// then writes the result. A refused op writes nothing.
     pub fn apply(mut self, ops: &[Op]) -> Result<Written, EngineError> {
         let mut d = Desired {
-            policy: self.policy.clone(),
+            policy: std::mem::take(&mut self.policy),
             ..Desired::default()
         };
-        for op in ops {
-            op.apply(&mut d, true).map_err(EngineError::Refused)?;
-        }
-        let delta = Delta::between_policies(&self.policy, &d.policy);
+        let delta = crate::model::policy::delta::apply_ops(&mut d, ops, true)
+            .map_err(EngineError::Refused)?;
         let report = write(&mut self.maps, &delta, &d.policy)?;
-        let rules = self.maps.rules()?;
-        Ok(Written {
-            report,
-            delta,
-            rules,
-        })
+        Ok(Written { report, delta })
     }
 }
 
