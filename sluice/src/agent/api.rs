@@ -809,6 +809,26 @@ async fn lb_change(
         .map(Json)
 }
 
+/// `GET /v1/workloads`: the socket layer's workloads, links and counters.
+async fn get_workloads(
+    State(core): State<Shared>,
+) -> Result<Json<Vec<crate::engine::sock::WorkloadState>>, ApiError> {
+    with_core(&core, |c| Ok(c.workloads_view())).await.map(Json)
+}
+
+/// `POST /v1/workloads/change`: one change to the workloads.
+async fn workload_change(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    ApiJson(change): ApiJson<crate::model::sock::WorkloadOp>,
+) -> Result<Json<Applied>, ApiError> {
+    let ctx = ctx(&peer, &headers);
+    with_core(&core, move |c| c.change(vec![Op::Workload { change }], &ctx))
+        .await
+        .map(Json)
+}
+
 /// The flow reader, given to the router as an extension by the agent.
 type FlowsExt = axum::Extension<Arc<super::flows::Flows>>;
 
@@ -887,6 +907,8 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/flows/stats", get(get_flows_stats))
         .route("/v1/lb", get(get_lb))
         .route("/v1/lb/change", post(lb_change))
+        .route("/v1/workloads", get(get_workloads))
+        .route("/v1/workloads/change", post(workload_change))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(json_errors))

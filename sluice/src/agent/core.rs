@@ -640,8 +640,30 @@ impl Core {
             }
             report.lb = self.reconcile_lb(!strict)?;
         }
+        report.sock = self.reconcile_sock();
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
+    }
+
+    /// Makes the socket layer hold the desired workloads (start and drift
+    /// checks). A cgroup that cannot be found is logged and retried at the
+    /// next drift check (it may be created later, like a namespace).
+    fn reconcile_sock(&mut self) -> Option<crate::engine::sock::ApplyReport> {
+        if self.desired.workloads.is_empty() && !crate::dataplane::sock::sock_root(&self.root).root.exists() {
+            return None;
+        }
+        match crate::engine::sock::apply(&self.root, &self.desired.workloads) {
+            Ok(r) => {
+                if r.linked + r.unlinked > 0 {
+                    info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
+                }
+                Some(r)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot put the workloads in force yet; will retry");
+                None
+            }
+        }
     }
 
     /// Attaches every desired interface, then detaches the links desired
@@ -758,6 +780,11 @@ impl Core {
             if delta.services.is_some() || delta.interfaces.is_some() {
                 report.lb = self.reconcile_lb(false)?;
             }
+        }
+        if delta.workloads.is_some() {
+            let r = crate::engine::sock::apply(&self.root, &self.desired.workloads)?;
+            info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
+            report.sock = Some(r);
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
@@ -1213,6 +1240,11 @@ impl Core {
     }
 
     /// The LB as `sluice lb list` shows it, with the checker's last errors.
+    /// The workloads with their cgroups, links and counters.
+    pub fn workloads_view(&self) -> Vec<crate::engine::sock::WorkloadState> {
+        crate::engine::sock::read(&self.root, &self.desired.workloads)
+    }
+
     pub fn lb_view(&self) -> Result<crate::engine::lb_view::LbView, DataplaneError> {
         let last_error = |k: &MemberKey| {
             self.checker

@@ -31,6 +31,10 @@ pub struct ReconcileReport {
     /// What the load balancer's maps took, when the change touched them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lb: Option<crate::engine::lb::ApplyReport>,
+    /// What the socket layer took (workloads, cgroup links), when the
+    /// change touched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sock: Option<crate::engine::sock::ApplyReport>,
 }
 
 /// The result of a change through the agent.

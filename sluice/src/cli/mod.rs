@@ -6,6 +6,7 @@ mod flows;
 mod lb;
 mod output;
 mod top;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -168,6 +169,9 @@ pub enum Command {
     Top(top::TopArgs),
     /// The L4 load balancer: services (VIPs) and their backends.
     Lb(lb::LbArgs),
+    /// Socket-layer workloads: a cgroup v2 path and the policy for its
+    /// processes' connect(), sendmsg() and bind(). Needs the agent.
+    Workload(workload::WorkloadArgs),
     /// The deny list: sources whose packets are dropped.
     Deny(ListArgs),
     /// The allow list: sources that are always passed (they skip deny and rules).
@@ -374,6 +378,8 @@ pub enum CliError {
     BadTtl { ttl: String },
     #[error(transparent)]
     Lb(#[from] lb::LbCliError),
+    #[error(transparent)]
+    Workload(#[from] workload::WorkloadCliError),
     #[error("--ttl applies to the deny list only")]
     TtlOnAllow,
     #[error(
@@ -441,6 +447,8 @@ fn desired_from_pins(root: &PinRoot) -> Result<policy::Desired, CliError> {
         policy,
         temp_deny: std::collections::BTreeMap::new(),
         services,
+        // Workloads are kept by the agent only.
+        workloads: Vec::new(),
     })
 }
 
@@ -670,6 +678,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.stats(&stats::collect(&maps, top)?);
         }
         Command::Lb(args) => lb::direct(&root, &args, &out)?,
+        Command::Workload(args) => workload::direct(&args)?,
         Command::Deny(args) => list_command(&root, false, args, limit, force, &out)?,
         Command::Allow(args) => list_command(&root, true, args, limit, force, &out)?,
         Command::Rule { action } => rule_command(&root, action, &out)?,
@@ -774,6 +783,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
             );
         }
         Command::Lb(args) => lb::via_agent(client, args, out)?,
+        Command::Workload(args) => workload::via_agent(client, args, out)?,
         Command::Stats { top } => {
             out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)
         }

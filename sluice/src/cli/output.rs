@@ -173,13 +173,19 @@ impl Out {
                 return;
             }
             let mut parts = vec![format!("version {}", a.version)];
-            if a.reconcile.changes > 0 || a.reconcile.lb.is_none() {
+            if a.reconcile.changes > 0 || (a.reconcile.lb.is_none() && a.reconcile.sock.is_none()) {
                 parts.push(format!("{} change(s) in the maps", a.reconcile.changes));
             }
             if let Some(r) = &a.reconcile.lb {
                 parts.push(format!(
                     "{} table(s) rebuilt, {} backend slot(s) written, {} freed",
                     r.tables_rebuilt, r.backends_written, r.backends_freed
+                ));
+            }
+            if let Some(r) = &a.reconcile.sock {
+                parts.push(format!(
+                    "{} workload(s) in force, {} cgroup link(s) made, {} removed",
+                    r.workloads, r.linked, r.unlinked
                 ));
             }
             println!("{message} ({})", parts.join(", "));
@@ -349,6 +355,14 @@ impl Out {
             return;
         }
         println!("pin root: {}", s.pin_root);
+        for c in &s.cgroups {
+            println!(
+                "cgroup:   {} (id {}): {}",
+                c.path.as_deref().unwrap_or("(cgroup gone)"),
+                c.cgroup_id,
+                c.hooks.join(" ")
+            );
+        }
         let Some(p) = &s.program else {
             println!("not attached anywhere");
             return;
@@ -685,6 +699,54 @@ impl Out {
             })
             .collect();
         table(&["ID", "POS", "RULE", "PACKETS", "BYTES"], &rows);
+    }
+
+    pub fn workloads(&self, v: &[crate::engine::sock::WorkloadState]) {
+        if self.json {
+            print_json(&serde_json::to_value(v).expect("serialisable"));
+            return;
+        }
+        if v.is_empty() {
+            println!("no workloads");
+            return;
+        }
+        for (i, w) in v.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            let wl = &w.workload;
+            let state = match (&w.problem, w.attached) {
+                (Some(p), _) => format!("NOT IN FORCE: {p}"),
+                (None, true) => format!("attached ({})", w.hooks.join(" ")),
+                (None, false) if w.hooks.is_empty() => "NOT ATTACHED".to_string(),
+                (None, false) => format!("PARTLY ATTACHED ({})", w.hooks.join(" ")),
+            };
+            println!(
+                "{}  cgroup {}  id {}  {state}{}",
+                wl.name,
+                w.path,
+                w.cgroup_id.map_or("-".to_string(), |i| i.to_string()),
+                if wl.audit { "  AUDIT MODE" } else { "" }
+            );
+            println!("  connect (default {}):", wl.connect_default);
+            for (n, r) in wl.connect.iter().enumerate() {
+                println!("    {:>2}  {r}", n + 1);
+            }
+            println!("  bind (default {}):", wl.bind_default);
+            for (n, r) in wl.bind.iter().enumerate() {
+                println!("    {:>2}  {r}", n + 1);
+            }
+            if w.counts.is_empty() {
+                println!("  calls: none judged yet");
+            } else {
+                let each: Vec<String> = w
+                    .counts
+                    .iter()
+                    .map(|c| format!("{} {} by {} {}", c.hook, c.verdict, c.reason, c.calls))
+                    .collect();
+                println!("  calls: {}", each.join(", "));
+            }
+        }
     }
 
     pub fn lb(&self, v: &crate::engine::lb_view::LbView) {

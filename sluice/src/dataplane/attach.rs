@@ -120,6 +120,18 @@ pub struct Status {
     /// Every program: the XDP entry, the programs it tail-calls, TC egress.
     #[serde(default)]
     pub programs: Vec<ProgramStatus>,
+    /// Cgroups the socket programs are linked to (workloads).
+    #[serde(default)]
+    pub cgroups: Vec<CgroupLinks>,
+}
+
+/// The socket programs linked to one cgroup.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CgroupLinks {
+    pub cgroup_id: u64,
+    /// The cgroup's path; `None` when no cgroup has that id any more.
+    pub path: Option<String>,
+    pub hooks: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -762,14 +774,39 @@ pub fn detach(root: &PinRoot, iface: &str, netns: &str) -> Result<DetachReport, 
     let removed_all = links.len() == 1;
     if removed_all {
         drop(lock);
-        pins::remove_tree(&root.root)
-            .map_err(io_err(format!("removing {}", root.root.display())))?;
+        remove_packet_pins(root)?;
     }
     Ok(DetachReport {
         interface: iface.to_string(),
         netns: netns.to_string(),
         removed_all,
     })
+}
+
+/// Removes the XDP/TC side of a pin root: all of it, unless the socket
+/// layer still has workloads there (`sock/`), which keep their own pins.
+fn remove_packet_pins(root: &PinRoot) -> Result<(), DataplaneError> {
+    let sock = super::sock::sock_root(root).root;
+    if !sock.exists() {
+        return pins::remove_tree(&root.root)
+            .map_err(io_err(format!("removing {}", root.root.display())));
+    }
+    let entries = std::fs::read_dir(&root.root)
+        .map_err(io_err(format!("reading {}", root.root.display())))?;
+    for e in entries {
+        let e = e.map_err(io_err(format!("reading {}", root.root.display())))?;
+        let p = e.path();
+        if p == sock {
+            continue;
+        }
+        let r = if p.is_dir() {
+            pins::remove_tree(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(io_err(format!("removing {}", p.display())))?;
+    }
+    Ok(())
 }
 
 fn bpf_stats_enabled() -> bool {
@@ -793,10 +830,19 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         services: Vec::new(),
         integrity: None,
         programs: Vec::new(),
+        cgroups: Vec::new(),
     };
     if !root.root.exists() {
         return Ok(st);
     }
+    st.cgroups = super::sock::links(root)?
+        .into_iter()
+        .map(|(cgroup_id, hooks)| CgroupLinks {
+            cgroup_id,
+            path: super::sock::cgroup_path(cgroup_id).map(|p| p.display().to_string()),
+            hooks,
+        })
+        .collect();
     for (netns, iface, mode, path) in pinned_links(root)? {
         let fd = sys::obj_get(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let info = sys::link_info(&fd).map_err(io_err(format!("reading {}", path.display())))?;

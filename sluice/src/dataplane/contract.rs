@@ -65,11 +65,33 @@ fn contract() -> Vec<(&'static str, usize, usize)> {
     ]
 }
 
+/// The socket object's maps (`sluice-sock-ebpf`).
+fn sock_contract() -> Vec<(&'static str, usize, usize)> {
+    use sluice_common::sock::{SockRule, WorkloadPolicy, sock_map_names as s};
+    let u32s = size_of::<u32>();
+    vec![
+        (s::SOCK_GENERATION, u32s, u32s),
+        (s::WORKLOADS, size_of::<u64>(), u32s),
+        (s::SOCK_POLICY, u32s, size_of::<WorkloadPolicy>()),
+        (s::SOCK_RULES, u32s, size_of::<SockRule>()),
+        (s::SOCK_STATS, u32s, size_of::<u64>()),
+    ]
+}
+
 #[test]
 fn every_map_user_space_opens_is_in_the_object_with_its_types_sizes() {
-    let obj = aya_obj::Object::parse(super::OBJECT).expect("the embedded object parses");
+    check(super::OBJECT, contract());
+}
+
+#[test]
+fn every_socket_map_user_space_opens_is_in_the_socket_object() {
+    check(super::sock::SOCK_OBJECT, sock_contract());
+}
+
+fn check(object: &[u8], contract: Vec<(&'static str, usize, usize)>) {
+    let obj = aya_obj::Object::parse(object).expect("the embedded object parses");
     let mut wrong = Vec::new();
-    for (name, key, value) in contract() {
+    for (name, key, value) in contract {
         match obj.maps.get(name) {
             None => wrong.push(format!("{name}: not in the kernel object")),
             Some(m) => {

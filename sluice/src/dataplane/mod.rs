@@ -14,6 +14,7 @@ pub mod pins;
 pub mod policy;
 pub mod runtime;
 pub mod sandbox;
+pub mod sock;
 pub mod stats;
 pub mod sys;
 pub mod tc;
@@ -140,6 +141,19 @@ pub enum DataplaneError {
         findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
     Unbound { findings: Vec<integrity::Finding> },
+    #[error(
+        "no cgroup v2 filesystem is mounted (workloads are cgroup v2 paths; mount one, e.g. \
+         `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+    )]
+    NoCgroup2,
+    #[error("cgroup {path} {problem}")]
+    Cgroup { path: PathBuf, problem: String },
+    #[error("attaching the {hook} program to cgroup {path} failed: {}", chain(source.as_ref()))]
+    CgroupAttach {
+        path: PathBuf,
+        hook: &'static str,
+        source: Cause,
+    },
     #[error("the maps do not hold what was just written: {what}")]
     Readback { what: String },
     #[error("{op} on map {map} failed: {source}")]

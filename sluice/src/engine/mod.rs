@@ -4,6 +4,7 @@
 pub mod lb;
 pub mod lb_view;
 pub mod policy;
+pub mod sock;
 
 use crate::dataplane::{DataplaneError, PinRoot, Status, attach, attach::ServiceStatus};
 

@@ -1,7 +1,8 @@
 //! The model: what the user asks for, as pure data and pure functions (the
 //! policy language, desired state and its ops, LB services and Maglev, health
-//! check specs, the config file, the user-space evaluator). No aya, no tokio:
+//! check specs, socket workloads, the config file, the user-space evaluator). No aya, no tokio:
 //! the engine turns it into map writes, the agent and the CLI carry it.
 
 pub mod lb;
 pub mod policy;
+pub mod sock;

@@ -502,6 +502,7 @@ mod tests {
             services: Vec::new(),
             integrity: None,
             programs: Vec::new(),
+            cgroups: Vec::new(),
         }
     }
 

@@ -265,6 +265,23 @@ struct RawConfig {
     lb: RawLb,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
+    #[serde(default, rename = "workload")]
+    workloads: Vec<Spanned<RawWorkload>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: Spanned<String>,
+    cgroup: Spanned<String>,
+    #[serde(default)]
+    audit: bool,
+    connect_default: Option<Spanned<String>>,
+    bind_default: Option<Spanned<String>>,
+    #[serde(default)]
+    connect: Vec<Spanned<String>>,
+    #[serde(default)]
+    bind: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -922,6 +939,18 @@ pub fn parse_with(
         let at = raw.services.first().map_or(0, |s| s.span().start);
         diags.push(pos.at(at, e));
     }
+    let mut workloads = Vec::new();
+    for w in &raw.workloads {
+        if let Some(w) = workload(&pos, w.get_ref(), &mut diags) {
+            workloads.push(w);
+        }
+    }
+    if diags.is_empty()
+        && let Err(e) = crate::model::sock::validate(&workloads)
+    {
+        let at = raw.workloads.first().map_or(0, |s| s.span().start);
+        diags.push(pos.at(at, e));
+    }
     diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
         Ok(Config {
@@ -932,6 +961,7 @@ pub fn parse_with(
                 policy,
                 temp_deny: std::collections::BTreeMap::new(),
                 services,
+                workloads,
             },
             flows,
             ddos,
@@ -940,6 +970,65 @@ pub fn parse_with(
     } else {
         Err(ConfigErrors(diags))
     }
+}
+
+/// One `[[workload]]` section, every problem reported at its position.
+fn workload(
+    pos: &Positions<'_>,
+    r: &RawWorkload,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::model::sock::Workload> {
+    use crate::model::sock::{self, RuleKind, SockAction, SockRuleSpec};
+    let before = diags.len();
+    let name = r.name.get_ref().clone();
+    if let Err(e) = sock::check_name(&name) {
+        diags.push(pos.span(&r.name, e));
+    }
+    let cgroup = match sock::normalise_cgroup(r.cgroup.get_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            diags.push(pos.span(&r.cgroup, e));
+            String::new()
+        }
+    };
+    let mut default = |d: &Option<Spanned<String>>| match d {
+        None => SockAction::Allow,
+        Some(s) => s.get_ref().parse().unwrap_or_else(|e: String| {
+            diags.push(pos.span(s, e));
+            SockAction::Allow
+        }),
+    };
+    let connect_default = default(&r.connect_default);
+    let bind_default = default(&r.bind_default);
+    let mut rules = |list: &[Spanned<String>], kind| {
+        let mut out = Vec::new();
+        for t in list {
+            match SockRuleSpec::parse(t.get_ref(), kind) {
+                Ok(rule) => out.push(rule),
+                Err(e) => diags.push(pos.span(t, e)),
+            }
+        }
+        out
+    };
+    let connect = rules(&r.connect, RuleKind::Connect);
+    let bind = rules(&r.bind, RuleKind::Bind);
+    if diags.len() > before {
+        return None;
+    }
+    let w = sock::Workload {
+        name,
+        cgroup,
+        audit: r.audit,
+        connect_default,
+        bind_default,
+        connect,
+        bind,
+    };
+    if let Err(e) = w.validate() {
+        diags.push(pos.span(&r.name, e));
+        return None;
+    }
+    Some(w)
 }
 
 /// Reads and parses a configuration file.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 
 use super::{Action, Desired, Interface, Policy, PolicyDiff, RuleSpec, TempDeny};
-use crate::model::lb::LbService;
+use crate::model::{lb::LbService, sock::Workload};
 
 /// The difference between two desired states.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +36,9 @@ pub struct Delta {
     /// Services before and after (whole: there are at most a few thousand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<(Vec<LbService>, Vec<LbService>)>,
+    /// Workloads before and after (whole: at most `MAX_WORKLOADS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<(Vec<Workload>, Vec<Workload>)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interfaces: Option<(Vec<Interface>, Vec<Interface>)>,
 }
@@ -74,6 +77,9 @@ impl Delta {
         d.temp.sort_by_key(|e| e.0);
         if from.services != to.services {
             d.services = Some((from.services.clone(), to.services.clone()));
+        }
+        if from.workloads != to.workloads {
+            d.workloads = Some((from.workloads.clone(), to.workloads.clone()));
         }
         if from.interfaces != to.interfaces {
             d.interfaces = Some((from.interfaces.clone(), to.interfaces.clone()));
@@ -115,6 +121,7 @@ impl Delta {
                 .map(|(n, a, b)| (*n, b.clone(), a.clone()))
                 .collect(),
             services: self.services.as_ref().map(|(a, b)| (b.clone(), a.clone())),
+            workloads: self.workloads.as_ref().map(|(a, b)| (b.clone(), a.clone())),
             interfaces: self
                 .interfaces
                 .as_ref()
@@ -161,6 +168,9 @@ impl Delta {
         }
         if let Some((_, s)) = &self.services {
             d.services.clone_from(s);
+        }
+        if let Some((_, w)) = &self.workloads {
+            d.workloads.clone_from(w);
         }
         if let Some((_, i)) = &self.interfaces {
             d.interfaces.clone_from(i);
@@ -274,6 +284,7 @@ pub struct Tracker {
     malformed: Option<Action>,
     audit: Option<bool>,
     services: Option<Vec<LbService>>,
+    workloads: Option<Vec<Workload>>,
     interfaces: Option<Vec<Interface>>,
 }
 
@@ -366,6 +377,13 @@ impl Edit<'_> {
         &mut self.d.services
     }
 
+    pub fn workloads(&mut self) -> &mut Vec<Workload> {
+        if let Some(t) = self.t.as_deref_mut() {
+            t.workloads.get_or_insert_with(|| self.d.workloads.clone());
+        }
+        &mut self.d.workloads
+    }
+
     pub fn interfaces(&mut self) -> &mut Vec<Interface> {
         if let Some(t) = self.t.as_deref_mut() {
             t.interfaces
@@ -432,6 +450,11 @@ impl Tracker {
             && *s != d.services
         {
             out.services = Some((s.clone(), d.services.clone()));
+        }
+        if let Some(w) = &self.workloads
+            && *w != d.workloads
+        {
+            out.workloads = Some((w.clone(), d.workloads.clone()));
         }
         if let Some(i) = &self.interfaces
             && *i != d.interfaces

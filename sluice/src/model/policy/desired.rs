@@ -95,6 +95,9 @@ pub struct Desired {
     /// Load-balanced services (`[[service]]`, `sluice lb ...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<crate::model::lb::LbService>,
+    /// Socket-layer workloads (`[[workload]]`, `sluice workload ...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<crate::model::sock::Workload>,
 }
 
 /// Why a temporary deny entry exists and when it goes.
@@ -240,6 +243,10 @@ pub enum Op {
     /// A change to the load balancer's services.
     Lb {
         change: crate::model::lb::LbOp,
+    },
+    /// A change to the socket layer's workloads.
+    Workload {
+        change: crate::model::sock::WorkloadOp,
     },
 }
 
@@ -403,6 +410,14 @@ impl Op {
                     *e.services() = services;
                 }
             }
+            Self::Workload { change } => {
+                // Validated on a copy, like services.
+                let mut workloads = e.d.workloads.clone();
+                change.apply(&mut workloads, strict)?;
+                if workloads != e.d.workloads {
+                    *e.workloads() = workloads;
+                }
+            }
             Self::Detach { name, netns } => {
                 let found =
                     e.d.interfaces
@@ -458,6 +473,7 @@ impl Op {
             } => format!("deny add {} (temporary: {reason})", nets(prefixes)),
             Self::Expire { prefixes } => format!("expired deny {}", nets(prefixes)),
             Self::Lb { change } => change.describe(),
+            Self::Workload { change } => change.describe(),
         }
     }
 }
@@ -594,6 +610,23 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
         if !base.services.contains(f) {
             out.push(Op::Lb {
                 change: crate::model::lb::LbOp::ServiceAdd { service: f.clone() },
+            });
+        }
+    }
+    // Workloads likewise (a replayed add replaces).
+    for b in &base.workloads {
+        if !fin.workloads.iter().any(|f| f.name == b.name) {
+            out.push(Op::Workload {
+                change: crate::model::sock::WorkloadOp::Del {
+                    name: b.name.clone(),
+                },
+            });
+        }
+    }
+    for f in &fin.workloads {
+        if !base.workloads.contains(f) {
+            out.push(Op::Workload {
+                change: crate::model::sock::WorkloadOp::Add { workload: f.clone() },
             });
         }
     }

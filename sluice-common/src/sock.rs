@@ -1,0 +1,199 @@
+//! The socket layer's layouts: workloads (cgroup v2 subtrees), their
+//! connect/sendmsg and bind rules, and the counters the cgroup programs keep.
+//! The socket programs are a separate object (`sluice-sock-ebpf`) with their
+//! own maps, pinned under `<pin root>/sock/`.
+
+/// Workloads the socket layer holds at once. The control plane refuses more
+/// with an error naming the limit.
+pub const MAX_WORKLOADS: u32 = 64;
+
+/// Rules per workload, connect and bind rules together. Evaluated in order
+/// (first match wins); the control plane refuses more.
+pub const MAX_SOCK_RULES: u32 = 64;
+
+/// Cgroup levels the programs walk to find the workload of the calling
+/// process (the root is level 0). A workload deeper than this is refused.
+pub const MAX_CGROUP_LEVEL: u32 = 32;
+
+/// The socket layer's policy is double-buffered like the firewall's: two
+/// generations, `SOCK_GENERATION` says which one sockets use.
+pub const SOCK_GENERATIONS: u32 = 2;
+
+/// The calls the socket programs judge.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SockHook {
+    /// connect() on a TCP or UDP socket (connect4/connect6).
+    Connect = 0,
+    /// sendmsg()/sendto() with a destination on an unconnected UDP socket
+    /// (sendmsg4/sendmsg6).
+    Sendmsg = 1,
+    /// bind() (bind4/bind6).
+    Bind = 2,
+}
+
+/// Hook slots in a workload's counters.
+pub const HOOK_SLOTS: u32 = 3;
+
+impl SockHook {
+    pub const ALL: [Self; 3] = [Self::Connect, Self::Sendmsg, Self::Bind];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Sendmsg => "sendmsg",
+            Self::Bind => "bind",
+        }
+    }
+}
+
+/// What decided a socket call.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SockReason {
+    /// A rule of the workload matched.
+    Rule = 0,
+    /// No rule matched: the workload's default for the hook applied.
+    Default = 1,
+}
+
+/// Reason slots in a workload's counters.
+pub const SOCK_REASON_SLOTS: u32 = 2;
+
+impl SockReason {
+    pub const ALL: [Self; 2] = [Self::Rule, Self::Default];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Rule => "rule",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// Counters per workload: hook x verdict (`Verdict`: allow = Pass, deny =
+/// Drop, audit = Audit) x reason.
+pub const SOCK_COUNTERS_PER_WORKLOAD: u32 = HOOK_SLOTS * crate::VERDICT_SLOTS * SOCK_REASON_SLOTS;
+
+/// Index into `SOCK_STATS` of one (workload slot, hook, verdict, reason) counter.
+#[must_use]
+#[inline(always)]
+pub const fn sock_counter_slot(workload: u32, hook: u32, verdict: u32, reason: u32) -> u32 {
+    workload * SOCK_COUNTERS_PER_WORKLOAD
+        + (hook * crate::VERDICT_SLOTS + verdict) * SOCK_REASON_SLOTS
+        + reason
+}
+
+/// The workload is in use in this generation (a slot without it lets
+/// every call through uncounted).
+pub const WORKLOAD_F_ACTIVE: u32 = 1 << 0;
+/// Audit mode: what the workload's policy would deny is allowed and
+/// counted with verdict `Audit`.
+pub const WORKLOAD_F_AUDIT: u32 = 1 << 1;
+
+/// One workload's policy in one generation
+/// (`SOCK_POLICY[gen * MAX_WORKLOADS + slot]`). Its rules are
+/// `SOCK_RULES[(gen * MAX_WORKLOADS + slot) * MAX_SOCK_RULES ..]`: first
+/// `connect_rules` connect/sendmsg rules, then `bind_rules` bind rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadPolicy {
+    /// `WORKLOAD_F_*` bits.
+    pub flags: u32,
+    /// `Verdict` (Pass or Drop) for a connect/sendmsg no rule matched.
+    pub connect_default: u32,
+    /// `Verdict` (Pass or Drop) for a bind no rule matched.
+    pub bind_default: u32,
+    pub connect_rules: u32,
+    pub bind_rules: u32,
+    pub _pad: u32,
+}
+
+// SAFETY: repr(C), Copy, u32s only; `_pad` is explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for WorkloadPolicy {}
+
+/// Rule matches only addresses of `SockRule::family` (4 or 6; an IPv4-mapped
+/// IPv6 address counts as IPv4).
+pub const SOCK_RULE_F_FAMILY: u32 = 1 << 0;
+/// Rule matches only addresses in `net/mask`.
+pub const SOCK_RULE_F_ADDR: u32 = 1 << 1;
+/// Rule matches only ports in `port_lo..=port_hi`.
+pub const SOCK_RULE_F_PORT: u32 = 1 << 2;
+
+/// A connect/sendmsg rule (the address and port are the destination) or a
+/// bind rule (the address and port bound).
+///
+/// Addresses are the words of [`addr_words`](crate::addr_words), IPv4 in
+/// the first 4 bytes, as in the firewall's rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRule {
+    /// `Verdict`: Pass (allow) or Drop (deny).
+    pub action: u32,
+    /// IP protocol (6 TCP, 17 UDP); 0 = any.
+    pub proto: u32,
+    /// 4 or 6, used with `SOCK_RULE_F_FAMILY`.
+    pub family: u32,
+    /// `SOCK_RULE_F_*` bits.
+    pub flags: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// The rule's position in its list, from 1 (connect and bind rules
+    /// number separately); shown in counters' reasons and records.
+    pub id: u32,
+    pub net: [u64; 2],
+    pub mask: [u64; 2],
+}
+
+// SAFETY: repr(C), Copy, integers only, laid out without gaps.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockRule {}
+
+/// Name of the object holding the socket programs (a separate bin of
+/// sluice-ebpf).
+pub const SOCK_OBJECT_NAME: &str = "sluice-sock-ebpf";
+
+/// The socket programs and the cgroup hook each attaches to.
+pub const SOCK_PROGRAMS: [(&str, &str); 6] = [
+    ("sluice_connect4", "connect4"),
+    ("sluice_connect6", "connect6"),
+    ("sluice_sendmsg4", "sendmsg4"),
+    ("sluice_sendmsg6", "sendmsg6"),
+    ("sluice_bind4", "bind4"),
+    ("sluice_bind6", "bind6"),
+];
+
+/// Names of the socket object's maps (pinned under `<pin root>/sock/maps/`).
+pub mod sock_map_names {
+    pub const SOCK_GENERATION: &str = "SOCK_GENERATION";
+    pub const WORKLOADS: &str = "WORKLOADS";
+    pub const SOCK_POLICY: &str = "SOCK_POLICY";
+    pub const SOCK_RULES: &str = "SOCK_RULES";
+    pub const SOCK_STATS: &str = "SOCK_STATS";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<SockRule>(), 56);
+        assert_eq!(core::mem::size_of::<WorkloadPolicy>(), 24);
+    }
+
+    #[test]
+    fn counter_slots_do_not_overlap() {
+        let last = sock_counter_slot(
+            MAX_WORKLOADS - 1,
+            HOOK_SLOTS - 1,
+            crate::VERDICT_SLOTS - 1,
+            SOCK_REASON_SLOTS - 1,
+        );
+        assert_eq!(last + 1, MAX_WORKLOADS * SOCK_COUNTERS_PER_WORKLOAD);
+        assert_eq!(sock_counter_slot(1, 0, 0, 0), SOCK_COUNTERS_PER_WORKLOAD);
+    }
+}

@@ -1,0 +1,174 @@
+//! The socket stage: judges a workload's connect(), sendmsg() and bind()
+//! by its rules (first match wins) and its default, counts the decision,
+//! and returns 1 (allow) or 0 (deny: the call fails with EPERM before any
+//! packet exists). Part of the socket object (`sock_main.rs`), not of the
+//! XDP pipeline.
+//!
+//! The workload is the nearest ancestor cgroup of the calling process that
+//! is in `WORKLOADS` (the programs are attached only to workload cgroups,
+//! and nested workloads are refused by the control plane, so there is at
+//! most one). A call from a process in no workload is allowed, uncounted.
+
+use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, programs::SockAddrContext};
+use sluice_common::{
+    Verdict,
+    sock::{
+        MAX_CGROUP_LEVEL, MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_RULE_F_ADDR, SOCK_RULE_F_FAMILY,
+        SOCK_RULE_F_PORT, SockHook, SockReason, SockRule, WORKLOAD_F_ACTIVE, WORKLOAD_F_AUDIT,
+        sock_counter_slot,
+    },
+};
+
+use crate::sock_maps::{SOCK_GENERATION, SOCK_POLICY, SOCK_RULES, SOCK_STATS, WORKLOADS};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+/// What a socket call asks for, as the rules compare it.
+struct Call {
+    /// 4 or 6; an IPv4-mapped IPv6 address is 4.
+    family: u32,
+    proto: u32,
+    port: u16,
+    addr: [u64; 2],
+}
+
+/// The workload slot of the calling process, if it is in a workload.
+#[inline(always)]
+fn workload() -> Option<u32> {
+    // Level 0 is the root cgroup, never a workload.
+    for level in 1..=MAX_CGROUP_LEVEL {
+        // SAFETY: plain helper call.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            return None;
+        }
+        // SAFETY: the value is read at once.
+        if let Some(slot) = unsafe { WORKLOADS.get(&id) } {
+            return Some(*slot);
+        }
+    }
+    None
+}
+
+/// The address, port and protocol of the call.
+#[inline(always)]
+fn call(ctx: &SockAddrContext, v6: bool) -> Call {
+    // SAFETY: the kernel hands every sock_addr program a valid context;
+    // each field is read with one aligned 4-byte load, as the verifier asks.
+    let (w, proto, port) = unsafe {
+        let sa = ctx.sock_addr;
+        let port = u16::from_be((*sa).user_port as u16);
+        let proto = (*sa).protocol;
+        let w = if v6 {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        } else {
+            [(*sa).user_ip4, 0, 0, 0]
+        };
+        (w, proto, port)
+    };
+    // The words hold the address bytes in order (network order in memory).
+    let b = |x: u32| x.to_ne_bytes();
+    let mapped = v6 && w[0] == 0 && w[1] == 0 && b(w[2]) == [0, 0, 0xff, 0xff];
+    if !v6 || mapped {
+        let a = b(if v6 { w[3] } else { w[0] });
+        return Call {
+            family: 4,
+            proto,
+            port,
+            addr: sluice_common::v4_words(a),
+        };
+    }
+    let (w0, w1, w2, w3) = (b(w[0]), b(w[1]), b(w[2]), b(w[3]));
+    let hi = [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3]];
+    let lo = [w2[0], w2[1], w2[2], w2[3], w3[0], w3[1], w3[2], w3[3]];
+    Call {
+        family: 6,
+        proto,
+        port,
+        addr: [u64::from_ne_bytes(hi), u64::from_ne_bytes(lo)],
+    }
+}
+
+#[inline(always)]
+fn matches(r: &SockRule, c: &Call) -> bool {
+    if r.flags & SOCK_RULE_F_FAMILY != 0 && r.family != c.family {
+        return false;
+    }
+    if r.proto != 0 && r.proto != c.proto {
+        return false;
+    }
+    if r.flags & SOCK_RULE_F_PORT != 0 && (c.port < r.port_lo || c.port > r.port_hi) {
+        return false;
+    }
+    if r.flags & SOCK_RULE_F_ADDR != 0
+        && (c.addr[0] & r.mask[0] != r.net[0] || c.addr[1] & r.mask[1] != r.net[1])
+    {
+        return false;
+    }
+    true
+}
+
+/// The verdict of the calling workload's policy on this call (1 allow, 0 deny).
+#[inline(always)]
+pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
+    let Some(slot) = workload() else {
+        return ALLOW;
+    };
+    if slot >= MAX_WORKLOADS {
+        return ALLOW;
+    }
+    let g = SOCK_GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let index = g * MAX_WORKLOADS + slot;
+    let Some(policy) = SOCK_POLICY.get(index) else {
+        return ALLOW;
+    };
+    if policy.flags & WORKLOAD_F_ACTIVE == 0 {
+        return ALLOW;
+    }
+    let c = call(ctx, v6);
+    let (first, count, default) = match hook {
+        SockHook::Bind => (
+            policy.connect_rules,
+            policy.bind_rules,
+            policy.bind_default,
+        ),
+        _ => (0, policy.connect_rules, policy.connect_default),
+    };
+    let base = index * MAX_SOCK_RULES + first;
+    let mut verdict = default;
+    let mut reason = SockReason::Default;
+    for i in 0..MAX_SOCK_RULES {
+        if i >= count {
+            break;
+        }
+        let Some(r) = SOCK_RULES.get(base + i) else {
+            break;
+        };
+        if matches(r, &c) {
+            verdict = r.action;
+            reason = SockReason::Rule;
+            break;
+        }
+    }
+    let verdict = if verdict == Verdict::Drop as u32 {
+        if policy.flags & WORKLOAD_F_AUDIT != 0 {
+            Verdict::Audit
+        } else {
+            Verdict::Drop
+        }
+    } else {
+        Verdict::Pass
+    };
+    let counter = sock_counter_slot(slot, hook as u32, verdict as u32, reason as u32);
+    if let Some(n) = SOCK_STATS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot.
+        unsafe { *n += 1 };
+    }
+    if verdict == Verdict::Drop { DENY } else { ALLOW }
+}
