@@ -494,6 +494,7 @@ impl Core {
                 let target = self.policy_at(*to)?;
                 let mut next = self.desired.clone();
                 next.policy = target;
+                next.workloads = self.workloads_at(*to);
                 let deny = &next.policy.deny;
                 next.temp_deny.retain(|n, _| deny.contains(n));
                 let delta = Delta::between(&self.desired, &next);
@@ -541,6 +542,7 @@ impl Core {
                 // changes go, runtime interfaces and services stay.
                 self.state.base.policy = self.desired.policy.clone();
                 self.state.base.temp_deny = self.desired.temp_deny.clone();
+                self.state.base.workloads = self.desired.workloads.clone();
                 self.state
                     .overlay
                     .retain(|o| matches!(o, Op::Attach { .. } | Op::Detach { .. } | Op::Lb { .. }));
@@ -568,6 +570,21 @@ impl Core {
             self.state.history.pop_front();
         }
         Some(number)
+    }
+
+    /// The workloads of a kept version (`policy_at` checks the version is
+    /// kept): the current ones with every later version's change undone.
+    fn workloads_at(&self, version: u64) -> Vec<crate::model::sock::Workload> {
+        let mut w = self.desired.workloads.clone();
+        for later in self.state.history.iter().rev() {
+            if later.number <= version {
+                break;
+            }
+            if let Some((before, _)) = &later.delta.workloads {
+                w.clone_from(before);
+            }
+        }
+        w
     }
 
     /// The policy of a kept version, rebuilt from the current one by undoing

@@ -204,9 +204,46 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
     }
     flow_metrics(&mut r, core, m);
     lb_metrics(&mut r, core);
+    sock_metrics(&mut r, core);
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");
     out
+}
+
+/// Per workload: socket calls judged by hook, verdict and reason, and
+/// whether every socket program is linked to its cgroup.
+fn sock_metrics(r: &mut Registry, core: &Core) {
+    if core.desired.workloads.is_empty() {
+        return;
+    }
+    let decisions: Family<Labels, Counter> = Family::default();
+    let attached: Family<Labels, Gauge> = Family::default();
+    for w in core.workloads_view() {
+        let name = w.workload.name.as_str();
+        attached
+            .get_or_create(&labels(&[("workload", name)]))
+            .set(i64::from(w.attached));
+        for c in &w.counts {
+            decisions
+                .get_or_create(&labels(&[
+                    ("workload", name),
+                    ("hook", &c.hook),
+                    ("verdict", &c.verdict),
+                    ("reason", &c.reason),
+                ]))
+                .inc_by(c.calls);
+        }
+    }
+    r.register(
+        "sluice_sock_decisions",
+        "Socket calls (connect, sendmsg, bind) judged per workload",
+        decisions,
+    );
+    r.register(
+        "sluice_workload_attached",
+        "1 when every socket program is linked to the workload's cgroup",
+        attached,
+    );
 }
 
 /// Per service and backend: packets, bytes, connections, active

@@ -251,6 +251,7 @@ impl Out {
                 "rules": p.rules.len(),
                 "services": cfg.desired.services.len(),
                 "backends": cfg.desired.services.iter().map(|s| s.spec.backends.len()).sum::<usize>(),
+                "workloads": cfg.desired.workloads.len(),
             }));
         } else {
             let services = match cfg.desired.services.len() {
@@ -264,8 +265,12 @@ impl Out {
                         .sum::<usize>()
                 ),
             };
+            let workloads = match cfg.desired.workloads.len() {
+                0 => String::new(),
+                n => format!(", {n} workload(s)"),
+            };
             println!(
-                "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {}{services})",
+                "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {}{services}{workloads})",
                 cfg.path.display(),
                 cfg.desired.interfaces.len(),
                 p.deny.len(),
@@ -364,7 +369,11 @@ impl Out {
             );
         }
         let Some(p) = &s.program else {
-            println!("not attached anywhere");
+            if s.cgroups.is_empty() {
+                println!("not attached anywhere");
+            } else {
+                println!("xdp:      not attached to any interface");
+            }
             return;
         };
         if let Some(i) = &s.integrity {

@@ -502,6 +502,13 @@ pub fn programs(root: &PinRoot) -> Result<Vec<ProgramStatus>, DataplaneError> {
             }
         }
     }
+    // The socket programs, when workloads are configured.
+    let sock = super::sock::sock_root(root);
+    for (name, _) in sluice_common::sock::SOCK_PROGRAMS {
+        if let Ok(info) = ProgramInfo::from_pin(sock.prog_dir().join(name)) {
+            ids.push(info.id());
+        }
+    }
     let stats = bpf_stats_enabled();
     let mut out = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {

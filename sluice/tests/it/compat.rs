@@ -75,6 +75,28 @@ fn every_program_verifies_well_under_the_limit() {
     }
 }
 
+/// The socket object's cgroup programs verify too (loaded as a workload's
+/// first apply loads them), each well under the limit.
+#[test]
+fn every_socket_program_verifies_well_under_the_limit() {
+    let sb = crate::support::kernel::new_sandbox();
+    sluice::dataplane::sock::ensure_loaded(sb.root()).expect("socket programs load");
+    let programs = attach::programs(sb.root()).expect("program status");
+    let release = kernel_release();
+    let mut seen = 0;
+    for (name, _) in sluice_common::sock::SOCK_PROGRAMS {
+        let p = programs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name} not loaded"));
+        let insns = p.verified_insns.expect("verified_insns is reported");
+        note(&format!("verified: Linux {release}: {name} {insns} insns"));
+        assert!(insns > 0 && insns < VERIFIER_LIMIT / 4, "{name}: {insns}");
+        seen += 1;
+    }
+    assert_eq!(seen, 6);
+}
+
 #[test]
 fn a_verifier_refusal_names_the_program_and_shows_the_log_tail() {
     let mut ebpf = aya::Ebpf::load(sluice::dataplane::BENCH_OBJECT).expect("parse bench object");

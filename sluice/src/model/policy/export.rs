@@ -1,6 +1,6 @@
 //! The desired state written back as a configuration file (`sluice export`,
 //! like `iptables-save`): interfaces, `[policy]`, `[deny]`, `[allow]` and
-//! `[[service]]` tables that `sluice check` accepts and `sluice apply`
+//! `[[service]]` and `[[workload]]` tables that `sluice check` accepts and `sluice apply`
 //! takes back unchanged. Temporary deny entries (`--ttl`, escalations) are
 //! left out: a config file has no expiry, and they expire by themselves.
 
@@ -134,6 +134,36 @@ pub fn to_toml(desired: &Desired, header: &str) -> String {
             ),
         );
     }
+    if !desired.workloads.is_empty() {
+        let w = desired
+            .workloads
+            .iter()
+            .map(|w| {
+                let mut t = Table::new();
+                t.insert("name".into(), Value::String(w.name.clone()));
+                t.insert("cgroup".into(), Value::String(w.cgroup.clone()));
+                t.insert("audit".into(), Value::Boolean(w.audit));
+                t.insert(
+                    "connect_default".into(),
+                    Value::String(w.connect_default.to_string()),
+                );
+                t.insert(
+                    "connect".into(),
+                    strings(w.connect.iter().map(ToString::to_string)),
+                );
+                t.insert(
+                    "bind_default".into(),
+                    Value::String(w.bind_default.to_string()),
+                );
+                t.insert(
+                    "bind".into(),
+                    strings(w.bind.iter().map(ToString::to_string)),
+                );
+                Value::Table(t)
+            })
+            .collect();
+        root.insert("workload".into(), Value::Array(w));
+    }
     let mut out = String::new();
     for line in header.lines() {
         out.push_str("# ");
@@ -195,6 +225,20 @@ vip = "198.19.0.11:4789"
 mode = "vxlan"
 vni = 7
 backends = ["198.18.13.2"]
+
+[[workload]]
+name = "web"
+cgroup = "system.slice/nginx.service"
+connect_default = "deny"
+connect = ["allow tcp to 198.18.0.0/24 port 443", "allow udp to 2001:2::/48 port 53", "deny"]
+bind = ["deny port 1-1023", "allow tcp at 198.18.0.1/32 port 80"]
+
+[[workload]]
+name = "batch"
+cgroup = "/batch.slice/"
+audit = true
+bind_default = "deny"
+bind = ["allow port 8080-8089"]
 "#;
 
     #[test]

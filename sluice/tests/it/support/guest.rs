@@ -387,6 +387,7 @@ fn init_script(
          mount -t devtmpfs dev /dev\n\
          mount -t tmpfs run /run\n\
          mount -t bpf bpf /sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
          mkdir -p /run/netns\n\
          ip link set lo up\n\
