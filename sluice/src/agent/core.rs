@@ -211,6 +211,8 @@ pub struct Core {
     lb_applied: Option<(Vec<crate::model::lb::ServiceSpec>, Vec<MemberKey>)>,
     /// `[lb] connections` value already warned about (pinned size differs).
     lb_size_warned: Option<u32>,
+    /// Workloads whose cgroup the last reconcile did not find (warned once).
+    sock_missing: Vec<String>,
     /// Held while the agent runs: one owner per pin root.
     _owner: OwnerLock,
 }
@@ -291,6 +293,7 @@ impl Core {
             checker: None,
             lb_applied: None,
             lb_size_warned: None,
+            sock_missing: Vec::new(),
             _owner: owner,
         };
         // Replay what the journal holds after the snapshot.
@@ -669,8 +672,12 @@ impl Core {
         if self.desired.workloads.is_empty() && !crate::dataplane::sock::sock_root(&self.root).root.exists() {
             return None;
         }
-        match crate::engine::sock::apply(&self.root, &self.desired.workloads) {
+        match crate::engine::sock::apply(&self.root, &self.desired.workloads, &|_| false) {
             Ok(r) => {
+                if !r.missing.is_empty() && self.sock_missing != r.missing {
+                    warn!(workloads = ?r.missing, "workload cgroups not found: not in force until they exist (checked at every drift check)");
+                }
+                self.sock_missing.clone_from(&r.missing);
                 if r.linked + r.unlinked > 0 {
                     info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
                 }
@@ -798,8 +805,13 @@ impl Core {
                 report.lb = self.reconcile_lb(false)?;
             }
         }
-        if delta.workloads.is_some() {
-            let r = crate::engine::sock::apply(&self.root, &self.desired.workloads)?;
+        if let Some((before, _)) = &delta.workloads {
+            // Workloads this change adds or changes must have their cgroup;
+            // the others may have lost theirs since (not in force until it
+            // is back, as at a drift check).
+            let r = crate::engine::sock::apply(&self.root, &self.desired.workloads, &|w| {
+                !before.contains(w)
+            })?;
             info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
             report.sock = Some(r);
         }

@@ -23,6 +23,9 @@ pub struct ApplyReport {
     /// cgroup links made / removed.
     pub linked: usize,
     pub unlinked: usize,
+    /// Workloads left out because their cgroup is gone (not in force).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 /// Decisions of one kind, as counted in the kernel.
@@ -62,28 +65,46 @@ fn verdict_word(v: Verdict) -> &'static str {
     }
 }
 
-/// Resolves every workload's cgroup; the first that cannot be found is
-/// the error (nothing is changed).
-pub fn resolve(workloads: &[Workload]) -> Result<Vec<Cgroup>, DataplaneError> {
+/// Resolves the workloads' cgroups. A cgroup that cannot be found is the
+/// error (nothing is changed) when `required` says so for its workload
+/// (one being added or changed); otherwise the workload is left out (its
+/// cgroup went away: the kernel dropped its links) and named in `missing`.
+pub fn resolve<'a>(
+    workloads: &'a [Workload],
+    required: &dyn Fn(&Workload) -> bool,
+    missing: &mut Vec<String>,
+) -> Result<Vec<(&'a Workload, Cgroup)>, DataplaneError> {
     if workloads.is_empty() {
         return Ok(Vec::new());
     }
     let mount = sock::cgroup2_mount()?;
-    workloads
-        .iter()
-        .map(|w| sock::resolve_cgroup(&mount, &w.cgroup))
-        .collect()
+    let mut out = Vec::new();
+    for w in workloads {
+        match sock::resolve_cgroup(&mount, &w.cgroup) {
+            Ok(c) => out.push((w, c)),
+            Err(e) if required(w) => return Err(e),
+            Err(_) => missing.push(w.name.clone()),
+        }
+    }
+    Ok(out)
 }
 
-/// Makes the kernel hold exactly `workloads`: their cgroups resolved
-/// first (a missing one changes nothing), then the policy written to the
+/// Makes the kernel hold exactly `workloads` (those whose cgroup exists;
+/// see [`resolve`] for `required`): their cgroups resolved first, then the policy written to the
 /// standby generation and flipped to, then links made for new cgroups and
 /// removed for cgroups no longer named. With no workloads, the socket
 /// layer's pins are removed.
-pub fn apply(root: &PinRoot, workloads: &[Workload]) -> Result<ApplyReport, DataplaneError> {
-    let cgroups = resolve(workloads)?;
+pub fn apply(
+    root: &PinRoot,
+    workloads: &[Workload],
+    required: &dyn Fn(&Workload) -> bool,
+) -> Result<ApplyReport, DataplaneError> {
+    let mut missing = Vec::new();
+    let resolved = resolve(workloads, required, &mut missing)?;
+    let (workloads, cgroups): (Vec<&Workload>, Vec<Cgroup>) = resolved.into_iter().unzip();
     let mut report = ApplyReport {
         workloads: workloads.len(),
+        missing,
         ..ApplyReport::default()
     };
     let sock_dir = sock::sock_root(root).root;

@@ -34,6 +34,7 @@ mod lb_vxlan;
 mod lts;
 mod model;
 mod packets;
+mod sock;
 mod syn_flood;
 mod top;
 mod trust;

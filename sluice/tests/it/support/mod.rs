@@ -3,6 +3,7 @@
 //! for the `sluice` binary.
 
 pub mod agent;
+pub mod cgroup;
 pub mod cli;
 pub mod frames;
 pub mod guest;
