@@ -37,6 +37,7 @@ VIP=198.19.0.10
 BACKEND_NS=("sluice-demo-$$-c1" "sluice-demo-$$-c2" "sluice-demo-$$-c3")
 SERVER_PIDS=()
 BG_PIDS=() # other background jobs (capture, flood, pings): killed on exit
+CG_DIR= # the workload chapter's cgroup (under the cgroup v2 mount): removed on exit
 
 # --- output helpers -------------------------------------------------------------
 if [ -t 1 ] && [ "${TERM:-dumb}" != dumb ] && [ -z "${NO_COLOR:-}" ]; then
@@ -126,6 +127,9 @@ cleanup() {
         for ns in "${BACKEND_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
     fi
     rm -rf "$PIN_ROOT" "$PEER_ROOT" "$RUN_DIR" "$TMP"
+    if [ -n "$CG_DIR" ]; then
+        rmdir "$CG_DIR" "$(dirname "$CG_DIR")" 2>/dev/null
+    fi
     note "removed namespaces $NSA, $NSB, ${BACKEND_NS[*]}, pin roots $PIN_ROOT, $PEER_ROOT and $RUN_DIR"
     exit "$rc"
 }
@@ -698,6 +702,55 @@ if has_rule "drop udp dport $UDP_DROPPED_PORT"; then
 else
     good "the UDP rule is gone"
 fi
+
+step "Workloads: connect and bind policy per cgroup, judged at the socket"
+note "A workload is a cgroup v2 path; its processes' connect(), sendmsg() and bind()"
+note "are judged before any packet exists (EPERM). Processes elsewhere are not affected."
+CG_MOUNT=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+[ -n "$CG_MOUNT" ] || die "no cgroup v2 mount found"
+CG_REL=sluice-demo-$$.slice/web
+CG_DIR=$CG_MOUNT/$CG_REL
+show "" "mkdir -p $CG_DIR"
+mkdir -p "$CG_DIR"
+for port in 8080 8081; do
+    in_ns "$NSB" python3 -m http.server "$port" --bind "$B4" >/dev/null 2>&1 &
+    SERVER_PIDS+=($!)
+done
+cat >"$TMP/connect.py" <<'PY'
+import socket, sys
+what, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+s.settimeout(2)
+try:
+    (s.connect if what == "connect" else s.bind)((addr, port))
+    print(f"{what} {addr} port {port}: ok")
+except OSError as e:
+    print(f"{what} {addr} port {port}: {e.strerror}")
+PY
+# in_cgroup CMD...: runs CMD inside the workload's cgroup, in namespace b.
+in_cgroup() { sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec ip netns exec "$@"' sh "$CG_DIR" "$NSB" "$@"; }
+sock_check() { # sock_check in|out WANT connect|bind ADDR PORT
+    local where="inside the workload" want=$2 got
+    [ "$1" = in ] || where="outside it"
+    shift 2
+    if [ "$where" = "inside the workload" ]; then got=$(in_cgroup python3 "$TMP/connect.py" "$@"); else got=$(in_ns "$NSB" python3 "$TMP/connect.py" "$@"); fi
+    case $got in *": $want") good "$1 $2:$3 ${where}: $want" ;; *) bad "$1 $2:$3 ${where}: $got (wanted $want)" ;; esac
+}
+for ((i = 0; i < 50; i++)); do # the servers listen within 5 s
+    in_ns "$NSB" python3 "$TMP/connect.py" connect "$B4" 8081 | grep -q ': ok$' && break
+    sleep 0.1
+done
+sl workload add web --cgroup "$CG_REL" --connect-default deny --connect "allow tcp to $B4/32 port 8080" --bind "deny port 1-1023"
+sl workload list
+sock_check in ok connect "$B4" 8080
+sock_check in "Operation not permitted" connect "$B4" 8081
+sock_check in "Operation not permitted" bind "$B4" 80
+sock_check out ok connect "$B4" 8081
+sock_check out ok bind "$B4" 81
+denied=$(slq workload list | python3 -c 'import json, sys; print(sum(c["calls"] for w in json.load(sys.stdin) for c in w["counts"] if c["verdict"] == "deny"))')
+[ "$denied" -eq 2 ] && good "the kernel counted 2 denials (connect by default, bind by rule)" || bad "denials counted: $denied, expected 2"
+sl workload del web
+sock_check in ok connect "$B4" 8081
 
 step "Metrics: Prometheus text at http://127.0.0.1:$PORT/metrics"
 show "" "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:$PORT/metrics\").read().decode())'"

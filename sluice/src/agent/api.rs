@@ -824,9 +824,11 @@ async fn workload_change(
     ApiJson(change): ApiJson<crate::model::sock::WorkloadOp>,
 ) -> Result<Json<Applied>, ApiError> {
     let ctx = ctx(&peer, &headers);
-    with_core(&core, move |c| c.change(vec![Op::Workload { change }], &ctx))
-        .await
-        .map(Json)
+    with_core(&core, move |c| {
+        c.change(vec![Op::Workload { change }], &ctx)
+    })
+    .await
+    .map(Json)
 }
 
 /// The flow reader, given to the router as an extension by the agent.

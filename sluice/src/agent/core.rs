@@ -365,7 +365,7 @@ impl Core {
             }
             let applied = core.run_step(
                 Step::Base {
-                    base: cfg.desired,
+                    base: Box::new(cfg.desired),
                     source: path.display().to_string(),
                     hash: hash.clone(),
                     config_hash: Some(hash),
@@ -486,7 +486,7 @@ impl Core {
                 None,
             ),
             Step::Base { base, .. } => {
-                let mut next = base.clone();
+                let mut next = (**base).clone();
                 for op in &crate::model::policy::overlay_for_base(base, &self.state.overlay) {
                     let _ = op.apply(&mut next, false);
                 }
@@ -533,7 +533,7 @@ impl Core {
             } => {
                 self.state.overlay =
                     crate::model::policy::overlay_for_base(base, &self.state.overlay);
-                self.state.base = base.clone();
+                self.state.base = (**base).clone();
                 self.state.base_source.clone_from(source);
                 self.state.base_hash.clone_from(hash);
                 if let Some(h) = config_hash {
@@ -669,7 +669,9 @@ impl Core {
     /// checks). A cgroup that cannot be found is logged and retried at the
     /// next drift check (it may be created later, like a namespace).
     fn reconcile_sock(&mut self) -> Option<crate::engine::sock::ApplyReport> {
-        if self.desired.workloads.is_empty() && !crate::dataplane::sock::sock_root(&self.root).root.exists() {
+        if self.desired.workloads.is_empty()
+            && !crate::dataplane::sock::sock_root(&self.root).root.exists()
+        {
             return None;
         }
         match crate::engine::sock::apply(&self.root, &self.desired.workloads, &|_| false) {
@@ -679,7 +681,12 @@ impl Core {
                 }
                 self.sock_missing.clone_from(&r.missing);
                 if r.linked + r.unlinked > 0 {
-                    info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
+                    info!(
+                        workloads = r.workloads,
+                        linked = r.linked,
+                        unlinked = r.unlinked,
+                        "socket layer updated"
+                    );
                 }
                 Some(r)
             }
@@ -812,7 +819,12 @@ impl Core {
             let r = crate::engine::sock::apply(&self.root, &self.desired.workloads, &|w| {
                 !before.contains(w)
             })?;
-            info!(workloads = r.workloads, linked = r.linked, unlinked = r.unlinked, "socket layer updated");
+            info!(
+                workloads = r.workloads,
+                linked = r.linked,
+                unlinked = r.unlinked,
+                "socket layer updated"
+            );
             report.sock = Some(r);
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
@@ -1137,7 +1149,7 @@ impl Core {
     ) -> Result<Applied, AgentError> {
         self.run_step(
             Step::Base {
-                base: cfg.desired,
+                base: Box::new(cfg.desired),
                 source: path.display().to_string(),
                 hash,
                 config_hash: None,
@@ -1202,7 +1214,7 @@ impl Core {
         let (ddos, lb) = (cfg.ddos, cfg.lb);
         let result = self.run_step(
             Step::Base {
-                base: cfg.desired,
+                base: Box::new(cfg.desired),
                 source: path.display().to_string(),
                 hash: hash.clone(),
                 config_hash: Some(hash.clone()),
@@ -1260,6 +1272,8 @@ impl Core {
         for a in st.attachments {
             attach::detach(&self.root, &a.interface, &a.netns)?;
         }
+        // And every workload's cgroup links (the socket layer's pins go too).
+        crate::engine::sock::apply(&self.root, &[], &|_| false)?;
         Ok(())
     }
 
@@ -1268,12 +1282,12 @@ impl Core {
         self.store.sizes()
     }
 
-    /// The LB as `sluice lb list` shows it, with the checker's last errors.
     /// The workloads with their cgroups, links and counters.
     pub fn workloads_view(&self) -> Vec<crate::engine::sock::WorkloadState> {
         crate::engine::sock::read(&self.root, &self.desired.workloads)
     }
 
+    /// The LB as `sluice lb list` shows it, with the checker's last errors.
     pub fn lb_view(&self) -> Result<crate::engine::lb_view::LbView, DataplaneError> {
         let last_error = |k: &MemberKey| {
             self.checker

@@ -138,15 +138,16 @@ pub enum Step {
     Ops { ops: Vec<Op> },
     /// A file becomes the base (`apply`, a reload, the config at start).
     Base {
-        base: Desired,
+        base: Box<Desired>,
         source: String,
         hash: String,
         /// Set when the file is the agent's own config file.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config_hash: Option<String>,
     },
-    /// The policy of an earlier version becomes the base's policy; runtime
-    /// policy changes are dropped (interfaces and services stay).
+    /// The policy and workloads of an earlier version become the base's;
+    /// runtime policy and workload changes are dropped (interfaces and
+    /// services stay).
     Rollback { to: u64 },
     /// A version that changes nothing, to say something in history (the
     /// agent's first start, a change a crash interrupted and that was undone).

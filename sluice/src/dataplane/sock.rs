@@ -255,25 +255,29 @@ pub fn attach(root: &PinRoot, cg: &Cgroup) -> Result<usize, DataplaneError> {
             // A bpf_link on a cgroup always coexists with other programs
             // (links are multi-attach by nature); the kernel refuses any
             // attach flag with a link, and Single is the one that sends none.
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| DataplaneError::CgroupAttach {
-                    path: cg.path.clone(),
-                    hook,
-                    source: e.into(),
-                })?;
-            let link = prog.take_link(id).map_err(|e| DataplaneError::CgroupAttach {
-                path: cg.path.clone(),
-                hook,
-                source: e.into(),
-            })?;
-            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+            let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| {
                 DataplaneError::CgroupAttach {
                     path: cg.path.clone(),
                     hook,
                     source: e.into(),
                 }
             })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| DataplaneError::CgroupAttach {
+                    path: cg.path.clone(),
+                    hook,
+                    source: e.into(),
+                })?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(
+                    |e: aya::programs::links::LinkError| DataplaneError::CgroupAttach {
+                        path: cg.path.clone(),
+                        hook,
+                        source: e.into(),
+                    },
+                )?;
             fd.pin(&pin).map_err(|e| DataplaneError::Io {
                 what: format!("pinning {}", pin.display()),
                 source: std::io::Error::other(e.to_string()),
@@ -468,7 +472,12 @@ impl SockMaps {
             self.policy
                 .set(index, policy, 0)
                 .map_err(|e| DataplaneError::map_err("write", names::SOCK_POLICY, e))?;
-            for (i, r) in e.map(|e| e.rules.as_slice()).unwrap_or(&[]).iter().enumerate() {
+            for (i, r) in e
+                .map(|e| e.rules.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .enumerate()
+            {
                 self.rules
                     .set(index * MAX_SOCK_RULES + i as u32, *r, 0)
                     .map_err(|e| DataplaneError::map_err("write", names::SOCK_RULES, e))?;
@@ -508,9 +517,15 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_in(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         let escaped = "30 23 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(cgroup2_mount_in("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

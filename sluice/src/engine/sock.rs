@@ -157,7 +157,9 @@ pub fn apply(
     let taken: BTreeSet<u32> = slots.values().copied().collect();
     let mut free = (0..MAX_WORKLOADS).filter(|s| !taken.contains(s));
     for c in &cgroups {
-        if !slots.contains_key(&c.id) {
+        if let std::collections::btree_map::Entry::Vacant(e) = slots.entry(c.id) {
+            // Cannot run out: at most MAX_WORKLOADS are named, and the
+            // slots of those no longer named were freed above.
             let Some(slot) = free.next() else {
                 return Err(DataplaneError::Readback {
                     what: format!("no free workload slot for {}", c.path.display()),
@@ -165,7 +167,7 @@ pub fn apply(
             };
             maps.zero_stats(slot)?;
             maps.set_slot(c.id, slot)?;
-            slots.insert(c.id, slot);
+            e.insert(slot);
         }
     }
     let entries: Vec<SlotPolicy> = workloads
@@ -199,7 +201,10 @@ pub fn read(root: &PinRoot, workloads: &[Workload]) -> Vec<WorkloadState> {
     } else {
         None
     };
-    let slots = maps.as_ref().and_then(|m| m.slots().ok()).unwrap_or_default();
+    let slots = maps
+        .as_ref()
+        .and_then(|m| m.slots().ok())
+        .unwrap_or_default();
     let links = sock::links(root).unwrap_or_default();
     workloads
         .iter()

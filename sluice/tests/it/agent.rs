@@ -1230,6 +1230,7 @@ fn the_demo_runs_and_every_check_passes() {
         "DDoS: a per-source limit",
         "DDoS: the SYN guard",
         "Flow records and top",
+        "Workloads: connect and bind policy",
         "kill -9 the agent",
     ] {
         assert!(

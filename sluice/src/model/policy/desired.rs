@@ -626,7 +626,9 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
     for f in &fin.workloads {
         if !base.workloads.contains(f) {
             out.push(Op::Workload {
-                change: crate::model::sock::WorkloadOp::Add { workload: f.clone() },
+                change: crate::model::sock::WorkloadOp::Add {
+                    workload: f.clone(),
+                },
             });
         }
     }

@@ -134,7 +134,9 @@ impl SockRuleSpec {
                         return Err("`port` given twice".into());
                     }
                     let Some((p, tail)) = rest.split_first() else {
-                        return Err("`port` needs a port or range (e.g. port 80, port 8000-8099)".into());
+                        return Err(
+                            "`port` needs a port or range (e.g. port 80, port 8000-8099)".into(),
+                        );
                     };
                     rest = tail;
                     rule.ports = Some(parse_ports(p)?);
@@ -336,10 +338,16 @@ impl Workload {
             ));
         }
         if let Some(r) = self.connect.iter().find(|r| r.bind) {
-            return Err(format!("workload {}: connect rule `{r}` names an address with `at` (use `to`)", self.name));
+            return Err(format!(
+                "workload {}: connect rule `{r}` names an address with `at` (use `to`)",
+                self.name
+            ));
         }
         if let Some(r) = self.bind.iter().find(|r| !r.bind && r.addr.is_some()) {
-            return Err(format!("workload {}: bind rule `{r}` names an address with `to` (use `at`)", self.name));
+            return Err(format!(
+                "workload {}: bind rule `{r}` names an address with `to` (use `at`)",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -372,7 +380,10 @@ pub fn normalise_cgroup(path: &str) -> Result<String, String> {
         ));
     }
     let parts: Vec<&str> = trimmed.split('/').collect();
-    if let Some(bad) = parts.iter().find(|p| p.is_empty() || **p == "." || **p == "..") {
+    if let Some(bad) = parts
+        .iter()
+        .find(|p| p.is_empty() || **p == "." || **p == "..")
+    {
         return Err(format!(
             "cgroup `{path}` has a `{bad}` component: give the path below the cgroup v2 mount plainly"
         ));
@@ -471,7 +482,10 @@ impl WorkloadOp {
     pub fn describe(&self) -> String {
         match self {
             Self::Add { workload } => {
-                format!("workload add {} (cgroup {})", workload.name, workload.cgroup)
+                format!(
+                    "workload add {} (cgroup {})",
+                    workload.name, workload.cgroup
+                )
             }
             Self::Del { name } => format!("workload del {name}"),
         }
@@ -537,14 +551,26 @@ mod tests {
     #[test]
     fn sets_of_workloads_are_checked() {
         assert!(validate(&[wl("a", "x/a"), wl("b", "x/b")]).is_ok());
-        assert!(validate(&[wl("a", "x/a"), wl("a", "x/b")]).unwrap_err().contains("named twice"));
-        assert!(validate(&[wl("a", "x/a"), wl("b", "/x/a/")]).unwrap_err().contains("same cgroup"));
+        assert!(
+            validate(&[wl("a", "x/a"), wl("a", "x/b")])
+                .unwrap_err()
+                .contains("named twice")
+        );
+        assert!(
+            validate(&[wl("a", "x/a"), wl("b", "/x/a/")])
+                .unwrap_err()
+                .contains("same cgroup")
+        );
         let e = validate(&[wl("a", "x"), wl("b", "x/a")]).unwrap_err();
         assert!(e.contains("nested"), "{e}");
         assert!(validate(&[wl("a", "xa"), wl("b", "x")]).is_ok());
         assert!(validate(&[wl("a", "/")]).unwrap_err().contains("root"));
         assert!(validate(&[wl("a", "x/../y")]).unwrap_err().contains("`..`"));
-        assert!(validate(&[wl("A", "x")]).unwrap_err().contains("not a workload name"));
+        assert!(
+            validate(&[wl("A", "x")])
+                .unwrap_err()
+                .contains("not a workload name")
+        );
     }
 
     #[test]
@@ -553,11 +579,19 @@ mod tests {
         let add = WorkloadOp::Add {
             workload: wl("a", "x/b"),
         };
-        assert!(add.apply(&mut v, true).unwrap_err().contains("exists already"));
+        assert!(
+            add.apply(&mut v, true)
+                .unwrap_err()
+                .contains("exists already")
+        );
         add.apply(&mut v, false).unwrap();
         assert_eq!(v[0].cgroup, "x/b");
         let del = WorkloadOp::Del { name: "zz".into() };
-        assert!(del.apply(&mut v, true).unwrap_err().contains("no workload zz"));
+        assert!(
+            del.apply(&mut v, true)
+                .unwrap_err()
+                .contains("no workload zz")
+        );
         let nested = WorkloadOp::Add {
             workload: wl("c", "x/b/c"),
         };
