@@ -152,6 +152,47 @@ pub struct SockRule {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SockRule {}
 
+/// A socket call a workload's policy denied or audited, as the socket
+/// programs report it in `SOCK_EVENTS` (allowed calls are only counted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockEvent {
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts_ns: u64,
+    /// The workload's cgroup (the ancestor that matched).
+    pub workload_cgroup: u64,
+    /// The calling process's own cgroup (the workload's or a descendant).
+    pub cgroup: u64,
+    /// Thread-group id (the process id user space sees).
+    pub pid: u32,
+    /// `SockHook`.
+    pub hook: u32,
+    /// The task's command name, NUL-padded.
+    pub comm: [u8; 16],
+    /// Destination (connect, sendmsg) or address bound (bind): bytes,
+    /// IPv4 in the first 4.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// 4 or 6 (an IPv4-mapped address is 4).
+    pub family: u8,
+    pub proto: u8,
+    /// `Verdict` (Drop or Audit).
+    pub verdict: u8,
+    /// `SockReason`.
+    pub reason: u8,
+    pub _pad: u16,
+    /// The rule's id (reason rule); 0 for the default.
+    pub rule: u32,
+    pub _pad2: u32,
+}
+
+// SAFETY: repr(C), Copy, integers only; the pads are explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockEvent {}
+
+/// Bytes of the `SOCK_EVENTS` ring (a power of two; about 2,900 records of 80 bytes plus the ring's 8-byte header).
+pub const SOCK_EVENTS_BYTES: u32 = 256 * 1024;
+
 /// Name of the object holding the socket programs (a separate bin of
 /// sluice-ebpf).
 pub const SOCK_OBJECT_NAME: &str = "sluice-sock-ebpf";
@@ -173,6 +214,8 @@ pub mod sock_map_names {
     pub const SOCK_POLICY: &str = "SOCK_POLICY";
     pub const SOCK_RULES: &str = "SOCK_RULES";
     pub const SOCK_STATS: &str = "SOCK_STATS";
+    pub const SOCK_EVENTS: &str = "SOCK_EVENTS";
+    pub const SOCK_LOST: &str = "SOCK_LOST";
 }
 
 #[cfg(test)]
@@ -183,6 +226,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<SockRule>(), 56);
         assert_eq!(core::mem::size_of::<WorkloadPolicy>(), 24);
+        assert_eq!(core::mem::size_of::<SockEvent>(), 80);
     }
 
     #[test]

@@ -10,9 +10,9 @@
               parameter may be copied again on the 512-byte BPF stack"
 )]
 
-mod sock_maps;
 #[path = "stages/sock.rs"]
 mod sock;
+mod sock_maps;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use sluice_common::sock::SockHook;

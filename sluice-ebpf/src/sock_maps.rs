@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::sock::{
-    MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_GENERATIONS, SockRule,
-    WorkloadPolicy,
+    MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_EVENTS_BYTES, SOCK_GENERATIONS,
+    SockRule, WorkloadPolicy,
 };
 
 /// Active socket-policy generation (0 or 1). Written only by the control
@@ -39,3 +39,13 @@ pub static SOCK_RULES: Array<SockRule> =
 #[map]
 pub static SOCK_STATS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_WORKLOADS * SOCK_COUNTERS_PER_WORKLOAD, 0);
+
+/// Denied and audited calls (`SockEvent`) for the agent's flow reader. When
+/// full (reader too slow or away), records are lost and counted in
+/// `SOCK_LOST`; verdicts are not affected.
+#[map]
+pub static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(SOCK_EVENTS_BYTES, 0);
+
+/// Per-CPU count of `SockEvent`s lost to a full ring. One entry.
+#[map]
+pub static SOCK_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -9,17 +9,26 @@
 //! and nested workloads are refused by the control plane, so there is at
 //! most one). A call from a process in no workload is allowed, uncounted.
 
-use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    },
+    programs::SockAddrContext,
+};
 use sluice_common::{
     Verdict,
     sock::{
         MAX_CGROUP_LEVEL, MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_RULE_F_ADDR, SOCK_RULE_F_FAMILY,
-        SOCK_RULE_F_PORT, SockHook, SockReason, SockRule, WORKLOAD_F_ACTIVE, WORKLOAD_F_AUDIT,
-        sock_counter_slot,
+        SOCK_RULE_F_PORT, SockEvent, SockHook, SockReason, SockRule, WORKLOAD_F_ACTIVE,
+        WORKLOAD_F_AUDIT, sock_counter_slot,
     },
+    words_bytes,
 };
 
-use crate::sock_maps::{SOCK_GENERATION, SOCK_POLICY, SOCK_RULES, SOCK_STATS, WORKLOADS};
+use crate::sock_maps::{
+    SOCK_EVENTS, SOCK_GENERATION, SOCK_LOST, SOCK_POLICY, SOCK_RULES, SOCK_STATS, WORKLOADS,
+};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -33,9 +42,9 @@ struct Call {
     addr: [u64; 2],
 }
 
-/// The workload slot of the calling process, if it is in a workload.
+/// The workload slot and cgroup id of the calling process, if it is in a workload.
 #[inline(always)]
-fn workload() -> Option<u32> {
+fn workload() -> Option<(u32, u64)> {
     // Level 0 is the root cgroup, never a workload.
     for level in 1..=MAX_CGROUP_LEVEL {
         // SAFETY: plain helper call.
@@ -45,7 +54,7 @@ fn workload() -> Option<u32> {
         }
         // SAFETY: the value is read at once.
         if let Some(slot) = unsafe { WORKLOADS.get(&id) } {
-            return Some(*slot);
+            return Some((*slot, id));
         }
     }
     None
@@ -117,7 +126,7 @@ fn matches(r: &SockRule, c: &Call) -> bool {
 /// The verdict of the calling workload's policy on this call (1 allow, 0 deny).
 #[inline(always)]
 pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
-    let Some(slot) = workload() else {
+    let Some((slot, workload_cgroup)) = workload() else {
         return ALLOW;
     };
     if slot >= MAX_WORKLOADS {
@@ -133,16 +142,13 @@ pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
     }
     let c = call(ctx, v6);
     let (first, count, default) = match hook {
-        SockHook::Bind => (
-            policy.connect_rules,
-            policy.bind_rules,
-            policy.bind_default,
-        ),
+        SockHook::Bind => (policy.connect_rules, policy.bind_rules, policy.bind_default),
         _ => (0, policy.connect_rules, policy.connect_default),
     };
     let base = index * MAX_SOCK_RULES + first;
     let mut verdict = default;
     let mut reason = SockReason::Default;
+    let mut rule = 0;
     for i in 0..MAX_SOCK_RULES {
         if i >= count {
             break;
@@ -153,6 +159,7 @@ pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
         if matches(r, &c) {
             verdict = r.action;
             reason = SockReason::Rule;
+            rule = r.id;
             break;
         }
     }
@@ -170,5 +177,52 @@ pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
         // SAFETY: per-CPU slot.
         unsafe { *n += 1 };
     }
-    if verdict == Verdict::Drop { DENY } else { ALLOW }
+    if verdict != Verdict::Pass {
+        report(&c, hook, verdict, reason, rule, workload_cgroup);
+    }
+    if verdict == Verdict::Drop {
+        DENY
+    } else {
+        ALLOW
+    }
+}
+
+/// Writes a denied or audited call to `SOCK_EVENTS` (counted in
+/// `SOCK_LOST` when the ring is full).
+#[inline(always)]
+fn report(
+    c: &Call,
+    hook: SockHook,
+    verdict: Verdict,
+    reason: SockReason,
+    rule: u32,
+    workload_cgroup: u64,
+) {
+    let Some(mut entry) = SOCK_EVENTS.reserve::<SockEvent>(0) else {
+        if let Some(n) = SOCK_LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            unsafe { *n += 1 };
+        }
+        return;
+    };
+    // SAFETY: plain helper calls.
+    let (ts_ns, cgroup) = unsafe { (bpf_ktime_get_boot_ns(), bpf_get_current_cgroup_id()) };
+    entry.write(SockEvent {
+        ts_ns,
+        workload_cgroup,
+        cgroup,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        hook: hook as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        addr: words_bytes(c.addr),
+        port: c.port,
+        family: c.family as u8,
+        proto: c.proto as u8,
+        verdict: verdict as u8,
+        reason: reason as u8,
+        _pad: 0,
+        rule,
+        _pad2: 0,
+    });
+    entry.submit(0);
 }

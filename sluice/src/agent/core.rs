@@ -213,6 +213,8 @@ pub struct Core {
     lb_size_warned: Option<u32>,
     /// Workloads whose cgroup the last reconcile did not find (warned once).
     sock_missing: Vec<String>,
+    /// Workload cgroup id -> name, for the flow reader's socket records.
+    pub workload_names: super::flows::WorkloadNames,
     /// Held while the agent runs: one owner per pin root.
     _owner: OwnerLock,
 }
@@ -294,6 +296,7 @@ impl Core {
             lb_applied: None,
             lb_size_warned: None,
             sock_missing: Vec::new(),
+            workload_names: super::flows::WorkloadNames::default(),
             _owner: owner,
         };
         // Replay what the journal holds after the snapshot.
@@ -680,6 +683,7 @@ impl Core {
                     warn!(workloads = ?r.missing, "workload cgroups not found: not in force until they exist (checked at every drift check)");
                 }
                 self.sock_missing.clone_from(&r.missing);
+                self.publish_workload_names(&r);
                 if r.linked + r.unlinked > 0 {
                     info!(
                         workloads = r.workloads,
@@ -819,6 +823,7 @@ impl Core {
             let r = crate::engine::sock::apply(&self.root, &self.desired.workloads, &|w| {
                 !before.contains(w)
             })?;
+            self.publish_workload_names(&r);
             info!(
                 workloads = r.workloads,
                 linked = r.linked,
@@ -1280,6 +1285,14 @@ impl Core {
     /// Bytes in the store's snapshot and journal.
     pub fn store_sizes(&self) -> (u64, u64) {
         self.store.sizes()
+    }
+
+    /// Tells the flow reader which cgroup is which workload.
+    fn publish_workload_names(&self, r: &crate::engine::sock::ApplyReport) {
+        if let Ok(mut names) = self.workload_names.lock() {
+            names.clear();
+            names.extend(r.ids.iter().cloned());
+        }
     }
 
     /// The workloads with their cgroups, links and counters.

@@ -1,5 +1,7 @@
-//! The flow reader: the agent is the one reader of the kernel's `FLOWS` ring.
-//! It keeps the newest records, per-flow totals for `flows top`, and feeds followers.
+//! The flow reader: the agent is the one reader of the kernel's `FLOWS` ring
+//! and of the socket layer's `SOCK_EVENTS` ring (workloads' denied and
+//! audited calls). It keeps the newest records, per-flow totals for `flows
+//! top`, and feeds followers.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -22,7 +24,7 @@ use crate::{
     api::{flows::*, time::rfc3339},
     dataplane::{
         self, PinRoot, attach,
-        flows::{FlowRing, ring_identity},
+        flows::{FlowRing, Ring, SockRing, ring_identity, sock_ring_identity},
         runtime,
     },
     model::policy::config::FlowSettings,
@@ -94,6 +96,40 @@ impl FlowKey {
     }
 }
 
+/// A socket record in the flow records' form: no interface, no source, the
+/// destination (or address bound) and port, one "packet" of no bytes.
+fn sock_record(e: &sluice_common::sock::SockEvent) -> FlowRecord {
+    let l4 = match e.proto {
+        6 => L4::Tcp,
+        17 => L4::Udp,
+        _ => L4::Other,
+    };
+    let reason = if e.reason == sluice_common::sock::SockReason::Rule as u8 {
+        sluice_common::Reason::Rule
+    } else {
+        sluice_common::Reason::Default
+    };
+    FlowRecord {
+        ts_ns: e.ts_ns,
+        dst: e.addr,
+        dport: e.port,
+        family: e.family,
+        proto: e.proto,
+        l4: l4 as u8,
+        verdict: e.verdict,
+        reason: reason as u8,
+        matched: e.rule,
+        sample: 1,
+        ..FlowRecord::default()
+    }
+}
+
+/// A kernel command name (NUL-padded) as text.
+fn comm(c: &[u8; 16]) -> String {
+    let end = c.iter().position(|b| *b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
 fn flow_has_ports(k: &FlowKey, a: &FlowAgg) -> bool {
     k.addrs().is_some() && (a.l4 == L4::Tcp as u8 || a.l4 == L4::Udp as u8)
 }
@@ -141,7 +177,18 @@ pub struct Flows {
     records_read: AtomicU64,
     follower_lost: AtomicU64,
     reading: AtomicBool,
+    /// Workload cgroup id -> workload name, kept by the agent's core.
+    workload_names: WorkloadNames,
+    /// cgroup id -> path, found once per id (bounded).
+    cgroup_paths: Mutex<HashMap<u64, Option<Arc<str>>>>,
 }
+
+/// Workload cgroup id -> name, shared by the agent's core (which writes it
+/// after every change to the workloads) and the flow reader.
+pub type WorkloadNames = Arc<Mutex<HashMap<u64, String>>>;
+
+/// cgroup paths remembered for socket records before the cache starts over.
+const CGROUP_PATHS: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -151,6 +198,18 @@ impl Flows {
     #[must_use]
     pub fn new(root: PinRoot, settings: FlowSettings) -> Arc<Self> {
         Self::with_capacity(root, settings, RECENT_CAPACITY, FLOW_CAPACITY)
+    }
+
+    /// Shares the agent core's workload names with the reader.
+    #[must_use]
+    pub fn with_workload_names(self: Arc<Self>, names: WorkloadNames) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut me) => {
+                me.workload_names = names;
+                Arc::new(me)
+            }
+            Err(me) => me,
+        }
     }
 
     #[must_use]
@@ -174,6 +233,8 @@ impl Flows {
             records_read: AtomicU64::new(0),
             follower_lost: AtomicU64::new(0),
             reading: AtomicBool::new(false),
+            workload_names: WorkloadNames::default(),
+            cgroup_paths: Mutex::new(HashMap::new()),
         })
     }
 
@@ -208,16 +269,58 @@ impl Flows {
 
     /// Takes records read from the ring.
     pub fn ingest(&self, records: &[FlowRecord]) {
-        if records.is_empty() {
+        self.ingest_events(records.iter().map(|r| (*r, None)));
+    }
+
+    /// Takes socket records read from the socket layer's ring.
+    pub fn ingest_sock(&self, events: &[sluice_common::sock::SockEvent]) {
+        let tagged: Vec<(FlowRecord, Option<SockTag>)> = {
+            let names = lock(&self.workload_names);
+            let mut paths = lock(&self.cgroup_paths);
+            if paths.len() > CGROUP_PATHS {
+                paths.clear();
+            }
+            events
+                .iter()
+                .map(|e| {
+                    let cgroup = paths
+                        .entry(e.cgroup)
+                        .or_insert_with(|| {
+                            dataplane::sock::cgroup_path(e.cgroup)
+                                .map(|p| Arc::from(p.display().to_string()))
+                        })
+                        .clone();
+                    (
+                        sock_record(e),
+                        Some(SockTag {
+                            workload: names.get(&e.workload_cgroup).map(|n| Arc::from(n.as_str())),
+                            hook: sluice_common::sock::SockHook::ALL
+                                .iter()
+                                .find(|h| **h as u32 == e.hook)
+                                .map_or("?", |h| h.name()),
+                            pid: e.pid,
+                            comm: Arc::from(comm(&e.comm)),
+                            cgroup,
+                        }),
+                    )
+                })
+                .collect()
+        };
+        self.ingest_events(tagged.into_iter());
+    }
+
+    fn ingest_events(&self, records: impl ExactSizeIterator<Item = (FlowRecord, Option<SockTag>)>) {
+        if records.len() == 0 {
             return;
         }
+        let n = records.len();
         let realtime = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
         let boottime = clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
         let names = lock(&self.ifnames);
         let backends = lock(&self.backends);
         let mut st = lock(&self.state);
         let following = self.tx.receiver_count() > 0;
-        for r in records {
+        for (r, sock) in records {
             st.seq += 1;
             let wall = realtime - boottime + i128::from(r.ts_ns);
             let ev = FlowEvent {
@@ -228,9 +331,13 @@ impl Flows {
                     .backend
                     .checked_sub(1)
                     .and_then(|slot| backends.get(&slot).cloned()),
-                rec: *r,
+                rec: r,
+                sock,
             };
-            self.total(&mut st, &ev);
+            // Totals are of packet flows; a socket record sent no packet.
+            if ev.sock.is_none() {
+                self.total(&mut st, &ev);
+            }
             if st.recent.len() >= self.recent_capacity {
                 st.recent.pop_front();
             }
@@ -240,8 +347,7 @@ impl Flows {
                 let _ = self.tx.send(Arc::new(ev));
             }
         }
-        self.records_read
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.records_read.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn total(&self, st: &mut State, ev: &FlowEvent) {
@@ -472,6 +578,7 @@ impl Flows {
             records_written: written,
             lost_ring_full: ring,
             lost_rate_cap: cap,
+            sock_lost_ring_full: dataplane::sock::events_lost(&self.root),
             flows_tracked: c.flows_tracked,
             flow_capacity: self.flow_capacity,
             evictions: c.evictions,
@@ -609,42 +716,56 @@ pub fn spawn_reader(flows: Arc<Flows>) -> tokio::task::JoinHandle<()> {
 
 enum Wake {
     Records(std::io::Result<()>),
+    SockRecords(std::io::Result<()>),
     Check,
+}
+
+/// Reads a batch from `ring`, or waits forever when there is none.
+async fn read_from<T: Copy>(ring: &mut Option<Ring<T>>, out: &mut Vec<T>) -> std::io::Result<()> {
+    match ring {
+        Some(r) => r.read(BATCH, out).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_loop(flows: Arc<Flows>) {
     let mut ring: Option<FlowRing> = None;
+    let mut sock_ring: Option<SockRing> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut sock_batch = Vec::new();
     // The (ring, settings) the kernel was last seen to hold: a difference
     // after that is drift, not a first application.
     let mut in_force: Option<(Option<u64>, FlowConfig)> = None;
     loop {
-        let wake = match ring.as_mut() {
-            Some(r) => tokio::select! {
-                res = r.read(BATCH, &mut batch) => Wake::Records(res),
-                _ = tick.tick() => Wake::Check,
-                () = flows.poke.notified() => Wake::Check,
-            },
-            None => tokio::select! {
-                _ = tick.tick() => Wake::Check,
-                () = flows.poke.notified() => Wake::Check,
-            },
+        let wake = tokio::select! {
+            res = read_from(&mut ring, &mut batch) => Wake::Records(res),
+            res = read_from(&mut sock_ring, &mut sock_batch) => Wake::SockRecords(res),
+            _ = tick.tick() => Wake::Check,
+            () = flows.poke.notified() => Wake::Check,
         };
         match wake {
-            Wake::Records(Ok(())) => {}
+            Wake::Records(Ok(())) | Wake::SockRecords(Ok(())) => {}
             Wake::Records(Err(e)) => {
                 warn!(error = %e, "reading flow records failed; reopening the ring");
                 ring = None;
                 flows.reading.store(false, Ordering::Relaxed);
             }
+            Wake::SockRecords(Err(e)) => {
+                warn!(error = %e, "reading socket records failed; reopening the ring");
+                sock_ring = None;
+            }
             Wake::Check => {
                 ticks = ticks.wrapping_add(1);
                 check(&flows, &mut ring, &mut in_force, ticks % NAME_TICKS == 1).await;
+                check_sock(&flows, &mut sock_ring).await;
                 if let Some(r) = ring.as_mut() {
                     r.drain_now(BATCH, &mut batch);
+                }
+                if let Some(r) = sock_ring.as_mut() {
+                    r.drain_now(BATCH, &mut sock_batch);
                 }
             }
         }
@@ -652,6 +773,37 @@ async fn read_loop(flows: Arc<Flows>) {
             flows.ingest(&batch);
             batch.clear();
             tokio::task::yield_now().await;
+        }
+        if !sock_batch.is_empty() {
+            // Resolving cgroup paths walks the cgroup tree: off the async threads.
+            let f = flows.clone();
+            let events = std::mem::take(&mut sock_batch);
+            let _ = tokio::task::spawn_blocking(move || f.ingest_sock(&events)).await;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Opens the socket layer's ring when workloads made it, and lets go of
+/// it when they are gone (or it was made again).
+async fn check_sock(flows: &Arc<Flows>, ring: &mut Option<SockRing>) {
+    let root = flows.root.clone();
+    let Ok(identity) = tokio::task::spawn_blocking(move || sock_ring_identity(&root)).await else {
+        return;
+    };
+    if identity.is_some() && ring.as_ref().and_then(Ring::identity) == identity {
+        return;
+    }
+    if ring.take().is_some() {
+        info!("the socket records ring went with the workloads; waiting for a new one");
+    }
+    if identity.is_some() {
+        match SockRing::open(&flows.root) {
+            Ok(r) => {
+                info!("reading socket records (workloads' denied and audited calls)");
+                *ring = Some(r);
+            }
+            Err(e) => warn!(error = %e, "cannot open the socket records ring; will retry"),
         }
     }
 }

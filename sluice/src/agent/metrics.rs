@@ -244,6 +244,13 @@ fn sock_metrics(r: &mut Registry, core: &Core) {
         "1 when every socket program is linked to the workload's cgroup",
         attached,
     );
+    let lost: Counter = Counter::default();
+    lost.inc_by(crate::dataplane::sock::events_lost(&core.root));
+    r.register(
+        "sluice_sock_records_lost",
+        "Socket records (denied or audited calls) lost because their ring was full",
+        lost,
+    );
 }
 
 /// Per service and backend: packets, bytes, connections, active

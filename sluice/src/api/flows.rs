@@ -295,6 +295,23 @@ pub struct FlowEvent {
     /// Load-balanced: the backend and its state when the record was read.
     pub backend: Option<BackendTag>,
     pub rec: FlowRecord,
+    /// A socket call a workload's policy denied or audited (no packet):
+    /// who made it. `rec` then holds the destination (or address bound),
+    /// verdict and reason.
+    pub sock: Option<SockTag>,
+}
+
+/// The process behind a socket record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockTag {
+    /// The workload's name (when the agent still has it).
+    pub workload: Option<Arc<str>>,
+    /// connect, sendmsg or bind.
+    pub hook: &'static str,
+    pub pid: u32,
+    pub comm: Arc<str>,
+    /// The process's own cgroup (the workload's or one below it).
+    pub cgroup: Option<Arc<str>>,
 }
 
 /// A backend as flow records name it: address and state (`active`,
@@ -350,6 +367,19 @@ pub struct FlowView {
     /// Its state then: active, draining, or down (health checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_state: Option<String>,
+    /// Socket records (a workload's denied or audited connect, sendmsg or
+    /// bind; no packet was sent): the workload, the call, the process and
+    /// its cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 impl FlowEvent {
@@ -357,7 +387,10 @@ impl FlowEvent {
     pub fn view(&self) -> FlowView {
         let r = &self.rec;
         let (src, dst) = addrs(r).unzip();
+        // A socket record knows no source (the call made no packet).
+        let src = src.filter(|_| self.sock.is_none());
         let (sport, dport) = ports(r).unzip();
+        let sport = sport.filter(|_| self.sock.is_none());
         let rule = [
             Reason::Rule,
             Reason::RateLimit,
@@ -397,6 +430,17 @@ impl FlowEvent {
             sample: r.sample,
             backend: self.backend.as_ref().map(|b| b.backend.to_string()),
             backend_state: self.backend.as_ref().map(|b| b.state.to_string()),
+            workload: self
+                .sock
+                .as_ref()
+                .and_then(|t| t.workload.as_deref().map(str::to_string)),
+            hook: self.sock.as_ref().map(|t| t.hook.to_string()),
+            pid: self.sock.as_ref().map(|t| t.pid),
+            comm: self.sock.as_ref().map(|t| t.comm.to_string()),
+            cgroup: self
+                .sock
+                .as_ref()
+                .and_then(|t| t.cgroup.as_deref().map(str::to_string)),
         }
     }
 }
@@ -477,6 +521,10 @@ pub struct FlowStats {
     pub records_written: u64,
     pub lost_ring_full: u64,
     pub lost_rate_cap: u64,
+    /// Socket records (workloads' denied and audited calls) lost because
+    /// their ring was full.
+    #[serde(default)]
+    pub sock_lost_ring_full: u64,
     pub flows_tracked: usize,
     pub flow_capacity: usize,
     /// Flows dropped from the table (least recently seen) to make room.

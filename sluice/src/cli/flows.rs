@@ -320,6 +320,9 @@ fn protocol(protocol: &str, proto: u8, tcp_flags: &[String]) -> String {
 /// One record as a line: time, interface, endpoints, protocol (with TCP
 /// flags), verdict, reason (with the list prefix length or rule id), length.
 fn line(r: &FlowView) -> String {
+    if let Some(hook) = &r.hook {
+        return sock_line(r, hook);
+    }
     let iface = r.interface.clone().unwrap_or_else(|| {
         if r.ifindex == 0 {
             "-".into()
@@ -354,6 +357,29 @@ fn line(r: &FlowView) -> String {
         protocol(&r.protocol, r.proto, &r.tcp_flags),
         r.verdict,
         r.len
+    )
+}
+
+/// A socket record (a workload's denied or audited call; no packet): time,
+/// workload, process, the call and its address, verdict and reason.
+fn sock_line(r: &FlowView, hook: &str) -> String {
+    let target = r.dst.map_or("?".to_string(), |d| endpoint(d, r.dport));
+    let reason = match r.rule {
+        Some(id) if r.reason == "rule" => format!("rule {id}"),
+        _ => r.reason.clone(),
+    };
+    format!(
+        "{}  workload {}  pid {} ({})  {hook} {target}  {}  {}  {reason}{}",
+        local_time(r.time_ns),
+        r.workload.as_deref().unwrap_or("?"),
+        r.pid.unwrap_or(0),
+        r.comm.as_deref().unwrap_or("?"),
+        protocol(&r.protocol, r.proto, &r.tcp_flags),
+        r.verdict,
+        r.cgroup
+            .as_deref()
+            .map(|c| format!("  cgroup {c}"))
+            .unwrap_or_default()
     )
 }
 
@@ -471,6 +497,10 @@ fn print_stats(s: &FlowStats) {
         ],
         vec!["lost, ring full".into(), s.lost_ring_full.to_string()],
         vec!["lost, rate cap".into(), s.lost_rate_cap.to_string()],
+        vec![
+            "socket records lost".into(),
+            format!("{} (workloads' ring full)", s.sock_lost_ring_full),
+        ],
         vec![
             "flows tracked".into(),
             format!(

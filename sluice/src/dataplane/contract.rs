@@ -75,6 +75,8 @@ fn sock_contract() -> Vec<(&'static str, usize, usize)> {
         (s::SOCK_POLICY, u32s, size_of::<WorkloadPolicy>()),
         (s::SOCK_RULES, u32s, size_of::<SockRule>()),
         (s::SOCK_STATS, u32s, size_of::<u64>()),
+        (s::SOCK_EVENTS, 0, 0),
+        (s::SOCK_LOST, u32s, size_of::<u64>()),
     ]
 }
 

@@ -503,6 +503,17 @@ impl SockMaps {
     }
 }
 
+/// Socket records lost to a full `SOCK_EVENTS` ring (0 when the socket
+/// layer is not loaded).
+#[must_use]
+pub fn events_lost(root: &PinRoot) -> u64 {
+    let s = sock_root(root);
+    let Ok(lost) = typed::<PerCpuArray<MapData, u64>>(&s, names::SOCK_LOST) else {
+        return 0;
+    };
+    lost.get(&0, 0).map_or(0, |v| v.iter().sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

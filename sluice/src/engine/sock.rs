@@ -26,6 +26,9 @@ pub struct ApplyReport {
     /// Workloads left out because their cgroup is gone (not in force).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// The cgroup id of each workload in force (for naming records).
+    #[serde(skip)]
+    pub ids: Vec<(u64, String)>,
 }
 
 /// Decisions of one kind, as counted in the kernel.
@@ -105,6 +108,11 @@ pub fn apply(
     let mut report = ApplyReport {
         workloads: workloads.len(),
         missing,
+        ids: workloads
+            .iter()
+            .zip(&cgroups)
+            .map(|(w, c)| (c.id, w.name.clone()))
+            .collect(),
         ..ApplyReport::default()
     };
     let sock_dir = sock::sock_root(root).root;

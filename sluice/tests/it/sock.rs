@@ -1701,3 +1701,74 @@ fn sock_links_survive_agent_restart() {
     assert_eq!(n1, 4, "denied calls counted across the restart");
     drop(agent);
 }
+
+// ---------------------------------------------------------------------------
+// Flow records
+// ---------------------------------------------------------------------------
+
+/// Denied and audited calls are flow records (`sluice flows`) naming the
+/// workload, the call, the process (pid and comm, taken in the hook) and
+/// its own cgroup; allowed calls make none.
+#[test]
+fn sock_denials_are_flow_records_with_the_process() {
+    let cg = Cgroup::new("flows");
+    let leaf = cg.child("job");
+    let lab = Lab::new("sflow");
+    let env = AgentEnv::new("sflow");
+    let wl = Wl::new("web", cg.rel())
+        .connect(tcp_rule("deny", lab.b_v4.into(), DENIED))
+        .bind("deny port 1-1023");
+    let _agent = start_agent(&env, &[wl]);
+    let _srv = TcpServer::start(&lab.b, &[DENIED, ALLOWED]);
+    let mut w = Worker::spawn(&lab.a, Some(&leaf), "web/job");
+    let pid = w.child.0.id();
+    assert_eperm("connect", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    assert_pong("allowed connect", &w.tcp_ping(sa(lab.b_v4, ALLOWED)));
+    assert_eperm("bind 80", &w.bind("tcp", sa(lab.a_v4, 80)));
+
+    let records = || -> Vec<Value> {
+        let out = env.cli_ok(&["flows", "--json"]);
+        stdout(&out)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r.get("hook").is_some())
+            .collect()
+    };
+    assert!(
+        eventually(|| records().len() >= 2),
+        "socket records: {:?}",
+        records()
+    );
+    let got = records();
+    assert_eq!(got.len(), 2, "only the two denials are records: {got:?}");
+    let leaf_path = leaf.to_string_lossy().into_owned();
+    for (r, hook, addr, port) in [
+        (&got[0], "connect", lab.b_v4.to_string(), DENIED),
+        (&got[1], "bind", lab.a_v4.to_string(), 80),
+    ] {
+        assert_eq!(r["workload"], "web", "{r}");
+        assert_eq!(r["hook"], hook, "{r}");
+        assert_eq!(r["pid"].as_u64(), Some(u64::from(pid)), "{r}");
+        assert!(
+            r["comm"].as_str().is_some_and(|c| c.starts_with("python")),
+            "{r}"
+        );
+        assert_eq!(
+            r["cgroup"],
+            leaf_path.as_str(),
+            "the process's own cgroup: {r}"
+        );
+        assert_eq!(r["dst"], addr.as_str(), "{r}");
+        assert_eq!(r["dport"].as_u64(), Some(u64::from(port)), "{r}");
+        assert_eq!(r["verdict"], "drop", "{r}");
+        assert_eq!(r["reason"], "rule", "{r}");
+        assert_eq!(r["rule"].as_u64(), Some(1), "{r}");
+        assert!(r.get("src").is_none() && r.get("sport").is_none(), "{r}");
+    }
+    let text = stdout(&env.cli_ok(&["flows"]));
+    assert!(
+        text.contains(&format!("workload web  pid {pid} (python"))
+            && text.contains(&format!("connect {}:{DENIED}", lab.b_v4)),
+        "{text}"
+    );
+}
