@@ -706,7 +706,8 @@ fi
 step "Workloads: connect and bind policy per cgroup, judged at the socket"
 note "A workload is a cgroup v2 path; its processes' connect(), sendmsg() and bind()"
 note "are judged before any packet exists (EPERM). Processes elsewhere are not affected."
-CG_MOUNT=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+# The cgroup2 mount: the fields after " - " start with the type.
+CG_MOUNT=$(awk -F ' - ' '{ split($1, l, " "); split($2, r, " ") } r[1] == "cgroup2" && l[4] == "/" { print l[5]; exit }' /proc/self/mountinfo)
 [ -n "$CG_MOUNT" ] || die "no cgroup v2 mount found"
 CG_REL=sluice-demo-$$.slice/web
 CG_DIR=$CG_MOUNT/$CG_REL

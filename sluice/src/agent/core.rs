@@ -493,6 +493,13 @@ impl Core {
                 for op in &crate::model::policy::overlay_for_base(base, &self.state.overlay) {
                     let _ = op.apply(&mut next, false);
                 }
+                // The file's workloads and those added at run time must fit
+                // together (no nesting, no shared cgroup, at most 64).
+                if strict {
+                    crate::model::sock::validate(&next.workloads).map_err(|e| {
+                        AgentError::Refused(format!("{e} (with the workloads added at run time)"))
+                    })?;
+                }
                 let delta = Delta::between(&self.desired, &next);
                 (delta, Some(std::mem::replace(&mut self.desired, next)))
             }
@@ -782,13 +789,30 @@ impl Core {
     /// Writes a change's delta to the kernel: interfaces, then the policy
     /// (one generation flip, read back from the maps the program uses),
     /// then the load balancer.
+    /// `strict_cgroups`: a workload the change adds or changes must have its
+    /// cgroup (a runtime change or `apply`); at start and in a rollback or
+    /// an undo, one whose cgroup is missing is left out until it exists.
     fn apply_delta(
         &mut self,
         delta: &Delta,
         strict_interfaces: bool,
+        strict_cgroups: bool,
     ) -> Result<ReconcileReport, AgentError> {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
+        let required = |before: &[crate::model::sock::Workload]| {
+            let before = before.to_vec();
+            move |w: &crate::model::sock::Workload| strict_cgroups && !before.contains(w)
+        };
+        if let Some((before, _)) = &delta.workloads {
+            // A cgroup that is not there refuses the change before anything
+            // reaches the kernel.
+            crate::engine::sock::resolve(
+                &self.desired.workloads,
+                &required(before),
+                &mut Vec::new(),
+            )?;
+        }
         if self.root.is_set_up() {
             // Writes must reach the maps the program reads, whatever
             // happened to the pins since the last check.
@@ -820,9 +844,8 @@ impl Core {
             // Workloads this change adds or changes must have their cgroup;
             // the others may have lost theirs since (not in force until it
             // is back, as at a drift check).
-            let r = crate::engine::sock::apply(&self.root, &self.desired.workloads, &|w| {
-                !before.contains(w)
-            })?;
+            let r =
+                crate::engine::sock::apply(&self.root, &self.desired.workloads, &required(before))?;
             self.publish_workload_names(&r);
             info!(
                 workloads = r.workloads,
@@ -841,7 +864,7 @@ impl Core {
     /// reconcile.
     fn restore_kernel(&mut self, delta: &Delta) -> Result<(), Box<AgentError>> {
         let undo = delta.inverse();
-        match self.apply_delta(&undo, false) {
+        match self.apply_delta(&undo, false, false) {
             Ok(_) => Ok(()),
             Err(first) => {
                 warn!(error = %first, "undoing the failed change's delta failed; reconciling everything");
@@ -1046,7 +1069,11 @@ impl Core {
             // A file with the same policy: the base's source changes, the kernel not.
             Ok(ReconcileReport::default())
         } else {
-            self.apply_delta(&prepared.delta, !ctx.retry_interfaces)
+            self.apply_delta(
+                &prepared.delta,
+                !ctx.retry_interfaces,
+                !ctx.retry_interfaces && !matches!(step, Step::Rollback { .. }),
+            )
         };
         let report = match report {
             Ok(r) => r,
@@ -1274,12 +1301,18 @@ impl Core {
     /// On graceful shutdown with --detach-on-exit.
     pub fn detach_all(&mut self) -> Result<(), AgentError> {
         let st = attach::status(&self.root)?;
+        let mut first_error = None;
         for a in st.attachments {
-            attach::detach(&self.root, &a.interface, &a.netns)?;
+            if let Err(e) = attach::detach(&self.root, &a.interface, &a.netns) {
+                first_error.get_or_insert(AgentError::from(e));
+            }
         }
-        // And every workload's cgroup links (the socket layer's pins go too).
-        crate::engine::sock::apply(&self.root, &[], &|_| false)?;
-        Ok(())
+        // And every workload's cgroup links (the socket layer's pins go
+        // too), whatever happened above.
+        if let Err(e) = crate::engine::sock::apply(&self.root, &[], &|_| false) {
+            first_error.get_or_insert(AgentError::from(e));
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Bytes in the store's snapshot and journal.
@@ -1287,11 +1320,20 @@ impl Core {
         self.store.sizes()
     }
 
-    /// Tells the flow reader which cgroup is which workload.
-    fn publish_workload_names(&self, r: &crate::engine::sock::ApplyReport) {
+    /// Tells the flow reader which cgroup is which workload; says loudly
+    /// which socket-layer map pins had to be put back.
+    fn publish_workload_names(&mut self, r: &crate::engine::sock::ApplyReport) {
+        for f in &r.repaired {
+            error!(finding = %f, "a socket-layer map pin did not lead to the map the socket programs read; pinned the programs' own map again");
+            self.integrity_repairs += 1;
+        }
         if let Ok(mut names) = self.workload_names.lock() {
             names.clear();
-            names.extend(r.ids.iter().cloned());
+            names.extend(
+                r.ids
+                    .iter()
+                    .map(|(id, name, path)| (*id, (name.clone(), path.clone()))),
+            );
         }
     }
 

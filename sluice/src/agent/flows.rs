@@ -183,9 +183,9 @@ pub struct Flows {
     cgroup_paths: Mutex<HashMap<u64, Option<Arc<str>>>>,
 }
 
-/// Workload cgroup id -> name, shared by the agent's core (which writes it
-/// after every change to the workloads) and the flow reader.
-pub type WorkloadNames = Arc<Mutex<HashMap<u64, String>>>;
+/// Workload cgroup id -> (name, path), shared by the agent's core (which
+/// writes it after every change to the workloads) and the flow reader.
+pub type WorkloadNames = Arc<Mutex<HashMap<u64, (String, std::path::PathBuf)>>>;
 
 /// cgroup paths remembered for socket records before the cache starts over.
 const CGROUP_PATHS: usize = 4096;
@@ -274,39 +274,44 @@ impl Flows {
 
     /// Takes socket records read from the socket layer's ring.
     pub fn ingest_sock(&self, events: &[sluice_common::sock::SockEvent]) {
-        let tagged: Vec<(FlowRecord, Option<SockTag>)> = {
-            let names = lock(&self.workload_names);
-            let mut paths = lock(&self.cgroup_paths);
-            if paths.len() > CGROUP_PATHS {
-                paths.clear();
-            }
-            events
-                .iter()
-                .map(|e| {
-                    let cgroup = paths
-                        .entry(e.cgroup)
-                        .or_insert_with(|| {
-                            dataplane::sock::cgroup_path(e.cgroup)
-                                .map(|p| Arc::from(p.display().to_string()))
-                        })
-                        .clone();
-                    (
-                        sock_record(e),
-                        Some(SockTag {
-                            workload: names.get(&e.workload_cgroup).map(|n| Arc::from(n.as_str())),
-                            hook: sluice_common::sock::SockHook::ALL
-                                .iter()
-                                .find(|h| **h as u32 == e.hook)
-                                .map_or("?", |h| h.name()),
-                            pid: e.pid,
-                            comm: Arc::from(comm(&e.comm)),
-                            cgroup,
-                        }),
-                    )
-                })
-                .collect()
-        };
+        // A copy (a few entries): no lock is held while paths are looked up.
+        let workloads = lock(&self.workload_names).clone();
+        let tagged: Vec<(FlowRecord, Option<SockTag>)> = events
+            .iter()
+            .map(|e| {
+                let workload = workloads.get(&e.workload_cgroup);
+                let cgroup = self.cgroup_path(e.cgroup, workload.map(|(_, p)| p.as_path()));
+                let tag = SockTag {
+                    workload: workload.map(|(n, _)| Arc::from(n.as_str())),
+                    hook: sluice_common::sock::SockHook::ALL
+                        .iter()
+                        .find(|h| **h as u32 == e.hook)
+                        .map_or("?", |h| h.name()),
+                    pid: e.pid,
+                    comm: Arc::from(comm(&e.comm)),
+                    cgroup,
+                };
+                (sock_record(e), Some(tag))
+            })
+            .collect();
         self.ingest_events(tagged.into_iter());
+    }
+
+    /// The path of cgroup `id`, searched below its workload's cgroup (a
+    /// process's cgroup is that one or a descendant), remembered per id.
+    fn cgroup_path(&self, id: u64, under: Option<&std::path::Path>) -> Option<Arc<str>> {
+        if let Some(p) = lock(&self.cgroup_paths).get(&id) {
+            return p.clone();
+        }
+        let found = under
+            .and_then(|base| dataplane::sock::cgroup_path_under(base, id))
+            .map(|p| Arc::from(p.display().to_string()));
+        let mut paths = lock(&self.cgroup_paths);
+        if paths.len() >= CGROUP_PATHS {
+            paths.clear();
+        }
+        paths.insert(id, found.clone());
+        found
     }
 
     fn ingest_events(&self, records: impl ExactSizeIterator<Item = (FlowRecord, Option<SockTag>)>) {

@@ -634,8 +634,9 @@ pub fn attach(
     }
     // A failed first attach must not leave a program and maps pinned with
     // nothing using them.
+    // (The socket layer's pins under sock/ are not the XDP side's to remove.)
     if result.is_err() && first && pinned_links(root).is_ok_and(|l| l.is_empty()) {
-        let _ = pins::remove_tree(&root.root);
+        let _ = remove_packet_pins(root);
     }
     result
 }

@@ -109,6 +109,38 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
 /// pinned XDP and TC programs, the programs of every pinned link, and what
 /// the XDP programs tail-call.
 fn live_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, DataplaneError> {
+    let pinned_progs = [
+        (root.prog(), "pinned XDP program".to_string()),
+        (
+            root.prog_dir().join(sluice_common::TC_EGRESS_PROGRAM),
+            "pinned TC program".to_string(),
+        ),
+    ];
+    programs_of(
+        &pinned_progs,
+        &[root.links_dir(), root.root.join("tc-links")],
+        true,
+    )
+}
+
+/// The socket layer's live programs: its pinned programs and the programs
+/// of its cgroup links.
+fn live_sock_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, DataplaneError> {
+    let s = super::sock::sock_root(root);
+    let pinned: Vec<(std::path::PathBuf, String)> = sluice_common::sock::SOCK_PROGRAMS
+        .iter()
+        .map(|(name, _)| (s.prog_dir().join(name), format!("pinned program {name}")))
+        .collect();
+    programs_of(&pinned, &[s.links_dir()], false)
+}
+
+/// The programs pinned at `pinned`, those of the links pinned in
+/// `link_dirs`, and (`jumps`) what they tail-call.
+fn programs_of(
+    pinned_progs: &[(std::path::PathBuf, String)],
+    link_dirs: &[std::path::PathBuf],
+    jumps: bool,
+) -> Result<Vec<(String, u32, OwnedFd)>, DataplaneError> {
     let mut out: Vec<(String, u32, OwnedFd)> = Vec::new();
     let mut seen = BTreeSet::new();
     let mut add = |label: String, fd: OwnedFd, out: &mut Vec<(String, u32, OwnedFd)>| {
@@ -118,22 +150,15 @@ fn live_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, Dataplan
         }
         Ok::<_, DataplaneError>(())
     };
-    let pinned_progs = [
-        (root.prog(), "pinned XDP program".to_string()),
-        (
-            root.prog_dir().join(sluice_common::TC_EGRESS_PROGRAM),
-            "pinned TC program".to_string(),
-        ),
-    ];
     for (path, label) in pinned_progs {
-        match sys::obj_get(&path) {
-            Ok(fd) => add(label, fd, &mut out)?,
+        match sys::obj_get(path) {
+            Ok(fd) => add(label.clone(), fd, &mut out)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
         }
     }
-    for dir in [root.links_dir(), root.root.join("tc-links")] {
-        let entries = match std::fs::read_dir(&dir) {
+    for dir in link_dirs {
+        let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
@@ -163,6 +188,9 @@ fn live_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, Dataplan
             };
             add(format!("link {name}"), fd, &mut out)?;
         }
+    }
+    if !jumps {
+        return Ok(out);
     }
     // Tail-call targets, read from the JUMP map each XDP program uses.
     let mut jump_ids = BTreeSet::new();
@@ -198,7 +226,13 @@ pub fn used_maps(
     root: &PinRoot,
     names: &BTreeSet<String>,
 ) -> Result<(Vec<(String, u32)>, Used), DataplaneError> {
-    let progs = live_programs(root)?;
+    used_maps_of(live_programs(root)?, names)
+}
+
+fn used_maps_of(
+    progs: Vec<(String, u32, OwnedFd)>,
+    names: &BTreeSet<String>,
+) -> Result<(Vec<(String, u32)>, Used), DataplaneError> {
     let mut used: Used = BTreeMap::new();
     for (label, _, fd) in &progs {
         let (_, maps) = sys::prog_maps(fd).map_err(io(format!("reading program {label}")))?;
@@ -247,12 +281,39 @@ fn pinned_names() -> Result<BTreeSet<String>, DataplaneError> {
 pub fn check(root: &PinRoot) -> Result<Report, DataplaneError> {
     let names = pinned_names()?;
     let (programs, used) = used_maps(root, &names)?;
+    compare(root, programs, &used)
+}
+
+/// [`check`] for the socket layer: its pins under `sock/` against the maps
+/// its pinned programs and cgroup links read.
+pub fn check_sock(root: &PinRoot) -> Result<Report, DataplaneError> {
+    let names: BTreeSet<String> = super::pins::expected_maps(super::sock::SOCK_OBJECT)?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let (programs, used) = used_maps_of(live_sock_programs(root)?, &names)?;
+    compare(&super::sock::sock_root(root), programs, &used)
+}
+
+/// [`repair`] for the socket layer. The caller holds the root lock.
+pub fn repair_sock(root: &PinRoot) -> Result<Report, DataplaneError> {
+    let report = check_sock(root)?;
+    mend(&super::sock::sock_root(root), report)
+}
+
+/// The findings of `used` against the pins of `pins`.
+fn compare(
+    pins: &PinRoot,
+    programs: Vec<(String, u32)>,
+    used: &Used,
+) -> Result<Report, DataplaneError> {
+    let root = pins;
     let mut report = Report {
         programs,
         maps_checked: used.len(),
         ..Report::default()
     };
-    for (name, ids) in &used {
+    for (name, ids) in used {
         if ids.len() > 1 {
             report.findings.push(Finding::Split {
                 map: name.clone(),
@@ -286,7 +347,13 @@ pub fn check(root: &PinRoot) -> Result<Report, DataplaneError> {
 /// or holds another map. What cannot be mended this way (a split) stays in
 /// `findings`. The caller holds the root lock.
 pub fn repair(root: &PinRoot) -> Result<Report, DataplaneError> {
-    let mut report = check(root)?;
+    let report = check(root)?;
+    mend(root, report)
+}
+
+/// Pins each program's own map where `report` found a pin missing or
+/// holding another map (splits stay in `findings`).
+fn mend(root: &PinRoot, mut report: Report) -> Result<Report, DataplaneError> {
     let mut left = Vec::new();
     for f in std::mem::take(&mut report.findings) {
         let (map, used_id) = match &f {

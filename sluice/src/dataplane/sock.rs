@@ -6,7 +6,7 @@
 //! `sock/links/<cgroup id>:<hook>`. The XDP side never removes `sock/`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -69,12 +69,19 @@ pub fn cgroup2_mount() -> Result<PathBuf, DataplaneError> {
 }
 
 fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    // Only a mount of the hierarchy's root: paths below it are then the
+    // kernel's own (a bind mount of a subtree, or a mount inside a cgroup
+    // namespace, would make "the root" and levels relative).
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         if right.split_whitespace().next()? != "cgroup2" {
             return None;
         }
-        Some(PathBuf::from(unescape(left.split_whitespace().nth(4)?)))
+        let mut fields = left.split_whitespace();
+        if fields.nth(3)? != "/" {
+            return None;
+        }
+        Some(PathBuf::from(unescape(fields.next()?)))
     })
 }
 
@@ -142,6 +149,14 @@ pub fn resolve_cgroup(mount: &Path, rel: &str) -> Result<Cgroup, DataplaneError>
 /// The path of the cgroup with id `id`, searched under the cgroup v2
 /// mount (at most `MAX_CGROUP_LEVEL` levels deep).
 pub fn cgroup_path(id: u64) -> Option<PathBuf> {
+    cgroup_path_under(&cgroup2_mount().ok()?, id)
+}
+
+/// [`cgroup_path`], searching only below `base` (`base` itself included).
+pub fn cgroup_path_under(base: &Path, id: u64) -> Option<PathBuf> {
+    if std::fs::metadata(base).is_ok_and(|m| m.ino() == id) {
+        return Some(base.to_path_buf());
+    }
     fn walk(dir: &Path, id: u64, depth: u32) -> Option<PathBuf> {
         if depth > sluice_common::sock::MAX_CGROUP_LEVEL {
             return None;
@@ -159,7 +174,22 @@ pub fn cgroup_path(id: u64) -> Option<PathBuf> {
         }
         None
     }
-    walk(&cgroup2_mount().ok()?, id, 1)
+    walk(base, id, 1)
+}
+
+/// The cgroup ids that have link pins, live or not (for cleanup).
+pub fn pinned_link_ids(root: &PinRoot) -> BTreeSet<u64> {
+    std::fs::read_dir(sock_root(root).links_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.split_once(':')?.0.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn attach_type(hook: &str) -> Option<CgroupSockAddrAttachType> {
@@ -234,14 +264,31 @@ fn link_pin(root: &PinRoot, id: u64, hook: &str) -> PathBuf {
 pub fn attach(root: &PinRoot, cg: &Cgroup) -> Result<usize, DataplaneError> {
     let s = sock_root(root);
     let dir = File::open(&cg.path).map_err(io(format!("opening {}", cg.path.display())))?;
+    // The directory opened must be the cgroup resolved: one removed and
+    // made again in between is another cgroup (another id).
+    let opened = dir
+        .metadata()
+        .map_err(io(format!("reading {}", cg.path.display())))?
+        .ino();
+    if opened != cg.id {
+        return Err(DataplaneError::Cgroup {
+            path: cg.path.clone(),
+            problem: format!(
+                "was removed and made again while being linked (id {} is now {opened}); retried at the next drift check",
+                cg.id
+            ),
+        });
+    }
     let mut made: Vec<PathBuf> = Vec::new();
     let result = (|| {
         for (name, hook) in SOCK_PROGRAMS {
             let pin = link_pin(root, cg.id, hook);
-            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+            if link_live(&pin, cg.id) {
                 continue;
             }
-            let _ = std::fs::remove_file(&pin);
+            // A pin whose link was detached behind sluice's back runs
+            // nothing: replaced.
+            unlink(&pin);
             let kind = attach_type(hook).ok_or_else(|| DataplaneError::Load {
                 source: format!("unknown hook {hook}").into(),
             })?;
@@ -294,6 +341,13 @@ pub fn attach(root: &PinRoot, cg: &Cgroup) -> Result<usize, DataplaneError> {
     result
 }
 
+/// The link pinned at `pin` still attaches its program to cgroup `id`.
+fn link_live(pin: &Path, id: u64) -> bool {
+    super::sys::obj_get(pin)
+        .and_then(super::sys::link_info)
+        .is_ok_and(|i| i.cgroup_id == id && i.prog_id != 0)
+}
+
 /// Removes a pinned link; dropping its last reference detaches it.
 fn unlink(pin: &Path) {
     if let Ok(link) = PinnedLink::from_pin(pin) {
@@ -327,8 +381,10 @@ pub fn links(root: &PinRoot) -> Result<BTreeMap<u64, Vec<String>>, DataplaneErro
     for e in entries {
         let e = e.map_err(io(format!("reading {}", dir.display())))?;
         let name = e.file_name().to_string_lossy().into_owned();
+        // Only links still attached to their cgroup count.
         if let Some((id, hook)) = name.split_once(':')
             && let Ok(id) = id.parse()
+            && link_live(&e.path(), id)
         {
             out.entry(id).or_default().push(hook.to_string());
         }
@@ -534,6 +590,12 @@ mod tests {
         );
         let escaped = "30 23 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/my cg")));
+        let subtree = "31 23 0:26 /lab.slice /mnt/lab rw - cgroup2 none rw\n\
+                       32 23 0:26 / /sys/fs/cgroup rw - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup2_mount_in(subtree),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(
             cgroup2_mount_in("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
             None

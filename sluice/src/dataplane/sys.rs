@@ -247,6 +247,9 @@ pub struct LinkInfo {
     pub prog_id: u32,
     /// For XDP links: the interface index (0 once the interface is gone).
     pub xdp_ifindex: u32,
+    /// For cgroup links: the cgroup's id (0 once the link was detached, or
+    /// the cgroup removed).
+    pub cgroup_id: u64,
 }
 
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
@@ -264,6 +267,7 @@ pub fn link_info(fd: impl AsFd) -> io::Result<LinkInfo> {
         id: info.id,
         prog_id: info.prog_id,
         xdp_ifindex: (info.union[0] & 0xffff_ffff) as u32,
+        cgroup_id: info.union[0],
     })
 }
 

@@ -10,7 +10,7 @@ use sluice_common::{
 
 use crate::{
     dataplane::{
-        DataplaneError, PinRoot, pins,
+        DataplaneError, PinRoot, integrity, pins,
         sock::{self, Cgroup, SlotPolicy, SockMaps},
     },
     model::sock::Workload,
@@ -26,9 +26,15 @@ pub struct ApplyReport {
     /// Workloads left out because their cgroup is gone (not in force).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
-    /// The cgroup id of each workload in force (for naming records).
+    /// The cgroup id, name and path of each workload in force (for
+    /// naming records).
     #[serde(skip)]
-    pub ids: Vec<(u64, String)>,
+    pub ids: Vec<(u64, String, std::path::PathBuf)>,
+    /// Map pins that did not lead to the maps the socket programs read and
+    /// were pinned again before writing (each meant writes through that pin
+    /// would have changed nothing sockets see).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 /// Decisions of one kind, as counted in the kernel.
@@ -111,7 +117,7 @@ pub fn apply(
         ids: workloads
             .iter()
             .zip(&cgroups)
-            .map(|(w, c)| (c.id, w.name.clone()))
+            .map(|(w, c)| (c.id, w.name.clone(), c.path.clone()))
             .collect(),
         ..ApplyReport::default()
     };
@@ -131,6 +137,16 @@ pub fn apply(
     })?;
     let _lock = pins::RootLock::acquire(&root.root)?;
     sock::ensure_loaded(root)?;
+    // Writes must reach the maps the live programs read, whatever happened
+    // to the pins since.
+    let integrity = integrity::repair_sock(root)?;
+    report.repaired = integrity.repaired.iter().map(ToString::to_string).collect();
+    if !integrity.findings.is_empty() {
+        // Programs that disagree among themselves: nothing is written.
+        return Err(DataplaneError::Unbound {
+            findings: integrity.findings,
+        });
+    }
     let mut maps = SockMaps::open(root)?;
     let wanted: BTreeSet<u64> = cgroups.iter().map(|c| c.id).collect();
     let slots = maps.slots()?;
@@ -142,7 +158,6 @@ pub fn apply(
         .copied()
         .filter(|id| !wanted.contains(id))
         .collect();
-    let linked = sock::links(root)?;
     if !gone.is_empty() {
         let kept: Vec<SlotPolicy> = workloads
             .iter()
@@ -155,15 +170,34 @@ pub fn apply(
             maps.remove_slot(*id)?;
         }
     }
-    for id in linked.keys().filter(|id| !wanted.contains(id)) {
-        report.unlinked += sock::detach(root, *id);
+    // Link pins of cgroups no longer named (live or left dead).
+    for id in sock::pinned_link_ids(root)
+        .into_iter()
+        .filter(|id| !wanted.contains(id))
+    {
+        report.unlinked += sock::detach(root, id);
     }
 
     // 2. New workloads get free slots (counters zeroed), then one flip
     //    puts the whole set in force.
+    let freed: BTreeSet<u32> = gone
+        .iter()
+        .filter_map(|id| slots.get(id))
+        .copied()
+        .collect();
+    if !freed.is_empty() {
+        // A call that read the old generation before the flip above may
+        // still be scanning it; let it finish before that generation is
+        // written again (programs run for microseconds).
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let mut slots: BTreeMap<u64, u32> = maps.slots()?;
     let taken: BTreeSet<u32> = slots.values().copied().collect();
-    let mut free = (0..MAX_WORKLOADS).filter(|s| !taken.contains(s));
+    // Slots freed just now come last: an in-flight call of a removed
+    // workload must not find a new workload's policy under its slot.
+    let mut free = (0..MAX_WORKLOADS)
+        .filter(|s| !taken.contains(s) && !freed.contains(s))
+        .chain(freed.iter().copied());
     for c in &cgroups {
         if let std::collections::btree_map::Entry::Vacant(e) = slots.entry(c.id) {
             // Cannot run out: at most MAX_WORKLOADS are named, and the

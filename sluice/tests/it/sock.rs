@@ -1772,3 +1772,140 @@ fn sock_denials_are_flow_records_with_the_process() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Pins
+// ---------------------------------------------------------------------------
+
+/// Socket-layer map pins replaced by unrelated maps (what a careless loader
+/// leaves) are put back to the programs' own maps before a change is
+/// written, so the change reaches what connect() is judged by.
+#[test]
+fn sock_replaced_map_pins_are_repaired_before_a_change() {
+    let cg = Cgroup::new("pins");
+    let lab = Lab::new("spins");
+    let env = AgentEnv::new("spins");
+    let deny = Wl::new("web", cg.rel()).connect(tcp_rule("deny", lab.b_v4.into(), DENIED));
+    let agent = start_agent(&env, &[deny]);
+    let _srv = TcpServer::start(&lab.b, &[DENIED]);
+    let mut w = Worker::spawn(&lab.a, Some(cg.path()), "web");
+    assert_eperm("before the change", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    let sock_root = env.pin_root().join("sock");
+    for map in ["SOCK_POLICY", "SOCK_RULES", "SOCK_GENERATION"] {
+        crate::trust::replace_pin(&sock_root, map);
+    }
+    // The change: the rule goes, the default (allow) decides.
+    let file = env.file(
+        "allow.toml",
+        &env.config_text(&config_body(&[Wl::new("web", cg.rel())])),
+    );
+    env.cli_ok(&["apply", file.to_str().expect("utf-8 path")]);
+    assert_pong("after the change", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    assert!(
+        agent.wait_for_log("pinned the programs' own map again", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Cgroups that come and go, links detached behind sluice's back
+// ---------------------------------------------------------------------------
+
+/// At start a workload's cgroup may not exist yet (a systemd unit that has
+/// not started): the agent starts, the workload is not in force, and the
+/// drift check links the cgroup once it exists. A link detached behind
+/// sluice's back is not counted as attached and is made again.
+#[test]
+fn sock_missing_cgroups_and_detached_links_are_taken_up_by_the_drift_check() {
+    let cg = Cgroup::new("later");
+    let unit = cg.path().join("unit");
+    let lab = Lab::new("slate");
+    let env = AgentEnv::new("slate");
+    let wl = Wl::new("unit", rel_of(&unit)).connect(tcp_rule("deny", lab.b_v4.into(), DENIED));
+    env.write_config(&config_body(&[wl]));
+    let agent = AgentProc::start(&env, &["--drift-interval", "1"]);
+    let e = workload_entry(&env, "unit");
+    assert_eq!(e["attached"], false, "{e}");
+    assert!(
+        e["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("does not exist")),
+        "{e}"
+    );
+    assert!(
+        agent.wait_for_log("not in force until they exist", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    // The unit starts: its cgroup appears; the next drift check links it.
+    let unit = cg.child("unit");
+    assert!(
+        eventually(|| workload_entry(&env, "unit")["attached"] == true),
+        "{}",
+        workload_entry(&env, "unit")
+    );
+    let _srv = TcpServer::start(&lab.b, &[DENIED]);
+    let mut w = Worker::spawn(&lab.a, Some(&unit), "unit");
+    assert_eperm(
+        "after the drift check linked it",
+        &w.tcp_ping(sa(lab.b_v4, DENIED)),
+    );
+
+    // Someone detaches one link (bpftool link detach): not attached any
+    // more, and the drift check makes it again.
+    let id = crate::support::cgroup::cgroup_id(&unit);
+    let pin = env
+        .pin_root()
+        .join("sock/links")
+        .join(format!("{id}:connect4"));
+    let out = crate::support::netns::run_ok([
+        "bpftool",
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        pin.to_str().expect("utf-8 path"),
+    ]);
+    let link: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let link_id = link["id"].to_string();
+    crate::support::netns::run_ok(["bpftool", "link", "detach", "id", &link_id]);
+    assert_allowed(
+        "connect4 detached behind sluice's back",
+        &w.tcp_ping(sa(lab.b_v4, DENIED)),
+    );
+    assert!(
+        eventually(|| {
+            let e = workload_entry(&env, "unit");
+            e["attached"] == true && w.tcp_ping(sa(lab.b_v4, DENIED)).eperm()
+        }),
+        "the drift check did not link connect4 again: {}",
+        workload_entry(&env, "unit")
+    );
+    drop(agent);
+}
+
+/// Workloads added at run time and a file applied later must fit together:
+/// a file whose workload would nest with a runtime one is refused whole.
+#[test]
+fn sock_a_file_that_nests_with_a_runtime_workload_is_refused() {
+    let cg = Cgroup::new("nest");
+    let inner = cg.child("inner");
+    let env = AgentEnv::new("snest");
+    env.write_config("");
+    let _agent = AgentProc::start(&env, &[]);
+    env.cli_ok(&["workload", "add", "inner", "--cgroup", &rel_of(&inner)]);
+    let file = env.file(
+        "outer.toml",
+        &env.config_text(&config_body(&[Wl::new("outer", cg.rel())])),
+    );
+    let out = env.cli(&["apply", file.to_str().expect("utf-8 path")]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("nested") && err.contains("run time"), "{err}");
+    let names: Vec<Value> = workload_list(&env)
+        .iter()
+        .map(|w| w["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("inner")]);
+}

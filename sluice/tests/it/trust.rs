@@ -233,7 +233,7 @@ fn tempdir(tag: &str) -> PathBuf {
 
 /// Replaces the pin of `map` with a new, empty map of the same shape (what a
 /// careless loader would leave): bpftool reads the old one's shape.
-fn replace_pin(pin_root: &Path, map: &str) {
+pub(crate) fn replace_pin(pin_root: &Path, map: &str) {
     let path = pin_root.join("maps").join(map);
     let out = crate::support::netns::run_ok([
         "bpftool",

@@ -213,6 +213,18 @@ fn parse_prefix(p: &str) -> Result<IpNet, String> {
             net.trunc()
         ));
     }
+    // The programs judge IPv4-mapped addresses as IPv4: a rule on the
+    // mapped range would never match.
+    if let IpNet::V6(v) = net
+        && v.prefix_len() >= 96
+        && let Some(v4) = v.network().to_ipv4_mapped()
+    {
+        return Err(format!(
+            "{p} is an IPv4-mapped prefix; write it as IPv4 ({v4}/{}): IPv4 rules also judge \
+             IPv4-mapped addresses",
+            v.prefix_len() - 96
+        ));
+    }
     Ok(net)
 }
 
@@ -520,6 +532,7 @@ mod tests {
             ("deny port 70000", "not a port"),
             ("deny tcp tcp", "unexpected `tcp`"),
             ("deny to", "needs a prefix"),
+            ("deny to ::ffff:198.18.5.0/120", "198.18.5.0/24"),
         ] {
             let e = SockRuleSpec::parse(bad, RuleKind::Connect).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
