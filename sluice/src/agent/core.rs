@@ -331,10 +331,19 @@ impl Core {
         );
         if core.root.is_set_up() {
             core.repair_integrity("start")?;
+        }
+        if core.root.is_set_up() || crate::dataplane::sock::is_loaded(&core.root) {
             // A new build takes over the running links atomically, maps kept.
             let up = attach::upgrade(&core.root, false)?;
-            if !up.unchanged {
+            if !up.unchanged && core.root.is_set_up() {
                 info!(old = %up.old_tag, new = %up.new_tag, links = up.links, "program upgraded on the live links; maps kept");
+            }
+            if let Some(s) = up.sock.filter(|s| s.programs > 0) {
+                info!(
+                    programs = s.programs,
+                    links = s.links,
+                    "socket programs upgraded on the workloads' cgroup links; maps kept"
+                );
             }
         }
         if let Some(p) = loaded.pending {

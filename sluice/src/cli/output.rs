@@ -201,6 +201,17 @@ impl Out {
                 println!("reloading every program with the pinned maps: {f}");
             }
         }
+        if !self.json
+            && let Some(sock) = &r.sock
+        {
+            println!(
+                "socket programs: {} replaced on {} cgroup link(s); maps kept",
+                sock.programs, sock.links
+            );
+            if r.old_program_id == 0 {
+                return;
+            }
+        }
         if self.json {
             print_json(&serde_json::to_value(r).expect("serialisable"));
         } else if r.unchanged {

@@ -940,6 +940,9 @@ pub struct UpgradeReport {
     /// again with the pinned maps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reloaded_for: Vec<super::integrity::Finding>,
+    /// The socket programs on the workloads' cgroup links (when any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sock: Option<super::sock::SockUpgrade>,
 }
 
 /// Swaps this build's program in on every pinned link, atomically per link
@@ -964,6 +967,24 @@ fn upgrade_tc(root: &PinRoot, ebpf: &mut aya::Ebpf) -> Result<(), DataplaneError
 }
 
 pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneError> {
+    if !root.is_set_up() && super::sock::is_loaded(root) {
+        // Workloads only: the socket programs are all there is to upgrade.
+        let _lock = RootLock::acquire(&root.root)?;
+        let repaired = super::integrity::repair_sock(root)?;
+        let sock = super::sock::upgrade(root, force)?;
+        return Ok(UpgradeReport {
+            old_program_id: 0,
+            old_tag: String::new(),
+            new_program_id: 0,
+            new_tag: String::new(),
+            links: 0,
+            unchanged: sock.programs == 0,
+            skipped: Vec::new(),
+            repaired: repaired.repaired,
+            reloaded_for: repaired.findings,
+            sock: Some(sock),
+        });
+    }
     if !root.is_set_up() {
         return Err(DataplaneError::NotAttached {
             root: root.root.clone(),
@@ -985,6 +1006,13 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
     let old_fd =
         sys::obj_get(&root.prog()).map_err(io_err(format!("opening {}", root.prog().display())))?;
 
+    // The socket programs first: a refusal there changes nothing here.
+    let sock = if super::sock::is_loaded(root) {
+        super::integrity::repair_sock(root)?;
+        Some(super::sock::upgrade(root, force)?)
+    } else {
+        None
+    };
     let mut ebpf = load_program(root, &specs)?;
     let prog = xdp_of(&mut ebpf)?;
     let new = prog
@@ -1000,6 +1028,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         skipped: Vec::new(),
         repaired: integrity.repaired,
         reloaded_for: integrity.findings,
+        sock,
     };
     if old.tag() == new.tag() && !force {
         report.unchanged = true;

@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
+    os::fd::AsFd as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -557,6 +558,133 @@ impl SockMaps {
         }
         Ok(next)
     }
+}
+
+/// What an upgrade of the socket programs did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SockUpgrade {
+    /// Programs replaced by this build's (same tag: left alone unless forced).
+    pub programs: usize,
+    /// Cgroup links switched to the new programs.
+    pub links: usize,
+}
+
+/// Swaps this build's socket programs in on every cgroup link, atomically
+/// per link (a call runs the old program or the new one), reusing the
+/// pinned maps so workloads and counters carry over; all or nothing. The
+/// caller holds the root lock and has checked the pins (`repair_sock`).
+pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneError> {
+    let mut report = SockUpgrade::default();
+    if !is_loaded(root) {
+        return Ok(report);
+    }
+    let s = sock_root(root);
+    let specs = pins::expected_maps(SOCK_OBJECT)?;
+    pins::check_pinned_maps(&s, &specs)?;
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(String, PathBuf)> = specs
+        .iter()
+        .map(|m| (m.name.clone(), s.map(&m.name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader
+        .load(SOCK_OBJECT)
+        .map_err(|e| DataplaneError::Load { source: e.into() })?;
+    // Load every new program before any link changes.
+    let mut swaps: Vec<(&str, &str)> = Vec::new();
+    for (name, hook) in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| DataplaneError::Load {
+                source: format!("program {name} missing from the socket object").into(),
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load { source: e.into() })?;
+        prog.load()
+            .map_err(|e| super::attach::load_error(name, e))?;
+        let new_tag = prog
+            .info()
+            .map_err(|e| DataplaneError::Load { source: e.into() })?
+            .tag();
+        let old_tag = aya::programs::ProgramInfo::from_pin(s.prog_dir().join(name))
+            .map(|i| i.tag())
+            .ok();
+        if force || old_tag != Some(new_tag) {
+            swaps.push((name, hook));
+        }
+    }
+    // Switch the links, remembering each one's old program to go back to.
+    let mut done: Vec<(
+        std::os::fd::OwnedFd,
+        std::os::fd::OwnedFd,
+        std::os::fd::OwnedFd,
+    )> = Vec::new();
+    let result = (|| {
+        for (name, hook) in &swaps {
+            let prog: &CgroupSockAddr = ebpf
+                .program(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| DataplaneError::Load {
+                    source: format!("program {name} missing from the socket object").into(),
+                })?;
+            let new_fd = prog
+                .fd()
+                .map_err(|e| DataplaneError::Load { source: e.into() })?
+                .try_clone()
+                .map_err(|e| DataplaneError::Load { source: e.into() })?;
+            for (id, hooks) in links(root)? {
+                if !hooks.iter().any(|h| h == hook) {
+                    continue;
+                }
+                let pin = link_pin(root, id, hook);
+                let link =
+                    super::sys::obj_get(&pin).map_err(io(format!("opening {}", pin.display())))?;
+                let info = super::sys::link_info(&link)
+                    .map_err(io(format!("reading {}", pin.display())))?;
+                let old = super::sys::prog_fd_by_id(info.prog_id)
+                    .map_err(io(format!("opening program {}", info.prog_id)))?;
+                let new: std::os::fd::OwnedFd = new_fd
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(io("duplicating a program fd".into()))?;
+                super::sys::link_update(link.as_fd(), new.as_fd(), old.as_fd()).map_err(|e| {
+                    DataplaneError::CgroupAttach {
+                        path: pin.clone(),
+                        hook,
+                        source: e.into(),
+                    }
+                })?;
+                done.push((link, old, new));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (link, old, new) in &done {
+            let _ = super::sys::link_update(link.as_fd(), old.as_fd(), new.as_fd());
+        }
+        return Err(e);
+    }
+    report.links = done.len();
+    report.programs = swaps.len();
+    // The pins follow the programs the links now run.
+    for (name, _) in &swaps {
+        let path = s.prog_dir().join(name);
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| DataplaneError::Load {
+                source: format!("program {name} missing from the socket object").into(),
+            })?;
+        let _ = std::fs::remove_file(&path);
+        prog.pin(&path).map_err(|e| DataplaneError::Io {
+            what: format!("pinning {}", path.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(report)
 }
 
 /// Socket records lost to a full `SOCK_EVENTS` ring (0 when the socket

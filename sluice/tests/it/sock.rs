@@ -1909,3 +1909,50 @@ fn sock_a_file_that_nests_with_a_runtime_workload_is_refused() {
         .collect();
     assert_eq!(names, vec![json!("inner")]);
 }
+
+/// `sluice upgrade` swaps this build's socket programs in on every cgroup
+/// link (forced here: the same build), keeping the maps: the workload's
+/// denial and its counters carry over, and the links run new programs.
+#[test]
+fn sock_upgrade_swaps_the_programs_on_the_links_and_keeps_the_policy() {
+    let cg = Cgroup::new("upg");
+    let lab = Lab::new("supg");
+    let env = AgentEnv::new("supg");
+    let wl = Wl::new("web", cg.rel()).connect(tcp_rule("deny", lab.b_v4.into(), DENIED));
+    let _agent = start_agent(&env, &[wl]);
+    let _srv = TcpServer::start(&lab.b, &[DENIED]);
+    let mut w = Worker::spawn(&lab.a, Some(cg.path()), "web");
+    assert_eperm("before the upgrade", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    let pin = env.pin_root().join("sock/links").join(format!(
+        "{}:connect4",
+        crate::support::cgroup::cgroup_id(cg.path())
+    ));
+    let prog_id = || {
+        let out = crate::support::netns::run_ok([
+            "bpftool",
+            "-j",
+            "link",
+            "show",
+            "pinned",
+            pin.to_str().expect("utf-8 path"),
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+        v["prog_id"].as_u64().expect("prog_id")
+    };
+    let before = prog_id();
+    let out = env.cli_ok(&["upgrade", "--force"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("socket programs: 6 replaced on 6 cgroup link(s); maps kept"),
+        "{text}"
+    );
+    assert_ne!(prog_id(), before, "the link runs a new program");
+    assert_eperm("after the upgrade", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    let e = workload_entry(&env, "web");
+    assert_eq!(
+        calls(&e, "connect", "deny", "rule"),
+        2,
+        "counters carried over: {e}"
+    );
+    assert_eq!(e["attached"], true, "{e}");
+}
