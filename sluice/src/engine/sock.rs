@@ -136,10 +136,15 @@ pub fn apply(
         source,
     })?;
     let _lock = pins::RootLock::acquire(&root.root)?;
+    // Map pins go back to the maps the live links' programs read first:
+    // programs loaded afresh (their pins gone) then reuse those maps
+    // instead of making new ones no link reads.
+    let early = integrity::repair_sock(root)?;
     sock::ensure_loaded(root)?;
     // Writes must reach the maps the live programs read, whatever happened
     // to the pins since.
-    let integrity = integrity::repair_sock(root)?;
+    let mut integrity = integrity::repair_sock(root)?;
+    integrity.repaired.splice(0..0, early.repaired);
     report.repaired = integrity.repaired.iter().map(ToString::to_string).collect();
     if !integrity.findings.is_empty() {
         // Programs that disagree among themselves: nothing is written.

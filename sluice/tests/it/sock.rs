@@ -1956,3 +1956,35 @@ fn sock_upgrade_swaps_the_programs_on_the_links_and_keeps_the_policy() {
     );
     assert_eq!(e["attached"], true, "{e}");
 }
+
+/// Every program and map pin of the socket layer removed while its links
+/// live on: the next change pins the links' own maps again before loading
+/// programs, so it reaches what connect() is judged by.
+#[test]
+fn sock_removed_program_and_map_pins_are_rebuilt_from_the_live_links() {
+    let cg = Cgroup::new("gone");
+    let lab = Lab::new("sgone");
+    let env = AgentEnv::new("sgone");
+    let deny = Wl::new("web", cg.rel()).connect(tcp_rule("deny", lab.b_v4.into(), DENIED));
+    let _agent = start_agent(&env, &[deny]);
+    let _srv = TcpServer::start(&lab.b, &[DENIED]);
+    let mut w = Worker::spawn(&lab.a, Some(cg.path()), "web");
+    assert_eperm("before", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    for dir in ["sock/prog", "sock/maps"] {
+        let dir = env.pin_root().join(dir);
+        for e in std::fs::read_dir(&dir).expect("pin dir") {
+            std::fs::remove_file(e.expect("entry").path()).expect("remove pin");
+        }
+    }
+    assert_eperm(
+        "the links still judge with the pins gone",
+        &w.tcp_ping(sa(lab.b_v4, DENIED)),
+    );
+    let file = env.file(
+        "allow.toml",
+        &env.config_text(&config_body(&[Wl::new("web", cg.rel())])),
+    );
+    env.cli_ok(&["apply", file.to_str().expect("utf-8 path")]);
+    assert_pong("after the change", &w.tcp_ping(sa(lab.b_v4, DENIED)));
+    assert_eq!(workload_entry(&env, "web")["attached"], true);
+}
