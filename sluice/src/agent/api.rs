@@ -225,7 +225,9 @@ impl From<AgentError> for ApiError {
                 | DataplaneError::NoSuchRule { .. }
                 | DataplaneError::BadPosition { .. }
                 | DataplaneError::UnknownInterface { .. }
-                | DataplaneError::NotAttachedTo { .. },
+                | DataplaneError::NotAttachedTo { .. }
+                | DataplaneError::Cgroup { .. }
+                | DataplaneError::NoCgroup2,
             ) => StatusCode::BAD_REQUEST,
             AgentError::Netns(_) => StatusCode::BAD_REQUEST,
             AgentError::Dataplane(

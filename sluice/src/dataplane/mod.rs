@@ -79,6 +79,12 @@ pub enum DataplaneError {
     UnknownInterface { name: String, netns: String },
     #[error("the kernel refused the XDP program: {}", chain(source.as_ref()))]
     Load { source: Cause },
+    #[error(
+        "the kernel refused the socket programs (cgroup v2 connect, sendmsg and bind hooks \
+         with bpf_link: Linux 5.7 or later): {}",
+        chain(source.as_ref())
+    )]
+    SockLoad { source: Cause },
     /// The verifier refused one of sluice's programs.
     #[error(
         "the kernel's verifier refused program {program}: {source}{}\nverifier log (last lines):\n{log_tail}",

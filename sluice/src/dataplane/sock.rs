@@ -231,7 +231,7 @@ pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
                 what: "loading the socket programs".into(),
             }
         } else {
-            DataplaneError::Load { source: e.into() }
+            DataplaneError::SockLoad { source: e.into() }
         }
     })?;
     for (name, _) in SOCK_PROGRAMS {
@@ -241,9 +241,14 @@ pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
                 source: format!("program {name} missing from the socket object").into(),
             })?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load { source: e.into() })?;
+            .map_err(|e: aya::programs::ProgramError| DataplaneError::SockLoad {
+                source: e.into(),
+            })?;
         prog.load()
-            .map_err(|e| super::attach::load_error(name, e))?;
+            .map_err(|e| match super::attach::load_error(name, e) {
+                DataplaneError::Load { source } => DataplaneError::SockLoad { source },
+                other => other,
+            })?;
         let path = s.prog_dir().join(name);
         let _ = std::fs::remove_file(&path);
         prog.pin(&path).map_err(|e| DataplaneError::Io {
@@ -591,7 +596,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneErro
     }
     let mut ebpf = loader
         .load(SOCK_OBJECT)
-        .map_err(|e| DataplaneError::Load { source: e.into() })?;
+        .map_err(|e| DataplaneError::SockLoad { source: e.into() })?;
     // Load every new program before any link changes.
     let mut swaps: Vec<(&str, &str)> = Vec::new();
     for (name, hook) in SOCK_PROGRAMS {
