@@ -112,6 +112,14 @@ const SUITES: &[Suite] = &[
     // 6.1's clsact fallback) and DSR (XDP redirect), a drained backend; the
     // CLI without an agent, 101 connections (the agent test's thousands,
     // health checks and backend kills are left to the host).
+    // The socket layer: the agent keeps a workload on a cgroup, busybox
+    // clients in it are judged (connect, bind; IPv4, IPv6) on 6.1's cgroup
+    // hooks (the Python-driven tests are left to the host).
+    Suite {
+        module: "sock",
+        filters: &["sock_busybox_clients_are_judged"],
+        limit: Duration::from_secs(300),
+    },
     Suite {
         module: "lb_e2e",
         filters: &["cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend"],
@@ -346,6 +354,11 @@ fn lts_ddos_e2e() {
 #[test]
 fn lts_lb_e2e() {
     check("lb_e2e");
+}
+
+#[test]
+fn lts_sock() {
+    check("sock");
 }
 
 #[test]

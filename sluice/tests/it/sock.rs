@@ -1988,3 +1988,107 @@ fn sock_removed_program_and_map_pins_are_rebuilt_from_the_live_links() {
     assert_pong("after the change", &w.tcp_ping(sa(lab.b_v4, DENIED)));
     assert_eq!(workload_entry(&env, "web")["attached"], true);
 }
+
+// ---------------------------------------------------------------------------
+// Clients every kernel tier has (busybox): the Linux 6.1 guest runs these
+// ---------------------------------------------------------------------------
+
+/// Runs busybox `args` inside cgroup `dir` (or outside any workload) in
+/// namespace `ns`, bounded by `timeout` seconds; its exit status and output.
+fn busybox_in(dir: Option<&Path>, ns: &Netns, secs: u32, args: &[&str]) -> (Option<i32>, String) {
+    // By its path: busybox's shell (the 6.1 guest's) would run its own
+    // `ip` applet for a bare name.
+    let ip = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("ip"))
+                .find(|f| f.is_file())
+        })
+        .expect("ip on PATH");
+    let mut cmd = match dir {
+        Some(d) => command_in(d, &ip),
+        None => Command::new(&ip),
+    };
+    cmd.args([
+        "netns",
+        "exec",
+        ns.name(),
+        "timeout",
+        &secs.to_string(),
+        "busybox",
+    ])
+    .args(args)
+    .stdin(Stdio::null());
+    let out = cmd.output().expect("run busybox");
+    (
+        out.status.code(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+/// A workload's denials and allowances with busybox clients (no Python),
+/// so that every kernel tier runs them: denied TCP connects (IPv4, IPv6)
+/// fail with EPERM, an allowed one and one from outside the cgroup get
+/// through, a bind below 1024 fails, and the counters say so.
+#[test]
+fn sock_busybox_clients_are_judged() {
+    let cg = Cgroup::new("bb");
+    let lab = Lab::new("sbb");
+    let env = AgentEnv::new("sbb");
+    let wl = Wl::new("web", cg.rel())
+        .connect(tcp_rule("deny", lab.b_v4.into(), DENIED))
+        .connect(tcp_rule("deny", lab.b_v6.into(), DENIED))
+        .bind("deny port 1-1023");
+    let _agent = start_agent(&env, &[wl]);
+    let _srv = TcpServer::start(&lab.b, &[DENIED, ALLOWED]);
+    let inside = Some(cg.path());
+    for ip in [lab.b_v4.to_string(), lab.b_v6.to_string()] {
+        let (rc, out) = busybox_in(
+            inside,
+            &lab.a,
+            5,
+            &["nc", "-w", "2", &ip, &DENIED.to_string()],
+        );
+        assert!(
+            rc != Some(0) && out.contains("Operation not permitted"),
+            "denied connect to {ip}:{DENIED}: {rc:?} {out}"
+        );
+        // Connected and closed by the timeout (the server waits for a ping).
+        let (rc, out) = busybox_in(
+            inside,
+            &lab.a,
+            1,
+            &["nc", "-w", "2", &ip, &ALLOWED.to_string()],
+        );
+        assert!(
+            !out.contains("can't connect"),
+            "allowed connect to {ip}:{ALLOWED}: {rc:?} {out}"
+        );
+    }
+    let (rc, out) = busybox_in(
+        None,
+        &lab.a,
+        1,
+        &["nc", "-w", "2", &lab.b_v4.to_string(), &DENIED.to_string()],
+    );
+    assert!(
+        !out.contains("can't connect"),
+        "outside the workload: {rc:?} {out}"
+    );
+    let (rc, out) = busybox_in(inside, &lab.a, 2, &["nc", "-l", "-p", "80"]);
+    assert!(
+        rc != Some(0) && out.contains("Operation not permitted"),
+        "bind 80: {rc:?} {out}"
+    );
+    // Listening on 8080 is allowed: it runs until the timeout stops it.
+    let (rc, out) = busybox_in(inside, &lab.a, 1, &["nc", "-l", "-p", "8080"]);
+    assert!(!out.contains("not permitted"), "bind 8080: {rc:?} {out}");
+    assert!(
+        eventually(|| {
+            let e = workload_entry(&env, "web");
+            calls(&e, "connect", "deny", "rule") == 2 && calls(&e, "bind", "deny", "rule") == 1
+        }),
+        "counts: {:?}",
+        all_counts(&workload_entry(&env, "web"))
+    );
+}
