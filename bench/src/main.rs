@@ -4,7 +4,8 @@
 //! reference lookup (BPF_PROG_TEST_RUN); 2. live drop rate against iptables,
 //! ipset and nftables; 3. rule scale and update time; 4. control-plane
 //! latency and the agent; 5. per-packet cost of the DDoS stage; 6. the load
-//! balancer (per-packet cost, live forwarding, Maglev table updates).
+//! balancer (per-packet cost, live forwarding, Maglev table updates); 7. what
+//! a workload's socket programs cost a connect().
 //!
 //! Prints a table per section, writes OUT/results.json, and on a full run
 //! docs/benchmarks.md. Needs root. Everything it creates (network
@@ -28,6 +29,7 @@ mod s4_control;
 mod s5_ddos;
 mod s6_lb;
 mod s6_lb_live;
+mod s7_sock;
 mod stats;
 mod util;
 
@@ -54,6 +56,8 @@ enum Only {
     Ddos,
     /// 6. load balancer
     Lb,
+    /// 7. socket layer (connect() cost)
+    Sock,
 }
 
 /// sluice's benchmarks: per-packet cost, live drop rate, rule scale,
@@ -233,13 +237,14 @@ fn run(args: &Args) -> Result<bool> {
         machine.loadavg_start
     );
     type SectionFn = fn(&Plan) -> Result<stats::Section>;
-    let sections: [(Only, &str, SectionFn); 6] = [
+    let sections: [(Only, &str, SectionFn); 7] = [
         (Only::PerPacket, "per-packet cost", s1_per_packet::run),
         (Only::Live, "live drop rate", s2_live::run),
         (Only::Scale, "rule scale and update time", s3_scale::run),
         (Only::Control, "control plane", s4_control::run),
         (Only::Ddos, "DDoS stage cost", s5_ddos::run),
         (Only::Lb, "load balancer", s6_lb_live::lb_section),
+        (Only::Sock, "socket layer", s7_sock::run),
     ];
     let mut done = Vec::new();
     let mut errors = Vec::new();

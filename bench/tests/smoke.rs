@@ -106,7 +106,15 @@ fn smoke_run_produces_every_section() {
     let keys: Vec<&str> = sections.iter().filter_map(|s| s["key"].as_str()).collect();
     assert_eq!(
         keys,
-        ["per_packet", "live", "scale", "control", "ddos", "lb"]
+        [
+            "per_packet",
+            "live",
+            "scale",
+            "control",
+            "ddos",
+            "lb",
+            "sock"
+        ]
     );
     for s in sections {
         let key = s["key"].as_str().unwrap_or("?");
