@@ -195,27 +195,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Flows {
+    /// `workload_names`: the agent core's, which names socket records.
     #[must_use]
-    pub fn new(root: PinRoot, settings: FlowSettings) -> Arc<Self> {
-        Self::with_capacity(root, settings, RECENT_CAPACITY, FLOW_CAPACITY)
-    }
-
-    /// Shares the agent core's workload names with the reader.
-    #[must_use]
-    pub fn with_workload_names(self: Arc<Self>, names: WorkloadNames) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut me) => {
-                me.workload_names = names;
-                Arc::new(me)
-            }
-            Err(me) => me,
-        }
+    pub fn new(root: PinRoot, settings: FlowSettings, workload_names: WorkloadNames) -> Arc<Self> {
+        Self::with_capacity(
+            root,
+            settings,
+            workload_names,
+            RECENT_CAPACITY,
+            FLOW_CAPACITY,
+        )
     }
 
     #[must_use]
     pub fn with_capacity(
         root: PinRoot,
         settings: FlowSettings,
+        workload_names: WorkloadNames,
         recent_capacity: usize,
         flow_capacity: usize,
     ) -> Arc<Self> {
@@ -233,7 +229,7 @@ impl Flows {
             records_read: AtomicU64::new(0),
             follower_lost: AtomicU64::new(0),
             reading: AtomicBool::new(false),
-            workload_names: WorkloadNames::default(),
+            workload_names,
             cgroup_paths: Mutex::new(HashMap::new()),
         })
     }
@@ -903,6 +899,7 @@ mod tests {
         Flows::with_capacity(
             PinRoot::new("/nonexistent/sluice-flows-test"),
             FlowSettings::default(),
+            WorkloadNames::default(),
             recent,
             tracked,
         )

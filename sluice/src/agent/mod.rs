@@ -178,8 +178,11 @@ pub fn run(opts: &Options) -> Result<(), RunError> {
         warn!(error = %e, "cannot apply the [lb] settings yet; will retry");
     }
     let socket_path = listener_path.clone();
-    let flows = flows::Flows::new(core.root.clone(), flow_settings)
-        .with_workload_names(core.workload_names.clone());
+    let flows = flows::Flows::new(
+        core.root.clone(),
+        flow_settings,
+        core.workload_names.clone(),
+    );
     // Sampling is on before the API answers, so no early packet goes unrecorded.
     if let Err(e) = flows.apply() {
         warn!(error = %e, "cannot write the flow sampling settings; will retry");

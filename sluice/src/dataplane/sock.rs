@@ -205,6 +205,31 @@ fn attach_type(hook: &str) -> Option<CgroupSockAddrAttachType> {
     })
 }
 
+/// The socket object with every map bound to its pin under `s` (created
+/// when missing, re-used when present; one this build cannot use is refused
+/// first); programs not yet loaded.
+fn load_object(s: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
+    let specs = pins::expected_maps(SOCK_OBJECT)?;
+    pins::check_pinned_maps(s, &specs)?;
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(String, PathBuf)> = specs
+        .iter()
+        .map(|m| (m.name.clone(), s.map(&m.name)))
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    loader.load(SOCK_OBJECT).map_err(|e| {
+        if super::is_permission(&e) {
+            DataplaneError::Permission {
+                what: "loading the socket programs".into(),
+            }
+        } else {
+            DataplaneError::SockLoad { source: e.into() }
+        }
+    })
+}
+
 /// Loads the socket object (its maps created or re-used from their pins)
 /// and pins its programs, unless they are pinned already.
 pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
@@ -215,25 +240,7 @@ pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
     for dir in [s.maps_dir(), s.prog_dir(), s.links_dir()] {
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    let specs = pins::expected_maps(SOCK_OBJECT)?;
-    pins::check_pinned_maps(&s, &specs)?;
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(String, PathBuf)> = specs
-        .iter()
-        .map(|m| (m.name.clone(), s.map(&m.name)))
-        .collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name.as_str(), path.as_path());
-    }
-    let mut ebpf = loader.load(SOCK_OBJECT).map_err(|e| {
-        if super::is_permission(&e) {
-            DataplaneError::Permission {
-                what: "loading the socket programs".into(),
-            }
-        } else {
-            DataplaneError::SockLoad { source: e.into() }
-        }
-    })?;
+    let mut ebpf = load_object(&s)?;
     for (name, _) in SOCK_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -584,19 +591,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneErro
         return Ok(report);
     }
     let s = sock_root(root);
-    let specs = pins::expected_maps(SOCK_OBJECT)?;
-    pins::check_pinned_maps(&s, &specs)?;
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(String, PathBuf)> = specs
-        .iter()
-        .map(|m| (m.name.clone(), s.map(&m.name)))
-        .collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name.as_str(), path.as_path());
-    }
-    let mut ebpf = loader
-        .load(SOCK_OBJECT)
-        .map_err(|e| DataplaneError::SockLoad { source: e.into() })?;
+    let mut ebpf = load_object(&s)?;
     // Load every new program before any link changes.
     let mut swaps: Vec<(&str, &str)> = Vec::new();
     for (name, hook) in SOCK_PROGRAMS {

@@ -29,44 +29,15 @@ const TEARDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// The cgroup v2 mount point: the first `cgroup2` line of
-/// /proc/self/mountinfo. Panics when there is none (the socket layer needs it).
+/// The cgroup v2 mount point, found as sluice finds it (the mount of the
+/// hierarchy's root in /proc/self/mountinfo). Panics when there is none
+/// (the socket layer needs it).
 pub fn cgroup2_mount() -> &'static Path {
     static MOUNT: OnceLock<PathBuf> = OnceLock::new();
     MOUNT.get_or_init(|| {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-        info.lines()
-            .find_map(|line| {
-                // `ID PARENT MAJ:MIN ROOT MOUNT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER`
-                let (left, right) = line.split_once(" - ")?;
-                if right.split(' ').next() != Some("cgroup2") {
-                    return None;
-                }
-                Some(PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)))
-            })
-            .unwrap_or_else(|| panic!("no cgroup2 mount in /proc/self/mountinfo:\n{info}"))
+        sluice::dataplane::sock::cgroup2_mount()
+            .unwrap_or_else(|e| panic!("no cgroup v2 mount: {e}"))
     })
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A cgroup v2 directory `<mount>/sluice-t-{pid}-{n}-{tag}`, removed with
