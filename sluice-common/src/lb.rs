@@ -290,6 +290,17 @@ pub fn flow_hash(src: [u64; 2], dst: [u64; 2], sport: u16, dport: u16, proto: u8
     (h >> 32) as u32 ^ h as u32
 }
 
+/// The hash the socket LB indexes a service's Maglev table with
+/// (`socket_hash(cookie) % TABLE_SIZE`): the socket's cookie, so every
+/// datagram of one UDP socket goes to the same backend, and user space can
+/// predict a socket's backend from `SO_COOKIE`.
+#[must_use]
+#[inline(always)]
+pub fn socket_hash(cookie: u64) -> u32 {
+    let h = mix(cookie ^ 0x736c_7569_6365_736b);
+    (h >> 32) as u32 ^ h as u32
+}
+
 /// SplitMix64's finaliser: every input bit affects every output bit (the
 /// kernel's flow hash and user space's Maglev permutations both use it).
 #[inline(always)]

@@ -207,7 +207,106 @@ pub const SOCK_PROGRAMS: [(&str, &str); 6] = [
     ("sluice_bind6", "bind6"),
 ];
 
-/// Names of the socket object's maps (pinned under `<pin root>/sock/maps/`).
+/// The socket load balancer's programs and the hook each attaches to (on
+/// the root of the cgroup v2 hierarchy: every local process). `sock_release`
+/// is a `cgroup_sock` program; the others are `sock_addr` programs.
+pub const SOCK_LB_PROGRAMS: [(&str, &str); 9] = [
+    ("slb_connect4", "connect4"),
+    ("slb_connect6", "connect6"),
+    ("slb_sendmsg4", "sendmsg4"),
+    ("slb_sendmsg6", "sendmsg6"),
+    ("slb_recvmsg4", "recvmsg4"),
+    ("slb_recvmsg6", "recvmsg6"),
+    ("slb_peername4", "getpeername4"),
+    ("slb_peername6", "getpeername6"),
+    ("slb_release", "sock_release"),
+];
+
+/// Sockets whose destination the socket LB translated, remembered so that
+/// getpeername() and recvmsg() report the VIP (`SOCK_LB_SOCKS`). An entry
+/// is deleted when its socket closes. When the map is full, a new socket
+/// is still balanced but reports its backend as the peer, and the miss is
+/// counted (`sock_lb_stat::STATE_FULL`).
+pub const SOCK_LB_CAPACITY: u32 = 262_144;
+
+/// `SockLbConfig::flags`: translate connect()/sendmsg() to services.
+pub const SOCK_LB_F_ENABLED: u32 = 1 << 0;
+
+/// `SOCK_LB_CONFIG[0]`: whether the socket LB is on, and the network
+/// namespace it serves (the dataplane's: sockets of other namespaces, which
+/// reach the VIP through an interface and the packet LB, are left alone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbConfig {
+    pub flags: u32,
+    pub _pad: u32,
+    /// The namespace's cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+    pub netns_cookie: u64,
+}
+
+// SAFETY: repr(C), Copy, integers only; `_pad` is explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockLbConfig {}
+
+/// Value of `SOCK_LB_SOCKS` (key: the socket's cookie): the service address
+/// the application asked for and the backend it was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbSock {
+    /// The VIP and backend as `addr_words` (IPv4 in the first 4 bytes).
+    pub vip: [u64; 2],
+    pub backend: [u64; 2],
+    /// Ports in host order.
+    pub vip_port: u16,
+    pub backend_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    /// The backend's slot in `LB_BACKENDS`.
+    pub slot: u32,
+    pub _pad2: u32,
+}
+
+// SAFETY: repr(C), Copy, integers only; pads are explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockLbSock {}
+
+/// Indexes of the per-CPU `SOCK_LB_STATS` array.
+pub mod sock_lb_stat {
+    /// connect() calls to a service given a backend.
+    pub const CONNECT: u32 = 0;
+    /// sendmsg() calls to a service given a backend.
+    pub const SENDMSG: u32 = 1;
+    /// Calls to a service with no usable backend: failed with EHOSTUNREACH.
+    pub const NO_BACKEND: u32 = 2;
+    /// Balanced sockets not remembered: `SOCK_LB_SOCKS` was full (they
+    /// report their backend as the peer).
+    pub const STATE_FULL: u32 = 3;
+    /// Calls to a service with the socket LB off (left to the packet LB).
+    pub const SKIPPED: u32 = 4;
+    /// getpeername()/recvmsg() answers changed back to the VIP.
+    pub const REVERSED: u32 = 5;
+    /// Calls to a service whose backend is of the other address family
+    /// (left to the packet LB).
+    pub const FAMILY: u32 = 6;
+    /// Slots in `SOCK_LB_STATS`.
+    pub const SLOTS: u32 = 8;
+    /// Names, by index (empty = unused slot).
+    pub const NAMES: [&str; SLOTS as usize] = [
+        "connect",
+        "sendmsg",
+        "no_backend",
+        "state_full",
+        "skipped",
+        "reversed",
+        "family_mismatch",
+        "",
+    ];
+}
+
+/// Names of the socket object's maps (pinned under `<pin root>/sock/maps/`,
+/// except the packet LB's, which it shares: see `SHARED_LB_MAPS`).
 pub mod sock_map_names {
     pub const SOCK_GENERATION: &str = "SOCK_GENERATION";
     pub const WORKLOADS: &str = "WORKLOADS";
@@ -216,6 +315,19 @@ pub mod sock_map_names {
     pub const SOCK_STATS: &str = "SOCK_STATS";
     pub const SOCK_EVENTS: &str = "SOCK_EVENTS";
     pub const SOCK_LOST: &str = "SOCK_LOST";
+    pub const SOCK_LB_CONFIG: &str = "SOCK_LB_CONFIG";
+    pub const SOCK_LB_OFF: &str = "SOCK_LB_OFF";
+    pub const SOCK_LB_SOCKS: &str = "SOCK_LB_SOCKS";
+    pub const SOCK_LB_STATS: &str = "SOCK_LB_STATS";
+    pub const SOCK_LB_BACKENDS: &str = "SOCK_LB_BACKENDS";
+    /// The packet LB's maps the socket LB reads: bound to the pins of the
+    /// XDP object's maps (the same kernel maps), so both balance by the
+    /// same services, Maglev tables and backend health.
+    pub const SHARED_LB_MAPS: [&str; 3] = [
+        crate::map_names::LB_SERVICES,
+        crate::map_names::LB_BACKENDS,
+        crate::map_names::LB_MAGLEV,
+    ];
 }
 
 #[cfg(test)]
@@ -227,6 +339,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockRule>(), 56);
         assert_eq!(core::mem::size_of::<WorkloadPolicy>(), 24);
         assert_eq!(core::mem::size_of::<SockEvent>(), 80);
+        assert_eq!(core::mem::size_of::<SockLbConfig>(), 16);
+        assert_eq!(core::mem::size_of::<SockLbSock>(), 48);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #![expect(internal_features, reason = "atomic_xadd is the BPF atomic add")]
 
 mod counters;
+mod lb_maps;
 mod maps;
 mod net;
 mod outcome;

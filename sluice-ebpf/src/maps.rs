@@ -2,8 +2,7 @@
 //! User space opens them by the names in `sluice_common::map_names` and pins them.
 
 use aya_ebpf::{
-    btf_maps::{Array as BtfArray, ArrayOfMaps},
-    macros::{btf_map, map},
+    macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use sluice_common::{
@@ -11,7 +10,7 @@ use sluice_common::{
     EVENTS_BYTES, EntryStats, FLOWS_BYTES, FlowConfig, GENERATIONS, JUMP_SLOTS, KeyV4, KeyV6,
     LIST_CAPACITY, MAX_RULES, Rule, SOURCE_CAPACITY, Settings, SrcKey, VERIFIED_CAPACITY,
     handoff::{Handoff, IcmpService},
-    lb::{self, Backend, BackendKey, Conn, FlowKey, LbConfig, LbCounter, Service, ServiceKey, Vip},
+    lb::{self, BackendKey, Conn, FlowKey, LbConfig, LbCounter, Vip},
     stat,
 };
 
@@ -138,25 +137,9 @@ pub static JUMP: ProgramArray = ProgramArray::with_max_entries(JUMP_SLOTS, 0);
 // Load balancer. Services, backends and tables are written only by the
 // control plane; the kernel writes the connection table and counters.
 
-/// Services by (VIP, port, protocol), plus one marker entry per VIP (port
-/// 0, protocol 0) so a packet costs one lookup to learn it is not for a VIP.
-/// `MAX_SERVICES` x 2 entries (+ markers); the control plane refuses more.
-#[map]
-pub static LB_SERVICES: HashMap<ServiceKey, Service> =
-    HashMap::with_max_entries(lb::MAX_SERVICES * 3, 0);
-
-/// Backend slots (one per service member), indexed by slot. Fixed size;
-/// the control plane refuses members beyond `MAX_BACKENDS`.
-#[map]
-pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(lb::MAX_BACKENDS, 0);
-
-/// Per service id: its Maglev table (`TABLE_SIZE` backend slots). The
-/// control plane builds a new table and swaps it in with one update.
-#[btf_map]
-pub static LB_MAGLEV: ArrayOfMaps<
-    BtfArray<u32, { lb::TABLE_SIZE as usize }>,
-    { lb::MAX_SERVICES as usize },
-> = ArrayOfMaps::new();
+// Services, backends and Maglev tables: `lb_maps.rs` (the socket object
+// reads the same maps).
+pub use crate::lb_maps::{LB_BACKENDS, LB_MAGLEV, LB_SERVICES};
 
 /// Connection table: client 5-tuple -> backend. LRU of `CONN_CAPACITY`:
 /// when full the least recently used connection is forgotten (its next

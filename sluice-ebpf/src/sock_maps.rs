@@ -1,14 +1,20 @@
 //! Every map of the socket object (`sluice-sock-ebpf`): key, value, capacity
 //! and what happens when full. User space opens them by the names in
 //! `sluice_common::sock::sock_map_names` and pins them under `<root>/sock/maps/`.
+//! The socket LB also reads the packet LB's services, backends and Maglev
+//! tables (`lb_maps.rs`), bound to the XDP object's pins.
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use sluice_common::sock::{
-    MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_EVENTS_BYTES, SOCK_GENERATIONS,
-    SockRule, WorkloadPolicy,
+use sluice_common::{
+    lb::{MAX_BACKENDS, MAX_SERVICES, ServiceKey},
+    sock::{
+        MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_EVENTS_BYTES,
+        SOCK_GENERATIONS, SOCK_LB_CAPACITY, SockLbConfig, SockLbSock, SockRule, WorkloadPolicy,
+        sock_lb_stat,
+    },
 };
 
 /// Active socket-policy generation (0 or 1). Written only by the control
@@ -49,3 +55,37 @@ pub static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(SOCK_EVENTS_BYTES, 0);
 /// Per-CPU count of `SockEvent`s lost to a full ring. One entry.
 #[map]
 pub static SOCK_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// The socket load balancer.
+
+/// Whether the socket LB is on and which network namespace it serves
+/// (`SockLbConfig`). One entry, written by the control plane.
+#[map]
+pub static SOCK_LB_CONFIG: Array<SockLbConfig> = Array::with_max_entries(1, 0);
+
+/// Services the socket LB leaves to the packet LB (`socket = false`), by
+/// the key their `LB_SERVICES` entry has. At most one per service
+/// (`MAX_SERVICES`); the control plane refuses more services.
+#[map]
+pub static SOCK_LB_OFF: HashMap<ServiceKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Translated sockets: socket cookie -> VIP and backend (`SockLbSock`), so
+/// getpeername() and recvmsg() report the VIP. `SOCK_LB_CAPACITY` entries,
+/// allocated as used (`BPF_F_NO_PREALLOC`); an entry is deleted when its
+/// socket is released. When full, new sockets are still balanced, report
+/// their backend as the peer, and are counted (`sock_lb_stat::STATE_FULL`).
+#[map]
+pub static SOCK_LB_SOCKS: HashMap<u64, SockLbSock> =
+    HashMap::with_max_entries(SOCK_LB_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Per-CPU socket LB event counters (`sock_lb_stat`). Fixed size.
+#[map]
+pub static SOCK_LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(sock_lb_stat::SLOTS, 0);
+
+/// Per-CPU sockets balanced to each backend slot of `LB_BACKENDS`. Fixed
+/// size; a slot is zeroed when a new backend takes it.
+#[map]
+pub static SOCK_LB_BACKENDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// `BPF_F_NO_PREALLOC`: a hash map's entries are allocated when inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;

@@ -26,21 +26,15 @@ use sluice_common::{
     words_bytes,
 };
 
-use crate::sock_maps::{
-    SOCK_EVENTS, SOCK_GENERATION, SOCK_LOST, SOCK_POLICY, SOCK_RULES, SOCK_STATS, WORKLOADS,
+use crate::{
+    sock_maps::{
+        SOCK_EVENTS, SOCK_GENERATION, SOCK_LOST, SOCK_POLICY, SOCK_RULES, SOCK_STATS, WORKLOADS,
+    },
+    sockaddr::{self, Call},
 };
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-
-/// What a socket call asks for, as the rules compare it.
-struct Call {
-    /// 4 or 6; an IPv4-mapped IPv6 address is 4.
-    family: u32,
-    proto: u32,
-    port: u16,
-    addr: [u64; 2],
-}
 
 /// The workload slot and cgroup id of the calling process, if it is in a workload.
 #[inline(always)]
@@ -58,50 +52,6 @@ fn workload() -> Option<(u32, u64)> {
         }
     }
     None
-}
-
-/// The address, port and protocol of the call.
-#[inline(always)]
-fn call(ctx: &SockAddrContext, v6: bool) -> Call {
-    // SAFETY: the kernel hands every sock_addr program a valid context;
-    // each field is read with one aligned 4-byte load, as the verifier asks.
-    let (w, proto, port) = unsafe {
-        let sa = ctx.sock_addr;
-        let port = u16::from_be((*sa).user_port as u16);
-        let proto = (*sa).protocol;
-        let w = if v6 {
-            [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
-            ]
-        } else {
-            [(*sa).user_ip4, 0, 0, 0]
-        };
-        (w, proto, port)
-    };
-    // The words hold the address bytes in order (network order in memory).
-    let b = |x: u32| x.to_ne_bytes();
-    let mapped = v6 && w[0] == 0 && w[1] == 0 && b(w[2]) == [0, 0, 0xff, 0xff];
-    if !v6 || mapped {
-        let a = b(if v6 { w[3] } else { w[0] });
-        return Call {
-            family: 4,
-            proto,
-            port,
-            addr: sluice_common::v4_words(a),
-        };
-    }
-    let (w0, w1, w2, w3) = (b(w[0]), b(w[1]), b(w[2]), b(w[3]));
-    let hi = [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3]];
-    let lo = [w2[0], w2[1], w2[2], w2[3], w3[0], w3[1], w3[2], w3[3]];
-    Call {
-        family: 6,
-        proto,
-        port,
-        addr: [u64::from_ne_bytes(hi), u64::from_ne_bytes(lo)],
-    }
 }
 
 #[inline(always)]
@@ -140,7 +90,7 @@ pub fn judge(ctx: &SockAddrContext, hook: SockHook, v6: bool) -> i32 {
     if policy.flags & WORKLOAD_F_ACTIVE == 0 {
         return ALLOW;
     }
-    let c = call(ctx, v6);
+    let c = sockaddr::read(ctx, v6);
     let (first, count, default) = match hook {
         SockHook::Bind => (policy.connect_rules, policy.bind_rules, policy.bind_default),
         _ => (0, policy.connect_rules, policy.connect_default),

@@ -250,7 +250,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
 /// pinned yet. Made here rather than by aya: aya creates the inner-map
 /// template with the object's BTF ids even when it loaded no BTF, which the
 /// kernel refuses; the loader then re-uses this pin.
-fn create_maglev_outer(root: &PinRoot) -> Result<(), DataplaneError> {
+pub(crate) fn create_maglev_outer(root: &PinRoot) -> Result<(), DataplaneError> {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
     let path = root.map(map_names::LB_MAGLEV);
@@ -502,9 +502,9 @@ pub fn programs(root: &PinRoot) -> Result<Vec<ProgramStatus>, DataplaneError> {
             }
         }
     }
-    // The socket programs, when workloads are configured.
+    // The socket programs, when workloads are configured or the socket LB is on.
     let sock = super::sock::sock_root(root);
-    for (name, _) in sluice_common::sock::SOCK_PROGRAMS {
+    for name in super::sock::object_programs() {
         if let Ok(info) = ProgramInfo::from_pin(sock.prog_dir().join(name)) {
             ids.push(info.id());
         }

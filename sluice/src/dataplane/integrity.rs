@@ -127,11 +127,10 @@ fn live_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, Dataplan
 /// of its cgroup links.
 fn live_sock_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, DataplaneError> {
     let s = super::sock::sock_root(root);
-    let pinned: Vec<(std::path::PathBuf, String)> = sluice_common::sock::SOCK_PROGRAMS
-        .iter()
-        .map(|(name, _)| (s.prog_dir().join(name), format!("pinned program {name}")))
+    let pinned: Vec<(std::path::PathBuf, String)> = super::sock::object_programs()
+        .map(|name| (s.prog_dir().join(name), format!("pinned program {name}")))
         .collect();
-    programs_of(&pinned, &[s.links_dir()], false)
+    programs_of(&pinned, &[s.links_dir(), s.root.join("lb")], false)
 }
 
 /// The programs pinned at `pinned`, those of the links pinned in
@@ -287,9 +286,12 @@ pub fn check(root: &PinRoot) -> Result<Report, DataplaneError> {
 /// [`check`] for the socket layer: its pins under `sock/` against the maps
 /// its pinned programs and cgroup links read.
 pub fn check_sock(root: &PinRoot) -> Result<Report, DataplaneError> {
+    // The packet LB's maps the socket LB shares are checked by
+    // `sock_lb::bound`, not against pins under `sock/`.
     let names: BTreeSet<String> = super::pins::expected_maps(super::sock::SOCK_OBJECT)?
         .into_iter()
         .map(|s| s.name)
+        .filter(|n| !sluice_common::sock::sock_map_names::SHARED_LB_MAPS.contains(&n.as_str()))
         .collect();
     let (programs, used) = used_maps_of(live_sock_programs(root)?, &names)?;
     compare(&super::sock::sock_root(root), programs, &used)

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod runtime;
 pub mod sandbox;
 pub mod sock;
+pub mod sock_lb;
 pub mod stats;
 pub mod sys;
 pub mod tc;

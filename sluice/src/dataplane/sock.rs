@@ -23,8 +23,8 @@ use aya::{
 };
 use aya_obj::programs::CgroupSockAddrAttachType;
 use sluice_common::sock::{
-    MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_PROGRAMS, SockRule,
-    WorkloadPolicy, sock_map_names as names,
+    MAX_SOCK_RULES, MAX_WORKLOADS, SOCK_COUNTERS_PER_WORKLOAD, SOCK_LB_PROGRAMS, SOCK_PROGRAMS,
+    SockRule, WorkloadPolicy, sock_map_names as names,
 };
 
 use super::{DataplaneError, PinRoot, pins, policy::typed};
@@ -41,13 +41,33 @@ pub fn sock_root(root: &PinRoot) -> PinRoot {
     PinRoot::new(root.root.join("sock"))
 }
 
+/// Every program of the socket object: the workload programs, then the
+/// socket LB's.
+pub fn object_programs() -> impl Iterator<Item = &'static str> {
+    SOCK_PROGRAMS
+        .iter()
+        .chain(SOCK_LB_PROGRAMS.iter())
+        .map(|(name, _)| *name)
+}
+
 /// The socket programs are loaded and pinned under `root`.
 #[must_use]
 pub fn is_loaded(root: &PinRoot) -> bool {
     let s = sock_root(root);
-    SOCK_PROGRAMS
-        .iter()
-        .all(|(name, _)| s.prog_dir().join(name).exists())
+    object_programs().all(|name| s.prog_dir().join(name).exists())
+}
+
+/// Where the socket object's copy of the packet LB's maps is bound: the
+/// XDP object's pins when the packet dataplane exists, else stand-ins
+/// under `sock/maps/` (the socket LB is off then; when the packet maps
+/// appear the programs are loaded again bound to them: `sock_lb::bound`).
+#[must_use]
+pub fn lb_maps_root(root: &PinRoot) -> PinRoot {
+    if root.map(sluice_common::map_names::LB_SERVICES).exists() {
+        root.clone()
+    } else {
+        sock_root(root)
+    }
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
@@ -205,16 +225,26 @@ fn attach_type(hook: &str) -> Option<CgroupSockAddrAttachType> {
     })
 }
 
-/// The socket object with every map bound to its pin under `s` (created
-/// when missing, re-used when present; one this build cannot use is refused
-/// first); programs not yet loaded.
-fn load_object(s: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
+/// The socket object with every map bound to its pin under `sock/` (created
+/// when missing, re-used when present; one this build cannot use is
+/// refused first), the packet LB's maps bound to `lb_maps_root`; programs
+/// not yet loaded.
+fn load_object(root: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
+    let s = sock_root(root);
+    let lb = lb_maps_root(root);
     let specs = pins::expected_maps(SOCK_OBJECT)?;
-    pins::check_pinned_maps(s, &specs)?;
+    let (shared, own): (Vec<_>, Vec<_>) = specs
+        .into_iter()
+        .partition(|m| names::SHARED_LB_MAPS.contains(&m.name.as_str()));
+    pins::check_pinned_maps(&s, &own)?;
+    pins::check_pinned_maps(&lb, &shared)?;
+    std::fs::create_dir_all(lb.maps_dir()).map_err(io(format!("creating {}", lb.maps_dir().display())))?;
+    super::attach::create_maglev_outer(&lb)?;
     let mut loader = EbpfLoader::new();
-    let paths: Vec<(String, PathBuf)> = specs
+    let paths: Vec<(String, PathBuf)> = own
         .iter()
         .map(|m| (m.name.clone(), s.map(&m.name)))
+        .chain(shared.iter().map(|m| (m.name.clone(), lb.map(&m.name))))
         .collect();
     for (name, path) in &paths {
         loader.map_pin_path(name.as_str(), path.as_path());
@@ -230,6 +260,42 @@ fn load_object(s: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
     })
 }
 
+/// Loads (verifies) the program `name` of the socket object.
+fn load_program(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Load {
+            source: format!("program {name} missing from the socket object").into(),
+        })?;
+    let loaded = match prog {
+        aya::programs::Program::CgroupSockAddr(p) => p.load(),
+        aya::programs::Program::CgroupSock(p) => p.load(),
+        _ => {
+            return Err(DataplaneError::SockLoad {
+                source: format!("program {name} is not a cgroup socket program").into(),
+            });
+        }
+    };
+    loaded.map_err(|e| match super::attach::load_error(name, e) {
+        DataplaneError::Load { source } => DataplaneError::SockLoad { source },
+        other => other,
+    })
+}
+
+/// Pins the loaded program `name` at `path` (replacing what was there).
+fn pin_program(ebpf: &mut aya::Ebpf, name: &str, path: &Path) -> Result<(), DataplaneError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Load {
+            source: format!("program {name} missing from the socket object").into(),
+        })?;
+    let _ = std::fs::remove_file(path);
+    prog.pin(path).map_err(|e| DataplaneError::Io {
+        what: format!("pinning {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Loads the socket object (its maps created or re-used from their pins)
 /// and pins its programs, unless they are pinned already.
 pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
@@ -240,28 +306,10 @@ pub fn ensure_loaded(root: &PinRoot) -> Result<(), DataplaneError> {
     for dir in [s.maps_dir(), s.prog_dir(), s.links_dir()] {
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    let mut ebpf = load_object(&s)?;
-    for (name, _) in SOCK_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DataplaneError::Load {
-                source: format!("program {name} missing from the socket object").into(),
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::SockLoad {
-                source: e.into(),
-            })?;
-        prog.load()
-            .map_err(|e| match super::attach::load_error(name, e) {
-                DataplaneError::Load { source } => DataplaneError::SockLoad { source },
-                other => other,
-            })?;
-        let path = s.prog_dir().join(name);
-        let _ = std::fs::remove_file(&path);
-        prog.pin(&path).map_err(|e| DataplaneError::Io {
-            what: format!("pinning {}", path.display()),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    let mut ebpf = load_object(root)?;
+    for name in object_programs() {
+        load_program(&mut ebpf, name)?;
+        pin_program(&mut ebpf, name, &s.prog_dir().join(name))?;
     }
     Ok(())
 }
@@ -587,32 +635,40 @@ pub struct SockUpgrade {
 /// caller holds the root lock and has checked the pins (`repair_sock`).
 pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneError> {
     let mut report = SockUpgrade::default();
-    if !is_loaded(root) {
+    let s = sock_root(root);
+    // Any program pinned (an older build may not have had them all).
+    if !object_programs().any(|name| s.prog_dir().join(name).exists()) {
         return Ok(report);
     }
-    let s = sock_root(root);
-    let mut ebpf = load_object(&s)?;
+    let mut ebpf = load_object(root)?;
     // Load every new program before any link changes.
-    let mut swaps: Vec<(&str, &str)> = Vec::new();
-    for (name, hook) in SOCK_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| DataplaneError::Load {
-                source: format!("program {name} missing from the socket object").into(),
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::Load { source: e.into() })?;
-        prog.load()
-            .map_err(|e| super::attach::load_error(name, e))?;
-        let new_tag = prog
-            .info()
-            .map_err(|e| DataplaneError::Load { source: e.into() })?
-            .tag();
+    let mut swaps: Vec<&str> = Vec::new();
+    for name in object_programs() {
+        load_program(&mut ebpf, name)?;
+        let new_tag = ebpf
+            .program(name)
+            .and_then(|p| p.info().ok())
+            .map(|i| i.tag());
         let old_tag = aya::programs::ProgramInfo::from_pin(s.prog_dir().join(name))
             .map(|i| i.tag())
             .ok();
-        if force || old_tag != Some(new_tag) {
-            swaps.push((name, hook));
+        if force || old_tag.is_none() || old_tag != new_tag {
+            swaps.push(name);
+        }
+    }
+    // Every link pin and the program it runs.
+    let mut linked: Vec<(PathBuf, &str)> = Vec::new();
+    for (id, hooks) in links(root)? {
+        for hook in hooks {
+            if let Some((name, _)) = SOCK_PROGRAMS.iter().find(|(_, h)| *h == hook) {
+                linked.push((link_pin(root, id, &hook), name));
+            }
+        }
+    }
+    for (name, hook) in SOCK_LB_PROGRAMS {
+        let pin = super::sock_lb::link_pin(root, hook);
+        if pin.exists() {
+            linked.push((pin, name));
         }
     }
     // Switch the links, remembering each one's old program to go back to.
@@ -622,42 +678,34 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneErro
         std::os::fd::OwnedFd,
     )> = Vec::new();
     let result = (|| {
-        for (name, hook) in &swaps {
-            let prog: &CgroupSockAddr = ebpf
+        for (pin, name) in &linked {
+            if !swaps.contains(name) {
+                continue;
+            }
+            let new_fd = ebpf
                 .program(name)
-                .and_then(|p| p.try_into().ok())
                 .ok_or_else(|| DataplaneError::Load {
                     source: format!("program {name} missing from the socket object").into(),
-                })?;
-            let new_fd = prog
+                })?
                 .fd()
                 .map_err(|e| DataplaneError::Load { source: e.into() })?
-                .try_clone()
-                .map_err(|e| DataplaneError::Load { source: e.into() })?;
-            for (id, hooks) in links(root)? {
-                if !hooks.iter().any(|h| h == hook) {
-                    continue;
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io("duplicating a program fd".into()))?;
+            let link =
+                super::sys::obj_get(pin).map_err(io(format!("opening {}", pin.display())))?;
+            let info =
+                super::sys::link_info(&link).map_err(io(format!("reading {}", pin.display())))?;
+            let old = super::sys::prog_fd_by_id(info.prog_id)
+                .map_err(io(format!("opening program {}", info.prog_id)))?;
+            super::sys::link_update(link.as_fd(), new_fd.as_fd(), old.as_fd()).map_err(|e| {
+                DataplaneError::CgroupAttach {
+                    path: pin.clone(),
+                    hook: "upgrade",
+                    source: e.into(),
                 }
-                let pin = link_pin(root, id, hook);
-                let link =
-                    super::sys::obj_get(&pin).map_err(io(format!("opening {}", pin.display())))?;
-                let info = super::sys::link_info(&link)
-                    .map_err(io(format!("reading {}", pin.display())))?;
-                let old = super::sys::prog_fd_by_id(info.prog_id)
-                    .map_err(io(format!("opening program {}", info.prog_id)))?;
-                let new: std::os::fd::OwnedFd = new_fd
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(io("duplicating a program fd".into()))?;
-                super::sys::link_update(link.as_fd(), new.as_fd(), old.as_fd()).map_err(|e| {
-                    DataplaneError::CgroupAttach {
-                        path: pin.clone(),
-                        hook,
-                        source: e.into(),
-                    }
-                })?;
-                done.push((link, old, new));
-            }
+            })?;
+            done.push((link, old, new_fd));
         }
         Ok(())
     })();
@@ -670,19 +718,8 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneErro
     report.links = done.len();
     report.programs = swaps.len();
     // The pins follow the programs the links now run.
-    for (name, _) in &swaps {
-        let path = s.prog_dir().join(name);
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| DataplaneError::Load {
-                source: format!("program {name} missing from the socket object").into(),
-            })?;
-        let _ = std::fs::remove_file(&path);
-        prog.pin(&path).map_err(|e| DataplaneError::Io {
-            what: format!("pinning {}", path.display()),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    for name in &swaps {
+        pin_program(&mut ebpf, name, &s.prog_dir().join(name))?;
     }
     Ok(report)
 }

@@ -18,6 +18,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// bpf(2) with `attr`, one of this module's `#[repr(C)]` bpf_attr variants
 /// (zero-initialised where the kernel expects zeros); the kernel may write
@@ -297,6 +298,36 @@ pub fn link_update(
         old_prog_fd: old_prog.as_raw_fd() as u32,
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    // The attach-type specific union, unused for cgroups (must be zero).
+    _rest: [u64; 4],
+}
+
+/// Links `prog` to the cgroup open at `cgroup` on hook `attach_type`
+/// (`bpf_attach_type`): a bpf_link, multi-attach by nature; dropping the
+/// last reference (fd or pin) detaches it.
+pub fn link_create_cgroup(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..LinkCreateAttr::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[repr(C)]

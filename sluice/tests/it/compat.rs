@@ -75,8 +75,9 @@ fn every_program_verifies_well_under_the_limit() {
     }
 }
 
-/// The socket object's cgroup programs verify too (loaded as a workload's
-/// first apply loads them), each well under the limit.
+/// The socket object's cgroup programs (workload policy and socket LB)
+/// verify too (loaded as a workload's first apply, or the socket LB, loads
+/// them), each well under the limit.
 #[test]
 fn every_socket_program_verifies_well_under_the_limit() {
     let sb = crate::support::kernel::new_sandbox();
@@ -84,7 +85,7 @@ fn every_socket_program_verifies_well_under_the_limit() {
     let programs = attach::programs(sb.root()).expect("program status");
     let release = kernel_release();
     let mut seen = 0;
-    for (name, _) in sluice_common::sock::SOCK_PROGRAMS {
+    for name in sluice::dataplane::sock::object_programs() {
         let p = programs
             .iter()
             .find(|p| p.name == name)
@@ -94,7 +95,7 @@ fn every_socket_program_verifies_well_under_the_limit() {
         assert!(insns > 0 && insns < VERIFIER_LIMIT / 4, "{name}: {insns}");
         seen += 1;
     }
-    assert_eq!(seen, 6);
+    assert_eq!(seen, 15);
 }
 
 #[test]
