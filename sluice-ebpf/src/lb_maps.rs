@@ -30,4 +30,3 @@ pub static LB_MAGLEV: ArrayOfMaps<
     BtfArray<u32, { lb::TABLE_SIZE as usize }>,
     { lb::MAX_SERVICES as usize },
 > = ArrayOfMaps::new();
-

@@ -15,8 +15,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use sluice_common::{
-    lb::{BACKEND_F_DOWN, BACKEND_F_DRAINING, NO_BACKEND, Service, ServiceKey, TABLE_SIZE,
-        socket_hash},
+    lb::{
+        BACKEND_F_DOWN, BACKEND_F_DRAINING, NO_BACKEND, Service, ServiceKey, TABLE_SIZE,
+        socket_hash,
+    },
     sock::{SOCK_LB_F_ENABLED, SockLbSock, sock_lb_stat},
 };
 
@@ -94,7 +96,10 @@ pub fn balance(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(raw) };
     let idx = socket_hash(cookie) % TABLE_SIZE;
-    let slot = LB_MAGLEV.get_value(svc.id, &idx).copied().unwrap_or(NO_BACKEND);
+    let slot = LB_MAGLEV
+        .get_value(svc.id, &idx)
+        .copied()
+        .unwrap_or(NO_BACKEND);
     let usable = match LB_BACKENDS.get(slot) {
         Some(b) if slot != NO_BACKEND => {
             b.family != 0 && b.flags & (BACKEND_F_DOWN | BACKEND_F_DRAINING) == 0

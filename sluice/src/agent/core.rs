@@ -132,6 +132,14 @@ impl AgentError {
     }
 }
 
+/// What the LB maps were last made to hold: services, down members, and
+/// the socket LB's settings (on, services it leaves alone).
+type LbApplied = (
+    Vec<crate::model::lb::ServiceSpec>,
+    Vec<MemberKey>,
+    (bool, Vec<crate::model::lb::ServiceId>),
+);
+
 /// A backend of a service, as health checks and `down` sets name it.
 pub use crate::model::lb::MemberKey;
 
@@ -208,7 +216,9 @@ pub struct Core {
     /// The health checker (status for the API and metrics).
     pub checker: Option<std::sync::Arc<super::health::Checker<MemberKey>>>,
     /// What the LB maps were last made to match (skip identical re-applies).
-    lb_applied: Option<(Vec<crate::model::lb::ServiceSpec>, Vec<MemberKey>)>,
+    lb_applied: Option<LbApplied>,
+    /// Why the socket LB could not be put in force (warned once per cause).
+    pub sock_lb_error: Option<String>,
     /// `[lb] connections` value already warned about (pinned size differs).
     lb_size_warned: Option<u32>,
     /// Workloads whose cgroup the last reconcile did not find (warned once).
@@ -294,6 +304,7 @@ impl Core {
             health_down: std::collections::HashSet::new(),
             checker: None,
             lb_applied: None,
+            sock_lb_error: None,
             lb_size_warned: None,
             sock_missing: Vec::new(),
             workload_names: super::flows::WorkloadNames::default(),
@@ -661,6 +672,7 @@ impl Core {
         }
         self.reconcile_interfaces(strict, &mut report)?;
         if self.root.is_set_up() {
+            // The maps (and the root lock they hold) go before the LB's turn.
             let mut maps = PolicyMaps::open(&self.root)?;
             let repaired = maps.repair()?;
             let current = match read {
@@ -677,6 +689,7 @@ impl Core {
             } else if repaired {
                 warn!("an interrupted change had left the standby generation behind; repaired");
             }
+            drop(maps);
             report.lb = self.reconcile_lb(!strict)?;
         }
         report.sock = self.reconcile_sock();
@@ -937,11 +950,22 @@ impl Core {
         });
         let mut down: Vec<MemberKey> = self.health_down.iter().copied().collect();
         down.sort();
-        let key = (specs, down);
+        let socket_off: Vec<crate::model::lb::ServiceId> = self
+            .desired
+            .services
+            .iter()
+            .filter(|s| !s.socket)
+            .map(|s| s.spec.id)
+            .collect();
+        let key = (specs, down, (self.lb.socket, socket_off));
         if !force && self.lb_applied.as_ref() == Some(&key) {
             return Ok(None);
         }
+        if let Err(e) = crate::engine::sock_lb::prepare(&self.root, &self.desired.services) {
+            warn!(error = %e, "cannot mark the services the socket LB leaves alone");
+        }
         let r = crate::engine::lb::apply(&self.root, &key.0, &self.health_down)?;
+        self.reconcile_sock_lb();
         if r.tables_rebuilt + r.backends_written + r.backends_freed + r.services_removed > 0 {
             info!(
                 services_added = r.services_added,
@@ -954,6 +978,33 @@ impl Core {
         }
         self.lb_applied = Some(key);
         Ok(Some(r))
+    }
+
+    /// Puts the socket LB in force (or takes it out) as `[lb] socket` and
+    /// the services say. A failure (no cgroup v2, a kernel without the
+    /// hooks) is warned once and shown by `status`; the packet LB goes on.
+    fn reconcile_sock_lb(&mut self) {
+        match crate::engine::sock_lb::apply(&self.root, self.lb.socket, &self.desired.services) {
+            Ok(r) => {
+                if r.linked + r.unlinked > 0 || r.rebound {
+                    info!(
+                        on = r.on,
+                        linked = r.linked,
+                        unlinked = r.unlinked,
+                        rebound = r.rebound,
+                        "socket load balancer updated"
+                    );
+                }
+                self.sock_lb_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.sock_lb_error.as_deref() != Some(text.as_str()) {
+                    warn!(error = %text, "the socket load balancer is not in force; local clients reach services through the packet LB");
+                }
+                self.sock_lb_error = Some(text);
+            }
+        }
     }
 
     /// A health check changed its verdict on a backend: the tables follow.

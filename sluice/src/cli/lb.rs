@@ -86,9 +86,33 @@ pub enum ServiceCommand {
         /// Failures in a row before a backend is down.
         #[arg(long, default_value_t = 3, requires = "health")]
         health_fall: u32,
+        /// Local clients' connect()/sendmsg() to the service get a backend
+        /// at the socket (the socket LB, docs/sock.md); off leaves them to
+        /// the packet LB.
+        #[arg(
+            long = "socket-lb",
+            value_enum,
+            default_value = "on",
+            value_name = "on|off"
+        )]
+        socket_lb: OnOff,
     },
     /// Delete a service (its connections end at the VIP).
     Del { service: ServiceId },
+    /// Change a service's settings: the socket LB for it on or off.
+    Set {
+        service: ServiceId,
+        /// The socket LB for this service: on, or off (local clients go
+        /// through the packet LB).
+        #[arg(long = "socket-lb", value_enum, value_name = "on|off")]
+        socket_lb: OnOff,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +218,7 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                 health_timeout,
                 health_rise,
                 health_fall,
+                socket_lb,
             } => {
                 let backends = backends
                     .iter()
@@ -247,10 +272,15 @@ fn change_of(cmd: &LbCommand) -> Result<Option<LbOp>, LbCliError> {
                             backends,
                         },
                         health,
+                        socket: *socket_lb == OnOff::On,
                     },
                 }
             }
             ServiceCommand::Del { service } => LbOp::ServiceDel { id: *service },
+            ServiceCommand::Set { service, socket_lb } => LbOp::ServiceSet {
+                id: *service,
+                socket: *socket_lb == OnOff::On,
+            },
         },
         LbCommand::Backend { action } => match action {
             BackendCommand::Add {
@@ -332,8 +362,13 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
     let mut services = pinned_services(root)?;
     op.apply(&mut services, true).map_err(LbCliError::Refused)?;
     crate::model::lb::validate(&services).map_err(LbCliError::Refused)?;
-    let specs: Vec<ServiceSpec> = services.into_iter().map(|s| s.spec).collect();
+    // The socket LB is the agent's; its per-service settings are kept.
+    crate::engine::sock_lb::prepare(root, &services)?;
+    let specs: Vec<ServiceSpec> = services.iter().map(|s| s.spec.clone()).collect();
     let report = crate::engine::lb::apply(root, &specs, &std::collections::HashSet::new())?;
+    if dataplane::sock::is_loaded(root) {
+        dataplane::sock_lb::set_off(root, &crate::engine::sock_lb::off_keys(&services), true)?;
+    }
     out.lb_applied(&op.describe(), &report);
     Ok(())
 }
@@ -341,6 +376,11 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
 /// The services the pins hold, as desired services (no health checks:
 /// those live in the agent).
 pub(crate) fn pinned_services(root: &PinRoot) -> Result<Vec<LbService>, dataplane::DataplaneError> {
+    let off = if dataplane::sock::is_loaded(root) {
+        dataplane::sock_lb::off(root)?
+    } else {
+        std::collections::BTreeSet::new()
+    };
     Ok(crate::engine::lb::read(root)?
         .into_iter()
         .map(|s| LbService {
@@ -358,6 +398,7 @@ pub(crate) fn pinned_services(root: &PinRoot) -> Result<Vec<LbService>, dataplan
                     .collect(),
             },
             health: None,
+            socket: !off.contains(&crate::engine::lb::service_key(&s.id)),
         })
         .collect())
 }

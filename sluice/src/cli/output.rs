@@ -379,6 +379,15 @@ impl Out {
                 c.hooks.join(" ")
             );
         }
+        if let Some(l) = &s.socket_lb {
+            println!(
+                "sock lb:  {} (cgroup {}): {}; {} socket(s) remembered",
+                if l.on { "on" } else { "linked, off" },
+                l.cgroup.as_deref().unwrap_or("?"),
+                l.hooks.join(" "),
+                l.sockets
+            );
+        }
         let Some(p) = &s.program else {
             if s.cgroups.is_empty() {
                 println!("not attached anywhere");
@@ -779,14 +788,39 @@ impl Out {
             return;
         }
         let table_size = f64::from(sluice_common::lb::TABLE_SIZE);
+        let sl = &v.socket;
+        if sl.on {
+            let count = |name: &str| {
+                sl.events
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, c)| *c)
+            };
+            println!(
+                "socket LB: on (cgroup {}): {} connect, {} sendmsg, {} no backend; {} of {} sockets remembered{}\n",
+                sl.cgroup.as_deref().unwrap_or("?"),
+                count("connect"),
+                count("sendmsg"),
+                count("no_backend"),
+                sl.sockets,
+                sl.capacity,
+                match count("state_full") {
+                    0 => String::new(),
+                    n => format!(", {n} not remembered (full)"),
+                }
+            );
+        } else {
+            println!("socket LB: off (local clients reach services through the packet LB)\n");
+        }
         for (i, s) in v.services.iter().enumerate() {
             if i > 0 {
                 println!();
             }
             println!(
-                "{} {}  packets {}  bytes {}  connections {}{}",
+                "{} {}{}  packets {}  bytes {}  connections {}{}",
                 s.service,
                 s.mode,
+                if s.socket { "" } else { " (socket LB off)" },
                 s.packets,
                 human_bytes(s.bytes),
                 s.connections,
@@ -816,6 +850,7 @@ impl Out {
                         human_bytes(b.bytes),
                         b.connections.to_string(),
                         b.active.to_string(),
+                        b.sockets.to_string(),
                     ]
                 })
                 .collect();
@@ -830,6 +865,7 @@ impl Out {
                     "BYTES",
                     "CONNS",
                     "ACTIVE",
+                    "SOCKETS",
                 ],
                 &rows,
             );

@@ -123,6 +123,9 @@ pub struct Status {
     /// Cgroups the socket programs are linked to (workloads).
     #[serde(default)]
     pub cgroups: Vec<CgroupLinks>,
+    /// The socket LB, when it is linked to the root cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_lb: Option<super::sock_lb::SockLbState>,
 }
 
 /// The socket programs linked to one cgroup.
@@ -794,7 +797,12 @@ pub fn detach(root: &PinRoot, iface: &str, netns: &str) -> Result<DetachReport, 
 /// Removes the XDP/TC side of a pin root: all of it, unless the socket
 /// layer still has workloads there (`sock/`), which keep their own pins.
 fn remove_packet_pins(root: &PinRoot) -> Result<(), DataplaneError> {
+    // The socket LB balances by the packet LB's maps: it goes with them.
+    super::sock_lb::detach(root);
     let sock = super::sock::sock_root(root).root;
+    if sock.exists() && super::sock::links(root)?.is_empty() {
+        super::sock::remove_all(root)?;
+    }
     if !sock.exists() {
         return pins::remove_tree(&root.root)
             .map_err(io_err(format!("removing {}", root.root.display())));
@@ -839,10 +847,13 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         integrity: None,
         programs: Vec::new(),
         cgroups: Vec::new(),
+        socket_lb: None,
     };
     if !root.root.exists() {
         return Ok(st);
     }
+    let sl = super::sock_lb::state(root);
+    st.socket_lb = (!sl.hooks.is_empty()).then_some(sl);
     st.cgroups = super::sock::links(root)?
         .into_iter()
         .map(|(cgroup_id, hooks)| CgroupLinks {

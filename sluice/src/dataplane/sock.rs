@@ -238,7 +238,8 @@ fn load_object(root: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
         .partition(|m| names::SHARED_LB_MAPS.contains(&m.name.as_str()));
     pins::check_pinned_maps(&s, &own)?;
     pins::check_pinned_maps(&lb, &shared)?;
-    std::fs::create_dir_all(lb.maps_dir()).map_err(io(format!("creating {}", lb.maps_dir().display())))?;
+    std::fs::create_dir_all(lb.maps_dir())
+        .map_err(io(format!("creating {}", lb.maps_dir().display())))?;
     super::attach::create_maglev_outer(&lb)?;
     let mut loader = EbpfLoader::new();
     let paths: Vec<(String, PathBuf)> = own
@@ -262,11 +263,9 @@ fn load_object(root: &PinRoot) -> Result<aya::Ebpf, DataplaneError> {
 
 /// Loads (verifies) the program `name` of the socket object.
 fn load_program(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DataplaneError::Load {
-            source: format!("program {name} missing from the socket object").into(),
-        })?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| DataplaneError::Load {
+        source: format!("program {name} missing from the socket object").into(),
+    })?;
     let loaded = match prog {
         aya::programs::Program::CgroupSockAddr(p) => p.load(),
         aya::programs::Program::CgroupSock(p) => p.load(),
@@ -284,11 +283,9 @@ fn load_program(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> 
 
 /// Pins the loaded program `name` at `path` (replacing what was there).
 fn pin_program(ebpf: &mut aya::Ebpf, name: &str, path: &Path) -> Result<(), DataplaneError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DataplaneError::Load {
-            source: format!("program {name} missing from the socket object").into(),
-        })?;
+    let prog = ebpf.program_mut(name).ok_or_else(|| DataplaneError::Load {
+        source: format!("program {name} missing from the socket object").into(),
+    })?;
     let _ = std::fs::remove_file(path);
     prog.pin(path).map_err(|e| DataplaneError::Io {
         what: format!("pinning {}", path.display()),

@@ -130,7 +130,8 @@ pub fn attach(root: &PinRoot) -> Result<usize, DataplaneError> {
                 source: format!("unknown hook {hook}").into(),
             })?;
             let prog_path = s.prog_dir().join(name);
-            let prog = sys::obj_get(&prog_path).map_err(io(format!("opening {}", prog_path.display())))?;
+            let prog =
+                sys::obj_get(&prog_path).map_err(io(format!("opening {}", prog_path.display())))?;
             let link = sys::link_create_cgroup(prog.as_fd(), dir.as_fd(), kind).map_err(|e| {
                 DataplaneError::CgroupAttach {
                     path: cg.path.clone(),
@@ -187,14 +188,16 @@ pub fn bound(root: &PinRoot) -> Result<bool, DataplaneError> {
     };
     let (want, _) = sys::map_id_name(&map).map_err(io(format!("reading {}", pin.display())))?;
     let s = sock_root(root);
-    for (name, _) in SOCK_LB_PROGRAMS {
+    for (name, hook) in SOCK_LB_PROGRAMS {
         let path = s.prog_dir().join(name);
         let Ok(prog) = sys::obj_get(&path) else {
             return Ok(false);
         };
         let (_, maps) = sys::prog_maps(&prog).map_err(io(format!("reading {}", path.display())))?;
-        // sock_release reads only its own maps.
-        if name != "slb_release" && !maps.contains(&want) {
+        // Only connect and sendmsg look services up; the others read the
+        // socket LB's own maps.
+        let balances = hook.starts_with("connect") || hook.starts_with("sendmsg");
+        if balances && !maps.contains(&want) {
             return Ok(false);
         }
     }
@@ -251,7 +254,11 @@ pub fn off(root: &PinRoot) -> Result<BTreeSet<ServiceKey>, DataplaneError> {
 /// Makes the set of services the socket LB leaves alone `want`: new
 /// entries first, stale ones after (call before the packet LB's services
 /// change, and again after, so no service is balanced against its setting).
-pub fn set_off(root: &PinRoot, want: &BTreeSet<ServiceKey>, remove_stale: bool) -> Result<(), DataplaneError> {
+pub fn set_off(
+    root: &PinRoot,
+    want: &BTreeSet<ServiceKey>,
+    remove_stale: bool,
+) -> Result<(), DataplaneError> {
     let mut m: HashMap<MapData, ServiceKey, u32> = typed(&sock_root(root), names::SOCK_LB_OFF)?;
     let have = off(root)?;
     for k in want.difference(&have) {
@@ -307,4 +314,40 @@ pub fn sockets(root: &PinRoot) -> Result<Vec<(u64, SockLbSock)>, DataplaneError>
     m.iter()
         .map(|r| r.map_err(|e| DataplaneError::map_err("read", names::SOCK_LB_SOCKS, e)))
         .collect()
+}
+
+/// The socket LB as the kernel holds it (`status`, `lb list`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SockLbState {
+    /// Linked to every hook and switched on.
+    pub on: bool,
+    /// The cgroup the programs are linked to (the cgroup v2 root).
+    pub cgroup: Option<String>,
+    /// Hooks linked.
+    pub hooks: Vec<String>,
+    /// Translated sockets remembered now, and the capacity.
+    pub sockets: usize,
+    pub capacity: u32,
+    /// Event counters (`connect`, `sendmsg`, `no_backend`, ...).
+    pub events: Vec<(String, u64)>,
+}
+
+/// The socket LB as the kernel holds it now.
+#[must_use]
+pub fn state(root: &PinRoot) -> SockLbState {
+    let hooks: Vec<String> = attached(root).into_iter().map(str::to_string).collect();
+    let enabled = config(root).is_ok_and(|c| c.flags & sluice_common::sock::SOCK_LB_F_ENABLED != 0);
+    SockLbState {
+        on: enabled && hooks.len() == sluice_common::sock::SOCK_LB_PROGRAMS.len(),
+        cgroup: (!hooks.is_empty())
+            .then(|| root_cgroup().ok())
+            .flatten()
+            .map(|c| c.path.display().to_string()),
+        hooks,
+        sockets: sockets(root).map(|v| v.len()).unwrap_or(0),
+        capacity: sluice_common::sock::SOCK_LB_CAPACITY,
+        events: stats(root)
+            .map(|v| v.into_iter().map(|(n, c)| (n.to_string(), c)).collect())
+            .unwrap_or_default(),
+    }
 }

@@ -42,7 +42,7 @@ fn addr_of(family: u8, w: [u64; 2]) -> IpAddr {
     ip_from_words(family, w).unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
-fn service_key(id: &ServiceId) -> ServiceKey {
+pub(crate) fn service_key(id: &ServiceId) -> ServiceKey {
     ServiceKey {
         addr: ip_words(&id.vip),
         port: id.port,

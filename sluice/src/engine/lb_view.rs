@@ -31,6 +31,9 @@ pub struct BackendRow {
     pub connections: u64,
     /// Open connections in the connection table (no FIN/RST, not idle).
     pub active: u64,
+    /// Sockets the socket LB gave it (local clients).
+    #[serde(default)]
+    pub sockets: u64,
 }
 
 /// One service as `sluice lb list` shows it.
@@ -43,6 +46,9 @@ pub struct ServiceRow {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+    /// Local clients get a backend at the socket (when the socket LB is on).
+    #[serde(default)]
+    pub socket: bool,
     pub backends: Vec<BackendRow>,
 }
 
@@ -57,6 +63,9 @@ pub struct LbView {
     /// The connection table's capacity.
     #[serde(default)]
     pub connection_capacity: u32,
+    /// The socket LB (local clients balanced at connect()/sendmsg()).
+    #[serde(default)]
+    pub socket: super::sock_lb::SockLbState,
 }
 
 pub(crate) fn describe_check(
@@ -100,6 +109,20 @@ pub fn view(
         state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)),
     )?;
     let (active, walked) = maps::active_connections(root)?;
+    let sock_loaded = crate::dataplane::sock::is_loaded(root);
+    let sockets = if sock_loaded {
+        crate::dataplane::sock_lb::backend_sockets(
+            root,
+            state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)),
+        )?
+    } else {
+        Default::default()
+    };
+    let off = if sock_loaded {
+        crate::dataplane::sock_lb::off(root)?
+    } else {
+        Default::default()
+    };
     let mut out = LbView {
         events: maps::stats(root)?
             .into_iter()
@@ -107,6 +130,7 @@ pub fn view(
             .collect(),
         connection_entries: walked,
         connection_capacity: maps::pinned_conn_capacity(root)?,
+        socket: super::sock_lb::read(root),
         ..LbView::default()
     };
     for s in state {
@@ -145,6 +169,7 @@ pub fn view(
                     bytes: bc.bytes,
                     connections: bc.conns,
                     active: active.get(&m.slot).copied().unwrap_or(0),
+                    sockets: sockets.get(&m.slot).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -155,6 +180,7 @@ pub fn view(
             packets: c.packets,
             bytes: c.bytes,
             connections: c.conns,
+            socket: !off.contains(&super::lb::service_key(&s.id)),
             backends,
         });
     }

@@ -5,6 +5,7 @@ pub mod lb;
 pub mod lb_view;
 pub mod policy;
 pub mod sock;
+pub mod sock_lb;
 
 use crate::dataplane::{DataplaneError, PinRoot, Status, attach, attach::ServiceStatus};
 

@@ -125,8 +125,16 @@ pub fn apply(
     if workloads.is_empty() {
         if sock_dir.exists() {
             let _lock = pins::RootLock::acquire(&root.root)?;
-            report.unlinked = sock::links(root)?.values().map(Vec::len).sum();
-            sock::remove_all(root)?;
+            let links = sock::links(root)?;
+            report.unlinked = links.values().map(Vec::len).sum();
+            if crate::dataplane::sock_lb::attached(root).is_empty() {
+                sock::remove_all(root)?;
+            } else {
+                // The socket LB still runs the object: only the workloads go.
+                for id in links.keys() {
+                    sock::detach(root, *id);
+                }
+            }
         }
         return Ok(report);
     }

@@ -33,25 +33,25 @@ use crate::support::{
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
 const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
-const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+pub(crate) const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 1);
 const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 10, 0, 0, 0, 2);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
-const SERVICE_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
+pub(crate) const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
+pub(crate) const SERVICE_PORT: u16 = 80;
+pub(crate) const BACKEND_PORT: u16 = 8080;
 
-fn backend_v4(i: u8) -> Ipv4Addr {
+pub(crate) fn backend_v4(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 11 + i, 2)
 }
 
-fn backend_v6(i: u8) -> Ipv6Addr {
+pub(crate) fn backend_v6(i: u8) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 2, 0, 11 + u16::from(i), 0, 0, 0, 2)
 }
 
 /// A TCP server in a backend namespace: answers each connection with its
 /// name, then echoes lines until the client closes. `stop` closes the
 /// listener and every open connection (a killed process).
-struct Server {
+pub(crate) struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -130,7 +130,7 @@ impl Server {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -182,24 +182,24 @@ fn veth(
     }
 }
 
-struct Backend {
-    ns: Netns,
+pub(crate) struct Backend {
+    pub(crate) ns: Netns,
     name: String,
-    server: Server,
+    pub(crate) server: Server,
 }
 
-struct Topo {
-    client: Netns,
+pub(crate) struct Topo {
+    pub(crate) client: Netns,
     client_if: String,
-    lb: Netns,
-    lb_if: String,
-    backends: Vec<Backend>,
+    pub(crate) lb: Netns,
+    pub(crate) lb_if: String,
+    pub(crate) backends: Vec<Backend>,
     /// Each backend's end of its veth pair (in its namespace).
     backend_ifs: Vec<String>,
 }
 
 impl Topo {
-    fn new(tag: &str, n: u8) -> Topo {
+    pub(crate) fn new(tag: &str, n: u8) -> Topo {
         let client = Netns::new(&format!("{tag}-c"));
         let lb = Netns::new(&format!("{tag}-l"));
         let id = std::process::id() % 10_000;
@@ -374,7 +374,7 @@ fn words(a: IpAddr) -> [u64; 2] {
     addr_words(&b)
 }
 
-fn counts(results: &[(u16, Option<String>)]) -> BTreeMap<String, usize> {
+pub(crate) fn counts(results: &[(u16, Option<String>)]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for (_, r) in results {
         *m.entry(r.clone().unwrap_or_else(|| "FAILED".into()))
@@ -383,11 +383,11 @@ fn counts(results: &[(u16, Option<String>)]) -> BTreeMap<String, usize> {
     m
 }
 
-fn lb_json(env: &AgentEnv) -> Value {
+pub(crate) fn lb_json(env: &AgentEnv) -> Value {
     env.cli_json(&["lb", "list", "--json"])
 }
 
-fn backend_row<'a>(v: &'a Value, service: &str, backend: &str) -> &'a Value {
+pub(crate) fn backend_row<'a>(v: &'a Value, service: &str, backend: &str) -> &'a Value {
     v["services"]
         .as_array()
         .and_then(|s| s.iter().find(|x| x["service"] == service))
@@ -698,7 +698,7 @@ fn nat_balances_real_connections_v4_and_v6() {
 }
 
 /// `ADDR:PORT` of backend `i` as the service names it.
-fn backend_addr(i: u8, v6: bool) -> String {
+pub(crate) fn backend_addr(i: u8, v6: bool) -> String {
     if v6 {
         format!("[{}]:{BACKEND_PORT}", backend_v6(i))
     } else {

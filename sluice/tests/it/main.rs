@@ -35,6 +35,7 @@ mod lts;
 mod model;
 mod packets;
 mod sock;
+mod sock_lb;
 mod syn_flood;
 mod top;
 mod trust;

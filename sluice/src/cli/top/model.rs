@@ -503,6 +503,7 @@ mod tests {
             integrity: None,
             programs: Vec::new(),
             cgroups: Vec::new(),
+            socket_lb: None,
         }
     }
 

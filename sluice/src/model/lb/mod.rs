@@ -344,6 +344,23 @@ pub struct LbService {
     pub spec: ServiceSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConf>,
+    /// Local clients' connect()/sendmsg() to the service are given a
+    /// backend at the socket (the socket LB, when it is on: `[lb] socket`);
+    /// false leaves them to the packet LB.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub socket: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if signature"
+)]
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A change to the services (`sluice lb ...`).
@@ -363,6 +380,11 @@ pub enum LbOp {
     BackendDel {
         service: ServiceId,
         backend: BackendAddr,
+    },
+    /// Changes a service's settings (the socket LB for it on or off).
+    ServiceSet {
+        id: ServiceId,
+        socket: bool,
     },
     /// Changes a backend's weight and/or drain state.
     BackendSet {
@@ -429,6 +451,11 @@ impl LbOp {
                 None if strict => return Err(format!("no service {id}")),
                 None => {}
             },
+            Self::ServiceSet { id, socket } => match find(services, id) {
+                Some(i) => services[i].socket = *socket,
+                None if strict => return Err(format!("no service {id}")),
+                None => {}
+            },
             Self::BackendAdd { service, backend } => {
                 let Some(list) = backends_of(services, service, strict)? else {
                     return Ok(());
@@ -485,6 +512,10 @@ impl LbOp {
                 service.spec.backends.len()
             ),
             Self::ServiceDel { id } => format!("lb service del {id}"),
+            Self::ServiceSet { id, socket } => format!(
+                "lb service set {id} socket {}",
+                if *socket { "on" } else { "off" }
+            ),
             Self::BackendAdd { service, backend } => format!(
                 "lb backend add {service} {} weight {}",
                 backend.addr, backend.weight
@@ -775,6 +806,7 @@ mod tests {
 
     fn service(id: &str, backends: &[&str]) -> LbService {
         LbService {
+            socket: true,
             spec: ServiceSpec {
                 id: id.parse().unwrap(),
                 mode: Mode::Nat,

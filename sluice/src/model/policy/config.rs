@@ -180,6 +180,9 @@ pub struct LbSettings {
     pub new_connections_burst: u64,
     /// Connection-table capacity, used when the table is created.
     pub connections: u32,
+    /// The socket LB: local clients' connect()/sendmsg() to a service are
+    /// given a backend at the socket (docs/sock.md).
+    pub socket: bool,
 }
 
 impl Default for LbSettings {
@@ -193,6 +196,7 @@ impl Default for LbSettings {
             new_connections_per_second: DEFAULT_NEW_CONNS_PER_S,
             new_connections_burst: DEFAULT_NEW_CONNS_PER_S,
             connections: sluice_common::lb::CONN_CAPACITY,
+            socket: true,
         }
     }
 }
@@ -205,6 +209,7 @@ struct RawLb {
     new_connections_per_second: Option<Spanned<i64>>,
     new_connections_burst: Option<Spanned<i64>>,
     connections: Option<Spanned<i64>>,
+    socket: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +218,7 @@ struct RawService {
     vip: Spanned<String>,
     mode: Option<Spanned<String>>,
     vni: Option<Spanned<i64>>,
+    socket: Option<bool>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     health: Option<Spanned<RawHealth>>,
@@ -534,6 +540,9 @@ fn lb_settings(pos: &Positions<'_>, raw: &RawLb, diags: &mut Vec<Diagnostic>) ->
             )),
         }
     }
+    if let Some(v) = raw.socket {
+        l.socket = v;
+    }
     if let Some(v) = &raw.connections {
         use sluice_common::settings::{MAX_CONNS, MIN_CONNS};
         match u32::try_from(*v.get_ref()) {
@@ -729,6 +738,7 @@ fn service(
             backends,
         },
         health,
+        socket: r.socket.unwrap_or(true),
     })
 }
 
