@@ -353,9 +353,22 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
         .expect("service row");
     assert!(row["packets"].as_u64().unwrap_or(0) > 0, "{row:#}");
 
-    // Status names the link; detach removes it.
+    // Status names the links (docs/sock.md shows both listings).
     let st = env.cli_json(&["status", "--json"]);
     assert_eq!(st["socket_lb"]["on"], true, "{st:#}");
+    assert_eq!(
+        st["socket_lb"]["hooks"].as_array().map(Vec::len),
+        Some(9),
+        "{st:#}"
+    );
+    println!(
+        "{}",
+        String::from_utf8_lossy(&env.cli_ok(&["lb", "list"]).stdout)
+    );
+    println!(
+        "{}",
+        String::from_utf8_lossy(&env.cli_ok(&["status"]).stdout)
+    );
     drop(agent);
 }
 
