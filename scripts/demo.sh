@@ -3,7 +3,8 @@
 # joined by a veth pair, runs `sluice agent` on the lab's config
 # (examples/lab.toml) and walks through runtime changes, history, diff and
 # apply of an edited config, the load balancer (three HTTP backends, weights,
-# a backend killed and taken out by health checks, drain), a per-source rate
+# a backend killed and taken out by health checks, drain, local clients
+# balanced at the socket), a per-source rate
 # limit under a flood, the SYN guard under a spoofed SYN flood while a real
 # client is served, flow records and top, rollback, the
 # metrics endpoint, an agent killed
@@ -588,6 +589,41 @@ else
 fi
 sl lb list
 
+step "The socket LB: clients on b itself get a backend at connect(), from the same table"
+note "No per-packet NAT for local clients: connect() to $VIP:80 is rewritten to a backend"
+note "(c1 draining, c2 down: c3), and getpeername() still reports $VIP:80."
+cat >"$TMP/local.py" <<'PY'
+import collections, socket, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+got = collections.Counter()
+for _ in range(n):
+    try:
+        s = socket.create_connection((vip, 80), 2)
+        peer = "%s:%d" % s.getpeername()[:2]
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        body = b""
+        while chunk := s.recv(4096):
+            body += chunk
+        got[body.split(b"\r\n\r\n", 1)[-1].decode().strip() + " (peer " + peer + ")"] += 1
+    except OSError as e:
+        got["FAILED: " + (e.strerror or str(e))] += 1
+print("  ".join(f"{k}: {v}" for k, v in sorted(got.items())))
+PY
+show "$NSB" "python3 local.py $VIP 20   # 20 connections from b itself"
+LOCAL=$(in_ns "$NSB" timeout 60 python3 "$TMP/local.py" "$VIP" 20)
+note "$LOCAL"
+[ "$LOCAL" = "backend-c3 (peer $VIP:80): 20" ] && good "20 local connections on backend-c3, each seeing $VIP:80 as its peer" || bad "local clients: $LOCAL"
+sl lb list
+sockets=$(slq lb list | python3 -c 'import json, sys; v = json.load(sys.stdin); print(sum(b["sockets"] for s in v["services"] for b in s["backends"]))')
+[ "$sockets" -ge 20 ] && good "the socket LB counted $sockets sockets" || bad "sockets counted: $sockets"
+sl lb service set "$VIP:80" --socket-lb off
+LOCAL=$(in_ns "$NSB" timeout 60 python3 "$TMP/local.py" "$VIP" 3)
+note "$LOCAL"
+case $LOCAL in FAILED*) good "socket LB off for the service: b's own connects are left alone (b has no route to $VIP)" ;; *) bad "socket LB off, yet: $LOCAL" ;; esac
+sl lb service set "$VIP:80" --socket-lb on
+http_spread 10
+[ "$(count_of FAILED)" = 0 ] && good "clients in a still reach the VIP through the packet LB" || bad "packet LB: $SPREAD"
+
 step "DDoS: a per-source limit holds a flood to its rate; a neighbour is untouched"
 A4B=198.18.0.3
 ip -n "$NSA" addr add "$A4B/24" dev "$VETHA"
@@ -622,7 +658,7 @@ note "challenges go back out of $VETHB with XDP_TX; on a veth they reach $NSA on
 note "program is attached to the peer end, so a second sluice (own pin root, default policy) passes all there"
 show "$NSA" "sluice -n $NSA --pin-root $PEER_ROOT attach $VETHA"
 "$SLUICE" -n "$NSA" --pin-root "$PEER_ROOT" --socket "$TMP/no-agent.sock" attach "$VETHA" >/dev/null
-in_ns "$NSB" timeout 120 python3 -c "$HTTP_SERVER" "$NSB" >/dev/null 2>&1 &
+ip netns exec "$NSB" timeout 120 python3 -c "$HTTP_SERVER" "$NSB" >/dev/null 2>&1 &
 SERVER_PIDS+=($!)
 for ((i = 0; i < 50; i++)); do
     in_ns "$NSA" timeout 2 python3 -c 'import socket, sys; socket.create_connection((sys.argv[1], 8080), 1).close()' "$B4" 2>/dev/null && break
@@ -714,7 +750,9 @@ CG_DIR=$CG_MOUNT/$CG_REL
 show "" "mkdir -p $CG_DIR"
 mkdir -p "$CG_DIR"
 for port in 8080 8081; do
-    in_ns "$NSB" python3 -m http.server "$port" --bind "$B4" >/dev/null 2>&1 &
+    # Not through in_ns: a backgrounded shell function's $! is a subshell,
+    # and killing it would leave the server running.
+    ip netns exec "$NSB" timeout 300 python3 -m http.server "$port" --bind "$B4" >/dev/null 2>&1 &
     SERVER_PIDS+=($!)
 done
 cat >"$TMP/connect.py" <<'PY'

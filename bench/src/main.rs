@@ -30,6 +30,7 @@ mod s5_ddos;
 mod s6_lb;
 mod s6_lb_live;
 mod s7_sock;
+mod s8_socklb;
 mod stats;
 mod util;
 
@@ -58,6 +59,8 @@ enum Only {
     Lb,
     /// 7. socket layer (connect() cost)
     Sock,
+    /// 8. socket LB (connect() through the socket LB, the packet LB, directly)
+    Socklb,
 }
 
 /// sluice's benchmarks: per-packet cost, live drop rate, rule scale,
@@ -237,7 +240,7 @@ fn run(args: &Args) -> Result<bool> {
         machine.loadavg_start
     );
     type SectionFn = fn(&Plan) -> Result<stats::Section>;
-    let sections: [(Only, &str, SectionFn); 7] = [
+    let sections: [(Only, &str, SectionFn); 8] = [
         (Only::PerPacket, "per-packet cost", s1_per_packet::run),
         (Only::Live, "live drop rate", s2_live::run),
         (Only::Scale, "rule scale and update time", s3_scale::run),
@@ -245,6 +248,7 @@ fn run(args: &Args) -> Result<bool> {
         (Only::Ddos, "DDoS stage cost", s5_ddos::run),
         (Only::Lb, "load balancer", s6_lb_live::lb_section),
         (Only::Sock, "socket layer", s7_sock::run),
+        (Only::Socklb, "socket LB", s8_socklb::run),
     ];
     let mut done = Vec::new();
     let mut errors = Vec::new();

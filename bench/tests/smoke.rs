@@ -113,7 +113,8 @@ fn smoke_run_produces_every_section() {
             "control",
             "ddos",
             "lb",
-            "sock"
+            "sock",
+            "socklb"
         ]
     );
     for s in sections {

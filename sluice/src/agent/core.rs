@@ -984,7 +984,14 @@ impl Core {
     /// the services say. A failure (no cgroup v2, a kernel without the
     /// hooks) is warned once and shown by `status`; the packet LB goes on.
     fn reconcile_sock_lb(&mut self) {
-        match crate::engine::sock_lb::apply(&self.root, self.lb.socket, &self.desired.services) {
+        // The namespace served: the balanced interfaces', as for health checks.
+        let netns = crate::engine::lb_view::default_probe_netns(&self.desired.interfaces);
+        match crate::engine::sock_lb::apply(
+            &self.root,
+            self.lb.socket,
+            &self.desired.services,
+            netns.as_deref(),
+        ) {
             Ok(r) => {
                 if r.linked + r.unlinked > 0 || r.rebound {
                     info!(

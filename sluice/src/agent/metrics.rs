@@ -271,6 +271,7 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
     let be_active: Family<Labels, Gauge> = Family::default();
     let be_up: Family<Labels, Gauge> = Family::default();
     let be_weight: Family<Labels, Gauge> = Family::default();
+    let be_sockets: Family<Labels, Counter> = Family::default();
     for s in &view.services {
         let sl = labels(&[("service", &s.service), ("mode", &s.mode)]);
         svc_packets.get_or_create(&sl).inc_by(s.packets);
@@ -281,6 +282,7 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
             be_packets.get_or_create(&bl).inc_by(b.packets);
             be_bytes.get_or_create(&bl).inc_by(b.bytes);
             be_conns.get_or_create(&bl).inc_by(b.connections);
+            be_sockets.get_or_create(&bl).inc_by(b.sockets);
             be_active
                 .get_or_create(&bl)
                 .set(i64::try_from(b.active).unwrap_or(i64::MAX));
@@ -345,6 +347,36 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
         "sluice_lb_events",
         "Load balancer events (connection table, forwarding paths)",
         events,
+    );
+    r.register(
+        "sluice_lb_backend_sockets",
+        "Local sockets the socket LB gave each backend",
+        be_sockets,
+    );
+    let on: Gauge = Gauge::default();
+    on.set(i64::from(view.socket.on));
+    r.register(
+        "sluice_sock_lb_on",
+        "1 while the socket LB is linked and on (local clients balanced at connect())",
+        on,
+    );
+    let sock_events: Family<Labels, Counter> = Family::default();
+    for (name, v) in &view.socket.events {
+        sock_events
+            .get_or_create(&labels(&[("event", name)]))
+            .inc_by(*v);
+    }
+    r.register(
+        "sluice_sock_lb_events",
+        "Socket LB events (connect, sendmsg, no_backend, state_full, skipped, reversed, family_mismatch)",
+        sock_events,
+    );
+    let remembered: Gauge = Gauge::default();
+    remembered.set(i64::try_from(view.socket.sockets).unwrap_or(i64::MAX));
+    r.register(
+        "sluice_sock_lb_sockets",
+        "Translated sockets the socket LB remembers now (capacity 262144)",
+        remembered,
     );
 }
 

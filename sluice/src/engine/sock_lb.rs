@@ -47,13 +47,15 @@ pub fn prepare(root: &PinRoot, services: &[LbService]) -> Result<(), DataplaneEr
 
 /// Makes the socket LB on (`on` and services exist) or off, for `services`.
 /// On: the socket programs loaded (bound to the packet LB's maps, loaded
-/// again if they read others), the service settings written, the
-/// namespace set, then the root cgroup linked. Off: links removed first.
+/// again if they read others), the service settings written, the network
+/// namespace `netns` (a name under /run/netns; `None`: the caller's) set as
+/// the one served, then the root cgroup linked. Off: links removed first.
 /// The packet dataplane must exist (its maps are the ones balanced by).
 pub fn apply(
     root: &PinRoot,
     on: bool,
     services: &[LbService],
+    netns: Option<&str>,
 ) -> Result<ApplyReport, DataplaneError> {
     let mut report = ApplyReport::default();
     let want = on && !services.is_empty();
@@ -78,7 +80,12 @@ pub fn apply(
         }
     }
     sock_lb::set_off(root, &off_keys(services), true)?;
-    sock_lb::set_config(root, true, sock_lb::netns_cookie()?)?;
+    let cookie = crate::netns::run_in(netns, sock_lb::netns_cookie).map_err(|e| {
+        DataplaneError::SockLoad {
+            source: format!("entering network namespace {}: {e}", netns.unwrap_or("?")).into(),
+        }
+    })??;
+    sock_lb::set_config(root, true, cookie)?;
     report.linked = sock_lb::attach(root)?;
     report.on = true;
     Ok(report)

@@ -1227,6 +1227,7 @@ fn the_demo_runs_and_every_check_passes() {
         "Capture: what XDP dropped",
         "Load balancer",
         "A backend dies",
+        "The socket LB: clients on b itself",
         "DDoS: a per-source limit",
         "DDoS: the SYN guard",
         "Flow records and top",

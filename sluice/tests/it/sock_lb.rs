@@ -187,13 +187,19 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
             backend_addr(1, v6),
         )
     };
-    env.write_config(&format!(
+    let port = crate::support::agent::free_port();
+    let text = env.config_text(&format!(
         "[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}{}",
         topo.lb_if,
         svc(format!("{VIP4}:{SERVICE_PORT}"), "tcp", false),
         svc(format!("[{VIP6}]:{SERVICE_PORT}"), "tcp", true),
         svc(format!("{VIP4}:{SERVICE_PORT}"), "udp", false),
     ));
+    let text = text.replace(
+        "[agent]\n",
+        &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
+    );
+    env.write_atomically(&env.config, &text);
     let netns_arg = format!("--net={}", topo.lb.path().display());
     let agent = AgentProc::start_wrapped(&env, &["nsenter", &netns_arg], &[]);
     assert!(
@@ -353,6 +359,19 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
         .expect("service row");
     assert!(row["packets"].as_u64().unwrap_or(0) > 0, "{row:#}");
 
+    // Metrics carry the socket LB too.
+    // (The agent, and its metrics endpoint, live in the LB namespace.)
+    let metrics = topo.lb.run(move || crate::support::agent::scrape(port));
+    assert!(
+        crate::support::agent::sample(&metrics, "sluice_sock_lb_events_total{event=\"connect\"}")
+            .is_some_and(|v| v >= 2000.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        crate::support::agent::sample(&metrics, "sluice_sock_lb_on "),
+        Some(1.0)
+    );
+
     // Status names the links (docs/sock.md shows both listings).
     let st = env.cli_json(&["status", "--json"]);
     assert_eq!(st["socket_lb"]["on"], true, "{st:#}");
@@ -430,5 +449,34 @@ fn a_killed_backend_leaves_and_local_clients_keep_succeeding() {
     wait_for("sockets to be forgotten", Duration::from_secs(5), || {
         remembered(env.pin_root()) == 0
     });
+
+    // kill -9: the pinned links keep balancing local clients; a restarted
+    // agent adopts them.
+    let mut agent = agent;
+    agent.kill9();
+    let c = counts(&connect_many(&topo.lb, IpAddr::V4(VIP4), 20));
+    assert_eq!(c.get(&name), Some(&20), "without the agent: {c:?}");
+    drop(agent);
+    let agent = AgentProc::start_wrapped(&env, &["nsenter", &netns_arg], &[]);
+    let st = env.cli_json(&["status", "--json"]);
+    assert_eq!(st["socket_lb"]["on"], true, "{st:#}");
+
+    // Switched off for every service ([lb] socket = false): the links go,
+    // and local connects are left alone (the VIP is not routed here).
+    let text = std::fs::read_to_string(&env.config).expect("config");
+    env.write_atomically(&env.config, &format!("[lb]\nsocket = false\n\n{text}"));
+    agent.signal(libc::SIGHUP);
+    wait_for("the socket LB to be off", Duration::from_secs(10), || {
+        env.cli_json(&["status", "--json"])
+            .get("socket_lb")
+            .is_none()
+    });
+    let c = counts(&connect_many(&topo.lb, IpAddr::V4(VIP4), 3));
+    assert!(c.keys().all(|k| k.starts_with("FAILED")), "{c:?}");
+    let links = env.pin_root().join("sock/lb");
+    assert!(
+        !links.exists() || std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0) == 0,
+        "socket LB link pins left"
+    );
     drop(agent);
 }
