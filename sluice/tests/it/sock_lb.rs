@@ -189,11 +189,12 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
     };
     let port = crate::support::agent::free_port();
     let text = env.config_text(&format!(
-        "[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}{}",
+        "[[interface]]\nname = \"{}\"\nmode = \"native\"\n\n{}{}{}{}",
         topo.lb_if,
         svc(format!("{VIP4}:{SERVICE_PORT}"), "tcp", false),
         svc(format!("[{VIP6}]:{SERVICE_PORT}"), "tcp", true),
         svc(format!("{VIP4}:{SERVICE_PORT}"), "udp", false),
+        svc(format!("[{VIP6}]:{SERVICE_PORT}"), "udp", true),
     ));
     let text = text.replace(
         "[agent]\n",
@@ -310,8 +311,60 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
         );
         assert_eq!(*name, predict(*cookie), "udp cookie {cookie}");
     }
+    // IPv6 UDP likewise (recvmsg6).
+    let replies6: Vec<(u64, SocketAddr, String)> = topo.lb.run(|| {
+        (0..30)
+            .map(|_| {
+                let s = UdpSocket::bind("[::]:0").expect("udp6 socket");
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                s.send_to(b"who", (VIP6, SERVICE_PORT)).expect("sendto v6");
+                let mut buf = [0u8; 64];
+                let (n, from) = s.recv_from(&mut buf).expect("udp6 reply");
+                (
+                    cookie(&s),
+                    from,
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                )
+            })
+            .collect()
+    });
+    for (cookie, from, name) in &replies6 {
+        assert_eq!(
+            *from,
+            SocketAddr::new(IpAddr::V6(VIP6), SERVICE_PORT),
+            "recvmsg6 source"
+        );
+        assert_eq!(*name, predict6(*cookie), "udp6 cookie {cookie}");
+    }
+    // An IPv6 socket to the IPv4 VIP (::ffff:a.b.c.d) is balanced by the
+    // IPv4 service and sees the mapped VIP as its peer.
+    let mapped = SocketAddr::new(IpAddr::V6(VIP4.to_ipv6_mapped()), SERVICE_PORT);
+    let results = topo.lb.run(move || {
+        (0..50)
+            .map(|_| -> Result<(u64, SocketAddr, String), String> {
+                let s = TcpStream::connect_timeout(&mapped, Duration::from_secs(2))
+                    .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .map_err(|e| e.to_string())?;
+                let peer = s.peer_addr().map_err(|e| e.to_string())?;
+                let mut line = String::new();
+                BufReader::new(s.try_clone().map_err(|e| e.to_string())?)
+                    .read_line(&mut line)
+                    .map_err(|e| e.to_string())?;
+                Ok((cookie(&s), peer, line.trim().to_string()))
+            })
+            .collect::<Vec<_>>()
+    });
+    for r in &results {
+        let (cookie, peer, name) = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("v4-mapped connect failed: {e}"));
+        assert_eq!(*peer, mapped, "getpeername of a v4-mapped connect");
+        assert_eq!(*name, predict(*cookie), "v4-mapped cookie {cookie}");
+    }
     let v = lb_json(&env);
-    assert!(event(&v, "sendmsg") >= 300, "{v:#}");
+    assert!(event(&v, "sendmsg") >= 330, "{v:#}");
     wait_for(
         "UDP sockets to be forgotten",
         Duration::from_secs(5),

@@ -40,6 +40,9 @@ fn service(s: &LbService) -> Table {
         })
         .collect();
     t.insert("backends".into(), Value::Array(backends));
+    if !s.socket {
+        t.insert("socket".into(), Value::Boolean(false));
+    }
     if let Some(h) = &s.health {
         let mut ht = Table::new();
         let check = match h.check {
@@ -218,6 +221,7 @@ health = { check = "http", path = "/healthz", expect = 204, port = 9000, netns =
 [[service]]
 vip = "[2001:2:0:ff::10]:*/udp"
 mode = "dsr"
+socket = false
 backends = ["[2001:2::5]"]
 
 [[service]]
