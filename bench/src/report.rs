@@ -240,22 +240,13 @@ pub fn tables(sec: &Section) -> Vec<Table> {
             vec![t]
         }
         "lb" => lb_tables(sec),
-        "socklb" => {
-            let mut t = Table::new(
-                &sec.title,
-                &["case", "ns/connect", "+ns over direct from the same place"],
-            );
-            for m in &sec.measurements {
-                t.rows.push(vec![
-                    m.label.clone(),
-                    cell(Some(m)),
-                    extra(Some(m), "over_baseline_ns", |x| format!("{x:+.0}")),
-                ]);
-            }
-            vec![t]
-        }
-        "sock" => {
-            let mut t = Table::new(&sec.title, &["case", "ns/connect", "+ns over no workload"]);
+        "sock" | "socklb" => {
+            let over = if sec.key == "sock" {
+                "+ns over no workload"
+            } else {
+                "+ns over direct from the same place"
+            };
+            let mut t = Table::new(&sec.title, &["case", "ns/connect", over]);
             for m in &sec.measurements {
                 t.rows.push(vec![
                     m.label.clone(),

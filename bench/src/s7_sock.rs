@@ -119,25 +119,6 @@ impl Drop for CgroupHome {
     }
 }
 
-/// Closes with RST (SO_LINGER 0): no TIME_WAIT, so tens of thousands of
-/// connects do not run out of ephemeral ports.
-fn close_now(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket this function owns, with a valid struct.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
 pub fn run(plan: &Plan) -> Result<Section> {
     let mut sec = Section::new(
         "sock",
@@ -194,7 +175,7 @@ pub fn run(plan: &Plan) -> Result<Section> {
                     let t = Instant::now();
                     for _ in 0..connects {
                         match TcpStream::connect(addr) {
-                            Ok(s) if !denied => close_now(s),
+                            Ok(s) if !denied => util::close_now(s),
                             Err(e) if denied && e.raw_os_error() == Some(libc::EPERM) => {}
                             Ok(_) => bail!("a connect the workload denies succeeded"),
                             Err(e) => bail!("connect: {e}"),

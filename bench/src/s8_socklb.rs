@@ -107,25 +107,6 @@ fn cases() -> [Case; 5] {
     ]
 }
 
-/// Closes with RST (SO_LINGER 0): no TIME_WAIT, so thousands of connects
-/// do not run out of ephemeral ports.
-fn close_now(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a socket this function owns, with a valid struct.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
 fn veth(
     a: &Netns,
     a_if: &str,
@@ -274,7 +255,7 @@ pub fn run(plan: &Plan) -> Result<Section> {
                         let t = Instant::now();
                         for _ in 0..n {
                             match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
-                                Ok(s) => close_now(s),
+                                Ok(s) => util::close_now(s),
                                 Err(e) => bail!("connect to {to}: {e}"),
                             }
                         }

@@ -149,6 +149,11 @@ pub fn balance(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let raw = ctx.sock_addr.cast();
+    // Every recvmsg() and getpeername() on the host comes here: sockets of
+    // other namespaces (never translated) stop before the hash lookup.
+    if !serves(raw) {
+        return PROCEED;
+    }
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(raw) };
     // SAFETY: the value is copied out at once.

@@ -70,7 +70,7 @@ pub fn lb_maps_root(root: &PinRoot) -> PinRoot {
     }
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
+pub(super) fn io(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
     move |source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
             DataplaneError::Permission { what }
@@ -400,14 +400,14 @@ pub fn attach(root: &PinRoot, cg: &Cgroup) -> Result<usize, DataplaneError> {
 }
 
 /// The link pinned at `pin` still attaches its program to cgroup `id`.
-fn link_live(pin: &Path, id: u64) -> bool {
+pub(super) fn link_live(pin: &Path, id: u64) -> bool {
     super::sys::obj_get(pin)
         .and_then(super::sys::link_info)
         .is_ok_and(|i| i.cgroup_id == id && i.prog_id != 0)
 }
 
 /// Removes a pinned link; dropping its last reference detaches it.
-fn unlink(pin: &Path) {
+pub(super) fn unlink(pin: &Path) {
     if let Ok(link) = PinnedLink::from_pin(pin) {
         drop(link.unpin());
     }

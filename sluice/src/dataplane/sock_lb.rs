@@ -9,7 +9,7 @@ use std::{
     fs::File,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
@@ -23,17 +23,12 @@ use sluice_common::{
     },
 };
 
-use super::{DataplaneError, PinRoot, policy::typed, sock::sock_root, sys};
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
-    move |source| {
-        if source.kind() == std::io::ErrorKind::PermissionDenied {
-            DataplaneError::Permission { what }
-        } else {
-            DataplaneError::Io { what, source }
-        }
-    }
-}
+use super::{
+    DataplaneError, PinRoot,
+    policy::typed,
+    sock::{io, link_live, sock_root, unlink},
+    sys,
+};
 
 /// Where the link of `hook` is pinned.
 #[must_use]
@@ -101,13 +96,6 @@ pub fn root_cgroup() -> Result<super::sock::Cgroup, DataplaneError> {
     Ok(super::sock::Cgroup { path: mount, id })
 }
 
-/// The link pinned at `pin` still attaches a program to cgroup `id`.
-fn link_live(pin: &Path, id: u64) -> bool {
-    sys::obj_get(pin)
-        .and_then(sys::link_info)
-        .is_ok_and(|i| i.cgroup_id == id && i.prog_id != 0)
-}
-
 /// Links every socket LB program to the root cgroup (pinned, so the links
 /// outlive the process); hooks already linked are left alone. All or
 /// nothing. Returns how many links were made. The programs must be loaded
@@ -146,7 +134,7 @@ pub fn attach(root: &PinRoot) -> Result<usize, DataplaneError> {
     })();
     if result.is_err() {
         for pin in &made {
-            let _ = std::fs::remove_file(pin);
+            unlink(pin);
         }
     }
     result
@@ -157,7 +145,9 @@ pub fn attach(root: &PinRoot) -> Result<usize, DataplaneError> {
 pub fn detach(root: &PinRoot) -> usize {
     let mut n = 0;
     for (_, hook) in SOCK_LB_PROGRAMS {
-        if std::fs::remove_file(link_pin(root, hook)).is_ok() {
+        let pin = link_pin(root, hook);
+        if pin.exists() {
+            unlink(&pin);
             n += 1;
         }
     }

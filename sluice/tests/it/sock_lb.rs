@@ -53,8 +53,12 @@ fn cookie(fd: &impl AsRawFd) -> u64 {
 /// One connection to `vip`: (cookie, peer address as getpeername() reports
 /// it, backend name), or the error.
 fn connect_once(vip: IpAddr) -> Result<(u64, SocketAddr, String), String> {
-    let s = TcpStream::connect_timeout(&SocketAddr::new(vip, SERVICE_PORT), Duration::from_secs(2))
-        .map_err(|e| e.to_string())?;
+    connect_to(SocketAddr::new(vip, SERVICE_PORT))
+}
+
+/// [`connect_once`] to any address (an IPv4-mapped VIP).
+fn connect_to(to: SocketAddr) -> Result<(u64, SocketAddr, String), String> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
@@ -340,22 +344,9 @@ fn local_clients_are_balanced_at_the_socket_by_the_maglev_table() {
     // An IPv6 socket to the IPv4 VIP (::ffff:a.b.c.d) is balanced by the
     // IPv4 service and sees the mapped VIP as its peer.
     let mapped = SocketAddr::new(IpAddr::V6(VIP4.to_ipv6_mapped()), SERVICE_PORT);
-    let results = topo.lb.run(move || {
-        (0..50)
-            .map(|_| -> Result<(u64, SocketAddr, String), String> {
-                let s = TcpStream::connect_timeout(&mapped, Duration::from_secs(2))
-                    .map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))
-                    .map_err(|e| e.to_string())?;
-                let peer = s.peer_addr().map_err(|e| e.to_string())?;
-                let mut line = String::new();
-                BufReader::new(s.try_clone().map_err(|e| e.to_string())?)
-                    .read_line(&mut line)
-                    .map_err(|e| e.to_string())?;
-                Ok((cookie(&s), peer, line.trim().to_string()))
-            })
-            .collect::<Vec<_>>()
-    });
+    let results = topo
+        .lb
+        .run(move || (0..50).map(|_| connect_to(mapped)).collect::<Vec<_>>());
     for r in &results {
         let (cookie, peer, name) = r
             .as_ref()
