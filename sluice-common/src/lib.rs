@@ -15,6 +15,7 @@ pub mod observe;
 pub mod packet;
 pub mod settings;
 pub mod sock;
+pub mod steer;
 pub mod verdict;
 
 pub use addr::*;

@@ -75,13 +75,18 @@ pub enum Reason {
     /// An IP fragment addressed to a load-balanced service: sluice does not
     /// balance fragments (later fragments carry no ports).
     VipFragment = 10,
+    /// sk_lookup steering (`sluice steer`): the connection or datagram was
+    /// delivered to a steered service's socket (pass), or refused because
+    /// that socket is missing or cannot take it (drop). Socket-layer flow
+    /// records only; never in the packet counters.
+    Steer = 11,
 }
 
 /// Room in the counter layout for reasons added later without a map migration.
 pub const REASON_SLOTS: u32 = 16;
 
 impl Reason {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Default,
         Self::AllowList,
         Self::DenyList,
@@ -93,6 +98,7 @@ impl Reason {
         Self::MapFull,
         Self::NoBackend,
         Self::VipFragment,
+        Self::Steer,
     ];
 
     #[must_use]
@@ -109,6 +115,7 @@ impl Reason {
             8 => Some(Self::MapFull),
             9 => Some(Self::NoBackend),
             10 => Some(Self::VipFragment),
+            11 => Some(Self::Steer),
             _ => None,
         }
     }
@@ -127,6 +134,7 @@ impl Reason {
             Self::MapFull => "map-full",
             Self::NoBackend => "no-backend",
             Self::VipFragment => "vip-fragment",
+            Self::Steer => "steer",
         }
     }
 }

@@ -4,7 +4,8 @@
 //! cgroup (stage `stages/sock_lb.rs`). A separate object from the XDP
 //! pipeline (own maps and pins; the LB's services, backends and tables are
 //! the XDP object's, bound by pin), loaded when a workload is configured or
-//! the socket LB is on. Entry points only.
+//! the socket LB is on; and the sk_lookup steering program (stage
+//! `stages/steer.rs`, linked to a network namespace). Entry points only.
 #![no_std]
 #![no_main]
 #![expect(
@@ -20,10 +21,12 @@ mod sock;
 mod sock_lb;
 mod sock_maps;
 mod sockaddr;
+#[path = "stages/steer.rs"]
+mod steer;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sk_lookup},
+    programs::{SkLookupContext, SockAddrContext, SockContext},
 };
 use sluice_common::sock::SockHook;
 
@@ -100,6 +103,11 @@ pub fn slb_peername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn slb_release(ctx: SockContext) -> i32 {
     sock_lb::release(&ctx)
+}
+
+#[sk_lookup]
+pub fn sluice_steer(ctx: SkLookupContext) -> u32 {
+    steer::steer(&ctx)
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash},
 };
 use sluice_common::{
     lb::{MAX_BACKENDS, MAX_SERVICES, ServiceKey},
@@ -15,7 +15,13 @@ use sluice_common::{
         SOCK_GENERATIONS, SOCK_LB_CAPACITY, SockLbConfig, SockLbSock, SockRule, WorkloadPolicy,
         sock_lb_stat,
     },
+    steer::{
+        MAX_STEER_DESTS, STEER_FLOWS_BYTES, STEER_PREFIXES, SteerDest, SteerEntry, SteerKey,
+        steer_stat,
+    },
 };
+
+const STEER_GENERATIONS: u32 = 2;
 
 /// Active socket-policy generation (0 or 1). Written only by the control
 /// plane, after the generation it names is fully written. Never full.
@@ -89,3 +95,50 @@ pub static SOCK_LB_BACKENDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MA
 
 /// `BPF_F_NO_PREALLOC`: a hash map's entries are allocated when inserted.
 const BPF_F_NO_PREALLOC: u32 = 1;
+
+// sk_lookup steering (`sluice steer`).
+
+/// Active steering generation (0 or 1): the first byte of every
+/// `STEER_RULES` key. Written only by the control plane, after the
+/// generation it names is fully written. Never full.
+#[map]
+pub static STEER_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Steering rules: (generation, protocol, family, address prefix) -> the
+/// port ranges and destinations to try (`SteerEntry`). Longest prefix
+/// match; both generations live here, `STEER_PREFIXES` entries each,
+/// allocated as used. The control plane counts a generation's entries
+/// before writing and refuses a table that does not fit, so an insert
+/// never fails for want of room.
+#[map]
+pub static STEER_RULES: LpmTrie<SteerKey, SteerEntry> =
+    LpmTrie::with_max_entries(STEER_GENERATIONS * STEER_PREFIXES, 0);
+
+/// Destination slot -> the listening (TCP) or bound (UDP) socket it
+/// delivers to. `MAX_STEER_DESTS` entries; the control plane refuses more
+/// destinations. An entry disappears when its socket is closed (lookups
+/// then count `no_socket`).
+#[map]
+pub static STEER_SOCKS: SockHash<u32> = SockHash::with_max_entries(MAX_STEER_DESTS, 0);
+
+/// Destination slot -> the steer owning it and its socket's cookie
+/// (`SteerDest`, written by the control plane: user space cannot read
+/// `STEER_SOCKS`' values). Not read by the program. Fixed size.
+#[map]
+pub static STEER_DESTS: Array<SteerDest> = Array::with_max_entries(MAX_STEER_DESTS, 0);
+
+/// Per-CPU counters per destination (`steer_stat`). Fixed size; a slot is
+/// zeroed when a new destination takes it.
+#[map]
+pub static STEER_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_STEER_DESTS * steer_stat::PER_DEST, 0);
+
+/// Flow records (`FlowRecord`, reason `steer`) of steered TCP connections
+/// and of every refused lookup. When full (reader slow or away), records
+/// are lost and counted in `STEER_LOST`; steering is not affected.
+#[map]
+pub static STEER_FLOWS: RingBuf = RingBuf::with_byte_size(STEER_FLOWS_BYTES, 0);
+
+/// Per-CPU count of flow records lost to a full `STEER_FLOWS`. One entry.
+#[map]
+pub static STEER_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

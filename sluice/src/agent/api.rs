@@ -227,6 +227,7 @@ impl From<AgentError> for ApiError {
                 | DataplaneError::UnknownInterface { .. }
                 | DataplaneError::NotAttachedTo { .. }
                 | DataplaneError::Cgroup { .. }
+                | DataplaneError::Steer { .. }
                 | DataplaneError::NoCgroup2,
             ) => StatusCode::BAD_REQUEST,
             AgentError::Netns(_) => StatusCode::BAD_REQUEST,
@@ -833,6 +834,56 @@ async fn workload_change(
     .map(Json)
 }
 
+/// `GET /v1/steers`: steering's link, steers, sockets and counters.
+async fn get_steers(
+    State(core): State<Shared>,
+) -> Result<Json<crate::engine::steer::SteerView>, ApiError> {
+    with_core(&core, |c| Ok(c.steer_view())).await.map(Json)
+}
+
+/// `POST /v1/steers/change`: one change to the steers.
+async fn steer_change(
+    State(core): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+    ApiJson(change): ApiJson<crate::model::steer::SteerOp>,
+) -> Result<Json<Applied>, ApiError> {
+    let ctx = ctx(&peer, &headers);
+    with_core(&core, move |c| c.change(vec![Op::Steer { change }], &ctx))
+        .await
+        .map(Json)
+}
+
+/// Body of `POST /v1/steers/{name}/socket`: whose socket to take.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketBody {
+    pub pid: u32,
+    #[serde(default)]
+    pub fd: Option<i32>,
+}
+
+/// `POST /v1/steers/{name}/socket`: register a process's socket for a steer.
+async fn steer_register(
+    State(core): State<Shared>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<SocketBody>,
+) -> Result<Json<crate::engine::steer::Registered>, ApiError> {
+    with_core(&core, move |c| c.steer_register(&name, body.pid, body.fd))
+        .await
+        .map(Json)
+}
+
+/// `DELETE /v1/steers/{name}/socket`: let go of a steer's socket.
+async fn steer_unregister(
+    State(core): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    with_core(&core, move |c| c.steer_unregister(&name))
+        .await
+        .map(|had| Json(serde_json::json!({ "unregistered": had })))
+}
+
 /// The flow reader, given to the router as an extension by the agent.
 type FlowsExt = axum::Extension<Arc<super::flows::Flows>>;
 
@@ -913,6 +964,12 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/lb/change", post(lb_change))
         .route("/v1/workloads", get(get_workloads))
         .route("/v1/workloads/change", post(workload_change))
+        .route("/v1/steers", get(get_steers))
+        .route("/v1/steers/change", post(steer_change))
+        .route(
+            "/v1/steers/{name}/socket",
+            post(steer_register).delete(steer_unregister),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(json_errors))

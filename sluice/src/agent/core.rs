@@ -223,6 +223,8 @@ pub struct Core {
     lb_size_warned: Option<u32>,
     /// Workloads whose cgroup the last reconcile did not find (warned once).
     sock_missing: Vec<String>,
+    /// The last error putting the steers in force (warned once).
+    pub steer_error: Option<String>,
     /// Workload cgroup id -> name, for the flow reader's socket records.
     pub workload_names: super::flows::WorkloadNames,
     /// Held while the agent runs: one owner per pin root.
@@ -308,6 +310,7 @@ impl Core {
             lb_size_warned: None,
             sock_missing: Vec::new(),
             workload_names: super::flows::WorkloadNames::default(),
+            steer_error: None,
             _owner: owner,
         };
         // Replay what the journal holds after the snapshot.
@@ -519,6 +522,9 @@ impl Core {
                     crate::model::sock::validate(&next.workloads).map_err(|e| {
                         AgentError::Refused(format!("{e} (with the workloads added at run time)"))
                     })?;
+                    crate::model::steer::validate(&next.steers).map_err(|e| {
+                        AgentError::Refused(format!("{e} (with the steers added at run time)"))
+                    })?;
                 }
                 let delta = Delta::between(&self.desired, &next);
                 (delta, Some(std::mem::replace(&mut self.desired, next)))
@@ -528,6 +534,7 @@ impl Core {
                 let mut next = self.desired.clone();
                 next.policy = target;
                 next.workloads = self.workloads_at(*to);
+                next.steers = self.steers_at(*to);
                 let deny = &next.policy.deny;
                 next.temp_deny.retain(|n, _| deny.contains(n));
                 let delta = Delta::between(&self.desired, &next);
@@ -576,6 +583,7 @@ impl Core {
                 self.state.base.policy = self.desired.policy.clone();
                 self.state.base.temp_deny = self.desired.temp_deny.clone();
                 self.state.base.workloads = self.desired.workloads.clone();
+                self.state.base.steers = self.desired.steers.clone();
                 self.state
                     .overlay
                     .retain(|o| matches!(o, Op::Attach { .. } | Op::Detach { .. } | Op::Lb { .. }));
@@ -618,6 +626,20 @@ impl Core {
             }
         }
         w
+    }
+
+    /// The steers of a kept version, as [`Core::workloads_at`].
+    fn steers_at(&self, version: u64) -> Vec<crate::model::steer::Steer> {
+        let mut s = self.desired.steers.clone();
+        for later in self.state.history.iter().rev() {
+            if later.number <= version {
+                break;
+            }
+            if let Some((before, _)) = &later.delta.steers {
+                s.clone_from(before);
+            }
+        }
+        s
     }
 
     /// The policy of a kept version, rebuilt from the current one by undoing
@@ -693,6 +715,7 @@ impl Core {
             report.lb = self.reconcile_lb(!strict)?;
         }
         report.sock = self.reconcile_sock();
+        report.steer = self.reconcile_steer();
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
     }
@@ -725,6 +748,44 @@ impl Core {
             }
             Err(e) => {
                 warn!(error = %e, "cannot put the workloads in force yet; will retry");
+                None
+            }
+        }
+    }
+
+    /// The network namespace steering serves: the interfaces' when they
+    /// share one, else the agent's (as for the socket LB and health checks).
+    fn steer_netns(&self) -> Option<String> {
+        crate::engine::lb_view::default_probe_netns(&self.desired.interfaces)
+    }
+
+    /// Makes the kernel steer as desired (start and drift checks): a
+    /// failure is warned once and retried at the next drift check.
+    fn reconcile_steer(&mut self) -> Option<crate::engine::steer::ApplyReport> {
+        if self.desired.steers.is_empty() && !crate::dataplane::steer::link_pin(&self.root).exists()
+        {
+            return None;
+        }
+        let netns = self.steer_netns();
+        match crate::engine::steer::apply(&self.root, &self.desired.steers, netns.as_deref()) {
+            Ok(r) => {
+                if r.linked || r.unlinked {
+                    info!(
+                        steers = r.steers,
+                        linked = r.linked,
+                        unlinked = r.unlinked,
+                        "steering updated"
+                    );
+                }
+                self.steer_error = None;
+                Some(r)
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.steer_error.as_deref() != Some(text.as_str()) {
+                    warn!(error = %e, "cannot put the steers in force yet; will retry");
+                }
+                self.steer_error = Some(text);
                 None
             }
         }
@@ -876,6 +937,14 @@ impl Core {
                 "socket layer updated"
             );
             report.sock = Some(r);
+        }
+        if delta.steers.is_some() {
+            let netns = self.steer_netns();
+            let r =
+                crate::engine::steer::apply(&self.root, &self.desired.steers, netns.as_deref())?;
+            info!(steers = r.steers, entries = r.entries, "steering updated");
+            self.steer_error = None;
+            report.steer = Some(r);
         }
         report.millis = started.elapsed().as_secs_f64() * 1000.0;
         Ok(report)
@@ -1402,6 +1471,34 @@ impl Core {
                     .map(|(id, name, path)| (*id, (name.clone(), path.clone()))),
             );
         }
+    }
+
+    /// Steering as the kernel holds it, for the desired steers.
+    pub fn steer_view(&self) -> crate::engine::steer::SteerView {
+        crate::engine::steer::read(&self.root, &self.desired.steers)
+    }
+
+    /// Registers a socket of process `pid` for steer `name` (runtime
+    /// state: the socket lives in a pinned map, not in the history).
+    pub fn steer_register(
+        &self,
+        name: &str,
+        pid: u32,
+        fd: Option<i32>,
+    ) -> Result<crate::engine::steer::Registered, AgentError> {
+        let r = crate::engine::steer::register(&self.root, &self.desired.steers, name, pid, fd)?;
+        info!(steer = name, pid, fd = r.fd, cookie = r.cookie, local = ?r.local, "socket registered for steering");
+        Ok(r)
+    }
+
+    /// Lets go of steer `name`'s socket.
+    pub fn steer_unregister(&self, name: &str) -> Result<bool, AgentError> {
+        if !self.desired.steers.iter().any(|s| s.name == name) {
+            return Err(AgentError::Refused(format!("no steer {name}")));
+        }
+        let had = crate::engine::steer::unregister(&self.root, name)?;
+        info!(steer = name, had, "steering socket unregistered");
+        Ok(had)
     }
 
     /// The workloads with their cgroups, links and counters.

@@ -24,7 +24,10 @@ use crate::{
     api::{flows::*, time::rfc3339},
     dataplane::{
         self, PinRoot, attach,
-        flows::{FlowRing, Ring, SockRing, ring_identity, sock_ring_identity},
+        flows::{
+            FlowRing, Ring, SockRing, open_steer_ring, ring_identity, sock_ring_identity,
+            steer_ring_identity,
+        },
         runtime,
     },
     model::policy::config::FlowSettings,
@@ -718,6 +721,7 @@ pub fn spawn_reader(flows: Arc<Flows>) -> tokio::task::JoinHandle<()> {
 enum Wake {
     Records(std::io::Result<()>),
     SockRecords(std::io::Result<()>),
+    SteerRecords(std::io::Result<()>),
     Check,
 }
 
@@ -732,6 +736,8 @@ async fn read_from<T: Copy>(ring: &mut Option<Ring<T>>, out: &mut Vec<T>) -> std
 async fn read_loop(flows: Arc<Flows>) {
     let mut ring: Option<FlowRing> = None;
     let mut sock_ring: Option<SockRing> = None;
+    let mut steer_ring: Option<FlowRing> = None;
+    let mut steer_batch = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
@@ -744,11 +750,16 @@ async fn read_loop(flows: Arc<Flows>) {
         let wake = tokio::select! {
             res = read_from(&mut ring, &mut batch) => Wake::Records(res),
             res = read_from(&mut sock_ring, &mut sock_batch) => Wake::SockRecords(res),
+            res = read_from(&mut steer_ring, &mut steer_batch) => Wake::SteerRecords(res),
             _ = tick.tick() => Wake::Check,
             () = flows.poke.notified() => Wake::Check,
         };
         match wake {
-            Wake::Records(Ok(())) | Wake::SockRecords(Ok(())) => {}
+            Wake::Records(Ok(())) | Wake::SockRecords(Ok(())) | Wake::SteerRecords(Ok(())) => {}
+            Wake::SteerRecords(Err(e)) => {
+                warn!(error = %e, "reading steering records failed; reopening the ring");
+                steer_ring = None;
+            }
             Wake::Records(Err(e)) => {
                 warn!(error = %e, "reading flow records failed; reopening the ring");
                 ring = None;
@@ -762,6 +773,10 @@ async fn read_loop(flows: Arc<Flows>) {
                 ticks = ticks.wrapping_add(1);
                 check(&flows, &mut ring, &mut in_force, ticks % NAME_TICKS == 1).await;
                 check_sock(&flows, &mut sock_ring).await;
+                check_steer(&flows, &mut steer_ring).await;
+                if let Some(r) = steer_ring.as_mut() {
+                    r.drain_now(BATCH, &mut steer_batch);
+                }
                 if let Some(r) = ring.as_mut() {
                     r.drain_now(BATCH, &mut batch);
                 }
@@ -773,6 +788,11 @@ async fn read_loop(flows: Arc<Flows>) {
         if !batch.is_empty() {
             flows.ingest(&batch);
             batch.clear();
+            tokio::task::yield_now().await;
+        }
+        if !steer_batch.is_empty() {
+            flows.ingest(&steer_batch);
+            steer_batch.clear();
             tokio::task::yield_now().await;
         }
         if !sock_batch.is_empty() {
@@ -805,6 +825,25 @@ async fn check_sock(flows: &Arc<Flows>, ring: &mut Option<SockRing>) {
                 *ring = Some(r);
             }
             Err(e) => warn!(error = %e, "cannot open the socket records ring; will retry"),
+        }
+    }
+}
+
+/// Opens steering's ring when the socket object exists, and lets go of it
+/// when it is gone (or was made again).
+async fn check_steer(flows: &Arc<Flows>, ring: &mut Option<FlowRing>) {
+    let root = flows.root.clone();
+    let Ok(identity) = tokio::task::spawn_blocking(move || steer_ring_identity(&root)).await else {
+        return;
+    };
+    if identity.is_some() && ring.as_ref().and_then(Ring::identity) == identity {
+        return;
+    }
+    ring.take();
+    if identity.is_some() {
+        match open_steer_ring(&flows.root) {
+            Ok(r) => *ring = Some(r),
+            Err(e) => warn!(error = %e, "cannot open the steering records ring; will retry"),
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct ReconcileReport {
     /// change touched it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sock: Option<crate::engine::sock::ApplyReport>,
+    /// What steering took (rule table, link), when the change touched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<crate::engine::steer::ApplyReport>,
 }
 
 /// The result of a change through the agent.

@@ -28,7 +28,8 @@ pub struct FlowsArgs {
     #[arg(long, value_name = "VERDICT", global = true)]
     pub verdict: Option<String>,
     /// Only this reason: default, allow-list, deny-list, rule, malformed,
-    /// not-ip, rate-limit, syn-defence or map-full.
+    /// not-ip, rate-limit, syn-defence, map-full, no-backend, vip-fragment
+    /// or steer.
     #[arg(long, value_name = "REASON", global = true)]
     pub reason: Option<String>,
     /// Only sources in CIDR (an address is a host prefix).

@@ -5,6 +5,7 @@ mod capture;
 mod flows;
 mod lb;
 mod output;
+mod steer;
 mod top;
 mod workload;
 
@@ -172,6 +173,9 @@ pub enum Command {
     /// Socket-layer workloads: a cgroup v2 path and the policy for its
     /// processes' connect(), sendmsg() and bind(). Needs the agent.
     Workload(workload::WorkloadArgs),
+    /// sk_lookup steering: deliver a protocol's traffic to address prefixes
+    /// and a port range to one socket of a named service. Needs the agent.
+    Steer(steer::SteerArgs),
     /// The deny list: sources whose packets are dropped.
     Deny(ListArgs),
     /// The allow list: sources that are always passed (they skip deny and rules).
@@ -380,6 +384,8 @@ pub enum CliError {
     Lb(#[from] lb::LbCliError),
     #[error(transparent)]
     Workload(#[from] workload::WorkloadCliError),
+    #[error(transparent)]
+    Steer(#[from] steer::SteerCliError),
     #[error("--ttl applies to the deny list only")]
     TtlOnAllow,
     #[error(
@@ -447,8 +453,9 @@ fn desired_from_pins(root: &PinRoot) -> Result<policy::Desired, CliError> {
         policy,
         temp_deny: std::collections::BTreeMap::new(),
         services,
-        // Workloads are kept by the agent only.
+        // Workloads and steers are kept by the agent only.
         workloads: Vec::new(),
+        steers: Vec::new(),
     })
 }
 
@@ -679,6 +686,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Lb(args) => lb::direct(&root, &args, &out)?,
         Command::Workload(args) => workload::direct(&args)?,
+        Command::Steer(args) => steer::direct(&args)?,
         Command::Deny(args) => list_command(&root, false, args, limit, force, &out)?,
         Command::Allow(args) => list_command(&root, true, args, limit, force, &out)?,
         Command::Rule { action } => rule_command(&root, action, &out)?,
@@ -784,6 +792,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         }
         Command::Lb(args) => lb::via_agent(client, args, out)?,
         Command::Workload(args) => workload::via_agent(client, args, out)?,
+        Command::Steer(args) => steer::via_agent(client, args, out)?,
         Command::Stats { top } => {
             out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)
         }

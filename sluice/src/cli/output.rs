@@ -388,8 +388,17 @@ impl Out {
                 l.sockets
             );
         }
+        if let Some(st) = &s.steer {
+            println!(
+                "steer:    sk_lookup on netns {} (inode {}): {} steer(s), {} with a socket",
+                st.netns.as_deref().unwrap_or("?"),
+                st.netns_ino,
+                st.steers,
+                st.sockets
+            );
+        }
         let Some(p) = &s.program else {
-            if s.cgroups.is_empty() {
+            if s.cgroups.is_empty() && s.steer.is_none() {
                 println!("not attached anywhere");
             } else {
                 println!("xdp:      not attached to any interface");
@@ -728,6 +737,99 @@ impl Out {
             })
             .collect();
         table(&["ID", "POS", "RULE", "PACKETS", "BYTES"], &rows);
+    }
+
+    pub fn steers(&self, v: &crate::engine::steer::SteerView) {
+        if self.json {
+            print_json(&serde_json::to_value(v).expect("serialisable"));
+            return;
+        }
+        if v.steers.is_empty() {
+            println!("no steers");
+            return;
+        }
+        match v.netns_ino {
+            Some(ino) => println!(
+                "sk_lookup linked to network namespace {} (inode {ino})\n",
+                v.netns.as_deref().unwrap_or("?")
+            ),
+            None => println!("sk_lookup NOT LINKED (steers are not in force)\n"),
+        }
+        let count = |s: &crate::engine::steer::SteerState, n: &str| {
+            s.counters.get(n).copied().unwrap_or(0).to_string()
+        };
+        let rows: Vec<Vec<String>> = v
+            .steers
+            .iter()
+            .map(|s| {
+                let prefixes: Vec<String> =
+                    s.steer.prefixes.iter().map(ToString::to_string).collect();
+                vec![
+                    s.steer.name.clone(),
+                    s.steer.proto.name().to_string(),
+                    prefixes.join(","),
+                    s.steer.ports.to_string(),
+                    match (s.slot, s.socket) {
+                        (None, _) => "not in force".to_string(),
+                        (Some(_), Some(c)) => format!("cookie {c}"),
+                        (Some(_), None) => format!("none ({})", s.steer.on_missing.name()),
+                    },
+                    count(s, "steered"),
+                    count(s, "no_socket"),
+                    count(s, "incompatible"),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "STEER",
+                "PROTO",
+                "PREFIXES",
+                "PORTS",
+                "SOCKET",
+                "STEERED",
+                "NO SOCKET",
+                "INCOMPATIBLE",
+            ],
+            &rows,
+        );
+        if v.flows_lost > 0 {
+            println!("{} flow records lost to a full ring", v.flows_lost);
+        }
+    }
+
+    pub fn steer_registered(&self, r: &crate::engine::steer::Registered) {
+        if self.json {
+            print_json(&serde_json::to_value(r).expect("serialisable"));
+            return;
+        }
+        println!(
+            "steer {}: socket fd {} of process {} ({}, cookie {}) registered{}",
+            r.steer,
+            r.fd,
+            r.pid,
+            r.local.as_deref().unwrap_or("unbound"),
+            r.cookie,
+            if r.replaced {
+                ", replacing the previous one"
+            } else {
+                ""
+            }
+        );
+    }
+
+    pub fn steer_unregistered(&self, name: &str, had: bool) {
+        if self.json {
+            print_json(&json!({ "steer": name, "unregistered": had }));
+            return;
+        }
+        if had {
+            println!(
+                "steer {name}: socket let go (its traffic is refused until one is registered, unless on_missing is pass)"
+            );
+        } else {
+            println!("steer {name} had no socket");
+        }
     }
 
     pub fn workloads(&self, v: &[crate::engine::sock::WorkloadState]) {

@@ -126,6 +126,9 @@ pub struct Status {
     /// The socket LB, when it is linked to the root cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_lb: Option<super::sock_lb::SockLbState>,
+    /// sk_lookup steering, when linked to a network namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<super::steer::SteerStatus>,
 }
 
 /// The socket programs linked to one cgroup.
@@ -800,7 +803,11 @@ fn remove_packet_pins(root: &PinRoot) -> Result<(), DataplaneError> {
     // The socket LB balances by the packet LB's maps: it goes with them.
     super::sock_lb::detach(root);
     let sock = super::sock::sock_root(root).root;
-    if sock.exists() && super::sock::links(root)?.is_empty() {
+    // Steering needs no packet maps: it stays, like workloads.
+    if sock.exists()
+        && super::sock::links(root)?.is_empty()
+        && !super::steer::link_pin(root).exists()
+    {
         super::sock::remove_all(root)?;
     }
     if !sock.exists() {
@@ -848,12 +855,14 @@ pub fn status(root: &PinRoot) -> Result<Status, DataplaneError> {
         programs: Vec::new(),
         cgroups: Vec::new(),
         socket_lb: None,
+        steer: None,
     };
     if !root.root.exists() {
         return Ok(st);
     }
     let sl = super::sock_lb::state(root);
     st.socket_lb = (!sl.hooks.is_empty()).then_some(sl);
+    st.steer = super::steer::status(root);
     st.cgroups = super::sock::links(root)?
         .into_iter()
         .map(|(cgroup_id, hooks)| CgroupLinks {

@@ -1,4 +1,4 @@
-//! The `FLOWS` ring (and the socket layer's `SOCK_EVENTS`) as async
+//! The `FLOWS` ring (and the socket layer's `SOCK_EVENTS` and `STEER_FLOWS`) as async
 //! sources of records for the agent's flow reader. A ring has one read
 //! position: only one reader may drain it.
 
@@ -28,6 +28,15 @@ pub fn sock_ring_identity(root: &PinRoot) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// Identity of the pinned `STEER_FLOWS` ring (as [`ring_identity`]).
+#[must_use]
+pub fn steer_ring_identity(root: &PinRoot) -> Option<u64> {
+    let s = super::sock::sock_root(root);
+    std::fs::metadata(s.map(sluice_common::steer::steer_map_names::STEER_FLOWS))
+        .ok()
+        .map(|m| m.ino())
+}
+
 /// A pinned ring of `T` records, read asynchronously.
 pub struct Ring<T> {
     fd: AsyncFd<RingBuf<MapData>>,
@@ -50,6 +59,16 @@ impl FlowRing {
         let ring = runtime::open_ring(root, map_names::FLOWS)?;
         Self::register(ring, identity, &root.map(map_names::FLOWS))
     }
+}
+
+/// Opens steering's pinned ring of flow records (reason `steer`; as
+/// [`FlowRing::open`]).
+pub fn open_steer_ring(root: &PinRoot) -> Result<FlowRing, DataplaneError> {
+    use sluice_common::steer::steer_map_names::STEER_FLOWS;
+    let s = super::sock::sock_root(root);
+    let identity = steer_ring_identity(root);
+    let ring = runtime::open_ring(&s, STEER_FLOWS)?;
+    FlowRing::register(ring, identity, &s.map(STEER_FLOWS))
 }
 
 impl SockRing {

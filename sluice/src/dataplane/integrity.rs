@@ -130,7 +130,11 @@ fn live_sock_programs(root: &PinRoot) -> Result<Vec<(String, u32, OwnedFd)>, Dat
     let pinned: Vec<(std::path::PathBuf, String)> = super::sock::object_programs()
         .map(|name| (s.prog_dir().join(name), format!("pinned program {name}")))
         .collect();
-    programs_of(&pinned, &[s.links_dir(), s.root.join("lb")], false)
+    programs_of(
+        &pinned,
+        &[s.links_dir(), s.root.join("lb"), s.root.join("steer")],
+        false,
+    )
 }
 
 /// The programs pinned at `pinned`, those of the links pinned in

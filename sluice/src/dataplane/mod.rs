@@ -17,6 +17,7 @@ pub mod sandbox;
 pub mod sock;
 pub mod sock_lb;
 pub mod stats;
+pub mod steer;
 pub mod sys;
 pub mod tc;
 
@@ -161,6 +162,8 @@ pub enum DataplaneError {
         hook: &'static str,
         source: Cause,
     },
+    #[error("{problem}")]
+    Steer { problem: String },
     #[error("the maps do not hold what was just written: {what}")]
     Readback { what: String },
     #[error("{op} on map {map} failed: {source}")]

@@ -41,12 +41,13 @@ pub fn sock_root(root: &PinRoot) -> PinRoot {
     PinRoot::new(root.root.join("sock"))
 }
 
-/// Every program of the socket object: the workload programs, then the
-/// socket LB's.
+/// Every program of the socket object: the workload programs, the socket
+/// LB's, then the steering program.
 pub fn object_programs() -> impl Iterator<Item = &'static str> {
     SOCK_PROGRAMS
         .iter()
         .chain(SOCK_LB_PROGRAMS.iter())
+        .chain(sluice_common::steer::STEER_PROGRAMS.iter())
         .map(|(name, _)| *name)
 }
 
@@ -269,9 +270,10 @@ fn load_program(ebpf: &mut aya::Ebpf, name: &str) -> Result<(), DataplaneError> 
     let loaded = match prog {
         aya::programs::Program::CgroupSockAddr(p) => p.load(),
         aya::programs::Program::CgroupSock(p) => p.load(),
+        aya::programs::Program::SkLookup(p) => p.load(),
         _ => {
             return Err(DataplaneError::SockLoad {
-                source: format!("program {name} is not a cgroup socket program").into(),
+                source: format!("program {name} is not a socket program").into(),
             });
         }
     };
@@ -667,6 +669,10 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<SockUpgrade, DataplaneErro
         if pin.exists() {
             linked.push((pin, name));
         }
+    }
+    let steer = super::steer::link_pin(root);
+    if steer.exists() {
+        linked.push((steer, sluice_common::steer::STEER_PROGRAMS[0].0));
     }
     // Switch the links, remembering each one's old program to go back to.
     let mut done: Vec<(

@@ -120,7 +120,7 @@ pub fn attach(root: &PinRoot) -> Result<usize, DataplaneError> {
             let prog_path = s.prog_dir().join(name);
             let prog =
                 sys::obj_get(&prog_path).map_err(io(format!("opening {}", prog_path.display())))?;
-            let link = sys::link_create_cgroup(prog.as_fd(), dir.as_fd(), kind).map_err(|e| {
+            let link = sys::link_create(prog.as_fd(), dir.as_fd(), kind).map_err(|e| {
                 DataplaneError::CgroupAttach {
                     path: cg.path.clone(),
                     hook,

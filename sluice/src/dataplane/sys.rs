@@ -251,6 +251,9 @@ pub struct LinkInfo {
     /// For cgroup links: the cgroup's id (0 once the link was detached, or
     /// the cgroup removed).
     pub cgroup_id: u64,
+    /// For network namespace links (sk_lookup): the namespace's inode
+    /// number (0 once the namespace is gone).
+    pub netns_ino: u32,
 }
 
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
@@ -269,6 +272,7 @@ pub fn link_info(fd: impl AsFd) -> io::Result<LinkInfo> {
         prog_id: info.prog_id,
         xdp_ifindex: (info.union[0] & 0xffff_ffff) as u32,
         cgroup_id: info.union[0],
+        netns_ino: (info.union[0] & 0xffff_ffff) as u32,
     })
 }
 
@@ -307,21 +311,22 @@ struct LinkCreateAttr {
     target_fd: u32,
     attach_type: u32,
     flags: u32,
-    // The attach-type specific union, unused for cgroups (must be zero).
+    // The attach-type specific union, unused for cgroups and netns (must be zero).
     _rest: [u64; 4],
 }
 
-/// Links `prog` to the cgroup open at `cgroup` on hook `attach_type`
-/// (`bpf_attach_type`): a bpf_link, multi-attach by nature; dropping the
-/// last reference (fd or pin) detaches it.
-pub fn link_create_cgroup(
+/// Links `prog` to the target open at `target` (a cgroup directory, or a
+/// network namespace for sk_lookup) on hook `attach_type` (`bpf_attach_type`):
+/// a bpf_link, multi-attach by nature; dropping the last reference (fd or
+/// pin) detaches it.
+pub fn link_create(
     prog: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        target_fd: cgroup.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
         attach_type,
         ..LinkCreateAttr::default()
     };

@@ -6,6 +6,7 @@ pub mod lb_view;
 pub mod policy;
 pub mod sock;
 pub mod sock_lb;
+pub mod steer;
 
 use crate::dataplane::{DataplaneError, PinRoot, Status, attach, attach::ServiceStatus};
 

@@ -127,10 +127,13 @@ pub fn apply(
             let _lock = pins::RootLock::acquire(&root.root)?;
             let links = sock::links(root)?;
             report.unlinked = links.values().map(Vec::len).sum();
-            if crate::dataplane::sock_lb::attached(root).is_empty() {
+            if crate::dataplane::sock_lb::attached(root).is_empty()
+                && !crate::dataplane::steer::link_pin(root).exists()
+            {
                 sock::remove_all(root)?;
             } else {
-                // The socket LB still runs the object: only the workloads go.
+                // The socket LB or steering still runs the object: only
+                // the workloads go.
                 for id in links.keys() {
                     sock::detach(root, *id);
                 }

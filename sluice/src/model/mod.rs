@@ -6,3 +6,4 @@
 pub mod lb;
 pub mod policy;
 pub mod sock;
+pub mod steer;

@@ -36,6 +36,7 @@ mod model;
 mod packets;
 mod sock;
 mod sock_lb;
+mod steer;
 mod syn_flood;
 mod top;
 mod trust;

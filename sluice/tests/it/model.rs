@@ -546,6 +546,8 @@ fn random_material_is_judged_consistently() {
             Reason::NoBackend | Reason::VipFragment => {
                 panic!("the model judged {:?} without a service", out.reason)
             }
+            // Socket-layer records only; never a packet's reason.
+            Reason::Steer => panic!("the packet model judged {:?}", out.reason),
         }
     }
     for family in [Family::V4, Family::V6] {

@@ -504,6 +504,7 @@ mod tests {
             programs: Vec::new(),
             cgroups: Vec::new(),
             socket_lb: None,
+            steer: None,
         }
     }
 

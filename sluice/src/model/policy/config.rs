@@ -273,6 +273,25 @@ struct RawConfig {
     services: Vec<Spanned<RawService>>,
     #[serde(default, rename = "workload")]
     workloads: Vec<Spanned<RawWorkload>>,
+    #[serde(default, rename = "steer")]
+    steers: Vec<Spanned<RawSteer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSteer {
+    name: Spanned<String>,
+    proto: Spanned<String>,
+    prefixes: Spanned<Vec<Spanned<String>>>,
+    ports: Option<Spanned<RawPorts>>,
+    on_missing: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPorts {
+    Int(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -961,6 +980,18 @@ pub fn parse_with(
         let at = raw.workloads.first().map_or(0, |s| s.span().start);
         diags.push(pos.at(at, e));
     }
+    let mut steers = Vec::new();
+    for s in &raw.steers {
+        if let Some(s) = steer(&pos, s.get_ref(), &mut diags) {
+            steers.push(s);
+        }
+    }
+    if diags.is_empty()
+        && let Err(e) = crate::model::steer::validate(&steers)
+    {
+        let at = raw.steers.first().map_or(0, |s| s.span().start);
+        diags.push(pos.at(at, e));
+    }
     diags.sort_by_key(|d| (d.line, d.column));
     if diags.is_empty() {
         Ok(Config {
@@ -972,6 +1003,7 @@ pub fn parse_with(
                 temp_deny: std::collections::BTreeMap::new(),
                 services,
                 workloads,
+                steers,
             },
             flows,
             ddos,
@@ -1039,6 +1071,82 @@ fn workload(
         return None;
     }
     Some(w)
+}
+
+/// One `[[steer]]` section, every problem reported at its position.
+fn steer(
+    pos: &Positions<'_>,
+    r: &RawSteer,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::model::steer::Steer> {
+    use crate::model::{
+        lb::Proto,
+        steer::{self, OnMissing, PortRange},
+    };
+    let before = diags.len();
+    let name = r.name.get_ref().clone();
+    if let Err(e) = steer::check_name(&name) {
+        diags.push(pos.span(&r.name, e));
+    }
+    let proto = match r.proto.get_ref().as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => {
+            diags.push(pos.span(
+                &r.proto,
+                format!("`{other}` is not a protocol (tcp or udp)"),
+            ));
+            Proto::Tcp
+        }
+    };
+    let mut prefixes = Vec::new();
+    for p in r.prefixes.get_ref() {
+        match p.get_ref().parse::<ipnet::IpNet>() {
+            Ok(n) => prefixes.push(n),
+            Err(_) => {
+                diags.push(pos.span(p, format!("`{}` is not a prefix (ADDR/LEN)", p.get_ref())))
+            }
+        }
+    }
+    if r.prefixes.get_ref().is_empty() {
+        diags.push(pos.span(&r.prefixes, "a steer needs at least one prefix"));
+    }
+    let ports = match &r.ports {
+        None => PortRange::ALL,
+        Some(p) => {
+            let text = match p.get_ref() {
+                RawPorts::Int(n) => n.to_string(),
+                RawPorts::Text(t) => t.clone(),
+            };
+            text.parse().unwrap_or_else(|e: String| {
+                diags.push(pos.span(p, e));
+                PortRange::ALL
+            })
+        }
+    };
+    let on_missing = match r.on_missing.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "drop")) => OnMissing::Drop,
+        Some((_, "pass")) => OnMissing::Pass,
+        Some((s, other)) => {
+            diags.push(pos.span(s, format!("`{other}` is not drop or pass")));
+            OnMissing::Drop
+        }
+    };
+    if diags.len() > before {
+        return None;
+    }
+    let s = steer::Steer {
+        name,
+        proto,
+        prefixes,
+        ports,
+        on_missing,
+    };
+    if let Err(e) = s.validate() {
+        diags.push(pos.span(&r.name, e));
+        return None;
+    }
+    Some(s)
 }
 
 /// Reads and parses a configuration file.

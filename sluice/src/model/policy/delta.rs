@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 
 use super::{Action, Desired, Interface, Policy, PolicyDiff, RuleSpec, TempDeny};
-use crate::model::{lb::LbService, sock::Workload};
+use crate::model::{lb::LbService, sock::Workload, steer::Steer};
 
 /// The difference between two desired states.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,6 +39,9 @@ pub struct Delta {
     /// Workloads before and after (whole: at most `MAX_WORKLOADS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads: Option<(Vec<Workload>, Vec<Workload>)>,
+    /// Steers before and after (whole: at most `MAX_STEER_DESTS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steers: Option<(Vec<Steer>, Vec<Steer>)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interfaces: Option<(Vec<Interface>, Vec<Interface>)>,
 }
@@ -81,6 +84,9 @@ impl Delta {
         if from.workloads != to.workloads {
             d.workloads = Some((from.workloads.clone(), to.workloads.clone()));
         }
+        if from.steers != to.steers {
+            d.steers = Some((from.steers.clone(), to.steers.clone()));
+        }
         if from.interfaces != to.interfaces {
             d.interfaces = Some((from.interfaces.clone(), to.interfaces.clone()));
         }
@@ -122,6 +128,7 @@ impl Delta {
                 .collect(),
             services: self.services.as_ref().map(|(a, b)| (b.clone(), a.clone())),
             workloads: self.workloads.as_ref().map(|(a, b)| (b.clone(), a.clone())),
+            steers: self.steers.as_ref().map(|(a, b)| (b.clone(), a.clone())),
             interfaces: self
                 .interfaces
                 .as_ref()
@@ -171,6 +178,9 @@ impl Delta {
         }
         if let Some((_, w)) = &self.workloads {
             d.workloads.clone_from(w);
+        }
+        if let Some((_, w)) = &self.steers {
+            d.steers.clone_from(w);
         }
         if let Some((_, i)) = &self.interfaces {
             d.interfaces.clone_from(i);
@@ -285,6 +295,7 @@ pub struct Tracker {
     audit: Option<bool>,
     services: Option<Vec<LbService>>,
     workloads: Option<Vec<Workload>>,
+    steers: Option<Vec<Steer>>,
     interfaces: Option<Vec<Interface>>,
 }
 
@@ -384,6 +395,13 @@ impl Edit<'_> {
         &mut self.d.workloads
     }
 
+    pub fn steers(&mut self) -> &mut Vec<Steer> {
+        if let Some(t) = self.t.as_deref_mut() {
+            t.steers.get_or_insert_with(|| self.d.steers.clone());
+        }
+        &mut self.d.steers
+    }
+
     pub fn interfaces(&mut self) -> &mut Vec<Interface> {
         if let Some(t) = self.t.as_deref_mut() {
             t.interfaces
@@ -455,6 +473,11 @@ impl Tracker {
             && *w != d.workloads
         {
             out.workloads = Some((w.clone(), d.workloads.clone()));
+        }
+        if let Some(w) = &self.steers
+            && *w != d.steers
+        {
+            out.steers = Some((w.clone(), d.steers.clone()));
         }
         if let Some(i) = &self.interfaces
             && *i != d.interfaces

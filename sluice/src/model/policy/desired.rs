@@ -98,6 +98,9 @@ pub struct Desired {
     /// Socket-layer workloads (`[[workload]]`, `sluice workload ...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<crate::model::sock::Workload>,
+    /// sk_lookup steers (`[[steer]]`, `sluice steer ...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steers: Vec<crate::model::steer::Steer>,
 }
 
 /// Why a temporary deny entry exists and when it goes.
@@ -247,6 +250,10 @@ pub enum Op {
     /// A change to the socket layer's workloads.
     Workload {
         change: crate::model::sock::WorkloadOp,
+    },
+    /// A change to the sk_lookup steers.
+    Steer {
+        change: crate::model::steer::SteerOp,
     },
 }
 
@@ -418,6 +425,13 @@ impl Op {
                     *e.workloads() = workloads;
                 }
             }
+            Self::Steer { change } => {
+                let mut steers = e.d.steers.clone();
+                change.apply(&mut steers, strict)?;
+                if steers != e.d.steers {
+                    *e.steers() = steers;
+                }
+            }
             Self::Detach { name, netns } => {
                 let found =
                     e.d.interfaces
@@ -474,6 +488,7 @@ impl Op {
             Self::Expire { prefixes } => format!("expired deny {}", nets(prefixes)),
             Self::Lb { change } => change.describe(),
             Self::Workload { change } => change.describe(),
+            Self::Steer { change } => change.describe(),
         }
     }
 }
@@ -629,6 +644,23 @@ pub fn compact_overlay(base: &Desired, overlay: &[Op]) -> Vec<Op> {
                 change: crate::model::sock::WorkloadOp::Add {
                     workload: f.clone(),
                 },
+            });
+        }
+    }
+    // Steers likewise.
+    for b in &base.steers {
+        if !fin.steers.iter().any(|f| f.name == b.name) {
+            out.push(Op::Steer {
+                change: crate::model::steer::SteerOp::Del {
+                    name: b.name.clone(),
+                },
+            });
+        }
+    }
+    for f in &fin.steers {
+        if !base.steers.contains(f) {
+            out.push(Op::Steer {
+                change: crate::model::steer::SteerOp::Add { steer: f.clone() },
             });
         }
     }

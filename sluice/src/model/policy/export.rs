@@ -1,6 +1,6 @@
 //! The desired state written back as a configuration file (`sluice export`,
 //! like `iptables-save`): interfaces, `[policy]`, `[deny]`, `[allow]` and
-//! `[[service]]` and `[[workload]]` tables that `sluice check` accepts and `sluice apply`
+//! `[[service]]`, `[[workload]]` and `[[steer]]` tables that `sluice check` accepts and `sluice apply`
 //! takes back unchanged. Temporary deny entries (`--ttl`, escalations) are
 //! left out: a config file has no expiry, and they expire by themselves.
 
@@ -166,6 +166,28 @@ pub fn to_toml(desired: &Desired, header: &str) -> String {
             })
             .collect();
         root.insert("workload".into(), Value::Array(w));
+    }
+    if !desired.steers.is_empty() {
+        let w = desired
+            .steers
+            .iter()
+            .map(|s| {
+                let mut t = Table::new();
+                t.insert("name".into(), Value::String(s.name.clone()));
+                t.insert("proto".into(), Value::String(s.proto.name().into()));
+                t.insert(
+                    "prefixes".into(),
+                    strings(s.prefixes.iter().map(ToString::to_string)),
+                );
+                t.insert("ports".into(), Value::String(s.ports.to_string()));
+                t.insert(
+                    "on_missing".into(),
+                    Value::String(s.on_missing.name().into()),
+                );
+                Value::Table(t)
+            })
+            .collect();
+        root.insert("steer".into(), Value::Array(w));
     }
     let mut out = String::new();
     for line in header.lines() {
