@@ -115,6 +115,14 @@ const SUITES: &[Suite] = &[
     // The socket layer: the agent keeps a workload on a cgroup, busybox
     // clients in it are judged (connect, bind; IPv4, IPv6) on 6.1's cgroup
     // hooks (the Python-driven tests are left to the host).
+    // sk_lookup steering: a port range of a prefix delivered to one
+    // listener registered by pid and fd (the Python-driven test is left to
+    // the host).
+    Suite {
+        module: "steer",
+        filters: &["a_steered_port_range_reaches_one_listener_and_other_ports_do_not"],
+        limit: Duration::from_secs(300),
+    },
     Suite {
         module: "sock",
         filters: &["sock_busybox_clients_are_judged"],
@@ -359,6 +367,11 @@ fn lts_lb_e2e() {
 #[test]
 fn lts_sock() {
     check("sock");
+}
+
+#[test]
+fn lts_steer() {
+    check("steer");
 }
 
 #[test]

@@ -1943,7 +1943,7 @@ fn sock_upgrade_swaps_the_programs_on_the_links_and_keeps_the_policy() {
     let out = env.cli_ok(&["upgrade", "--force"]);
     let text = stdout(&out);
     assert!(
-        text.contains("socket programs: 15 replaced on 6 cgroup link(s); maps kept"),
+        text.contains("socket programs: 16 replaced on 6 cgroup link(s); maps kept"),
         "{text}"
     );
     assert_ne!(prog_id(), before, "the link runs a new program");

@@ -425,3 +425,68 @@ fn one_socket_answers_a_whole_prefix_and_unsteered_traffic_is_untouched() {
         env.pin.pins()
     );
 }
+
+/// Steering with the test's own listener (no Python: the LTS tier runs
+/// this one): a port range of a prefix reaches it by pid and fd; ports
+/// outside the range reach ordinary sockets, or none.
+#[test]
+fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
+    use std::os::fd::AsRawFd as _;
+    let lab = Lab::new("steer-range");
+    let x = lab.x;
+    lab.b
+        .exec_ok(["ip", "route", "add", "local", &format!("198.19.{x}.0/24"), "dev", "lo"]);
+    lab.a.exec_ok([
+        "ip", "route", "add", &format!("198.19.{x}.0/24"), "via", &lab.b_v4.to_string(),
+    ]);
+    let env = AgentEnv::new("steer-range");
+    env.write_config(&format!(
+        "{}[[steer]]\nname = \"range\"\nproto = \"tcp\"\nprefixes = [\"198.19.{x}.0/24\"]\nports = \"1000-1999\"\n",
+        interface_toml(&lab.b, &lab.b_if)
+    ));
+    let _agent = AgentProc::start(&env, &[]);
+    let (steered, plain) = lab.b.run(|| {
+        (
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            TcpListener::bind("0.0.0.0:2001").unwrap(),
+        )
+    });
+    let fd = steered.as_raw_fd().to_string();
+    let me = std::process::id().to_string();
+    env.cli_ok(&["steer", "register", "range", "--pid", &me, "--fd", &fd]);
+    let server = std::thread::spawn(move || {
+        use std::io::Write as _;
+        for _ in 0..100 {
+            let (mut c, _) = steered.accept().unwrap();
+            let local = c.local_addr().unwrap();
+            let _ = c.write_all(format!("steered {local}\n").as_bytes());
+        }
+        let (mut c, _) = plain.accept().unwrap();
+        let _ = c.write_all(b"plain\n");
+    });
+    let mut rng = SmallRng::seed_from_u64(u64::from(x) + 7);
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < 100 {
+        ports.insert(rng.gen_range(1000..=1999u16));
+    }
+    let wanted: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::new(Ipv4Addr::new(198, 19, x, rng.gen_range(1..255)).into(), *p))
+        .collect();
+    let w2 = wanted.clone();
+    let outside: SocketAddr = format!("198.19.{x}.5:2000").parse().unwrap();
+    let ordinary: SocketAddr = format!("198.19.{x}.5:2001").parse().unwrap();
+    let got = lab.a.run(move || {
+        let steered: Vec<_> = w2.iter().map(|a| dial(*a)).collect();
+        (steered, dial(outside), dial(ordinary))
+    });
+    for (to, r) in wanted.iter().zip(&got.0) {
+        assert_eq!(r.as_deref(), Ok(format!("steered {to}").as_str()), "to {to}");
+    }
+    assert_eq!(got.1, Err(std::io::ErrorKind::ConnectionRefused), "no socket on an unsteered port");
+    assert_eq!(got.2.as_deref(), Ok("plain"), "an ordinary listener on an unsteered port");
+    server.join().unwrap();
+    let v = steers(&env);
+    assert_eq!(counter(&v, "range", "steered"), 100, "{v}");
+    assert_eq!(counter(&v, "range", "no_socket"), 0, "{v}");
+}
