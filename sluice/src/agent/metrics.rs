@@ -205,6 +205,7 @@ pub fn render(core: &Core, m: &AgentMetrics) -> String {
     flow_metrics(&mut r, core, m);
     lb_metrics(&mut r, core);
     sock_metrics(&mut r, core);
+    steer_metrics(&mut r, core);
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");
     out
@@ -249,6 +250,44 @@ fn sock_metrics(r: &mut Registry, core: &Core) {
     r.register(
         "sluice_sock_records_lost",
         "Socket records (denied or audited calls) lost because their ring was full",
+        lost,
+    );
+}
+
+/// Per steer: lookups by outcome, and whether a socket is registered.
+fn steer_metrics(r: &mut Registry, core: &Core) {
+    if core.desired.steers.is_empty() {
+        return;
+    }
+    let events: Family<Labels, Counter> = Family::default();
+    let socket: Family<Labels, Gauge> = Family::default();
+    let view = core.steer_view();
+    for s in &view.steers {
+        let name = s.steer.name.as_str();
+        socket
+            .get_or_create(&labels(&[("steer", name)]))
+            .set(i64::from(s.socket.is_some()));
+        for (event, n) in &s.counters {
+            events
+                .get_or_create(&labels(&[("steer", name), ("event", event)]))
+                .inc_by(*n);
+        }
+    }
+    r.register(
+        "sluice_steer_lookups",
+        "sk_lookup lookups of steered traffic per steer, by outcome (steered, no_socket, incompatible, other_program)",
+        events,
+    );
+    r.register(
+        "sluice_steer_socket",
+        "1 while a socket is registered for the steer",
+        socket,
+    );
+    let lost: Counter = Counter::default();
+    lost.inc_by(view.flows_lost);
+    r.register(
+        "sluice_steer_records_lost",
+        "Steering flow records lost because their ring was full",
         lost,
     );
 }

@@ -1232,6 +1232,7 @@ fn the_demo_runs_and_every_check_passes() {
         "DDoS: the SYN guard",
         "Flow records and top",
         "Workloads: connect and bind policy",
+        "sk_lookup steering: one socket answers a whole prefix",
         "kill -9 the agent",
     ] {
         assert!(

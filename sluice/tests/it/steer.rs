@@ -434,17 +434,40 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     use std::os::fd::AsRawFd as _;
     let lab = Lab::new("steer-range");
     let x = lab.x;
-    lab.b
-        .exec_ok(["ip", "route", "add", "local", &format!("198.19.{x}.0/24"), "dev", "lo"]);
+    lab.b.exec_ok([
+        "ip",
+        "route",
+        "add",
+        "local",
+        &format!("198.19.{x}.0/24"),
+        "dev",
+        "lo",
+    ]);
     lab.a.exec_ok([
-        "ip", "route", "add", &format!("198.19.{x}.0/24"), "via", &lab.b_v4.to_string(),
+        "ip",
+        "route",
+        "add",
+        &format!("198.19.{x}.0/24"),
+        "via",
+        &lab.b_v4.to_string(),
     ]);
     let env = AgentEnv::new("steer-range");
+    let port = crate::support::agent::free_port();
     env.write_config(&format!(
         "{}[[steer]]\nname = \"range\"\nproto = \"tcp\"\nprefixes = [\"198.19.{x}.0/24\"]\nports = \"1000-1999\"\n",
         interface_toml(&lab.b, &lab.b_if)
     ));
+    let text = std::fs::read_to_string(&env.config)
+        .expect("config")
+        .replace(
+            "[agent]\n",
+            &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
+        );
+    std::fs::write(&env.config, text).expect("config");
     let _agent = AgentProc::start(&env, &[]);
+    let metric =
+        |name: &str| crate::support::agent::sample(&crate::support::agent::scrape(port), name);
+    assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(0.0));
     let (steered, plain) = lab.b.run(|| {
         (
             TcpListener::bind("127.0.0.1:0").unwrap(),
@@ -481,12 +504,29 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
         (steered, dial(outside), dial(ordinary))
     });
     for (to, r) in wanted.iter().zip(&got.0) {
-        assert_eq!(r.as_deref(), Ok(format!("steered {to}").as_str()), "to {to}");
+        assert_eq!(
+            r.as_deref(),
+            Ok(format!("steered {to}").as_str()),
+            "to {to}"
+        );
     }
-    assert_eq!(got.1, Err(std::io::ErrorKind::ConnectionRefused), "no socket on an unsteered port");
-    assert_eq!(got.2.as_deref(), Ok("plain"), "an ordinary listener on an unsteered port");
+    assert_eq!(
+        got.1,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no socket on an unsteered port"
+    );
+    assert_eq!(
+        got.2.as_deref(),
+        Ok("plain"),
+        "an ordinary listener on an unsteered port"
+    );
     server.join().unwrap();
     let v = steers(&env);
     assert_eq!(counter(&v, "range", "steered"), 100, "{v}");
     assert_eq!(counter(&v, "range", "no_socket"), 0, "{v}");
+    assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(1.0));
+    assert_eq!(
+        metric("sluice_steer_lookups_total{steer=\"range\",event=\"steered\"}"),
+        Some(100.0)
+    );
 }
