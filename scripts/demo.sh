@@ -795,7 +795,7 @@ step "sk_lookup steering: one socket answers a whole prefix, on every port"
 STEER_NET=198.19.1.0/24
 note "A service listens once, on 127.0.0.1; sluice steers every TCP port of $STEER_NET to that socket"
 note "(the kernel's socket lookup picks it: no NAT, no per-port listeners). b owns the prefix (AnyIP)."
-ip -n "$NSB" route add local "$STEER_NET" dev lo
+ip -n "$NSB" route add local "$STEER_NET" dev "$VETHB"
 ip -n "$NSA" route add "$STEER_NET" via "$B4"
 cat >"$TMP/steer_svc.py" <<'PY'
 import socket
@@ -808,23 +808,24 @@ PY
 cat >"$TMP/steer_dial.py" <<'PY'
 import random, socket, sys
 random.seed(7)
-for _ in range(int(sys.argv[1])):
+for _ in range(int(sys.argv[2])):
     to = ("198.19.1.%d" % random.randint(1, 254), random.randint(1, 65535))
     try:
-        s = socket.create_connection(to, 2)
+        s = socket.create_connection(to, 2, source_address=(sys.argv[1], 0))
         print("%s:%d -> %s" % (to[0], to[1], s.recv(100).decode().strip()))
     except OSError as e:
-        print("%s:%d -> FAILED: %s" % (to[0], to[1], e.strerror))
+        print("%s:%d -> FAILED: %s" % (to[0], to[1], e.strerror or e))
 PY
 show "$NSB" "python3 service.py &   # one listener on 127.0.0.1, random port"
-in_ns "$NSB" python3 -u "$TMP/steer_svc.py" >"$TMP/steer_svc.out" 2>&1 &
+# (`ip netns exec` itself, not the in_ns function: $! is then the python process.)
+ip netns exec "$NSB" python3 -u "$TMP/steer_svc.py" >"$TMP/steer_svc.out" 2>&1 &
 SVC_PID=$!
 BG_PIDS+=("$SVC_PID")
 for ((i = 0; i < 50; i++)); do grep -q ready "$TMP/steer_svc.out" 2>/dev/null && break; sleep 0.1; done
 sl steer add web --proto tcp --prefix "$STEER_NET" --ports 1-65535
 sl steer register web --pid "$SVC_PID"
-show "$NSA" "python3 dial.py 8   # 8 random hosts and ports of $STEER_NET"
-DIALS=$(in_ns "$NSA" timeout 30 python3 "$TMP/steer_dial.py" 8)
+show "$NSA" "python3 dial.py $A4B 8   # from $A4B ($A4 is on the deny list): 8 random hosts and ports of $STEER_NET"
+DIALS=$(in_ns "$NSA" timeout 30 python3 "$TMP/steer_dial.py" "$A4B" 8)
 sed 's/^/   /' <<<"$DIALS"
 if [ "$(grep -c 'you reached' <<<"$DIALS")" = 8 ] && ! grep -q FAILED <<<"$DIALS"; then
     good "8 ports of 8 hosts, one socket; each connection sees the address it dialled"
@@ -833,12 +834,12 @@ else
 fi
 sl steer list
 kill "$SVC_PID" 2>/dev/null; wait "$SVC_PID" 2>/dev/null || true
-DIALS=$(in_ns "$NSA" timeout 30 python3 "$TMP/steer_dial.py" 1)
+DIALS=$(in_ns "$NSA" timeout 30 python3 "$TMP/steer_dial.py" "$A4B" 1)
 note "the service stopped: $DIALS"
 case $DIALS in *"FAILED: Connection refused"*) good "its socket left the map: steered traffic is refused, never handed to another listener" ;; *) bad "after the service stopped: $DIALS" ;; esac
 sl steer del web
 ip -n "$NSA" route del "$STEER_NET" via "$B4"
-ip -n "$NSB" route del local "$STEER_NET" dev lo
+ip -n "$NSB" route del local "$STEER_NET" dev "$VETHB"
 
 step "Metrics: Prometheus text at http://127.0.0.1:$PORT/metrics"
 show "" "python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:$PORT/metrics\").read().decode())'"

@@ -1443,8 +1443,11 @@ impl Core {
                 first_error.get_or_insert(AgentError::from(e));
             }
         }
-        // And every workload's cgroup links (the socket layer's pins go
-        // too), whatever happened above.
+        // And steering's link, then every workload's cgroup links (the
+        // socket layer's pins go too), whatever happened above.
+        if let Err(e) = crate::engine::steer::apply(&self.root, &[], None) {
+            first_error.get_or_insert(AgentError::from(e));
+        }
         if let Err(e) = crate::engine::sock::apply(&self.root, &[], &|_| false) {
             first_error.get_or_insert(AgentError::from(e));
         }

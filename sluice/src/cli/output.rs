@@ -173,7 +173,11 @@ impl Out {
                 return;
             }
             let mut parts = vec![format!("version {}", a.version)];
-            if a.reconcile.changes > 0 || (a.reconcile.lb.is_none() && a.reconcile.sock.is_none()) {
+            if a.reconcile.changes > 0
+                || (a.reconcile.lb.is_none()
+                    && a.reconcile.sock.is_none()
+                    && a.reconcile.steer.is_none())
+            {
                 parts.push(format!("{} change(s) in the maps", a.reconcile.changes));
             }
             if let Some(r) = &a.reconcile.lb {
@@ -186,6 +190,19 @@ impl Out {
                 parts.push(format!(
                     "{} workload(s) in force, {} cgroup link(s) made, {} removed",
                     r.workloads, r.linked, r.unlinked
+                ));
+            }
+            if let Some(r) = &a.reconcile.steer {
+                parts.push(format!(
+                    "{} steer(s) in force, {} rule table entr{}{}",
+                    r.steers,
+                    r.entries,
+                    if r.entries == 1 { "y" } else { "ies" },
+                    match (r.linked, r.unlinked) {
+                        (true, _) => ", sk_lookup linked",
+                        (_, true) => ", sk_lookup unlinked",
+                        _ => "",
+                    }
                 ));
             }
             println!("{message} ({})", parts.join(", "));
@@ -263,6 +280,7 @@ impl Out {
                 "services": cfg.desired.services.len(),
                 "backends": cfg.desired.services.iter().map(|s| s.spec.backends.len()).sum::<usize>(),
                 "workloads": cfg.desired.workloads.len(),
+                "steers": cfg.desired.steers.len(),
             }));
         } else {
             let services = match cfg.desired.services.len() {
@@ -276,9 +294,11 @@ impl Out {
                         .sum::<usize>()
                 ),
             };
-            let workloads = match cfg.desired.workloads.len() {
-                0 => String::new(),
-                n => format!(", {n} workload(s)"),
+            let workloads = match (cfg.desired.workloads.len(), cfg.desired.steers.len()) {
+                (0, 0) => String::new(),
+                (n, 0) => format!(", {n} workload(s)"),
+                (0, s) => format!(", {s} steer(s)"),
+                (n, s) => format!(", {n} workload(s), {s} steer(s)"),
             };
             println!(
                 "{}: ok ({} interface(s), {} deny, {} allow, {} rule(s), default {}, malformed {}{services}{workloads})",

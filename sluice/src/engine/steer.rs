@@ -250,7 +250,7 @@ pub fn register(
                     return Err(refuse(format!(
                         "process {pid} has no socket that can take steer {name}'s traffic{}",
                         if seen.is_empty() {
-                            String::new()
+                            " (it has no IP sockets)".to_string()
                         } else {
                             format!(" ({})", seen.join("; "))
                         }

@@ -523,6 +523,32 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     server.join().unwrap();
     let v = steers(&env);
     assert_eq!(counter(&v, "range", "steered"), 100, "{v}");
+    // The systemd way: the socket unit starts `sluice steer register NAME
+    // --fd 3` with the socket as its fd 3; the agent takes it from the CLI
+    // process while the CLI waits. The new socket replaces the old one.
+    let second = lab.b.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let raw = second.as_raw_fd();
+    let mut cmd = env.cli_cmd(None, &["steer", "register", "range", "--fd", "3"]);
+    // SAFETY: only dup2, async-signal-safe, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run sluice");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("replacing the previous one"), "{}", stdout(&out));
+    let accept = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let (mut c, _) = second.accept().unwrap();
+        let _ = c.write_all(b"second\n");
+    });
+    let to = wanted[0];
+    assert_eq!(lab.a.run(move || dial(to)).as_deref(), Ok("second"));
+    accept.join().unwrap();
     assert_eq!(counter(&v, "range", "no_socket"), 0, "{v}");
     assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(1.0));
     assert_eq!(

@@ -1287,6 +1287,23 @@ mod tests {
                 &[(3, 1, "unknown field `bogus`")],
             ),
             ("[deny\nprefixes = []\n", &[(1, 6, "")]),
+            (
+                "[[steer]]\nname = \"web\"\nproto = \"sctp\"\nprefixes = [\"198.19.1.0/24\"]\n",
+                &[(3, 9, "`sctp` is not a protocol")],
+            ),
+            (
+                "[[steer]]\nname = \"web\"\nproto = \"tcp\"\nprefixes = [\"198.19.1.0/33\"]\nports = \"0\"\non_missing = \"keep\"\n",
+                &[
+                    (4, 13, "is not a prefix"),
+                    (5, 9, "is not a port range"),
+                    (6, 14, "not drop or pass"),
+                ],
+            ),
+            (
+                "[[steer]]\nname = \"a\"\nproto = \"udp\"\nprefixes = [\"198.19.1.0/24\"]\nports = 53\n\n\
+                 [[steer]]\nname = \"b\"\nproto = \"udp\"\nprefixes = [\"198.19.1.0/24\"]\nports = \"50-60\"\n",
+                &[(1, 1, "steers a and b both claim udp 198.19.1.0/24")],
+            ),
             ("[policy]\nrules = \"drop udp\"\n", &[(2, 9, "")]),
         ];
         for (text, want) in table {

@@ -265,6 +265,18 @@ cgroup = "/batch.slice/"
 audit = true
 bind_default = "deny"
 bind = ["allow port 8080-8089"]
+
+[[steer]]
+name = "web"
+proto = "tcp"
+prefixes = ["198.19.1.0/24", "2001:2:0:105::/64"]
+
+[[steer]]
+name = "dns"
+proto = "udp"
+prefixes = ["198.19.1.0/24"]
+ports = 53
+on_missing = "pass"
 "#;
 
     #[test]
