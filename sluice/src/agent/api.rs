@@ -936,6 +936,7 @@ async fn openapi() -> impl IntoResponse {
 }
 
 pub fn router(core: Shared) -> Router {
+    let steer_socket = post(steer_register).delete(steer_unregister);
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/info", get(info))
@@ -966,10 +967,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/workloads/change", post(workload_change))
         .route("/v1/steers", get(get_steers))
         .route("/v1/steers/change", post(steer_change))
-        .route(
-            "/v1/steers/{name}/socket",
-            post(steer_register).delete(steer_unregister),
-        )
+        .route("/v1/steers/{name}/socket", steer_socket)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(json_errors))

@@ -540,7 +540,11 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     }
     let out = cmd.output().expect("run sluice");
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("replacing the previous one"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("replacing the previous one"),
+        "{}",
+        stdout(&out)
+    );
     let accept = std::thread::spawn(move || {
         use std::io::Write as _;
         let (mut c, _) = second.accept().unwrap();
