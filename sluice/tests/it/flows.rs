@@ -590,7 +590,7 @@ fn bad_values_and_a_missing_agent_are_one_line_errors() {
         (
             &["flows", "--reason", "nope"][..],
             "(valid: default, allow-list, deny-list, rule, malformed, not-ip, rate-limit, \
-             syn-defence, map-full, no-backend, vip-fragment)",
+             syn-defence, map-full, no-backend, vip-fragment, steer)",
         ),
         (
             &["flows", "--src", "198.18.0.0/33"][..],

@@ -477,6 +477,7 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     let fd = steered.as_raw_fd().to_string();
     let me = std::process::id().to_string();
     env.cli_ok(&["steer", "register", "range", "--pid", &me, "--fd", &fd]);
+    assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(1.0));
     let server = std::thread::spawn(move || {
         use std::io::Write as _;
         for _ in 0..100 {
@@ -523,16 +524,27 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     server.join().unwrap();
     let v = steers(&env);
     assert_eq!(counter(&v, "range", "steered"), 100, "{v}");
+    assert_eq!(counter(&v, "range", "no_socket"), 0, "{v}");
+    assert_eq!(
+        metric("sluice_steer_lookups_total{steer=\"range\",event=\"steered\"}"),
+        Some(100.0)
+    );
     // The systemd way: the socket unit starts `sluice steer register NAME
     // --fd 3` with the socket as its fd 3; the agent takes it from the CLI
     // process while the CLI waits. The new socket replaces the old one.
     let second = lab.b.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
     let raw = second.as_raw_fd();
     let mut cmd = env.cli_cmd(None, &["steer", "register", "range", "--fd", "3"]);
-    // SAFETY: only dup2, async-signal-safe, between fork and exec.
+    // SAFETY: only dup2/fcntl, async-signal-safe, between fork and exec.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(raw, 3) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let rc = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -553,10 +565,6 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     let to = wanted[0];
     assert_eq!(lab.a.run(move || dial(to)).as_deref(), Ok("second"));
     accept.join().unwrap();
-    assert_eq!(counter(&v, "range", "no_socket"), 0, "{v}");
-    assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(1.0));
-    assert_eq!(
-        metric("sluice_steer_lookups_total{steer=\"range\",event=\"steered\"}"),
-        Some(100.0)
-    );
+    // The listener closed with its thread: the socket left the map.
+    assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(0.0));
 }
