@@ -79,8 +79,17 @@ unsafe impl aya::Pod for SteerEntry {}
 pub struct SteerDest {
     /// `SO_COOKIE` of the socket registered; 0: none.
     pub cookie: u64,
+    /// Inode of the socket's network namespace.
+    pub netns_ino: u64,
     /// The steer's name, NUL-padded; empty: the slot is free.
     pub name: [u8; 32],
+    /// What the socket is (checked again when its steer changes): 4 or 6,
+    /// IP protocol, a listening TCP socket (1), an IPv6-only socket (1).
+    pub family: u8,
+    pub proto: u8,
+    pub listening: u8,
+    pub v6only: u8,
+    pub _pad: u32,
 }
 
 // SAFETY: repr(C), Copy, integers only, no gap.
@@ -130,7 +139,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<SteerKey>(), 20);
         assert_eq!(core::mem::size_of::<SteerRange>(), 8);
-        assert_eq!(core::mem::size_of::<SteerDest>(), 40);
+        assert_eq!(core::mem::size_of::<SteerDest>(), 56);
         assert_eq!(core::mem::size_of::<SteerEntry>(), 4 + 8 * STEER_RANGES);
     }
 }

@@ -74,8 +74,9 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     };
     let mut hit = None;
-    for r in &entry.ranges {
-        if hit.is_some() {
+    for (i, r) in entry.ranges.iter().enumerate() {
+        // Only the entry's `n` ranges count (the rest are empty, `1-0`).
+        if hit.is_some() || i as u32 >= entry.n {
             break;
         }
         if u32::from(r.lo) <= port && port <= u32::from(r.hi) {

@@ -777,6 +777,9 @@ impl Core {
                         "steering updated"
                     );
                 }
+                for d in &r.dropped {
+                    warn!(what = %d, "steering socket let go");
+                }
                 self.steer_error = None;
                 Some(r)
             }
@@ -938,11 +941,16 @@ impl Core {
             );
             report.sock = Some(r);
         }
-        if delta.steers.is_some() {
+        // The interfaces name the namespace steered: they move it.
+        if delta.steers.is_some() || (delta.interfaces.is_some() && !self.desired.steers.is_empty())
+        {
             let netns = self.steer_netns();
             let r =
                 crate::engine::steer::apply(&self.root, &self.desired.steers, netns.as_deref())?;
             info!(steers = r.steers, entries = r.entries, "steering updated");
+            for d in &r.dropped {
+                warn!(what = %d, "steering socket let go");
+            }
             self.steer_error = None;
             report.steer = Some(r);
         }
@@ -1489,7 +1497,15 @@ impl Core {
         pid: u32,
         fd: Option<i32>,
     ) -> Result<crate::engine::steer::Registered, AgentError> {
-        let r = crate::engine::steer::register(&self.root, &self.desired.steers, name, pid, fd)?;
+        let netns = self.steer_netns();
+        let r = crate::engine::steer::register(
+            &self.root,
+            &self.desired.steers,
+            netns.as_deref(),
+            name,
+            pid,
+            fd,
+        )?;
         info!(steer = name, pid, fd = r.fd, cookie = r.cookie, local = ?r.local, "socket registered for steering");
         Ok(r)
     }

@@ -184,6 +184,9 @@ pub struct Flows {
     workload_names: WorkloadNames,
     /// cgroup id -> path, found once per id (bounded).
     cgroup_paths: Mutex<HashMap<u64, Option<Arc<str>>>>,
+    /// Steering slot -> steer name, read from the pinned slots (again when
+    /// a record names a slot not known yet).
+    steer_names: Mutex<HashMap<u32, Arc<str>>>,
 }
 
 /// Workload cgroup id -> (name, path), shared by the agent's core (which
@@ -234,6 +237,7 @@ impl Flows {
             reading: AtomicBool::new(false),
             workload_names,
             cgroup_paths: Mutex::new(HashMap::new()),
+            steer_names: Mutex::new(HashMap::new()),
         })
     }
 
@@ -269,6 +273,42 @@ impl Flows {
     /// Takes records read from the ring.
     pub fn ingest(&self, records: &[FlowRecord]) {
         self.ingest_events(records.iter().map(|r| (*r, None)));
+    }
+
+    fn ingest_events(&self, records: impl ExactSizeIterator<Item = (FlowRecord, Option<SockTag>)>) {
+        self.ingest_tagged(records.map(|(r, sock)| (r, sock, None)));
+    }
+
+    /// Takes steering records (reason `steer`, `matched` = the steer's
+    /// slot), named by the slots pinned beside the rule table.
+    pub fn ingest_steer(&self, records: &[FlowRecord]) {
+        let known = {
+            let names = lock(&self.steer_names);
+            records.iter().all(|r| names.contains_key(&r.matched))
+        };
+        if !known {
+            self.refresh_steer_names();
+        }
+        let names = lock(&self.steer_names).clone();
+        self.ingest_tagged(
+            records
+                .iter()
+                .map(|r| (*r, None, names.get(&r.matched).cloned())),
+        );
+    }
+
+    /// Reads which steer holds which slot again (every check, and when a
+    /// record names a slot not known yet).
+    pub fn refresh_steer_names(&self) {
+        let fresh: HashMap<u32, Arc<str>> = dataplane::steer::SteerMaps::open(&self.root)
+            .and_then(|m| m.dests())
+            .map(|d| {
+                d.into_iter()
+                    .map(|(slot, d)| (u32::from(slot), Arc::from(d.name.as_str())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        *lock(&self.steer_names) = fresh;
     }
 
     /// Takes socket records read from the socket layer's ring.
@@ -313,7 +353,10 @@ impl Flows {
         found
     }
 
-    fn ingest_events(&self, records: impl ExactSizeIterator<Item = (FlowRecord, Option<SockTag>)>) {
+    fn ingest_tagged(
+        &self,
+        records: impl ExactSizeIterator<Item = (FlowRecord, Option<SockTag>, Option<Arc<str>>)>,
+    ) {
         if records.len() == 0 {
             return;
         }
@@ -324,7 +367,7 @@ impl Flows {
         let backends = lock(&self.backends);
         let mut st = lock(&self.state);
         let following = self.tx.receiver_count() > 0;
-        for (r, sock) in records {
+        for (r, sock, steer) in records {
             st.seq += 1;
             let wall = realtime - boottime + i128::from(r.ts_ns);
             let ev = FlowEvent {
@@ -337,9 +380,11 @@ impl Flows {
                     .and_then(|slot| backends.get(&slot).cloned()),
                 rec: r,
                 sock,
+                steer,
             };
-            // Totals are of packet flows; a socket record sent no packet.
-            if ev.sock.is_none() {
+            // Totals are of packet flows; a socket record sent no packet,
+            // and a steering record is a socket lookup, not a packet seen.
+            if ev.sock.is_none() && r.reason != sluice_common::Reason::Steer as u8 {
                 self.total(&mut st, &ev);
             }
             if st.recent.len() >= self.recent_capacity {
@@ -774,6 +819,10 @@ async fn read_loop(flows: Arc<Flows>) {
                 check(&flows, &mut ring, &mut in_force, ticks % NAME_TICKS == 1).await;
                 check_sock(&flows, &mut sock_ring).await;
                 check_steer(&flows, &mut steer_ring).await;
+                if steer_ring.is_some() {
+                    let f = flows.clone();
+                    let _ = tokio::task::spawn_blocking(move || f.refresh_steer_names()).await;
+                }
                 if let Some(r) = steer_ring.as_mut() {
                     r.drain_now(BATCH, &mut steer_batch);
                 }
@@ -791,7 +840,7 @@ async fn read_loop(flows: Arc<Flows>) {
             tokio::task::yield_now().await;
         }
         if !steer_batch.is_empty() {
-            flows.ingest(&steer_batch);
+            flows.ingest_steer(&steer_batch);
             steer_batch.clear();
             tokio::task::yield_now().await;
         }

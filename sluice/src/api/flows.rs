@@ -299,6 +299,8 @@ pub struct FlowEvent {
     /// who made it. `rec` then holds the destination (or address bound),
     /// verdict and reason.
     pub sock: Option<SockTag>,
+    /// A steering record (reason `steer`): the steer it was for.
+    pub steer: Option<Arc<str>>,
 }
 
 /// The process behind a socket record.
@@ -380,6 +382,9 @@ pub struct FlowView {
     pub comm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// Steering records (reason `steer`): the steer the lookup was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<String>,
 }
 
 impl FlowEvent {
@@ -441,6 +446,7 @@ impl FlowEvent {
                 .sock
                 .as_ref()
                 .and_then(|t| t.cgroup.as_deref().map(str::to_string)),
+            steer: self.steer.as_deref().map(str::to_string),
         }
     }
 }

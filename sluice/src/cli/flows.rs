@@ -337,6 +337,7 @@ fn line(r: &FlowView) -> String {
         _ => "(not IP)".into(),
     };
     let reason = match (r.prefix_len, r.rule) {
+        _ if r.steer.is_some() => format!("steer {}", r.steer.as_deref().unwrap_or("?")),
         (Some(len), _) => format!("{} (/{len})", r.reason),
         (None, Some(id)) if r.reason == "rule" => format!("rule {id}"),
         (None, Some(id)) => format!("{} (rule {id})", r.reason),

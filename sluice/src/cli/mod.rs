@@ -94,8 +94,8 @@ pub enum Command {
         /// Log as text or JSON lines (stderr).
         #[arg(long, value_enum, default_value = "text")]
         log_format: crate::agent::LogFormat,
-        /// Detach every interface and every workload's cgroup on a graceful
-        /// shutdown (default: leave the dataplane running).
+        /// Detach every interface, every workload's cgroup and the steering
+        /// link on a graceful shutdown (default: leave the dataplane running).
         #[arg(long)]
         detach_on_exit: bool,
         /// Seconds between checks that the pins still match desired state.

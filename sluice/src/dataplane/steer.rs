@@ -71,15 +71,20 @@ pub fn attach(root: &PinRoot, netns: &Path) -> Result<bool, DataplaneError> {
                 netns.display()
             ),
         })?;
-    // Replace the old pin only once the new link exists: for a moment both
-    // run (the same program and maps: the same answer).
-    // (bpffs refuses dots in names.)
-    let tmp = pin.with_file_name("link_next");
+    // The new link is pinned beside the old one and renamed over it (one
+    // step on bpffs): for a moment both run (the same program and maps:
+    // the same answer); the old link goes with its pin.
+    let tmp = next_pin(root);
     let _ = std::fs::remove_file(&tmp);
     sys::obj_pin(link.as_fd(), &tmp).map_err(io(format!("pinning {}", tmp.display())))?;
-    unlink(&pin);
     std::fs::rename(&tmp, &pin).map_err(io(format!("renaming {}", tmp.display())))?;
     Ok(true)
+}
+
+/// Where a new link is pinned before it replaces the old one (bpffs
+/// refuses dots in names).
+fn next_pin(root: &PinRoot) -> PathBuf {
+    link_pin(root).with_file_name("link_next")
 }
 
 /// Removes the steering link (steering stops at once). Returns whether
@@ -88,6 +93,8 @@ pub fn detach(root: &PinRoot) -> bool {
     let pin = link_pin(root);
     let had = pin.exists();
     unlink(&pin);
+    // One left by a process that died between pinning and renaming.
+    unlink(&next_pin(root));
     if let Some(dir) = pin.parent() {
         let _ = std::fs::remove_dir(dir);
     }
@@ -275,6 +282,49 @@ pub fn dest_name(name: &str) -> [u8; 32] {
     out
 }
 
+/// A taken slot as `STEER_DESTS` holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dest {
+    pub name: String,
+    /// The socket registered last (0: none; it may have closed since:
+    /// [`SteerMaps::live`] says which are open).
+    pub cookie: u64,
+    pub socket: SocketFacts,
+}
+
+/// What a socket is, as far as steering cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFacts {
+    /// 4 or 6.
+    pub family: u8,
+    /// 6 or 17.
+    pub proto: u8,
+    /// TCP in LISTEN.
+    pub listening: bool,
+    /// UDP with a peer.
+    pub connected: bool,
+    /// Bound to a port.
+    pub bound: bool,
+    /// AF_INET6 with `IPV6_V6ONLY`.
+    pub v6only: bool,
+    pub netns_ino: u64,
+}
+
+impl TakenSocket {
+    #[must_use]
+    pub fn facts(&self) -> SocketFacts {
+        SocketFacts {
+            family: self.family,
+            proto: self.proto,
+            listening: self.listening,
+            connected: self.connected,
+            bound: self.local.is_some_and(|a| a.port() != 0),
+            v6only: self.v6only,
+            netns_ino: self.netns_ino,
+        }
+    }
+}
+
 fn name_of(d: &SteerDest) -> String {
     let end = d.name.iter().position(|b| *b == 0).unwrap_or(d.name.len());
     String::from_utf8_lossy(&d.name[..end]).into_owned()
@@ -301,8 +351,8 @@ impl SteerMaps {
             & 1) as u8)
     }
 
-    /// Slot -> the steer owning it and its socket's cookie (taken slots only).
-    pub fn dests(&self) -> Result<BTreeMap<u16, (String, u64)>, DataplaneError> {
+    /// Slot -> the steer owning it and the socket registered (taken slots only).
+    pub fn dests(&self) -> Result<BTreeMap<u16, Dest>, DataplaneError> {
         let mut out = BTreeMap::new();
         for slot in 0..MAX_STEER_DESTS {
             let d = self
@@ -310,7 +360,22 @@ impl SteerMaps {
                 .get(&slot, 0)
                 .map_err(|e| DataplaneError::map_err("read", names::STEER_DESTS, e))?;
             if d.name[0] != 0 {
-                out.insert(slot as u16, (name_of(&d), d.cookie));
+                out.insert(
+                    slot as u16,
+                    Dest {
+                        name: name_of(&d),
+                        cookie: d.cookie,
+                        socket: SocketFacts {
+                            family: d.family,
+                            proto: d.proto,
+                            listening: d.listening != 0,
+                            connected: false,
+                            bound: true,
+                            v6only: d.v6only != 0,
+                            netns_ino: d.netns_ino,
+                        },
+                    },
+                );
             }
         }
         Ok(out)
@@ -323,8 +388,8 @@ impl SteerMaps {
         self.set_dest(
             slot,
             SteerDest {
-                cookie: 0,
                 name: dest_name(name),
+                ..SteerDest::default()
             },
         )
     }
@@ -341,22 +406,28 @@ impl SteerMaps {
             .map_err(|e| DataplaneError::map_err("write", names::STEER_DESTS, e))
     }
 
-    /// Registers socket `fd` (cookie `cookie`) for `slot`, replacing any.
-    pub fn set_socket(
-        &mut self,
-        slot: u16,
-        fd: &OwnedFd,
-        cookie: u64,
-    ) -> Result<(), DataplaneError> {
+    /// Registers socket `s` for `slot`, replacing any.
+    pub fn set_socket(&mut self, slot: u16, s: &TakenSocket) -> Result<(), DataplaneError> {
         self.socks
-            .insert(u32::from(slot), fd.as_raw_fd(), 0)
+            .insert(u32::from(slot), s.fd.as_raw_fd(), 0)
             .map_err(|e| DataplaneError::map_err("write", names::STEER_SOCKS, e))?;
-        let mut d = self
+        let d = self
             .dests
             .get(&u32::from(slot), 0)
             .map_err(|e| DataplaneError::map_err("read", names::STEER_DESTS, e))?;
-        d.cookie = cookie;
-        self.set_dest(slot, d)
+        self.set_dest(
+            slot,
+            SteerDest {
+                cookie: s.cookie,
+                netns_ino: s.netns_ino,
+                name: d.name,
+                family: s.family,
+                proto: s.proto,
+                listening: u8::from(s.listening),
+                v6only: u8::from(s.v6only),
+                _pad: 0,
+            },
+        )
     }
 
     /// Lets go of `slot`'s socket (lookups then count `no_socket`).
@@ -366,13 +437,18 @@ impl SteerMaps {
             Err(e) if missing(&e) => {}
             Err(e) => return Err(DataplaneError::map_err("delete", names::STEER_SOCKS, e)),
         }
-        let mut d = self
+        let d = self
             .dests
             .get(&u32::from(slot), 0)
             .map_err(|e| DataplaneError::map_err("read", names::STEER_DESTS, e))?;
         if d.cookie != 0 {
-            d.cookie = 0;
-            self.set_dest(slot, d)?;
+            self.set_dest(
+                slot,
+                SteerDest {
+                    name: d.name,
+                    ..SteerDest::default()
+                },
+            )?;
         }
         Ok(())
     }
@@ -449,14 +525,34 @@ impl SteerMaps {
     }
 
     /// Writes `entries` (their generation byte ignored) as the standby
-    /// generation, reads it back, flips lookups to it, and empties the old
-    /// one: each lookup sees the old table or the new one, never a mix.
+    /// generation, reads it back and flips lookups to it: each lookup sees
+    /// the old table or the new one, never a mix. The old generation stays
+    /// whole until the next commit clears it (a lookup may still be reading
+    /// it). Nothing is written when the active table is `entries` already.
+    /// Returns whether it flipped.
     pub fn commit(
         &mut self,
         entries: &[(u32, SteerKey, SteerEntry)],
-    ) -> Result<u8, DataplaneError> {
+    ) -> Result<bool, DataplaneError> {
         let old = self.generation()?;
         let next = 1 - old;
+        let mut in_force: Vec<(u32, SteerKey, SteerEntry)> = entries
+            .iter()
+            .map(|(len, k, e)| {
+                (
+                    *len,
+                    SteerKey {
+                        generation: old,
+                        ..*k
+                    },
+                    *e,
+                )
+            })
+            .collect();
+        in_force.sort_by_key(|(len, key, _)| (*key, *len));
+        if self.table(old)? == in_force {
+            return Ok(false);
+        }
         self.clear(next)?;
         let mut want: Vec<(u32, SteerKey, SteerEntry)> = entries
             .iter()
@@ -490,8 +586,7 @@ impl SteerMaps {
                 what: format!("{} is not {next}", names::STEER_GENERATION),
             });
         }
-        self.clear(old)?;
-        Ok(next)
+        Ok(true)
     }
 }
 

@@ -25,6 +25,9 @@ pub struct ApplyReport {
     /// The namespace link was made / removed.
     pub linked: bool,
     pub unlinked: bool,
+    /// Registered sockets let go because they no longer fit their steer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
 }
 
 /// The file of network namespace `netns` (a name under /run/netns; `None`:
@@ -69,7 +72,6 @@ pub fn apply(
         }
         return Ok(report);
     }
-    sock::ensure_loaded(root)?;
     let path = netns_path(netns);
     if !path.exists() {
         return Err(DataplaneError::Steer {
@@ -79,10 +81,13 @@ pub fn apply(
             ),
         });
     }
+    let target_ino = steer::netns_ino(&path)?;
+    sock::ensure_loaded(root)?;
     let _lock = pins::RootLock::acquire(&root.root)?;
     let mut maps = steer::SteerMaps::open(root)?;
     let held = maps.dests()?;
-    let by_name: BTreeMap<&str, u16> = held.iter().map(|(s, (n, _))| (n.as_str(), *s)).collect();
+    let live = maps.live()?;
+    let by_name: BTreeMap<&str, u16> = held.iter().map(|(s, d)| (d.name.as_str(), *s)).collect();
     let mut slots = Vec::with_capacity(steers.len());
     let mut taken: Vec<u16> = steers
         .iter()
@@ -90,9 +95,20 @@ pub fn apply(
         .collect();
     for s in steers {
         let slot = if let Some(slot) = by_name.get(s.name.as_str()) {
+            // Kept: its socket must still fit the steer as it is now (a
+            // changed protocol or family, a socket of another namespace).
+            if live.contains(slot)
+                && let Some(why) = unfit(s, &held[slot].socket, Some(target_ino))
+            {
+                maps.forget_socket(*slot)?;
+                report
+                    .dropped
+                    .push(format!("steer {}: its socket was let go: {why}", s.name));
+            }
             *slot
         } else {
-            // A slot no desired steer keeps and no other holds.
+            // A slot no desired steer keeps and no other holds; else one
+            // of a steer this change removes (it leaves the table now).
             let free = (0..MAX_STEER_DESTS as u16)
                 .find(|x| !taken.contains(x) && !held.contains_key(x))
                 .or_else(|| (0..MAX_STEER_DESTS as u16).find(|x| !taken.contains(x)))
@@ -113,8 +129,9 @@ pub fn apply(
         .collect();
     maps.commit(&entries)?;
     report.entries = entries.len();
-    for (slot, (name, _)) in &held {
-        if !steers.iter().any(|s| s.name == *name) {
+    // Slots of removed steers (not those just given to new ones).
+    for (slot, d) in &held {
+        if !slots.contains(slot) && !steers.iter().any(|s| s.name == d.name) {
             maps.release(*slot)?;
         }
     }
@@ -135,18 +152,17 @@ pub struct Registered {
     pub replaced: bool,
 }
 
-/// Why socket `s` cannot take steer `st`'s traffic, if it cannot.
-fn unfit(st: &Steer, s: &steer::TakenSocket, netns_ino: Option<u64>) -> Option<String> {
+/// Why a socket (`s`) cannot take steer `st`'s traffic, if it cannot;
+/// `netns_ino`: the namespace steered.
+fn unfit(st: &Steer, s: &steer::SocketFacts, netns_ino: Option<u64>) -> Option<String> {
     let want = st.proto.number();
     if s.proto != want {
         return Some(format!(
             "it is a {} socket; steer {} is {}",
-            if s.proto == 6 {
-                "TCP"
-            } else if s.proto == 17 {
-                "UDP"
-            } else {
-                "non-TCP/UDP"
+            match s.proto {
+                6 => "TCP",
+                17 => "UDP",
+                _ => "non-TCP/UDP",
             },
             st.name,
             st.proto.name()
@@ -159,7 +175,7 @@ fn unfit(st: &Steer, s: &steer::TakenSocket, netns_ino: Option<u64>) -> Option<S
         if s.connected {
             return Some("it is connected (steered datagrams need an unconnected socket)".into());
         }
-        if s.local.is_none_or(|a| a.port() == 0) {
+        if !s.bound {
             return Some("it is not bound (bind it first)".into());
         }
     }
@@ -192,6 +208,7 @@ fn unfit(st: &Steer, s: &steer::TakenSocket, netns_ino: Option<u64>) -> Option<S
 pub fn register(
     root: &PinRoot,
     steers: &[Steer],
+    netns: Option<&str>,
     name: &str,
     pid: u32,
     fd: Option<i32>,
@@ -208,12 +225,15 @@ pub fn register(
     }
     let mut maps = steer::SteerMaps::open(root)?;
     let dests = maps.dests()?;
-    let (slot, old_cookie) = dests
+    let slot = dests
         .iter()
-        .find(|(_, (n, _))| n == name)
-        .map(|(s, (_, c))| (*s, *c))
+        .find(|(_, d)| d.name == name)
+        .map(|(s, _)| *s)
         .ok_or_else(|| refuse(format!("steer {name} is not in force yet")))?;
-    let netns = steer::attached(root);
+    let had = maps.live()?.contains(&slot);
+    // The namespace the desired state steers (whether or not its link is
+    // up right now).
+    let netns = Some(steer::netns_ino(&netns_path(netns))?);
     let (fd, sock) = match fd {
         Some(fd) => {
             let taken = steer::take_fd(pid, fd)?;
@@ -222,7 +242,7 @@ pub fn register(
                     "fd {fd} of process {pid} is not an IP socket ({e})"
                 ))
             })?;
-            if let Some(why) = unfit(st, &s, netns) {
+            if let Some(why) = unfit(st, &s.facts(), netns) {
                 return Err(refuse(format!(
                     "fd {fd} of process {pid} cannot take steer {name}'s traffic: {why}"
                 )));
@@ -239,7 +259,7 @@ pub fn register(
                 let Ok(s) = steer::inspect(taken) else {
                     continue;
                 };
-                match unfit(st, &s, netns) {
+                match unfit(st, &s.facts(), netns) {
                     None => fit.push((fd, s)),
                     Some(why) => seen.push(format!("fd {fd}: {why}")),
                 }
@@ -267,14 +287,14 @@ pub fn register(
             }
         }
     };
-    maps.set_socket(slot, &sock.fd, sock.cookie)?;
+    maps.set_socket(slot, &sock)?;
     Ok(Registered {
         steer: name.to_string(),
         pid,
         fd,
         cookie: sock.cookie,
         local: sock.local.map(|a| a.to_string()),
-        replaced: old_cookie != 0 && old_cookie != sock.cookie,
+        replaced: had,
     })
 }
 
@@ -283,7 +303,7 @@ pub fn register(
 pub fn unregister(root: &PinRoot, name: &str) -> Result<bool, DataplaneError> {
     let mut maps = steer::SteerMaps::open(root)?;
     let dests = maps.dests()?;
-    let Some((slot, _)) = dests.iter().find(|(_, (n, _))| n == name) else {
+    let Some((slot, _)) = dests.iter().find(|(_, d)| d.name == name) else {
         return Err(DataplaneError::Steer {
             problem: format!("steer {name} is not in force"),
         });
@@ -334,11 +354,11 @@ pub fn read(root: &PinRoot, steers: &[Steer]) -> SteerView {
     let rows = steers
         .iter()
         .map(|s| {
-            let found = dests.iter().find(|(_, (n, _))| *n == s.name);
+            let found = dests.iter().find(|(_, d)| d.name == s.name);
             let slot = found.map(|(slot, _)| *slot);
             let socket = found
-                .filter(|(slot, (_, c))| *c != 0 && live.contains(slot))
-                .map(|(_, (_, c))| *c);
+                .filter(|(slot, d)| d.cookie != 0 && live.contains(slot))
+                .map(|(_, d)| d.cookie);
             let counters = match (slot, &maps) {
                 (Some(slot), Some(m)) => m
                     .stats(slot)

@@ -121,6 +121,53 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Fills `SOCK_LB_SOCKS` with made-up entries (cookies from the top of
+/// the range, which real sockets never have) until the kernel refuses
+/// more; removes them when dropped.
+struct StateFiller {
+    map: aya::maps::HashMap<aya::maps::MapData, u64, sluice_common::sock::SockLbSock>,
+    keys: Vec<u64>,
+}
+
+impl StateFiller {
+    fn fill(pin_root: &Path) -> StateFiller {
+        let root = PinRoot::new(pin_root.to_path_buf());
+        let path = sluice::dataplane::sock::sock_root(&root)
+            .map(sluice_common::sock::sock_map_names::SOCK_LB_SOCKS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let mut map = aya::maps::Map::from_map_data(data)
+            .and_then(aya::maps::HashMap::try_from)
+            .expect("SOCK_LB_SOCKS is a hash map");
+        let mut keys = Vec::new();
+        for i in 0..(u64::from(sluice_common::sock::SOCK_LB_CAPACITY) + 10) {
+            let k = u64::MAX - i;
+            if map
+                .insert(k, sluice_common::sock::SockLbSock::default(), 0)
+                .is_err()
+            {
+                break;
+            }
+            keys.push(k);
+        }
+        assert!(
+            keys.len() + 16 >= sluice_common::sock::SOCK_LB_CAPACITY as usize
+                && keys.len() <= sluice_common::sock::SOCK_LB_CAPACITY as usize,
+            "{} entries fitted",
+            keys.len()
+        );
+        StateFiller { map, keys }
+    }
+}
+
+impl Drop for StateFiller {
+    fn drop(&mut self) {
+        for k in &self.keys {
+            let _ = self.map.remove(k);
+        }
+    }
+}
+
 /// A UDP responder in a backend namespace: answers each datagram with its name.
 struct Udp {
     stop: Arc<AtomicBool>,
@@ -493,6 +540,28 @@ fn a_killed_backend_leaves_and_local_clients_keep_succeeding() {
     wait_for("sockets to be forgotten", Duration::from_secs(5), || {
         remembered(env.pin_root()) == 0
     });
+
+    // A full socket-state map (filled here with made-up cookies): sockets
+    // are still balanced, report their backend as the peer (documented),
+    // and every miss is counted; once there is room, the VIP again.
+    let survivor: SocketAddr = backend_addr(1 - victim as u8, false)
+        .parse()
+        .expect("backend address");
+    let full_before = event(&lb_json(&env), "state_full");
+    let filler = StateFiller::fill(env.pin_root());
+    for r in &connect_many(&topo.lb, IpAddr::V4(VIP4), 10) {
+        let (_, peer, got) = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connect with the state map full: {e}"));
+        assert_eq!(*got, name, "still balanced");
+        assert_eq!(*peer, survivor, "not remembered: the backend is the peer");
+    }
+    assert_eq!(event(&lb_json(&env), "state_full") - full_before, 10);
+    drop(filler);
+    for r in &connect_many(&topo.lb, IpAddr::V4(VIP4), 3) {
+        let (_, peer, _) = r.as_ref().expect("connect once there is room");
+        assert_eq!(*peer, SocketAddr::new(IpAddr::V4(VIP4), SERVICE_PORT));
+    }
 
     // kill -9: the pinned links keep balancing local clients; a restarted
     // agent adopts them.

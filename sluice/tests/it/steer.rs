@@ -216,6 +216,13 @@ fn one_socket_answers_a_whole_prefix_and_unsteered_traffic_is_untouched() {
     );
 
     env.cli_ok(&["steer", "register", "web", "--pid", &pid, "--fd", &web_fd]);
+    // Registering again replaces the open socket (here: with itself).
+    let out = env.cli_ok(&["steer", "register", "web", "--pid", &pid, "--fd", &web_fd]);
+    assert!(
+        stdout(&out).contains("replacing the previous one"),
+        "{}",
+        stdout(&out)
+    );
     env.cli_ok(&["steer", "register", "api", "--pid", &pid, "--fd", &api_fd]);
     // The one UDP socket fits dns: found without --fd.
     let out = env.cli_ok(&["steer", "register", "dns", "--pid", &pid]);
@@ -356,14 +363,22 @@ fn one_socket_answers_a_whole_prefix_and_unsteered_traffic_is_untouched() {
         recs.iter().any(|r| r["dst"] == first.ip().to_string()
             && r["dport"].as_u64() == Some(u64::from(first.port()))
             && r["verdict"] == "pass"
+            && r["steer"] == "web"
             && r["src"] == lab.a_v4.to_string()),
         "{recs:?}"
     );
     assert!(
-        recs.iter()
-            .any(|r| r["verdict"] == "drop" && r["dport"].as_u64() == Some(80)),
+        recs.iter().any(|r| r["verdict"] == "drop"
+            && r["steer"] == "web"
+            && r["dport"].as_u64() == Some(80)),
         "the refused lookup is a record: {recs:?}"
     );
+    assert!(
+        recs.iter().any(|r| r["steer"] == "api"),
+        "api's connections are named: {recs:?}"
+    );
+    let text = stdout(&env.cli_ok(&["flows", "--reason", "steer"]));
+    assert!(text.contains("pass  steer web"), "{text}");
 
     // Runtime changes are versions: delete api, its ports fall to web;
     // roll back, they are api's again.
@@ -464,7 +479,7 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
             &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
         );
     std::fs::write(&env.config, text).expect("config");
-    let _agent = AgentProc::start(&env, &[]);
+    let agent = AgentProc::start(&env, &[]);
     let metric =
         |name: &str| crate::support::agent::sample(&crate::support::agent::scrape(port), name);
     assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(0.0));
@@ -531,7 +546,7 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     );
     // The systemd way: the socket unit starts `sluice steer register NAME
     // --fd 3` with the socket as its fd 3; the agent takes it from the CLI
-    // process while the CLI waits. The new socket replaces the old one.
+    // process while the CLI waits.
     let second = lab.b.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
     let raw = second.as_raw_fd();
     let mut cmd = env.cli_cmd(None, &["steer", "register", "range", "--fd", "3"]);
@@ -552,8 +567,9 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     }
     let out = cmd.output().expect("run sluice");
     assert!(out.status.success(), "{}", stderr(&out));
+    // (The first listener closed with its thread: nothing open is replaced.)
     assert!(
-        stdout(&out).contains("replacing the previous one"),
+        stdout(&out).contains("registered") && !stdout(&out).contains("replacing"),
         "{}",
         stdout(&out)
     );
@@ -567,4 +583,32 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     accept.join().unwrap();
     // The listener closed with its thread: the socket left the map.
     assert_eq!(metric("sluice_steer_socket{steer=\"range\"}"), Some(0.0));
+
+    // A change that makes the registered socket unfit (TCP listener, the
+    // steer now UDP) lets go of it, and says so.
+    let third = lab.b.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let fd = third.as_raw_fd().to_string();
+    env.cli_ok(&["steer", "register", "range", "--pid", &me, "--fd", &fd]);
+    assert!(steer(&steers(&env), "range")["socket"].as_u64().is_some());
+    let udp = env.file(
+        "udp.toml",
+        &env.config_text(&format!(
+            "{}[[steer]]\nname = \"range\"\nproto = \"udp\"\nprefixes = [\"198.19.{x}.0/24\"]\nports = \"1000-1999\"\n",
+            interface_toml(&lab.b, &lab.b_if)
+        )),
+    );
+    env.cli_ok(&["apply", udp.to_str().expect("path")]);
+    assert!(
+        steer(&steers(&env), "range")["socket"].is_null(),
+        "{}",
+        steers(&env)
+    );
+    assert!(
+        agent
+            .log()
+            .contains("its socket was let go: it is a TCP socket; steer range is udp"),
+        "{}",
+        agent.log()
+    );
+    drop(third);
 }

@@ -122,7 +122,12 @@ impl Steer {
         if self.prefixes.is_empty() {
             return Err(format!("steer {}: no prefix", self.name));
         }
-        for p in &self.prefixes {
+        for (i, p) in self.prefixes.iter().enumerate() {
+            crate::model::policy::exact_prefix(p)
+                .map_err(|e| format!("steer {}: {e}", self.name))?;
+            if self.prefixes[..i].contains(p) {
+                return Err(format!("steer {}: {p} is listed twice", self.name));
+            }
             if let IpNet::V6(v6) = p
                 && v6.prefix_len() >= 96
                 && v6.network().to_ipv4_mapped().is_some()
@@ -258,9 +263,15 @@ pub fn compile(steers: &[Steer], slot: impl Fn(usize) -> u16) -> Result<Vec<Tabl
                 all.len()
             ));
         }
+        // Unused ranges hold no port (1-0), whatever reads them.
         let mut entry = SteerEntry {
             n: all.len() as u32,
-            ..SteerEntry::default()
+            ranges: [SteerRange {
+                lo: 1,
+                hi: 0,
+                dest: 0,
+                flags: 0,
+            }; STEER_RANGES],
         };
         entry.ranges[..all.len()].copy_from_slice(&all);
         let mut key = SteerKey {
@@ -368,8 +379,11 @@ mod tests {
                 })
             })
             .max_by_key(|e| e.prefix_len)?;
-        best.entry.ranges[..best.entry.n as usize]
+        // As the kernel: every range up to `n` (the unused ones hold no port).
+        best.entry
+            .ranges
             .iter()
+            .take(best.entry.n as usize)
             .find(|r| r.lo <= port && port <= r.hi)
             .map(|r| r.dest)
     }
@@ -397,16 +411,31 @@ mod tests {
         assert_eq!(lookup(&t, 17, ip("198.19.5.7"), 54), None);
         assert_eq!(lookup(&t, 6, ip("2001:2:0:5::9"), 85), Some(11));
         assert_eq!(lookup(&t, 6, ip("2001:2:0:6::9"), 85), None);
+        // Port 0 is in no range, and the unused ranges hold no port.
+        assert_eq!(lookup(&t, 17, ip("198.19.5.7"), 0), None);
+        for e in &t {
+            for r in &e.entry.ranges[e.entry.n as usize..] {
+                assert!(r.lo > r.hi, "{r:?}");
+            }
+        }
     }
 
     #[test]
     fn bad_sets_are_refused_with_the_problem_named() {
         let a = steer("a", Proto::Tcp, &["198.19.5.0/24"], "80-90");
-        let b = steer("b", Proto::Tcp, &["198.19.5.1/24"], "90-95");
+        let b = steer("b", Proto::Tcp, &["198.19.5.0/24"], "90-95");
         let e = validate(&[a.clone(), b]).unwrap_err();
         assert!(e.contains("both claim tcp 198.19.5.0/24"), "{e}");
         // Other protocol or disjoint ports: fine.
         validate(&[a.clone(), steer("u", Proto::Udp, &["198.19.5.0/24"], "80")]).unwrap();
+        let e = steer("h", Proto::Tcp, &["198.19.5.1/24"], "1")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("bits set beyond"), "{e}");
+        let e = steer("d", Proto::Tcp, &["198.19.5.0/24", "198.19.5.0/24"], "1")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
         let e = validate(&[a.clone(), a.clone()]).unwrap_err();
         assert!(e.contains("defined twice"), "{e}");
         let e = steer("m", Proto::Tcp, &["::ffff:198.19.0.0/112"], "1")
