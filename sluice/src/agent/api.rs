@@ -329,6 +329,18 @@ async fn get_stats(
     .map(Json)
 }
 
+/// `POST /v1/stats/reset`: zero every packet counter (not a version).
+async fn reset_stats(State(core): State<Shared>) -> Result<Json<stats::ResetReport>, ApiError> {
+    with_core(&core, move |c| {
+        let mut maps = PolicyMaps::open(&c.root)?;
+        let r = stats::reset(&mut maps, crate::api::time::unix_now_ns())?;
+        tracing::info!(entries = r.entries, "packet counters reset");
+        Ok(r)
+    })
+    .await
+    .map(Json)
+}
+
 async fn get_events(State(core): State<Shared>) -> Result<Json<EventsBody>, ApiError> {
     with_core(&core, |c| {
         let dataplane = crate::dataplane::runtime::named_stats(&c.root)?
@@ -942,6 +954,7 @@ pub fn router(core: Shared) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/status", get(status))
         .route("/v1/stats", get(get_stats))
+        .route("/v1/stats/reset", post(reset_stats))
         .route("/v1/events", get(get_events))
         .route("/v1/lists/{kind}", get(get_list))
         .route("/v1/lists/{kind}/{verb}", post(list_change))

@@ -10,6 +10,13 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Nanoseconds since the Unix epoch, now.
+pub fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` from Unix nanoseconds.
 #[must_use]
 pub fn rfc3339(unix_ns: u64) -> String {

@@ -161,6 +161,10 @@ pub enum Command {
         /// How many top list entries and rules to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Zero every packet counter (by class, rule and list entry) instead;
+        /// `stats` then shows the time of the reset. The policy stays.
+        #[arg(long)]
+        reset: bool,
     },
     /// Flow records the agent read from the dataplane: recent ones, a live
     /// stream (--follow), or top talkers (`flows top`). Needs the agent.
@@ -680,7 +684,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Capture(args) => capture::run(&root, &args, &label, cli.json)?,
         Command::Upgrade { force } => out.upgrade(&attach::upgrade(&root, force)?),
-        Command::Stats { top } => {
+        Command::Stats { reset: true, .. } => {
+            let mut maps = PolicyMaps::open(&root)?;
+            out.stats_reset(&stats::reset(&mut maps, crate::api::time::unix_now_ns())?);
+        }
+        Command::Stats { top, .. } => {
             let maps = PolicyMaps::open(&root)?;
             out.stats(&stats::collect(&maps, top)?);
         }
@@ -793,7 +801,10 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         Command::Lb(args) => lb::via_agent(client, args, out)?,
         Command::Workload(args) => workload::via_agent(client, args, out)?,
         Command::Steer(args) => steer::via_agent(client, args, out)?,
-        Command::Stats { top } => {
+        Command::Stats { reset: true, .. } => {
+            out.stats_reset(&client.call(Method::POST, "/v1/stats/reset", None::<&()>)?);
+        }
+        Command::Stats { top, .. } => {
             out.stats(&client.call(Method::GET, &format!("/v1/stats?top={top}"), None::<&()>)?)
         }
         Command::Deny(args) | Command::Allow(args) => {

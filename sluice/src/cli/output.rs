@@ -577,6 +577,19 @@ impl Out {
         }
     }
 
+    pub fn stats_reset(&self, r: &crate::dataplane::stats::ResetReport) {
+        if self.json {
+            print_json(&serde_json::to_value(r).expect("serialisable"));
+            return;
+        }
+        println!(
+            "counters reset at {} (classes, rules and {} list entr{}); the policy is unchanged",
+            crate::api::time::rfc3339(r.reset_unix_ns),
+            r.entries,
+            if r.entries == 1 { "y" } else { "ies" }
+        );
+    }
+
     pub fn stats(&self, s: &Stats) {
         if self.json {
             print_json(&serde_json::to_value(s).expect("serialisable"));
@@ -589,6 +602,12 @@ impl Out {
                 human_bytes(t.bytes),
             ]
         };
+        if let Some(t) = s.reset_unix_ns {
+            println!(
+                "counters since {} (stats --reset)",
+                crate::api::time::rfc3339(t)
+            );
+        }
         println!(
             "total: {} packets, {}",
             s.total.packets,

@@ -234,6 +234,26 @@ impl<K: AddrKey> List<K> {
         Ok(())
     }
 
+    /// Zeroes the hit counters of every entry of both generations (the
+    /// entries stay). Returns how many prefixes were reset.
+    fn reset_stats(&mut self) -> Result<usize, DataplaneError> {
+        let all = self.all()?;
+        let n = all
+            .iter()
+            .map(|(_, net, _)| *net)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        for g in 0..2u8 {
+            let nets: Vec<IpNet> = all
+                .iter()
+                .filter(|(gen_, _, _)| *gen_ == g)
+                .map(|(_, net, _)| *net)
+                .collect();
+            self.insert_many(u32::from(g), &nets).map_err(|(_, e)| e)?;
+        }
+        Ok(n)
+    }
+
     /// Every entry of both generations.
     fn all(&self) -> Result<Vec<(u8, IpNet, EntryStats)>, DataplaneError> {
         let mut out = Vec::new();
@@ -1068,6 +1088,37 @@ impl PolicyMaps {
             }
         }
         Ok(())
+    }
+
+    /// Zeroes every packet counter: by class (family, protocol, verdict,
+    /// reason), by rule slot, and every list entry's hits (both
+    /// generations); the policy stays as it is. A packet counted while this
+    /// runs may be lost from the counts (each per-CPU slot is written
+    /// whole). Returns how many list entries were reset.
+    pub fn reset_counters(&mut self) -> Result<usize, DataplaneError> {
+        let cpus = nr_cpus().map_err(|(what, source)| DataplaneError::Io {
+            what: what.to_string(),
+            source,
+        })?;
+        for i in 0..sluice_common::COUNTER_SLOTS {
+            let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                .map_err(|e| DataplaneError::map_err("write", map_names::COUNTERS, e))?;
+            self.counters
+                .set(i, zeros, 0)
+                .map_err(|e| DataplaneError::map_err("write", map_names::COUNTERS, e))?;
+        }
+        for slot in 0..sluice_common::MAX_RULES {
+            self.zero_rule_counter(slot)?;
+        }
+        Ok(self.deny_v4.reset_stats()?
+            + self.deny_v6.reset_stats()?
+            + self.allow_v4.reset_stats()?
+            + self.allow_v6.reset_stats()?)
+    }
+
+    /// Where the maps are pinned.
+    pub(crate) fn pin_root(&self) -> &PinRoot {
+        &self.root
     }
 
     /// Sums the per-CPU counters of every slot.

@@ -45,6 +45,67 @@ pub struct Stats {
     pub by_protocol: BTreeMap<String, Totals>,
     pub top_entries: Vec<TopEntry>,
     pub top_rules: Vec<TopRule>,
+    /// When the counters were last reset (`stats --reset`), Unix
+    /// nanoseconds; absent: never since the dataplane was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_unix_ns: Option<u64>,
+}
+
+/// Where the time of the last counter reset is kept: a one-entry array
+/// pinned beside the maps (made by user space; no program reads it; it
+/// goes with the other pins when the dataplane is removed).
+const STATS_RESET: &str = "STATS_RESET";
+
+/// What `reset` did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ResetReport {
+    /// Unix nanoseconds.
+    pub reset_unix_ns: u64,
+    /// List entries whose hit counters were zeroed (both generations).
+    pub entries: usize,
+}
+
+/// Zeroes every packet counter (classes, rules, list entries) and records
+/// the time (`now_unix_ns`), which `stats` shows from then on.
+pub fn reset(maps: &mut PolicyMaps, now_unix_ns: u64) -> Result<ResetReport, DataplaneError> {
+    let entries = maps.reset_counters()?;
+    let root = maps.pin_root().clone();
+    let path = root.map(STATS_RESET);
+    if !path.exists() {
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let fd = super::sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, STATS_RESET, None).map_err(
+            |e| DataplaneError::Io {
+                what: format!("creating {}", path.display()),
+                source: e,
+            },
+        )?;
+        super::sys::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path).map_err(|e| {
+            DataplaneError::Io {
+                what: format!("pinning {}", path.display()),
+                source: e,
+            }
+        })?;
+    }
+    let mut m: aya::maps::Array<aya::maps::MapData, u64> =
+        super::policy::typed(&root, STATS_RESET)?;
+    m.set(0, now_unix_ns, 0)
+        .map_err(|e| DataplaneError::map_err("write", STATS_RESET, e))?;
+    Ok(ResetReport {
+        reset_unix_ns: now_unix_ns,
+        entries,
+    })
+}
+
+/// When the counters were last reset (Unix nanoseconds), if ever.
+#[must_use]
+pub fn last_reset(maps: &PolicyMaps) -> Option<u64> {
+    let root = maps.pin_root();
+    if !root.map(STATS_RESET).exists() {
+        return None;
+    }
+    let m: aya::maps::Array<aya::maps::MapData, u64> =
+        super::policy::typed(root, STATS_RESET).ok()?;
+    m.get(&0, 0).ok().filter(|t| *t != 0)
 }
 
 /// The counter slots that saw packets, with the class each counts.
@@ -63,7 +124,10 @@ pub fn nonzero(slots: &[Counter]) -> impl Iterator<Item = (Family, L4, Verdict, 
 
 pub fn collect(maps: &PolicyMaps, top: usize) -> Result<Stats, DataplaneError> {
     let slots = maps.counters()?;
-    let mut st = Stats::default();
+    let mut st = Stats {
+        reset_unix_ns: last_reset(maps),
+        ..Stats::default()
+    };
     for (f, l, v, r, c) in nonzero(&slots) {
         st.total.add(c);
         st.by_verdict

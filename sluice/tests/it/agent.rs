@@ -660,6 +660,27 @@ fn agent_kill9_under_traffic_changes_no_verdict_and_keeps_counters() {
         "the restarted agent should change nothing (changes=0):\n{log}"
     );
     expect_pings(&lab, false, true, "after the restart");
+
+    // A counter reset through the agent: every count from zero, no version.
+    let version = env.cli_json(&["history", "--json"]);
+    let out = env.cli_ok(&["stats", "--reset"]);
+    assert!(
+        stdout(&out).starts_with("counters reset at 20"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(deny_packets(&env, &v4), 0, "the entry's hits are zeroed");
+    assert!(
+        stats_total(&env) < 10,
+        "counting from zero (a few packets may arrive since)"
+    );
+    assert_eq!(
+        env.cli_json(&["history", "--json"]),
+        version,
+        "a reset is not a version"
+    );
+    let s = env.cli_json(&["stats", "--json"]);
+    assert!(s["reset_unix_ns"].as_u64().is_some(), "{s}");
 }
 
 // ---------------------------------------------------------------------------

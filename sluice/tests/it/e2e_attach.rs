@@ -936,6 +936,34 @@ fn e2e_stats_count_denied_and_passed() {
         (0.0..120.0).contains(&ago),
         "last seen {ago} s ago, but the pings were just now: {entry}"
     );
+    assert!(stats.get("reset_unix_ns").is_none(), "never reset: {stats}");
+
+    // A reset zeroes every counter (classes, list entries) and is shown;
+    // the policy stays, and new packets count from zero.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let r = sluice_json(&pin, &lab.b, &["stats", "--reset", "--json"]);
+    assert_eq!(r["entries"].as_u64(), Some(1), "{r}");
+    let stats = sluice_json(&pin, &lab.b, &["stats", "--json"]);
+    assert_eq!(stats["total"]["packets"].as_u64(), Some(0), "{stats}");
+    assert!(
+        stats["reset_unix_ns"].as_u64().is_some_and(|t| t >= before),
+        "{stats}"
+    );
+    let list = sluice_json(&pin, &lab.b, &["deny", "list", "--json"]);
+    let entry = list_json_entries(&list)
+        .iter()
+        .find(|e| e["prefix"] == host.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("the entry stays: {list}"));
+    assert_eq!(entry["packets"].as_u64(), Some(0), "{entry}");
+    assert_eq!(ping(&lab.a, lab.b_v4.into(), 2), 0, "still denied");
+    let stats = sluice_json(&pin, &lab.b, &["stats", "--json"]);
+    assert_eq!(by_reason_packets(&stats, "drop/deny-list"), 2, "{stats}");
+    let text = String::from_utf8_lossy(&sluice(&pin, &lab.b, &["stats"]).stdout).into_owned();
+    assert!(text.starts_with("counters since 20"), "{text}");
 
     assert!(detach(&pin, &lab.b, &lab.b_if));
 }
