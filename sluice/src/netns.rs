@@ -2,7 +2,10 @@
 //! entering one for the whole process (the CLI's -n) or running one piece of
 //! work inside one on a thread of its own (the agent, which serves many).
 
-use std::{os::fd::AsFd, path::Path};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -12,10 +15,20 @@ pub enum NetnsError {
     Enter { name: String, reason: String },
 }
 
+/// The file of namespace `name` (`/run/netns/NAME`), or of the calling
+/// thread's own (`None`).
+#[must_use]
+pub fn path(name: Option<&str>) -> PathBuf {
+    match name {
+        Some(n) => Path::new("/run/netns").join(n),
+        None => PathBuf::from("/proc/thread-self/ns/net"),
+    }
+}
+
 /// Moves the calling thread into namespace `name`; only the network
 /// namespace changes, so the host's bpffs stays visible.
 pub fn enter(name: &str) -> Result<(), NetnsError> {
-    let path = Path::new("/run/netns").join(name);
+    let path = path(Some(name));
     let file = std::fs::File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             NetnsError::Missing {

@@ -63,28 +63,14 @@ pub fn netns_cookie() -> Result<u64, DataplaneError> {
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the buffer and its length are valid for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(DataplaneError::SockLoad {
+    sys::getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE)
+        .map(|c| c as u64)
+        .map_err(|e| DataplaneError::SockLoad {
             source: format!(
-                "the kernel does not report network namespace cookies (SO_NETNS_COOKIE, Linux 5.14): {}",
-                std::io::Error::last_os_error()
+                "the kernel does not report network namespace cookies (SO_NETNS_COOKIE, Linux 5.14): {e}"
             )
             .into(),
-        });
-    }
-    Ok(cookie)
+        })
 }
 
 /// The root of the cgroup v2 hierarchy: its path and id.

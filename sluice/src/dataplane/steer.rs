@@ -122,21 +122,6 @@ pub struct TakenSocket {
     pub netns_ino: u64,
 }
 
-fn getsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> std::io::Result<i64> {
-    let mut v = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the buffer and its length are valid for the call.
-    let rc = unsafe { libc::getsockopt(fd, level, opt, (&raw mut v).cast(), &raw mut len) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(if len as usize == std::mem::size_of::<u32>() {
-        i64::from(v as u32 as i32)
-    } else {
-        v as i64
-    })
-}
-
 fn sockaddr(fd: RawFd, peer: bool) -> std::io::Result<Option<std::net::SocketAddr>> {
     use nix::sys::socket::{SockaddrStorage, getpeername, getsockname};
     let addr: SockaddrStorage = if peer {
@@ -160,7 +145,7 @@ pub fn inspect(fd: OwnedFd) -> Result<TakenSocket, std::io::Error> {
     const SO_COOKIE: libc::c_int = 57;
     const SIOCGSKNS: libc::c_ulong = 0x894C;
     let raw = fd.as_raw_fd();
-    let domain = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let domain = sys::getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
     let family = match domain as i32 {
         libc::AF_INET => 4,
         libc::AF_INET6 => 6,
@@ -168,10 +153,11 @@ pub fn inspect(fd: OwnedFd) -> Result<TakenSocket, std::io::Error> {
             return Err(std::io::Error::other("not an IPv4 or IPv6 socket"));
         }
     };
-    let proto = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL)? as u8;
-    let listening = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
-    let cookie = getsockopt_int(raw, libc::SOL_SOCKET, SO_COOKIE)? as u64;
-    let v6only = family == 6 && getsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0;
+    let proto = sys::getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL)? as u8;
+    let listening = sys::getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
+    let cookie = sys::getsockopt_int(raw, libc::SOL_SOCKET, SO_COOKIE)? as u64;
+    let v6only =
+        family == 6 && sys::getsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0;
     let local = sockaddr(raw, false)?;
     let connected = match sockaddr(raw, true) {
         Ok(_) => true,

@@ -5,7 +5,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
 };
 
@@ -764,4 +764,21 @@ pub fn ifindex(name: &str) -> Option<u32> {
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
+}
+
+/// An integer socket option of `fd` (4 or 8 bytes, as the kernel answers;
+/// a 4-byte answer is sign-extended).
+pub fn getsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<i64> {
+    let mut v = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer and its length are valid for the call.
+    let rc = unsafe { libc::getsockopt(fd, level, opt, (&raw mut v).cast(), &raw mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if len as usize == size_of::<u32>() {
+        i64::from(v as u32 as i32)
+    } else {
+        v as i64
+    })
 }

@@ -3,7 +3,7 @@
 //! namespace; sockets are registered per steer, taken from a process by
 //! pid and fd after checking they can take the steered traffic.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::collections::BTreeMap;
 
 use sluice_common::steer::{MAX_STEER_DESTS, steer_stat};
 
@@ -28,15 +28,6 @@ pub struct ApplyReport {
     /// Registered sockets let go because they no longer fit their steer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped: Vec<String>,
-}
-
-/// The file of network namespace `netns` (a name under /run/netns; `None`:
-/// the caller's).
-fn netns_path(netns: Option<&str>) -> PathBuf {
-    match netns {
-        Some(n) => PathBuf::from("/run/netns").join(n),
-        None => PathBuf::from("/proc/thread-self/ns/net"),
-    }
 }
 
 /// Makes the kernel steer as `steers` say in network namespace `netns`:
@@ -72,7 +63,7 @@ pub fn apply(
         }
         return Ok(report);
     }
-    let path = netns_path(netns);
+    let path = crate::netns::path(netns);
     if !path.exists() {
         return Err(DataplaneError::Steer {
             problem: format!(
@@ -233,7 +224,7 @@ pub fn register(
     let had = maps.live()?.contains(&slot);
     // The namespace the desired state steers (whether or not its link is
     // up right now).
-    let netns = Some(steer::netns_ino(&netns_path(netns))?);
+    let netns = Some(steer::netns_ino(&crate::netns::path(netns))?);
     let (fd, sock) = match fd {
         Some(fd) => {
             let taken = steer::take_fd(pid, fd)?;

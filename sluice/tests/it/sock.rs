@@ -32,10 +32,10 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    agent::{AgentEnv, AgentProc, free_port, scrape, stderr, stdout},
+    agent::{AgentEnv, AgentProc, scrape, stderr, stdout},
     cgroup::{Cgroup, command_in, rel_of},
     cli::expect_one_line_error,
-    netns::{Child, Lab, Netns},
+    netns::{Child, Lab, Netns, eventually},
 };
 
 /// The port every test denies, and one it allows.
@@ -797,21 +797,6 @@ fn destinations(lab: &Lab) -> [(&'static str, IpAddr); 3] {
     ]
 }
 
-/// Polls `f` every 100 ms for at most 5 s until it holds; then returns
-/// whether it did.
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // connect()
 // ---------------------------------------------------------------------------
@@ -1129,19 +1114,12 @@ fn sock_decisions_in_metrics() {
     let cg = Cgroup::new("metrics");
     let lab = Lab::new("smet");
     let env = AgentEnv::new("smet");
-    let port = free_port();
     let b4 = lab.b_v4;
     env.write_config(&config_body(&[Wl::new("web", cg.rel())
         .connect_default("deny")
         .connect(tcp_rule("deny", b4.into(), DENIED))
         .connect(tcp_rule("allow", b4.into(), ALLOWED))]));
-    let text = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            "[agent]\n",
-            &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
-        );
-    std::fs::write(&env.config, text).expect("config");
+    let port = env.serve_metrics();
     let _agent = AgentProc::start(&env, &[]);
     let _srv = TcpServer::start(&lab.b, &[ALLOWED]);
     let mut w = Worker::spawn(&lab.a, Some(cg.path()), "web");

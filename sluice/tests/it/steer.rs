@@ -8,7 +8,7 @@ use std::{
     io::{BufRead, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rand::{Rng, SeedableRng, rngs::SmallRng};
@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::support::{
     agent::{AgentEnv, AgentProc, interface_toml, stderr, stdout},
-    netns::{Child, Lab},
+    netns::{Child, Lab, eventually},
 };
 
 /// The service: two dual-stack TCP listeners (web, api) and a UDP socket
@@ -125,15 +125,15 @@ fn counter(v: &Value, name: &str, event: &str) -> u64 {
     steer(v, name)["counters"][event].as_u64().unwrap_or(0)
 }
 
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
+/// Makes `prefix` local to the lab's namespace b (AnyIP) and routed there
+/// from a (`v6`: through b's IPv6 address).
+fn route_to_b(lab: &Lab, prefix: &str, v6: bool) {
+    let family = if v6 { "-6" } else { "-4" };
+    lab.b
+        .exec_ok(["ip", family, "route", "add", "local", prefix, "dev", "lo"]);
+    let via = lab.b_addr(v6).to_string();
+    lab.a
+        .exec_ok(["ip", family, "route", "add", prefix, "via", via.as_str()]);
 }
 
 #[test]
@@ -142,42 +142,8 @@ fn one_socket_answers_a_whole_prefix_and_unsteered_traffic_is_untouched() {
     let x = lab.x;
     let v6net = format!("2001:2:0:{:x}::", 0x100 + u16::from(x));
     // The steered prefixes are local to b (AnyIP) and routed from a.
-    lab.b.exec_ok([
-        "ip",
-        "route",
-        "add",
-        "local",
-        &format!("198.19.{x}.0/24"),
-        "dev",
-        "lo",
-    ]);
-    lab.b.exec_ok([
-        "ip",
-        "-6",
-        "route",
-        "add",
-        "local",
-        &format!("{v6net}/64"),
-        "dev",
-        "lo",
-    ]);
-    lab.a.exec_ok([
-        "ip",
-        "route",
-        "add",
-        &format!("198.19.{x}.0/24"),
-        "via",
-        &lab.b_v4.to_string(),
-    ]);
-    lab.a.exec_ok([
-        "ip",
-        "-6",
-        "route",
-        "add",
-        &format!("{v6net}/64"),
-        "via",
-        &lab.b_v6.to_string(),
-    ]);
+    route_to_b(&lab, &format!("198.19.{x}.0/24"), false);
+    route_to_b(&lab, &format!("{v6net}/64"), true);
     let env = AgentEnv::new("steer");
     env.write_config(&format!(
         "{}[[steer]]\nname = \"web\"\nproto = \"tcp\"\nprefixes = [\"198.19.{x}.0/24\", \"{v6net}/64\"]\n\n\
@@ -449,36 +415,13 @@ fn a_steered_port_range_reaches_one_listener_and_other_ports_do_not() {
     use std::os::fd::AsRawFd as _;
     let lab = Lab::new("steer-range");
     let x = lab.x;
-    lab.b.exec_ok([
-        "ip",
-        "route",
-        "add",
-        "local",
-        &format!("198.19.{x}.0/24"),
-        "dev",
-        "lo",
-    ]);
-    lab.a.exec_ok([
-        "ip",
-        "route",
-        "add",
-        &format!("198.19.{x}.0/24"),
-        "via",
-        &lab.b_v4.to_string(),
-    ]);
+    route_to_b(&lab, &format!("198.19.{x}.0/24"), false);
     let env = AgentEnv::new("steer-range");
-    let port = crate::support::agent::free_port();
     env.write_config(&format!(
         "{}[[steer]]\nname = \"range\"\nproto = \"tcp\"\nprefixes = [\"198.19.{x}.0/24\"]\nports = \"1000-1999\"\n",
         interface_toml(&lab.b, &lab.b_if)
     ));
-    let text = std::fs::read_to_string(&env.config)
-        .expect("config")
-        .replace(
-            "[agent]\n",
-            &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
-        );
-    std::fs::write(&env.config, text).expect("config");
+    let port = env.serve_metrics();
     let agent = AgentProc::start(&env, &[]);
     let metric =
         |name: &str| crate::support::agent::sample(&crate::support::agent::scrape(port), name);

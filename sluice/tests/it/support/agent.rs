@@ -106,6 +106,20 @@ impl AgentEnv {
         self.write_atomically(&self.config, &self.config_text(body));
     }
 
+    /// Turns the metrics endpoint on in the written config (on a free
+    /// loopback port); returns the port.
+    pub fn serve_metrics(&self) -> u16 {
+        let port = free_port();
+        let text = std::fs::read_to_string(&self.config)
+            .expect("config")
+            .replace(
+                "[agent]\n",
+                &format!("[agent]\nmetrics = \"127.0.0.1:{port}\"\n"),
+            );
+        self.write_atomically(&self.config, &text);
+        port
+    }
+
     /// Writes `text` to `path` atomically (temp file in the same directory + rename).
     pub fn write_atomically(&self, path: &Path, text: &str) {
         let tmp = path.with_extension(format!("tmp{}", NEXT.fetch_add(1, Ordering::Relaxed)));

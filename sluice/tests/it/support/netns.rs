@@ -1003,3 +1003,18 @@ impl PacketSocket {
         }
     }
 }
+
+/// Polls `f` every 100 ms for at most 5 s until it holds; then returns
+/// whether it did.
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
