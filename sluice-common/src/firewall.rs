@@ -146,6 +146,32 @@ pub const RULE_F_BYTES: u32 = 1 << 7;
 /// A per-source `limit` rule that reports sources over the limit for
 /// `escalate_after_ms` (the agent puts them on the deny list for `escalate_ttl_s`).
 pub const RULE_F_ESCALATE: u32 = 1 << 8;
+/// Rule matches only packets whose source port is in `sport_lo..=sport_hi`
+/// (TCP/UDP packets that carry ports).
+pub const RULE_F_SPORT: u32 = 1 << 9;
+/// Rule matches only TCP packets whose flags byte, masked with
+/// [`rule_tcp_mask`], equals [`rule_tcp_value`] (both kept in the high half
+/// of `Rule::flags`, which the `RULE_F_*` bits leave free).
+pub const RULE_F_TCP_FLAGS: u32 = 1 << 10;
+
+/// `Rule::flags` with a TCP flags test: `mask` selects the flags looked at,
+/// `value` says which of them must be set (the rest of `mask` clear).
+#[must_use]
+pub const fn rule_tcp_flags(mask: u8, value: u8) -> u32 {
+    RULE_F_TCP_FLAGS | (mask as u32) << 16 | (value as u32) << 24
+}
+
+/// The TCP flags a `RULE_F_TCP_FLAGS` rule looks at.
+#[must_use]
+pub const fn rule_tcp_mask(flags: u32) -> u8 {
+    (flags >> 16) as u8
+}
+
+/// The TCP flags (of [`rule_tcp_mask`]) a `RULE_F_TCP_FLAGS` rule wants set.
+#[must_use]
+pub const fn rule_tcp_value(flags: u32) -> u8 {
+    (flags >> 24) as u8
+}
 
 /// `Rule::action` values beyond the verdicts `Pass` (0) and `Drop` (1).
 /// Packets over the limit are dropped (reason `RateLimit`); packets within it
@@ -182,7 +208,11 @@ pub struct Rule {
     pub stats_slot: u32,
     /// User-visible identifier; stable for the life of the rule.
     pub id: u32,
-    pub _pad: u32,
+    /// Source port range, used when `RULE_F_SPORT` is set (this word was
+    /// padding before source ports existed: older rules hold zeros here
+    /// and no `RULE_F_SPORT`, so maps carry over an upgrade unchanged).
+    pub sport_lo: u16,
+    pub sport_hi: u16,
     pub src_net: [u64; 2],
     pub src_mask: [u64; 2],
     pub dst_net: [u64; 2],
@@ -204,8 +234,8 @@ pub struct Rule {
     pub escalate_ttl_s: u32,
 }
 
-// SAFETY: repr(C), Copy, integers only, laid out without gaps (`_pad`
-// aligns the address words).
+// SAFETY: repr(C), Copy, integers only, laid out without gaps (the source
+// ports align the address words).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Rule {}
 

@@ -49,3 +49,16 @@ impl L4 {
         }
     }
 }
+
+/// The TCP header's flag bits by the names rules use for them (`flags
+/// syn/syn,ack`), in wire order.
+pub const TCP_FLAG_NAMES: [(&str, u8); 8] = [
+    ("fin", 0x01),
+    ("syn", 0x02),
+    ("rst", 0x04),
+    ("psh", 0x08),
+    ("ack", 0x10),
+    ("urg", 0x20),
+    ("ece", 0x40),
+    ("cwr", 0x80),
+];

@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use sluice_common::{
     EntryStats, Family, L4, MAX_RULES, RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT,
-    RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SRC, RULE_F_SYN, Reason, Rule,
-    SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict, lpm_prefix_len,
+    RULE_F_DPORT, RULE_F_DST, RULE_F_FAMILY, RULE_F_SPORT, RULE_F_SRC, RULE_F_SYN,
+    RULE_F_TCP_FLAGS, Reason, Rule, SETTINGS_F_AUDIT, SETTINGS_F_SYN_GUARD, Verdict,
+    lpm_prefix_len, rule_tcp_mask, rule_tcp_value,
 };
 
 use crate::{
@@ -103,8 +104,19 @@ fn rule_matches(r: &Rule, pkt: &Packet) -> bool {
     if r.flags & RULE_F_SYN != 0 && !pkt.is_syn() {
         return false;
     }
+    if r.flags & RULE_F_TCP_FLAGS != 0
+        && (!matches!(pkt.l4, L4::Tcp)
+            || pkt.tcp_flags & rule_tcp_mask(r.flags) != rule_tcp_value(r.flags))
+    {
+        return false;
+    }
     if r.flags & RULE_F_DPORT != 0
         && (!pkt.has_ports || pkt.dport < r.port_lo || pkt.dport > r.port_hi)
+    {
+        return false;
+    }
+    if r.flags & RULE_F_SPORT != 0
+        && (!pkt.has_ports || pkt.sport < r.sport_lo || pkt.sport > r.sport_hi)
     {
         return false;
     }

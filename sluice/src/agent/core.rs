@@ -1135,6 +1135,7 @@ impl Core {
                 dst: addr.ip(),
                 proto: 6,
                 dport: Some(addr.port()),
+                sport: None,
             });
         }
         for p in probes {

@@ -326,11 +326,12 @@ fn ttl_secs(ttl: &str) -> Result<u64, CliError> {
 
 #[derive(Debug, Subcommand)]
 pub enum RuleCommand {
-    /// Add a rule: ACTION [PROTO] [dport N|N-M] [src CIDR] [dst CIDR].
+    /// Add a rule: ACTION [PROTO] [flags SET[/MASK]] [dport N[-M]] [sport N[-M]] [src CIDR] [dst CIDR].
     ///
     /// ACTION is drop or pass; PROTO is tcp, udp, icmp, icmpv6 or `proto N`.
     /// Examples: `drop udp dport 4444`, `drop icmp`,
-    /// `drop tcp dport 1-1023 dst 198.18.0.0/24`.
+    /// `drop tcp dport 1-1023 dst 198.18.0.0/24`, `drop udp sport 53 dport 1024-65535`,
+    /// `drop tcp flags syn,fin`.
     Add {
         /// Insert at this position (0 = first) instead of appending.
         #[arg(long, value_name = "POS")]

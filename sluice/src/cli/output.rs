@@ -749,6 +749,8 @@ impl Out {
                         "audit": r.rule.audit,
                         "proto": r.rule.proto,
                         "dport": r.rule.dport.map(|(lo, hi)| json!([lo, hi])),
+                        "sport": r.rule.sport.map(|(lo, hi)| json!([lo, hi])),
+                        "tcp_flags": r.rule.tcp_flags.map(|t| json!({ "set": t.set, "mask": t.mask })),
                         "src": r.rule.src.map(|n| n.to_string()),
                         "dst": r.rule.dst.map(|n| n.to_string()),
                         "packets": r.packets,

@@ -1,7 +1,8 @@
 //! Differential test of the lock-out guard's evaluator
-//! (`model::policy::eval::judge`, the verdict logic's third copy after the
-//! kernel and the reference model) against the reference model, on random
-//! policies and the first packets of random connections. Reproduce a
+//! (`model::policy::eval::judge_packet`, the verdict logic's third copy
+//! after the kernel and the reference model) against the reference model,
+//! on random policies and random packets of connections (its `judge`
+//! combines the verdicts of a connection's packets; unit tests cover that). Reproduce a
 //! failure with `SLUICE_SEED=<seed>`. Needs no privileges.
 
 use std::collections::BTreeSet;
@@ -70,8 +71,10 @@ fn the_guards_evaluator_agrees_with_the_reference_model() {
                 dst: pkt.dst,
                 proto: pkt.proto,
                 dport: pkt.dport,
+                sport: pkt.sport,
             };
-            let (verdict, reason, why) = eval::judge(&guard_policy, &probe);
+            let (verdict, reason, why) =
+                eval::judge_packet(&guard_policy, &probe, pkt.tcp_flags.unwrap_or(0));
             assert_eq!(
                 (verdict, reason),
                 (want.verdict, want.reason),

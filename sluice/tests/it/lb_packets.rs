@@ -2025,9 +2025,11 @@ fn firewall_policy(sb: &Sandbox, audit: bool) {
         audit: false,
         proto: Some(6),
         dport: Some((81, 81)),
+        sport: None,
         src: None,
         dst: None,
         syn: false,
+        tcp_flags: None,
         rate: None,
     };
     let mut maps = sb.policy().expect("policy maps");

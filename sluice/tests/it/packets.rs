@@ -684,8 +684,143 @@ fn table() -> Vec<Case> {
     );
     c.policy.rules[0].audit = true;
     t.push(c);
+    t.extend(source_ports_and_tcp_flags());
     t.extend(truncations());
     t
+}
+
+/// Rules on source ports and TCP flags, ahead of the base rules: drop
+/// UDP from port 53 of 1024-65535 (reflection), drop TCP with exactly SYN
+/// and FIN set, drop IPv6 TCP resets that carry no ACK.
+fn source_ports_and_tcp_flags() -> Vec<Case> {
+    let rules = [
+        Rule {
+            drop: true,
+            proto: Some(17),
+            sport: Some((53, 53)),
+            dport: Some((1024, 65535)),
+            ..Rule::default()
+        },
+        Rule {
+            drop: true,
+            tcp_flags: Some((0x03, 0x03)),
+            ..Rule::default()
+        },
+        Rule {
+            drop: true,
+            proto: Some(6),
+            tcp_flags: Some((0x04, 0x14)),
+            src: Some(net("2001:2::/48")),
+            ..Rule::default()
+        },
+    ];
+    let rows = [
+        (
+            "udp from 53 to a high port",
+            Frame::v4(A4, B4).udp(53, 40000).build(),
+            Drop,
+            ByRule,
+            V4,
+            L4::Udp,
+        ),
+        (
+            "udp from 53 to 53 is not the rule's",
+            Frame::v4(A4, B4).udp(53, 53).build(),
+            Pass,
+            Dflt,
+            V4,
+            L4::Udp,
+        ),
+        (
+            "udp from 54 to a high port",
+            Frame::v6(A6, B6).udp(54, 40000).build(),
+            Pass,
+            Dflt,
+            V6,
+            L4::Udp,
+        ),
+        (
+            "tcp from 53 is not udp",
+            Frame::v4(A4, B4).tcp(53, 40000).build(),
+            Pass,
+            Dflt,
+            V4,
+            L4::Tcp,
+        ),
+        (
+            "syn+fin",
+            Frame::v4(A4, B4).tcp(1, 8443).tcp_flags(0x03).build(),
+            Drop,
+            ByRule,
+            V4,
+            L4::Tcp,
+        ),
+        (
+            "syn+fin+ack has both in the mask",
+            Frame::v6(A6, B6).tcp(1, 8443).tcp_flags(0x13).build(),
+            Drop,
+            ByRule,
+            V6,
+            L4::Tcp,
+        ),
+        (
+            "syn alone",
+            Frame::v4(A4, B4).tcp(1, 8443).tcp_flags(0x02).build(),
+            Pass,
+            Dflt,
+            V4,
+            L4::Tcp,
+        ),
+        (
+            "v6 rst without ack",
+            Frame::v6(A6, B6).tcp(1, 8443).tcp_flags(0x04).build(),
+            Drop,
+            ByRule,
+            V6,
+            L4::Tcp,
+        ),
+        (
+            "v6 rst with ack",
+            Frame::v6(A6, B6).tcp(1, 8443).tcp_flags(0x14).build(),
+            Pass,
+            Dflt,
+            V6,
+            L4::Tcp,
+        ),
+        (
+            "v4 rst without ack is not the v6 rule's",
+            Frame::v4(A4, B4).tcp(1, 8443).tcp_flags(0x04).build(),
+            Pass,
+            Dflt,
+            V4,
+            L4::Tcp,
+        ),
+        (
+            "a later fragment has no flags or ports",
+            Frame::v4(A4, B4)
+                .udp(53, 40000)
+                .fragment(185, false)
+                .build(),
+            Pass,
+            Dflt,
+            V4,
+            L4::Fragment,
+        ),
+    ];
+    rows.into_iter()
+        .map(|(name, frame, verdict, reason, family, l4)| {
+            let mut c = case(
+                &format!("sport/flags: {name}"),
+                frame,
+                verdict,
+                reason,
+                family,
+                l4,
+            );
+            c.policy.rules.splice(0..0, rules.iter().cloned());
+            c
+        })
+        .collect()
 }
 
 fn with_byte(mut f: Vec<u8>, at: usize, v: u8) -> Vec<u8> {

@@ -19,6 +19,11 @@ pub struct Probe {
     pub dst: IpAddr,
     pub proto: u8,
     pub dport: Option<u16>,
+    /// The client's port when known (an SSH session's); `None` = any port,
+    /// so a rule with a source port range is taken to match when it would
+    /// drop and not to when it would pass (the guard errs towards refusing).
+    #[serde(default)]
+    pub sport: Option<u16>,
 }
 
 impl fmt::Display for Probe {
@@ -45,7 +50,7 @@ impl Probe {
     pub fn from_ssh_connection(value: &str) -> Option<Self> {
         let mut it = value.split_whitespace();
         let src = it.next()?.parse().ok()?;
-        let _client_port = it.next()?;
+        let sport = it.next()?.parse().ok()?;
         let dst = it.next()?.parse().ok()?;
         let dport = it.next()?.parse().ok()?;
         Some(Self {
@@ -54,6 +59,7 @@ impl Probe {
             dst,
             proto: 6,
             dport: Some(dport),
+            sport: Some(sport),
         })
     }
 }
@@ -69,7 +75,12 @@ fn longest(list: &std::collections::BTreeSet<IpNet>, addr: &IpAddr) -> Option<Ip
     })
 }
 
-fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
+/// The TCP packets of a connection the guard judges: its SYN, then the
+/// ACKs (with or without data) that carry the rest of it. A connection is
+/// cut off when any of them is dropped.
+const CONNECTION_FLAGS: [u8; 3] = [0x02, 0x10, 0x18];
+
+fn rule_matches(r: &RuleSpec, p: &Probe, tcp_flags: u8) -> bool {
     let same_family = |n: &IpNet| n.addr().is_ipv4() == p.src.is_ipv4();
     if r.src.iter().chain(r.dst.iter()).any(|n| !same_family(n)) {
         return false;
@@ -82,11 +93,47 @@ fn rule_matches(r: &RuleSpec, p: &Probe) -> bool {
     {
         return false;
     }
+    if let Some((lo, hi)) = r.sport {
+        let matches = match p.sport {
+            Some(s) => (lo..=hi).contains(&s),
+            // Unknown client port of a connection that has ports.
+            None if p.dport.is_some() => r.action == Verdict::Drop,
+            None => false,
+        };
+        if !matches {
+            return false;
+        }
+    }
+    // SYN set, ACK and RST clear, as the kernel's `syn`.
+    if r.syn && !(p.proto == 6 && tcp_flags & 0x16 == 0x02) {
+        return false;
+    }
+    if let Some(f) = r.tcp_flags
+        && !(p.proto == 6 && tcp_flags & f.mask == f.set)
+    {
+        return false;
+    }
     r.src.is_none_or(|n| n.contains(&p.src)) && r.dst.is_none_or(|n| n.contains(&p.dst))
 }
 
-/// The verdict and reason, plus what decided it, for messages.
+/// The verdict and reason, plus what decided it, for messages: for TCP the
+/// first of the connection's packets (SYN, ACK, ACK with data) that is not
+/// passed, else the SYN's.
 pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
+    if p.proto != 6 {
+        return judge_packet(policy, p, 0);
+    }
+    let mut verdicts = CONNECTION_FLAGS.iter().map(|f| judge_packet(policy, p, *f));
+    let first = verdicts.next().expect("three packets");
+    if first.0 != Verdict::Pass {
+        return first;
+    }
+    verdicts.find(|v| v.0 != Verdict::Pass).unwrap_or(first)
+}
+
+/// One packet of the connection: `tcp_flags` is its TCP flags byte (0 for
+/// other protocols).
+pub fn judge_packet(policy: &Policy, p: &Probe, tcp_flags: u8) -> (Verdict, Reason, String) {
     let audited = |drop: bool, audit: bool| match (drop, audit) {
         (false, _) => Verdict::Pass,
         (true, false) => Verdict::Drop,
@@ -102,14 +149,13 @@ pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
             format!("deny list {n}"),
         );
     }
-    // A probe is the first packet of a connection (a SYN for TCP), so `syn`
-    // rules match it. `limit` and `syn-guard` rules only drop what is over
-    // their rate; one connection is not, so they are passed over.
+    // `limit` and `syn-guard` rules only drop what is over their rate; one
+    // connection is not, so they are passed over.
     if let Some(r) = policy
         .rules
         .iter()
         .filter(|r| r.rate.is_none())
-        .find(|r| rule_matches(r, p))
+        .find(|r| rule_matches(r, p, tcp_flags))
     {
         let drop = r.action == Verdict::Drop;
         return (
@@ -136,6 +182,7 @@ mod tests {
             dst: "198.18.0.2".parse().unwrap(),
             proto: 6,
             dport: Some(dport),
+            sport: None,
         }
     }
 
@@ -169,9 +216,43 @@ mod tests {
     }
 
     #[test]
+    fn every_packet_of_the_connection_counts() {
+        let mut p = Policy::default();
+        // Only the SYN passes: the session would be cut off after it.
+        p.rules.push(rule("drop tcp flags ack dport 22"));
+        let (v, _, why) = judge(&p, &probe("198.18.0.1", 22));
+        assert_eq!(v, Verdict::Drop);
+        assert!(why.contains("flags ack"), "{why}");
+        // A SYN-only drop rule cuts off new sessions too.
+        p.rules = vec![rule("drop tcp syn dport 22")];
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Drop);
+        // Resets only: a connection's own packets pass.
+        p.rules = vec![rule("drop tcp flags rst dport 22")];
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Pass);
+    }
+
+    #[test]
+    fn unknown_client_ports_err_towards_refusing() {
+        let mut p = Policy::default();
+        p.rules.push(rule("drop tcp sport 1024-65535 dport 22"));
+        // Any client port: the drop rule may match.
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Drop);
+        let mut known = probe("198.18.0.1", 22);
+        known.sport = Some(1000);
+        assert_eq!(judge(&p, &known).0, Verdict::Pass);
+        known.sport = Some(50022);
+        assert_eq!(judge(&p, &known).0, Verdict::Drop);
+        // A pass rule on some client ports does not save unknown ones.
+        p.rules = vec![rule("pass tcp sport 1024-65535 dport 22")];
+        p.default = Action::Drop;
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Drop);
+    }
+
+    #[test]
     fn ssh_connection_parses() {
         let p = Probe::from_ssh_connection("198.18.0.1 50022 198.18.0.2 22").unwrap();
         assert_eq!(p.dport, Some(22));
+        assert_eq!(p.sport, Some(50022));
         assert_eq!(p.src, "198.18.0.1".parse::<IpAddr>().unwrap());
         assert!(Probe::from_ssh_connection("garbage").is_none());
     }

@@ -6,8 +6,9 @@ use std::{fmt, net::IpAddr, path::Path};
 use ipnet::IpNet;
 use sluice_common::{
     RULE_ACTION_LIMIT, RULE_ACTION_SYN_GUARD, RULE_F_AUDIT, RULE_F_BYTES, RULE_F_DPORT, RULE_F_DST,
-    RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SRC, RULE_F_SYN, Rule, Verdict,
-    addr_words, words_bytes,
+    RULE_F_ESCALATE, RULE_F_FAMILY, RULE_F_PER_SOURCE, RULE_F_SPORT, RULE_F_SRC, RULE_F_SYN,
+    RULE_F_TCP_FLAGS, Rule, TCP_FLAG_NAMES, Verdict, addr_words, rule_tcp_flags, rule_tcp_mask,
+    rule_tcp_value, words_bytes,
 };
 
 pub mod config;
@@ -133,12 +134,97 @@ pub struct RuleSpec {
     pub audit: bool,
     pub proto: Option<u8>,
     pub dport: Option<(u16, u16)>,
+    pub sport: Option<(u16, u16)>,
     pub src: Option<IpNet>,
     pub dst: Option<IpNet>,
     /// Match only TCP SYNs without ACK (connection attempts).
     pub syn: bool,
+    /// Match only TCP packets with these flags: (set, mask) — of the flags
+    /// in `mask`, exactly those in `set` are set (`flags syn/syn,ack`).
+    pub tcp_flags: Option<TcpFlags>,
     /// Makes this a `limit` or `syn-guard` rule.
     pub rate: Option<RateSpec>,
+}
+
+/// A TCP flags test as written: `flags SET/MASK` (pf's form), or `flags
+/// SET` for "these set, the others any" (the mask is then the set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpFlags {
+    pub set: u8,
+    pub mask: u8,
+}
+
+fn flag_names(bits: u8) -> String {
+    TCP_FLAG_NAMES
+        .iter()
+        .filter(|(_, b)| bits & b != 0)
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl TcpFlags {
+    /// Parses `syn/syn,ack`, `rst`, `/syn` (SYN clear), `fin,ack/fin,ack,rst`.
+    fn parse(s: &str) -> Result<Self, String> {
+        let names = |part: &str| -> Result<u8, String> {
+            let mut bits = 0u8;
+            for name in part.split(',').filter(|n| !n.is_empty()) {
+                let lower = name.to_ascii_lowercase();
+                let bit = TCP_FLAG_NAMES
+                    .iter()
+                    .find(|(n, _)| *n == lower)
+                    .map(|(_, b)| *b)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown TCP flag '{name}' (fin, syn, rst, psh, ack, urg, ece, cwr)"
+                        )
+                    })?;
+                if bits & bit != 0 {
+                    return Err(format!("TCP flag '{name}' given twice in '{s}'"));
+                }
+                bits |= bit;
+            }
+            Ok(bits)
+        };
+        let (set, mask) = match s.split_once('/') {
+            Some((set, mask)) => (names(set)?, names(mask)?),
+            None => {
+                let set = names(s)?;
+                (set, set)
+            }
+        };
+        if mask == 0 {
+            return Err(format!(
+                "'flags {s}' looks at no flag (write SET/MASK, e.g. syn/syn,ack)"
+            ));
+        }
+        if set & !mask != 0 {
+            return Err(format!(
+                "'flags {s}': {} is set but not in the mask {}",
+                flag_names(set & !mask),
+                flag_names(mask)
+            ));
+        }
+        Ok(Self { set, mask })
+    }
+}
+
+impl fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.set == self.mask {
+            f.write_str(&flag_names(self.set))
+        } else {
+            write!(f, "{}/{}", flag_names(self.set), flag_names(self.mask))
+        }
+    }
+}
+
+fn parse_port_range(v: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match v.split_once('-') {
+        Some((a, b)) => (parse_port(a)?, parse_port(b)?),
+        None => (parse_port(v)?, parse_port(v)?),
+    };
+    Some((lo, hi))
 }
 
 /// Which rate-based rule.
@@ -319,9 +405,11 @@ impl RuleSpec {
             audit,
             proto: None,
             dport: None,
+            sport: None,
             src: None,
             dst: None,
             syn: false,
+            tcp_flags: None,
             rate: None,
         };
         let mut burst_given = false;
@@ -484,22 +572,34 @@ impl RuleSpec {
                         return Err(bad("protocol given twice".into()));
                     }
                 }
-                "dport" => {
+                "dport" | "sport" => {
                     let v = it
                         .next()
-                        .ok_or_else(|| bad("'dport' needs a port or range".into()))?;
-                    let range = match v.split_once('-') {
-                        Some((a, b)) => (parse_port(a), parse_port(b)),
-                        None => (parse_port(v), parse_port(v)),
-                    };
-                    let (Some(lo), Some(hi)) = range else {
-                        return Err(bad(format!("invalid port '{v}' (0-65535 or LOW-HIGH)")));
+                        .ok_or_else(|| bad(format!("'{w}' needs a port or range")))?;
+                    let Some((lo, hi)) = parse_port_range(v) else {
+                        return Err(bad(format!(
+                            "invalid {w} '{v}' (a port 0-65535 or LOW-HIGH)"
+                        )));
                     };
                     if lo > hi {
                         return Err(bad(format!("port range '{v}' is backwards")));
                     }
-                    if spec.dport.replace((lo, hi)).is_some() {
-                        return Err(bad("dport given twice".into()));
+                    let slot = if w == "dport" {
+                        &mut spec.dport
+                    } else {
+                        &mut spec.sport
+                    };
+                    if slot.replace((lo, hi)).is_some() {
+                        return Err(bad(format!("{w} given twice")));
+                    }
+                }
+                "flags" => {
+                    let v = it.next().ok_or_else(|| {
+                        bad("'flags' needs TCP flags like syn/syn,ack or rst".into())
+                    })?;
+                    let flags = TcpFlags::parse(v).map_err(bad)?;
+                    if spec.tcp_flags.replace(flags).is_some() {
+                        return Err(bad("flags given twice".into()));
                     }
                 }
                 "src" | "dst" => {
@@ -529,7 +629,7 @@ impl RuleSpec {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unexpected '{other}' (expected tcp|udp|icmp|icmpv6|proto N, syn, dport N[-M], src CIDR, dst CIDR{})",
+                        "unexpected '{other}' (expected tcp|udp|icmp|icmpv6|proto N, syn, flags SET[/MASK], dport N[-M], sport N[-M], src CIDR, dst CIDR{})",
                         if spec.rate.is_some() {
                             ", burst N, per-source [/V4 /V6], escalate DURATION [ttl DURATION]"
                         } else {
@@ -562,6 +662,14 @@ impl RuleSpec {
         }
         if self.syn && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
             return Err(bad("syn only applies to tcp"));
+        }
+        if self.tcp_flags.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
+            return Err(bad("flags only applies to tcp"));
+        }
+        if self.tcp_flags.is_some() && self.syn {
+            return Err(bad(
+                "syn and flags do not mix: syn is flags syn/syn,ack,rst; write that instead",
+            ));
         }
         if let Some(r) = &self.rate {
             if r.escalate.is_some() && r.per_source.is_none() {
@@ -606,6 +714,9 @@ impl RuleSpec {
         if self.dport.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP | IPPROTO_UDP)) {
             return Err(bad("dport only applies to tcp and udp"));
         }
+        if self.sport.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP | IPPROTO_UDP)) {
+            return Err(bad("sport only applies to tcp and udp"));
+        }
         match (self.proto, self.family()) {
             (Some(IPPROTO_ICMP), Some(6)) => {
                 Err(bad("icmp is IPv4; use icmpv6 with IPv6 prefixes"))
@@ -636,6 +747,14 @@ impl RuleSpec {
             r.flags |= RULE_F_DPORT;
             r.port_lo = lo;
             r.port_hi = hi;
+        }
+        if let Some((lo, hi)) = self.sport {
+            r.flags |= RULE_F_SPORT;
+            r.sport_lo = lo;
+            r.sport_hi = hi;
+        }
+        if let Some(t) = self.tcp_flags {
+            r.flags |= rule_tcp_flags(t.mask, t.set);
         }
         if let Some(n) = &self.src {
             r.flags |= RULE_F_SRC;
@@ -706,6 +825,11 @@ impl RuleSpec {
             audit: r.flags & RULE_F_AUDIT != 0,
             proto: (r.proto != 0).then_some(r.proto as u8),
             dport: (r.flags & RULE_F_DPORT != 0).then_some((r.port_lo, r.port_hi)),
+            sport: (r.flags & RULE_F_SPORT != 0).then_some((r.sport_lo, r.sport_hi)),
+            tcp_flags: (r.flags & RULE_F_TCP_FLAGS != 0).then(|| TcpFlags {
+                set: rule_tcp_value(r.flags),
+                mask: rule_tcp_mask(r.flags),
+            }),
             src: (r.flags & RULE_F_SRC != 0).then(|| net(r.src_net, r.src_mask)),
             dst: (r.flags & RULE_F_DST != 0).then(|| net(r.dst_net, r.dst_mask)),
             syn,
@@ -796,17 +920,20 @@ impl fmt::Display for RuleSpec {
                 Some(n) => write!(f, " {n}")?,
                 None => write!(f, " proto {p}")?,
             },
-            None if self.syn || self.rate.is_some() => {}
+            None if self.syn || self.tcp_flags.is_some() || self.rate.is_some() => {}
             None => f.write_str(" any")?,
         }
         if self.syn && !syn_guard {
             f.write_str(" syn")?;
         }
-        if let Some((lo, hi)) = self.dport {
-            if lo == hi {
-                write!(f, " dport {lo}")?;
-            } else {
-                write!(f, " dport {lo}-{hi}")?;
+        if let Some(t) = self.tcp_flags {
+            write!(f, " flags {t}")?;
+        }
+        for (word, range) in [("dport", self.dport), ("sport", self.sport)] {
+            match range {
+                Some((lo, hi)) if lo == hi => write!(f, " {word} {lo}")?,
+                Some((lo, hi)) => write!(f, " {word} {lo}-{hi}")?,
+                None => {}
             }
         }
         if let Some(s) = &self.src {
@@ -877,6 +1004,13 @@ mod tests {
             "drop icmpv6 dst 2001:2:0:1::/64",
             "audit drop tcp dport 22",
             "drop tcp syn dport 25",
+            "drop tcp sport 53",
+            "pass udp dport 53 sport 1024-65535",
+            "drop tcp flags syn/syn,ack dport 22",
+            "drop tcp flags rst",
+            "drop tcp flags /syn,rst,ack",
+            "drop flags fin,psh,urg",
+            "limit 100/s per-source tcp flags rst",
             "limit 1000/s",
             "limit 100/s burst 5 per-source tcp dport 80",
             "limit 20/s per-source /24 /64 escalate 10s ttl 1h udp",
@@ -892,6 +1026,28 @@ mod tests {
             assert_eq!(back, spec, "{text}");
             assert_eq!(back.to_string(), text);
         }
+    }
+
+    #[test]
+    fn tcp_flags_and_source_ports_are_stored_as_the_kernel_reads_them() {
+        let r = RuleSpec::parse(&words("drop tcp flags SYN/syn,ACK sport 1000-2000"))
+            .unwrap()
+            .to_rule();
+        assert_eq!(rule_tcp_mask(r.flags), 0x12);
+        assert_eq!(rule_tcp_value(r.flags), 0x02);
+        assert_ne!(r.flags & RULE_F_TCP_FLAGS, 0);
+        assert_ne!(r.flags & RULE_F_SPORT, 0);
+        assert_eq!((r.sport_lo, r.sport_hi), (1000, 2000));
+        // The flags' half of the word leaves every RULE_F_* bit alone.
+        assert_eq!(r.flags & 0xffff & !(RULE_F_TCP_FLAGS | RULE_F_SPORT), 0);
+        let err = RuleSpec::parse(&words("drop tcp flags syn/ack")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("syn is set but not in the mask ack"),
+            "{err}"
+        );
+        let err = RuleSpec::parse(&words("drop tcp flags nope")).unwrap_err();
+        assert!(err.to_string().contains("unknown TCP flag 'nope'"), "{err}");
     }
 
     #[test]
@@ -935,7 +1091,18 @@ mod tests {
             "drop src 198.18.0.0/24 dst 2001:2::/48",
             "drop tcp tcp",
             "drop tcp dport",
-            "drop tcp sport 80",
+            "drop tcp sport",
+            "drop tcp sport 80 sport 81",
+            "drop tcp sport 90-80",
+            "drop icmp sport 80",
+            "drop tcp flags",
+            "drop tcp flags bogus",
+            "drop tcp flags syn,syn",
+            "drop tcp flags syn/ack",
+            "drop tcp flags /",
+            "drop udp flags syn",
+            "drop tcp syn flags syn",
+            "drop tcp flags rst flags fin",
             "drop proto 0",
             "drop 0",
             "audit pass tcp",

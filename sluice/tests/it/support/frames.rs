@@ -1110,12 +1110,39 @@ fn random_rule(rng: &mut impl Rng) -> Rule {
             Some((a.min(b), a.max(b)))
         }
     };
+    let sport = match rng.gen_range(0..10) {
+        0..7 => None,
+        7..9 => {
+            let p = pool_port(rng);
+            Some((p, p))
+        }
+        _ => {
+            let (a, b) = (pool_port(rng), pool_port(rng));
+            Some((a.min(b), a.max(b)))
+        }
+    };
+    // The flag sets random frames carry, tested by mask/value pairs that
+    // tell them apart (SYN alone, SYN-ACK, any ACK, RST, FIN).
+    let tcp_flags = rng.gen_bool(0.25).then(|| {
+        *[
+            (0x02, 0x12),
+            (0x12, 0x12),
+            (0x10, 0x10),
+            (0x04, 0x04),
+            (0x01, 0x01),
+            (0x00, 0x02),
+        ]
+        .choose(rng)
+        .unwrap_or(&(0x02, 0x12))
+    });
     let drop = rng.gen_bool(0.5);
     Rule {
         drop,
         audit: drop && rng.gen_bool(0.2),
         proto,
         dport,
+        sport,
+        tcp_flags,
         src: rng.gen_bool(0.4).then(|| random_prefix(rng, v6)),
         dst: rng.gen_bool(0.4).then(|| random_prefix(rng, v6)),
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use sluice::{
     dataplane::{Change, PolicyMaps, policy::list_for, sandbox::Sandbox},
-    model::policy::RuleSpec,
+    model::policy::{RuleSpec, TcpFlags},
 };
 use sluice_common::{Counter, Family, L4, ListId, Reason, Verdict, counter_index};
 
@@ -48,9 +48,11 @@ pub fn rule_spec(rule: &model::Rule) -> RuleSpec {
         audit: rule.audit,
         proto: rule.proto.filter(|p| *p != 0),
         dport: rule.dport,
+        sport: rule.sport,
         src: rule.src,
         dst: rule.dst,
         syn: false,
+        tcp_flags: rule.tcp_flags.map(|(set, mask)| TcpFlags { set, mask }),
         rate: None,
     }
 }

@@ -72,6 +72,11 @@ pub struct Rule {
     pub proto: Option<u8>,
     /// Inclusive destination port range; only packets with ports can match.
     pub dport: Option<(u16, u16)>,
+    /// Inclusive source port range; only packets with ports can match.
+    pub sport: Option<(u16, u16)>,
+    /// TCP flags test (set, mask): only TCP packets whose flags masked with
+    /// `mask` equal `set` match.
+    pub tcp_flags: Option<(u8, u8)>,
     pub src: Option<IpNet>,
     pub dst: Option<IpNet>,
     /// A drop rule in audit mode: its matches are passed, counted as `Audit`.
@@ -103,6 +108,10 @@ pub struct Packet {
     pub dst: IpAddr,
     /// Destination port, for TCP and UDP that are not later fragments.
     pub dport: Option<u16>,
+    /// Source port, likewise.
+    pub sport: Option<u16>,
+    /// The TCP header's flags byte, for TCP that is not a later fragment.
+    pub tcp_flags: Option<u8>,
 }
 
 /// Result of section 1 (parsing).
@@ -215,14 +224,20 @@ fn rule_matches(rule: &Rule, pkt: &Packet) -> bool {
         None | Some(0) => true,
         Some(p) => p == pkt.proto,
     };
-    let port_ok = match (rule.dport, pkt.dport) {
+    let in_range = |range: Option<(u16, u16)>, port: Option<u16>| match (range, port) {
         (None, _) => true,
         (Some((lo, hi)), Some(port)) => (lo..=hi).contains(&port),
         (Some(_), None) => false,
     };
+    let port_ok = in_range(rule.dport, pkt.dport) && in_range(rule.sport, pkt.sport);
+    let flags_ok = match (rule.tcp_flags, pkt.tcp_flags) {
+        (None, _) => true,
+        (Some((set, mask)), Some(flags)) => flags & mask == set,
+        (Some(_), None) => false,
+    };
     let src_ok = rule.src.is_none_or(|net| net.contains(&pkt.src));
     let dst_ok = rule.dst.is_none_or(|net| net.contains(&pkt.dst));
-    family_ok && proto_ok && port_ok && src_ok && dst_ok
+    family_ok && proto_ok && port_ok && flags_ok && src_ok && dst_ok
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -295,13 +310,15 @@ fn parse_ipv4(ip: &[u8]) -> Option<Packet> {
         src,
         dst,
         dport: None,
+        sport: None,
+        tcp_flags: None,
     };
     if offset != 0 {
         return Some(pkt);
     }
-    let (l4, dport) = parse_transport(Family::V4, proto, &ip[hlen..total], more_fragments)?;
+    let (l4, ports) = parse_transport(Family::V4, proto, &ip[hlen..total], more_fragments)?;
     pkt.l4 = l4;
-    pkt.dport = dport;
+    set_ports(&mut pkt, ports);
     Some(pkt)
 }
 
@@ -326,6 +343,8 @@ fn parse_ipv6(ip: &[u8]) -> Option<Packet> {
         src: addr(8),
         dst: addr(24),
         dport: None,
+        sport: None,
+        tcp_flags: None,
     };
     let payload = &ip[40..40 + payload_len];
     let is_ext = |nh: u8| {
@@ -371,19 +390,30 @@ fn parse_ipv6(ip: &[u8]) -> Option<Packet> {
         return None;
     }
     pkt.proto = next;
-    let (l4, dport) = parse_transport(Family::V6, next, &payload[off..], first_fragment)?;
+    let (l4, ports) = parse_transport(Family::V6, next, &payload[off..], first_fragment)?;
     pkt.l4 = l4;
-    pkt.dport = dport;
+    set_ports(&mut pkt, ports);
     Some(pkt)
 }
 
+fn set_ports(pkt: &mut Packet, ports: Option<Ports>) {
+    if let Some((sport, dport, flags)) = ports {
+        pkt.sport = Some(sport);
+        pkt.dport = Some(dport);
+        pkt.tcp_flags = flags;
+    }
+}
+
 /// `l4` is exactly the bytes available to the transport header. `None` = malformed.
+/// Source port, destination port and (TCP) the flags byte.
+type Ports = (u16, u16, Option<u8>);
+
 fn parse_transport(
     family: Family,
     proto: u8,
     l4: &[u8],
     first_fragment: bool,
-) -> Option<(L4, Option<u16>)> {
+) -> Option<(L4, Option<Ports>)> {
     match (proto, family) {
         (IPPROTO_TCP, _) => {
             if l4.len() < 20 {
@@ -393,7 +423,7 @@ fn parse_transport(
             if data_offset < 5 || data_offset * 4 > l4.len() {
                 return None;
             }
-            Some((L4::Tcp, Some(be16(l4, 2))))
+            Some((L4::Tcp, Some((be16(l4, 0), be16(l4, 2), Some(l4[13])))))
         }
         (IPPROTO_UDP, _) => {
             if l4.len() < 8 {
@@ -404,7 +434,7 @@ fn parse_transport(
             if udp_len < 8 || (!first_fragment && udp_len > l4.len()) {
                 return None;
             }
-            Some((L4::Udp, Some(be16(l4, 2))))
+            Some((L4::Udp, Some((be16(l4, 0), be16(l4, 2), None))))
         }
         (IPPROTO_ICMP, Family::V4) => (l4.len() >= 8).then_some((L4::Icmp, None)),
         (IPPROTO_ICMPV6, Family::V6) => (l4.len() >= 8).then_some((L4::Icmpv6, None)),
