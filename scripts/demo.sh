@@ -152,7 +152,7 @@ sl() {
     cat "$TMP/sl.out"
     cat "$TMP/sl.err" >&2
     [ "$rc" -eq 0 ] || die "sluice $* failed (exit $rc)"
-    case $1 in check | apply | diff | rollback | history | flows | top | capture) return 0 ;; esac
+    case $1 in check | apply | diff | rollback | history | flows | top | capture | explain) return 0 ;; esac
     if [ "$AGENT" = up ] && ! grep -q '(through the agent at' "$TMP/sl.err"; then
         bad "sluice $1 did not go through the agent"
     elif [ "$AGENT" = down ] && grep -q '(through the agent at' "$TMP/sl.err"; then
@@ -728,6 +728,28 @@ else
     bad "the agent went back to its own config file"
 fi
 sl stats --top 3
+
+step "explain: the attached program itself says what it does with a packet, and why"
+note "(it runs the pinned program on a frame built from the description: the verdict packets get)"
+explain_check() { # explain_check WANT(verdict/reason) DESCRIPTION...
+    local want=$1 got
+    shift
+    sl explain "$@"
+    got=$(slq explain "$@" | python3 -c 'import json,sys; e=json.load(sys.stdin); print(e["verdict"] + "/" + e["reason"])')
+    if [ "$got" = "$want" ]; then
+        good "$want, as the real packets above got"
+    else
+        bad "explain says $got, the packets got $want"
+    fi
+}
+explain_check drop/rule udp src "$A4B" dst "$B4" dport "$UDP_DROPPED_PORT"
+explain_check pass/default udp src "$A4B" dst "$B4" dport "$UDP_OTHER_PORT"
+sl explain tcp src "$A4B" dst "$VIP" dport 80
+if grep -q "service $VIP:80/tcp (nat) -> backend" "$TMP/sl.out"; then
+    good "a connection to the VIP: the service and the backend Maglev picks for it"
+else
+    bad "explain does not name the service and backend for $VIP:80"
+fi
 
 step "Roll back to version $V_DENY (a denied, no UDP rule); runtime changes are cleared"
 sl rollback "$V_DENY"

@@ -169,3 +169,35 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowConfig>(), 32);
     }
 }
+
+/// What `sluice explain` learns from the real program: it runs the pinned
+/// XDP program on its frame with `BPF_PROG_TEST_RUN`, with this block in
+/// the frame's XDP metadata (in front of the frame, where only BPF programs
+/// and test runs can put data; a frame from the wire has none). The
+/// pipeline, where it counts a packet's verdict, sees the magic and fills
+/// in the rest, which the test run hands back with the frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExplainMeta {
+    /// [`EXPLAIN_MAGIC`], set by user space.
+    pub magic: u64,
+    /// 1 once the pipeline wrote the fields below.
+    pub answered: u32,
+    /// `Verdict` value.
+    pub verdict: u32,
+    /// `Reason` value.
+    pub reason: u32,
+    /// As `FlowRecord::matched`: rule id or list entry prefix length.
+    pub matched: u32,
+    /// As `FlowRecord::backend`: backend slot + 1, or 0.
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+// SAFETY: repr(C), Copy, integers only; `_pad` fills the tail.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ExplainMeta {}
+
+/// `ExplainMeta::magic`: "sluice explain" in a word that no frame header
+/// field produces by accident.
+pub const EXPLAIN_MAGIC: u64 = 0x736c_7563_6578_706c;

@@ -229,4 +229,5 @@ fn account(
         challenge: false,
     };
     observe::flow(ctx, pkt, family, l4, &out, bytes, backend);
+    observe::explain(ctx, &out, backend);
 }

@@ -7,7 +7,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    CAPTURE_SNAP, CaptureHeader, CaptureRecord, Family, FlowRecord, L4, stat, words_bytes,
+    CAPTURE_SNAP, CaptureHeader, CaptureRecord, EXPLAIN_MAGIC, ExplainMeta, Family, FlowRecord, L4,
+    stat, words_bytes,
 };
 
 use crate::{
@@ -36,6 +37,31 @@ fn within_cap(interval: u64, tolerance: u64, now: u64) -> bool {
         *tat = t + interval;
     }
     true
+}
+
+/// Answers `sluice explain`: when the frame carries its metadata block,
+/// writes what the pipeline decided into it (the test run returns it).
+/// Frames from the wire carry no metadata, so for them this is one bounds
+/// check.
+#[inline(always)]
+pub fn explain(ctx: &XdpContext, out: &Outcome, backend: u32) {
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<ExplainMeta>() > ctx.data() {
+        return;
+    }
+    let m = meta as *mut ExplainMeta;
+    // SAFETY: the metadata block lies between data_meta and data (checked
+    // above), where the program may read and write.
+    unsafe {
+        if (*m).magic != EXPLAIN_MAGIC {
+            return;
+        }
+        (*m).verdict = out.verdict as u32;
+        (*m).reason = out.reason as u32;
+        (*m).matched = out.matched;
+        (*m).backend = backend;
+        (*m).answered = 1;
+    }
 }
 
 /// Writes a flow record for this packet if sampling and the rate cap allow.

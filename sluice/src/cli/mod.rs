@@ -129,6 +129,23 @@ pub enum Command {
         #[command(subcommand)]
         what: Option<HistoryCommand>,
     },
+    /// What the attached program does with a packet, and why: runs the
+    /// real program on a frame built from the description (no second
+    /// implementation) and names the list entry, rule, limit or backend.
+    ///
+    /// Example: `explain tcp src 198.18.0.2 dst 198.18.0.1 dport 22`
+    /// (sport 40000, flags syn and 64 bytes unless given). The frame counts
+    /// as one packet; it is never sent.
+    Explain {
+        /// The interface it arrives on (default: the first attached in
+        /// this namespace).
+        #[arg(long, value_name = "IFACE")]
+        interface: Option<String>,
+        /// The packet: tcp|udp|icmp|icmpv6|proto N, src ADDR, dst ADDR,
+        /// [sport N], dport N (tcp, udp), [flags F,...], [len N], [vlan N].
+        #[arg(required = true, num_args = 1.., value_name = "PACKET")]
+        words: Vec<String>,
+    },
     /// Swap this build's XDP program in on every attached interface,
     /// atomically per interface, keeping the pinned maps (policy, counters).
     Upgrade {
@@ -391,6 +408,8 @@ pub enum CliError {
     Workload(#[from] workload::WorkloadCliError),
     #[error(transparent)]
     Steer(#[from] steer::SteerCliError),
+    #[error(transparent)]
+    Explain(#[from] crate::engine::explain::ExplainError),
     #[error("--ttl applies to the deny list only")]
     TtlOnAllow,
     #[error(
@@ -607,7 +626,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let root = PinRoot::new(&cli.pin_root);
     // Upgrading is a dataplane operation the agent also does itself on start.
     if !cli.no_agent
-        && !matches!(cli.command, Command::Upgrade { .. } | Command::Capture(_))
+        && !matches!(
+            cli.command,
+            Command::Upgrade { .. } | Command::Capture(_) | Command::Explain { .. }
+        )
         && let Some((client, info)) = client::Client::connect(&cli.socket)?
     {
         let client = client.with_force(cli.force);
@@ -685,6 +707,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Capture(args) => capture::run(&root, &args, &label, cli.json)?,
         Command::Upgrade { force } => out.upgrade(&attach::upgrade(&root, force)?),
+        Command::Explain { interface, words } => {
+            let d = crate::model::explain::Described::parse(&words)?;
+            out.explain(&crate::engine::explain::explain(
+                &root,
+                &d,
+                interface.as_deref(),
+                &label,
+            )?);
+        }
         Command::Stats { reset: true, .. } => {
             let mut maps = PolicyMaps::open(&root)?;
             out.stats_reset(&stats::reset(&mut maps, crate::api::time::unix_now_ns())?);
@@ -977,6 +1008,7 @@ fn via_agent(client: &client::Client, cli: &Cli, out: &output::Out) -> Result<()
         | Command::Rollback { .. }
         | Command::History { .. }
         | Command::Upgrade { .. }
+        | Command::Explain { .. }
         | Command::Capture(_)
         | Command::Flows(_)
         | Command::Top(_) => {}

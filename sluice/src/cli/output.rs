@@ -209,6 +209,27 @@ impl Out {
         }
     }
 
+    pub fn explain(&self, e: &crate::engine::explain::Explanation) {
+        if self.json {
+            print_json(&serde_json::to_value(e).expect("an explanation serialises"));
+            return;
+        }
+        let on = match &e.interface {
+            Some(i) => format!(" on {i}"),
+            None => String::new(),
+        };
+        println!("packet:   {} ({} bytes){on}", e.packet, e.frame_len);
+        let xdp = format!("XDP_{}", e.action.to_uppercase());
+        println!(
+            "verdict:  {} ({}), reason {} ({xdp})",
+            e.verdict, e.stage, e.reason
+        );
+        println!("why:      {}", e.why);
+        if let Some(n) = &e.note {
+            println!("note:     {n}");
+        }
+    }
+
     pub fn upgrade(&self, r: &crate::dataplane::attach::UpgradeReport) {
         if !self.json {
             for f in &r.repaired {

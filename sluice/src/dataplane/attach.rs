@@ -176,6 +176,16 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> DataplaneError {
     }
 }
 
+/// The interfaces attached under `root` in the namespace labelled `netns`
+/// (as pins and `status` name it), in name order.
+pub fn attached_in(root: &PinRoot, netns: &str) -> Result<Vec<String>, DataplaneError> {
+    Ok(pinned_links(root)?
+        .into_iter()
+        .filter(|(ns, ..)| ns == netns)
+        .map(|(_, iface, ..)| iface)
+        .collect())
+}
+
 /// The pinned links of `root`, parsed from their pin names.
 fn pinned_links(
     root: &PinRoot,

@@ -6,6 +6,7 @@ pub mod attach;
 pub mod capture;
 #[cfg(test)]
 mod contract;
+pub mod explain;
 pub mod flows;
 pub mod integrity;
 pub mod lb;

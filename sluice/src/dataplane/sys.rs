@@ -766,6 +766,14 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// The Ethernet address of interface `name` in this network namespace.
+pub fn mac_address(name: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|i| i.interface_name == name)
+        .find_map(|i| i.address?.as_link_addr()?.addr())
+}
+
 /// An integer socket option of `fd` (4 or 8 bytes, as the kernel answers;
 /// a 4-byte answer is sign-extended).
 pub fn getsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<i64> {

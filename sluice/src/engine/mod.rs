@@ -1,6 +1,7 @@
 //! The engine: turns the model into map writes. The one write path for the
 //! agent and the direct CLI alike; it reads the maps back to prove a change.
 
+pub mod explain;
 pub mod lb;
 pub mod lb_view;
 pub mod policy;

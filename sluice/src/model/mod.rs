@@ -3,6 +3,8 @@
 //! check specs, socket workloads, the config file, the user-space evaluator). No aya, no tokio:
 //! the engine turns it into map writes, the agent and the CLI carry it.
 
+pub mod explain;
+pub mod frame;
 pub mod lb;
 pub mod policy;
 pub mod sock;

@@ -128,6 +128,13 @@ const SUITES: &[Suite] = &[
         filters: &["sock_busybox_clients_are_judged"],
         limit: Duration::from_secs(300),
     },
+    // explain: the pinned program run on a described frame with its
+    // answer in the XDP metadata (6.1's test run), against real packets.
+    Suite {
+        module: "explain",
+        filters: &[],
+        limit: Duration::from_secs(300),
+    },
     Suite {
         module: "lb_e2e",
         filters: &["cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend"],
@@ -372,6 +379,11 @@ fn lts_sock() {
 #[test]
 fn lts_steer() {
     check("steer");
+}
+
+#[test]
+fn lts_explain() {
+    check("explain");
 }
 
 #[test]

@@ -25,6 +25,7 @@ mod e2e_attach;
 mod e2e_netns;
 mod escalation;
 mod eval_model;
+mod explain;
 mod flows;
 mod lb_e2e;
 mod lb_icmp;

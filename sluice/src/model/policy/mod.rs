@@ -48,6 +48,8 @@ pub enum PolicyError {
     File { file: String, reason: String },
     #[error("invalid rule: {reason}")]
     BadRule { reason: String },
+    #[error("invalid packet description: {reason}")]
+    BadPacket { reason: String },
 }
 
 /// Parses `198.18.0.0/24`, `2001:2::/48` or a bare address (a host prefix).
@@ -165,7 +167,7 @@ fn flag_names(bits: u8) -> String {
 
 impl TcpFlags {
     /// Parses `syn/syn,ack`, `rst`, `/syn` (SYN clear), `fin,ack/fin,ack,rst`.
-    fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let names = |part: &str| -> Result<u8, String> {
             let mut bits = 0u8;
             for name in part.split(',').filter(|n| !n.is_empty()) {
