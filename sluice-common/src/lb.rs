@@ -245,13 +245,16 @@ pub mod lb_stat {
     /// egress interface not in `LB_TX_PORTS`).
     pub const TO_STACK: u32 = 6;
     /// DSR and VXLAN packets dropped: the backend's neighbour (or the next
-    /// hop's) is unknown, or (VXLAN) the egress is not an interface sluice
-    /// is attached to.
+    /// hop's) is unknown.
     pub const NO_NEIGHBOUR: u32 = 7;
     /// Replies translated back to the VIP (TC egress).
     pub const REVERSE_NAT: u32 = 8;
     /// ICMP errors translated (either direction).
     pub const ICMP_TRANSLATED: u32 = 9;
+    /// DSR and VXLAN packets dropped: the route to the backend leaves by
+    /// an interface that is neither the receiving one nor one sluice is
+    /// attached to (where a redirected frame could vanish uncounted).
+    pub const EGRESS_NOT_ATTACHED: u32 = 10;
     /// Slots in `LB_STATS`.
     pub const SLOTS: u32 = 16;
     /// Names, by index (empty = unused slot).
@@ -266,7 +269,7 @@ pub mod lb_stat {
         "no_neighbour",
         "reverse_nat",
         "icmp_translated",
-        "",
+        "egress_not_attached",
         "",
         "",
         "",

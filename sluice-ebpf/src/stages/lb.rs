@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     cty::c_void,
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use sluice_common::{
@@ -564,8 +564,9 @@ fn dnat_inner(ctx: &XdpContext, pkt: &Packet, be: &Backend) -> Option<()> {
 
 /// Sends the rewritten frame towards the backend: the FIB gives the next
 /// hop's MAC and the egress interface. NAT frames whose next hop is not
-/// known go to the stack (which resolves it); DSR frames cannot (their
-/// destination is the VIP) and are dropped.
+/// known, or whose egress sluice is not attached to, go to the stack
+/// (which resolves and forwards them); DSR frames cannot (their
+/// destination is the VIP) and are dropped, counted by why.
 // A call of its own keeps the LB program's stack frame under the limit.
 #[inline(never)]
 fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
@@ -635,11 +636,18 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         return fallback(ctx);
     }
     // Redirect only where a redirect is known to land: the receiving
-    // interface (XDP_TX) or interfaces sluice is attached to (`LB_TX_PORTS`).
-    // A veth, for one, drops redirected frames unless its peer runs XDP.
+    // interface (XDP_TX) or interfaces sluice is attached to (`LB_TX_PORTS`,
+    // whose devmap takes only devices that can send XDP frames). Elsewhere
+    // a redirected frame may vanish uncounted (a veth drops it unless its
+    // peer has NAPI), so NAT goes to the stack and DSR, which cannot, is
+    // dropped and counted.
     let same = p.ifindex == ingress;
     let in_ports = !same && LB_TX_PORTS.get(p.ifindex).is_some();
-    if !same && !in_ports && !dsr {
+    if !same && !in_ports {
+        if dsr {
+            bump(lb_stat::EGRESS_NOT_ATTACHED);
+            return xdp_action::XDP_DROP;
+        }
         bump(lb_stat::TO_STACK);
         return xdp_action::XDP_PASS;
     }
@@ -656,13 +664,9 @@ fn forward(ctx: &XdpContext, pkt: &Packet, be: &Backend, dsr: bool) -> u32 {
         return xdp_action::XDP_TX;
     }
     bump(lb_stat::REDIRECT);
-    match LB_TX_PORTS.redirect(p.ifindex, 0) {
-        Ok(a) => a,
-        // A DSR backend behind an interface sluice is not attached to: it
-        // can only leave from here.
-        // SAFETY: plain helper call.
-        Err(_) => unsafe { bpf_redirect(p.ifindex, 0) as u32 },
-    }
+    LB_TX_PORTS
+        .redirect(p.ifindex, 0)
+        .unwrap_or(xdp_action::XDP_DROP)
 }
 
 /// Outer headers of a VXLAN-encapsulated frame: Ethernet, IPv4, UDP, VXLAN.
@@ -677,8 +681,9 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// untouched but for its MACs: the destination becomes `vxlan_mac(vni)`,
 /// which the backend's VXLAN device must have (TCP takes only frames
 /// addressed to the receiving device). Sent with XDP_TX or a redirect
-/// to an interface sluice is attached to; otherwise (next hop unresolved,
-/// another egress) dropped and counted (`no_neighbour`).
+/// to an interface sluice is attached to; otherwise dropped and counted
+/// (`no_neighbour`: next hop unresolved; `egress_not_attached`: another
+/// egress).
 // A call of its own keeps the LB program's stack frame under the limit.
 #[inline(never)]
 fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
@@ -740,7 +745,11 @@ fn encap(ctx: &XdpContext, pkt: &Packet, be: &Backend, vni: u32) -> u32 {
     let tx = known && oif == ingress;
     let redirect = known && !tx && LB_TX_PORTS.get(oif).is_some();
     if !tx && !redirect {
-        bump(lb_stat::NO_NEIGHBOUR);
+        bump(if known {
+            lb_stat::EGRESS_NOT_ATTACHED
+        } else {
+            lb_stat::NO_NEIGHBOUR
+        });
         return xdp_action::XDP_DROP;
     }
     let dst = dmac;

@@ -214,11 +214,10 @@ impl Out {
             print_json(&serde_json::to_value(e).expect("an explanation serialises"));
             return;
         }
-        let on = match &e.interface {
-            Some(i) => format!(" on {i}"),
-            None => String::new(),
-        };
-        println!("packet:   {} ({} bytes){on}", e.packet, e.frame_len);
+        println!(
+            "packet:   {} ({} bytes) on {}",
+            e.packet, e.frame_len, e.interface
+        );
         let xdp = format!("XDP_{}", e.action.to_uppercase());
         println!(
             "verdict:  {} ({}), reason {} ({xdp})",

@@ -247,6 +247,7 @@ pub(crate) fn pinned_program(root: &PinRoot) -> Result<Xdp, DataplaneError> {
             what: format!("pinning {}", root.prog().display()),
             source: std::io::Error::other(e.to_string()),
         })?;
+        pins::stamp_program(root)?;
         Xdp::from_pin(root.prog(), XdpAttachType::Interface).map_err(|e| {
             DataplaneError::PinnedMap {
                 path: root.prog(),
@@ -1061,6 +1062,7 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         sock,
     };
     if old.tag() == new.tag() && !force {
+        pins::stamp_program(root)?;
         report.unchanged = true;
         report.new_program_id = old.id();
         return Ok(report);
@@ -1100,5 +1102,6 @@ pub fn upgrade(root: &PinRoot, force: bool) -> Result<UpgradeReport, DataplaneEr
         what: format!("pinning {}", root.prog().display()),
         source: std::io::Error::other(e.to_string()),
     })?;
+    pins::stamp_program(root)?;
     Ok(report)
 }

@@ -27,10 +27,6 @@ pub struct Run {
     pub meta: ExplainMeta,
     /// The frame as the program left it (a NAT rewrite, a SYN challenge).
     pub frame: Vec<u8>,
-    /// The interface the run was received on (0: the loopback test
-    /// device, when the interface has no XDP receive queue registered,
-    /// as in generic mode).
-    pub ifindex: u32,
 }
 
 /// `struct xdp_md` as the test run's context: the metadata is the first
@@ -87,14 +83,12 @@ fn run_once(prog: &Xdp, frame: &[u8], ifindex: u32) -> Result<Run, std::io::Erro
         action: r.return_value,
         meta,
         frame: out[meta_len..].to_vec(),
-        ifindex,
     })
 }
 
 /// Runs the pinned program on `frame` as if received on `ifindex` (in the
-/// caller's network namespace). An interface without a registered XDP
-/// receive queue (generic mode) cannot be named to a test run; the frame
-/// then arrives on the test device, which [`Run::ifindex`] 0 reports.
+/// caller's network namespace; every device has the receive queue a test
+/// run needs, whatever its XDP mode).
 pub fn run(root: &PinRoot, frame: &[u8], ifindex: u32) -> Result<Run, DataplaneError> {
     if !root.prog().exists() {
         return Err(DataplaneError::NotAttached {
@@ -119,10 +113,5 @@ pub fn run(root: &PinRoot, frame: &[u8], ifindex: u32) -> Result<Run, DataplaneE
             }
         }
     };
-    match run_once(&prog, frame, ifindex) {
-        Err(e) if ifindex != 0 && e.raw_os_error() == Some(libc::EINVAL) => {
-            run_once(&prog, frame, 0).map_err(io)
-        }
-        other => other.map_err(io),
-    }
+    run_once(&prog, frame, ifindex).map_err(io)
 }

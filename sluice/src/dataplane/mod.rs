@@ -76,6 +76,11 @@ pub enum DataplaneError {
     },
     #[error("no sluice dataplane at {root} (run `sluice attach IFACE` first)")]
     NotAttached { root: PathBuf },
+    #[error(
+        "the attached program predates {what}: it would read them as broader rules; run \
+         `sluice upgrade` first (the agent upgrades it when it starts)"
+    )]
+    ProgramTooOld { what: &'static str },
     #[error("sluice is not attached to {iface} in netns {netns}")]
     NotAttachedTo { iface: String, netns: String },
     #[error("interface {name} does not exist in netns {netns}")]

@@ -299,3 +299,62 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Err(e) => Err(e),
     }
 }
+
+/// A one-word value user space keeps beside the maps (a one-entry `ARRAY`
+/// pinned as `<root>/maps/NAME`; no program reads it): `None` when never
+/// set.
+pub fn word(root: &PinRoot, name: &'static str) -> Option<u64> {
+    if !root.map(name).exists() {
+        return None;
+    }
+    let m: aya::maps::Array<aya::maps::MapData, u64> = super::policy::typed(root, name).ok()?;
+    m.get(&0, 0).ok()
+}
+
+/// Sets a [`word`], creating and pinning its array the first time. It goes
+/// with the other pins when the last attachment does.
+pub fn set_word(root: &PinRoot, name: &'static str, value: u64) -> Result<(), DataplaneError> {
+    let path = root.map(name);
+    if !path.exists() {
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let fd = super::sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, name, None).map_err(|e| {
+            DataplaneError::Io {
+                what: format!("creating {}", path.display()),
+                source: e,
+            }
+        })?;
+        super::sys::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path).map_err(|e| {
+            DataplaneError::Io {
+                what: format!("pinning {}", path.display()),
+                source: e,
+            }
+        })?;
+    }
+    let mut m: aya::maps::Array<aya::maps::MapData, u64> = super::policy::typed(root, name)?;
+    m.set(0, value, 0)
+        .map_err(|e| DataplaneError::map_err("write", name, e))
+}
+
+/// What the pinned XDP program understands beyond the first release's
+/// maps, as the build that pinned it recorded (`PROGRAM_FEATURES`): a
+/// build whose maps have the same layout but whose program reads more of
+/// them. A change that needs a feature the pinned program lacks is refused
+/// until `sluice upgrade` (the agent upgrades on start).
+pub const PROGRAM_FEATURES: &str = "PROGRAM_FEATURES";
+/// Rules with source ports (`RULE_F_SPORT`) and TCP flags
+/// (`RULE_F_TCP_FLAGS`); a program without it would read them as rules
+/// without those conditions, matching more.
+pub const FEATURE_RULE_PORTS_FLAGS: u64 = 1 << 0;
+/// Every feature of this build's program.
+pub const THIS_BUILD_FEATURES: u64 = FEATURE_RULE_PORTS_FLAGS;
+
+/// Records that the program just pinned is this build's.
+pub fn stamp_program(root: &PinRoot) -> Result<(), DataplaneError> {
+    set_word(root, PROGRAM_FEATURES, THIS_BUILD_FEATURES)
+}
+
+/// The features of the pinned program (none recorded: the first release's).
+#[must_use]
+pub fn program_features(root: &PinRoot) -> u64 {
+    word(root, PROGRAM_FEATURES).unwrap_or(0)
+}

@@ -801,6 +801,17 @@ impl PolicyMaps {
     /// Applies `change` with the generation protocol. Nothing changes when it
     /// fails before the flip; see docs/dataplane.md §4.
     pub fn commit(&mut self, change: Change) -> Result<ChangeReport, DataplaneError> {
+        if let Some(rules) = &change.rules
+            && rules.iter().any(|r| {
+                r.flags & (sluice_common::RULE_F_SPORT | sluice_common::RULE_F_TCP_FLAGS) != 0
+            })
+            && super::pins::program_features(&self.root) & super::pins::FEATURE_RULE_PORTS_FLAGS
+                == 0
+        {
+            return Err(DataplaneError::ProgramTooOld {
+                what: "rules with sport or flags",
+            });
+        }
         let repaired = self.recover_if_dirty()?;
         let a = self.active_generation()?;
         let i = a ^ 1;

@@ -69,27 +69,7 @@ pub struct ResetReport {
 /// the time (`now_unix_ns`), which `stats` shows from then on.
 pub fn reset(maps: &mut PolicyMaps, now_unix_ns: u64) -> Result<ResetReport, DataplaneError> {
     let entries = maps.reset_counters()?;
-    let root = maps.pin_root().clone();
-    let path = root.map(STATS_RESET);
-    if !path.exists() {
-        const BPF_MAP_TYPE_ARRAY: u32 = 2;
-        let fd = super::sys::map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1, STATS_RESET, None).map_err(
-            |e| DataplaneError::Io {
-                what: format!("creating {}", path.display()),
-                source: e,
-            },
-        )?;
-        super::sys::obj_pin(std::os::fd::AsFd::as_fd(&fd), &path).map_err(|e| {
-            DataplaneError::Io {
-                what: format!("pinning {}", path.display()),
-                source: e,
-            }
-        })?;
-    }
-    let mut m: aya::maps::Array<aya::maps::MapData, u64> =
-        super::policy::typed(&root, STATS_RESET)?;
-    m.set(0, now_unix_ns, 0)
-        .map_err(|e| DataplaneError::map_err("write", STATS_RESET, e))?;
+    super::pins::set_word(maps.pin_root(), STATS_RESET, now_unix_ns)?;
     Ok(ResetReport {
         reset_unix_ns: now_unix_ns,
         entries,
@@ -99,13 +79,7 @@ pub fn reset(maps: &mut PolicyMaps, now_unix_ns: u64) -> Result<ResetReport, Dat
 /// When the counters were last reset (Unix nanoseconds), if ever.
 #[must_use]
 pub fn last_reset(maps: &PolicyMaps) -> Option<u64> {
-    let root = maps.pin_root();
-    if !root.map(STATS_RESET).exists() {
-        return None;
-    }
-    let m: aya::maps::Array<aya::maps::MapData, u64> =
-        super::policy::typed(root, STATS_RESET).ok()?;
-    m.get(&0, 0).ok().filter(|t| *t != 0)
+    super::pins::word(maps.pin_root(), STATS_RESET).filter(|t| *t != 0)
 }
 
 /// The counter slots that saw packets, with the class each counts.

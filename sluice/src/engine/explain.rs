@@ -37,9 +37,8 @@ pub struct Explanation {
     /// The packet as described, normalised.
     pub packet: String,
     pub frame_len: usize,
-    /// The interface the frame was run as received on (`null`: none could
-    /// be named to the test run; see `note`).
-    pub interface: Option<String>,
+    /// The interface the frame was run as received on.
+    pub interface: String,
     /// The XDP action: drop, pass, tx (sent back out), redirect, aborted.
     pub action: String,
     pub verdict: String,
@@ -159,7 +158,7 @@ pub fn explain(
     let mut out = Explanation {
         packet: d.to_string(),
         frame_len: input.len(),
-        interface: (run.ifindex != 0).then(|| name.clone()),
+        interface: name.clone(),
         action: action.clone(),
         verdict: verdict.name().to_string(),
         reason: reason.name().to_string(),
@@ -169,18 +168,11 @@ pub fn explain(
         rule: None,
         lb: None,
         rewritten: run.frame != input,
-        note: if run.ifindex == 0 {
-            Some(format!(
-                "{name} has no XDP receive queue for a test run: run as received on the test \
-                 device"
-            ))
-        } else if !attached.contains(&name) {
-            Some(format!(
+        note: (!attached.contains(&name)).then(|| {
+            format!(
                 "{name} is not attached in netns {netns}: run as if the program received it there"
-            ))
-        } else {
-            None
-        },
+            )
+        }),
     };
     let audit = if verdict == Verdict::Audit {
         " (audit: passed and counted, would drop)"
@@ -291,31 +283,52 @@ pub fn explain(
                 }),
             });
         }
-        if reason == Reason::NoBackend
-            && let Some(l) = &out.lb
-        {
-            out.why = format!(
-                "service {} ({}) has no backend that can take it (all down, draining or removed)",
-                l.service, l.mode
-            );
-        }
-        if run.meta.backend != 0 {
-            let lb = out.lb.as_ref();
-            let sent = match (run.action, out.rewritten) {
-                (3, _) => "rewritten and sent back out of the interface (XDP_TX)",
-                (4, _) => "rewritten and redirected to another interface (XDP_REDIRECT)",
-                (2, true) => "rewritten to the backend and passed to the stack, which routes it",
-                (2, false) => "passed to the stack",
-                _ => "dropped",
-            };
-            out.stage = format!("{} + lb", out.stage);
-            out.why = format!(
-                "{}; then service {} ({}) -> backend {}: {sent}",
-                out.why,
-                lb.map_or("?", |l| l.service.as_str()),
-                lb.map_or("?", |l| l.mode.as_str()),
-                lb.and_then(|l| l.backend.as_deref()).unwrap_or("?"),
-            );
+        let lb = out.lb.clone();
+        let service = lb
+            .as_ref()
+            .map_or("?".to_string(), |l| format!("{} ({})", l.service, l.mode));
+        let backend = lb
+            .as_ref()
+            .and_then(|l| l.backend.clone())
+            .unwrap_or_else(|| "?".to_string());
+        match (run.meta.backend != 0, reason) {
+            (false, Reason::NoBackend) => {
+                out.why = format!(
+                    "service {service} has no backend that can take it (all down, draining or removed)"
+                );
+            }
+            (true, Reason::NoBackend) => {
+                out.stage = "lb".into();
+                out.why = format!(
+                    "service {service} -> backend {backend}, but the frame cannot be sent there: \
+                     the backend's (or next hop's) MAC is not known yet, or the route to it leaves \
+                     by an interface sluice is not attached to (`sluice lb list`: no_neighbour, \
+                     egress_not_attached)"
+                );
+            }
+            (true, Reason::Malformed) => {
+                out.stage = "lb".into();
+                out.why = format!(
+                    "service {service} -> backend {backend}: the frame could not be rewritten for it"
+                );
+            }
+            (true, _) => {
+                let sent = match (run.action, out.rewritten) {
+                    (3, _) => "rewritten and sent back out of the interface (XDP_TX)",
+                    (4, _) => "rewritten and redirected to another interface (XDP_REDIRECT)",
+                    (2, true) => {
+                        "rewritten to the backend and passed to the stack, which routes it"
+                    }
+                    (2, false) => "passed to the stack",
+                    _ => "dropped",
+                };
+                out.stage = format!("{} + lb", out.stage);
+                out.why = format!(
+                    "{}; then service {service} -> backend {backend}: {sent}",
+                    out.why
+                );
+            }
+            (false, _) => {}
         }
     }
     Ok(out)

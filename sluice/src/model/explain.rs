@@ -27,6 +27,12 @@ pub struct Described {
 /// The source port when none is given.
 pub const DEFAULT_SPORT: u16 = 40000;
 
+/// The longest frame a test run hands the program whole: its linear area
+/// is a page less headroom and tail room (4096 - 256 - 320 on x86_64), and
+/// the metadata comes out of it; the rest would be fragments, which the
+/// program does not see.
+pub const MAX_LEN: usize = 3500;
+
 impl Described {
     /// Parses the words after `sluice explain`.
     pub fn parse(words: &[String]) -> Result<Self, PolicyError> {
@@ -59,7 +65,8 @@ impl Described {
                         n => match n.parse::<u8>() {
                             Ok(6) => L4::Tcp,
                             Ok(17) => L4::Udp,
-                            Ok(1 | 58) => L4::Icmp,
+                            // ICMP or ICMPv6 by number: which one is known
+                            // once the addresses are (below).
                             Ok(p) if p != 0 => L4::Other(p),
                             _ => {
                                 return Err(bad(format!(
@@ -88,6 +95,10 @@ impl Described {
                 }
                 "flags" => {
                     let v = value("TCP flags like syn or ack,psh")?;
+                    if v == "none" {
+                        set(&mut flags, 0, w)?;
+                        continue;
+                    }
                     let f = TcpFlags::parse(v).map_err(bad)?;
                     if f.set != f.mask {
                         return Err(bad(format!(
@@ -101,8 +112,8 @@ impl Described {
                     let n: usize = v
                         .parse()
                         .ok()
-                        .filter(|n| (14..=9000).contains(n))
-                        .ok_or_else(|| bad(format!("invalid len '{v}' (14-9000 bytes)")))?;
+                        .filter(|n| (14..=MAX_LEN).contains(n))
+                        .ok_or_else(|| bad(format!("invalid len '{v}' (14-{MAX_LEN} bytes)")))?;
                     set(&mut len, n, w)?;
                 }
                 "vlan" => {
@@ -127,7 +138,13 @@ impl Described {
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(bad("src and dst are of different address families".into()));
         }
-        let l4 = l4.unwrap_or(L4::Tcp);
+        let l4 = match l4.unwrap_or(L4::Tcp) {
+            // The family's own ICMP by number is an echo request; the other
+            // family's is a bare payload of that protocol.
+            L4::Other(1) if src.is_ipv4() => L4::Icmp,
+            L4::Other(58) if src.is_ipv6() => L4::Icmp,
+            other => other,
+        };
         let ports = matches!(l4, L4::Tcp | L4::Udp);
         if !ports && (sport.is_some() || dport.is_some()) {
             return Err(bad("ports apply to tcp and udp".into()));
@@ -262,6 +279,19 @@ mod tests {
         assert_eq!(d.frame(frame::DST_MAC)[20], 58);
         let d = Described::parse(&words("proto 47 src 198.18.0.2 dst 198.18.0.1")).unwrap();
         assert_eq!(d.l4, L4::Other(47));
+        // ICMP by number: the family's own is an echo request.
+        let d = Described::parse(&words("proto 1 src 198.18.0.2 dst 198.18.0.1")).unwrap();
+        assert_eq!(d.l4, L4::Icmp);
+        let d = Described::parse(&words("proto 58 src 198.18.0.2 dst 198.18.0.1")).unwrap();
+        assert_eq!(d.l4, L4::Other(58));
+        assert_eq!(d.frame(frame::DST_MAC)[23], 58);
+        // A TCP packet without flags (a null scan) is described and shown.
+        let d = Described::parse(&words(
+            "tcp src 198.18.0.2 dst 198.18.0.1 dport 1 flags none",
+        ))
+        .unwrap();
+        assert_eq!(d.tcp_flags, 0);
+        assert!(d.to_string().ends_with("flags none"), "{d}");
     }
 
     #[test]
@@ -296,6 +326,10 @@ mod tests {
             ),
             (
                 "tcp src 198.18.0.2 dst 198.18.0.1 dport 1 len 9",
+                "invalid len",
+            ),
+            (
+                "tcp src 198.18.0.2 dst 198.18.0.1 dport 1 len 9000",
                 "invalid len",
             ),
             (

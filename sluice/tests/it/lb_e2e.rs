@@ -196,6 +196,8 @@ pub(crate) struct Topo {
     pub(crate) backends: Vec<Backend>,
     /// Each backend's end of its veth pair (in its namespace).
     backend_ifs: Vec<String>,
+    /// The LB's end of each backend's veth pair.
+    pub(crate) lb_backend_ifs: Vec<String>,
 }
 
 impl Topo {
@@ -288,6 +290,7 @@ impl Topo {
             lb_if,
             backends,
             backend_ifs,
+            lb_backend_ifs: lb_ifs,
         }
     }
 }
@@ -831,6 +834,45 @@ fn cli_small_nat_and_dsr_connections_follow_the_table_and_skip_a_drained_backend
     }
     sluice(&pin, &topo.lb, &args);
     let vip = IpAddr::V4(vip_dsr);
+    // The backends' veths are not attached yet: a frame redirected there
+    // could vanish uncounted, so DSR drops it and says why.
+    let lb_stat = |name: &str| -> u64 {
+        sluice::dataplane::lb::stats(&sluice::dataplane::PinRoot::new(pin.path()))
+            .expect("LB stats")
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| v)
+    };
+    let refused = connect_many(&topo.client, vip, 21_000..21_003u16);
+    assert!(
+        refused.iter().all(|(_, got)| got.is_none()),
+        "DSR through an unattached egress: {refused:?}"
+    );
+    assert!(lb_stat("egress_not_attached") >= 3, "the drops are counted");
+    let e = crate::support::cli::sluice_json(
+        &pin,
+        &topo.lb,
+        &[
+            "explain",
+            "--json",
+            "tcp",
+            "src",
+            &CLIENT4.to_string(),
+            "dst",
+            &vip_dsr.to_string(),
+            "dport",
+            &SERVICE_PORT.to_string(),
+        ],
+    );
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("drop"), Some("no-backend")),
+        "{e}"
+    );
+    // Attached (in the devmap sluice redirects through), they take them.
+    for lb_if in &topo.lb_backend_ifs {
+        sluice(&pin, &topo.lb, &["attach", lb_if, "--mode", "native"]);
+    }
     let ports = 22_000..22_020u16;
     let predicted: BTreeSet<String> = ports.clone().map(predictor(vip, &dsr_members)).collect();
     assert_eq!(predicted.len(), 3, "DSR: the ports reach every backend");

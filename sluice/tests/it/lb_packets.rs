@@ -1584,8 +1584,44 @@ fn dsr_and_nat_with_a_route_and_a_neighbour() {
         exec("ip neigh add 198.18.1.2 lladdr 02:00:00:00:0b:02 dev lb0 nud permanent");
         exec("ip -6 neigh add 2001:2:0:1::2 lladdr 02:00:00:00:0b:02 dev lb0 nud permanent");
         // test_run's ingress is the namespace's loopback, the backend is
-        // behind lb0: not the receiving interface, so a redirect (the
-        // helper's, lb0 not being in LB_TX_PORTS).
+        // behind lb0: neither the receiving interface nor one sluice is
+        // attached to (not in LB_TX_PORTS), where a redirected frame could
+        // vanish uncounted: DSR drops it, counted; NAT hands it to the stack.
+        let f = tcp_frame(c4, dsr4, 40007, 80, SYN, b"dsr");
+        step(
+            "DSR, egress not a TX port",
+            f.clone(),
+            XDP_DROP,
+            f.clone(),
+            &[
+                (lb_stat::EGRESS_NOT_ATTACHED, 1),
+                (lb_stat::CONN_CREATED, 1),
+            ],
+            ctr(
+                Family::V4,
+                L4::Tcp,
+                Verdict::Drop,
+                Reason::NoBackend,
+                1,
+                f.len() as u64,
+            ),
+        );
+        // NAT, egress lb0 not in LB_TX_PORTS: to the stack, MACs untouched.
+        let f = tcp_frame(c4, VIP4.into(), 40003, 80, SYN, b"nat");
+        step(
+            "NAT, egress not a TX port",
+            f,
+            XDP_PASS,
+            tcp_frame(c4, BE4[0].into(), 40003, 8080, SYN, b"nat"),
+            &[(lb_stat::TO_STACK, 1), (lb_stat::CONN_CREATED, 1)],
+            pass(
+                Family::V4,
+                L4::Tcp,
+                tcp_frame(c4, VIP4.into(), 40003, 80, SYN, b"nat").len(),
+            ),
+        );
+        lbmaps::add_tx_port(sb.root(), ifindex).expect("add TX port");
+        // With lb0 a TX port: redirected through LB_TX_PORTS.
         let f = tcp_frame(c4, dsr4, 40001, 80, SYN, b"dsr");
         step(
             "DSR IPv4",
@@ -1615,22 +1651,7 @@ fn dsr_and_nat_with_a_route_and_a_neighbour() {
             pass(Family::V6, L4::Tcp, f.len()),
         );
 
-        // NAT, egress lb0 not in LB_TX_PORTS: to the stack, MACs untouched.
-        let f = tcp_frame(c4, VIP4.into(), 40003, 80, SYN, b"nat");
-        step(
-            "NAT, egress not a TX port",
-            f,
-            XDP_PASS,
-            tcp_frame(c4, BE4[0].into(), 40003, 8080, SYN, b"nat"),
-            &[(lb_stat::TO_STACK, 1), (lb_stat::CONN_CREATED, 1)],
-            pass(
-                Family::V4,
-                L4::Tcp,
-                tcp_frame(c4, VIP4.into(), 40003, 80, SYN, b"nat").len(),
-            ),
-        );
-        // With lb0 a TX port: MACs from the FIB, redirected through LB_TX_PORTS.
-        lbmaps::add_tx_port(sb.root(), ifindex).expect("add TX port");
+        // NAT with lb0 a TX port: MACs from the FIB, redirected through LB_TX_PORTS.
         let f = tcp_frame(c4, VIP4.into(), 40004, 80, SYN, b"nat");
         step(
             "NAT, egress a TX port",

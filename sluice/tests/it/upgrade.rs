@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use crate::support::{
-    cli::{sluice, sluice_json, status_json_attachment},
+    cli::{expect_one_line_error, sluice, sluice_json, sluice_output, status_json_attachment},
     netns::{Lab, PinRoot, ping},
 };
 
@@ -85,4 +85,67 @@ fn upgrade_swaps_the_program_without_letting_a_denied_packet_through() {
     );
     sluice(&pin, &lab.b, &["detach", &lab.b_if]);
     assert!(pin.pins().is_empty(), "detach removed every pin");
+}
+
+/// A pin root whose program an older build pinned (no `PROGRAM_FEATURES`
+/// record) gets no rule with source ports or TCP flags: that program would
+/// read `drop tcp flags rst` as `drop tcp`. Other rules still go in;
+/// `upgrade` puts this build's program in and records it, and then the rule
+/// goes in and judges real packets by its flags.
+#[test]
+fn rules_an_older_program_would_misread_wait_for_the_upgrade() {
+    let lab = Lab::new("feat");
+    let pin = PinRoot::new();
+    sluice(&pin, &lab.b, &["attach", &lab.b_if, "--mode", "native"]);
+    let stamp = pin.path().join("maps/PROGRAM_FEATURES");
+    assert!(stamp.exists(), "attach records the program's features");
+    std::fs::remove_file(&stamp).expect("removing the record");
+
+    let out = sluice_output(
+        &pin,
+        &lab.b,
+        &["rule", "add", "drop", "tcp", "flags", "rst"],
+    );
+    let err = expect_one_line_error("a flags rule for an old program", &out);
+    assert!(err.contains("predates rules with sport or flags"), "{err}");
+    let out = sluice_output(&pin, &lab.b, &["rule", "add", "drop", "udp", "sport", "53"]);
+    expect_one_line_error("a sport rule for an old program", &out);
+    let list = sluice_json(&pin, &lab.b, &["rule", "list", "--json"]);
+    assert_eq!(
+        list["rules"].as_array().map(Vec::len),
+        Some(0),
+        "nothing added: {list}"
+    );
+    sluice(&pin, &lab.b, &["rule", "add", "drop", "udp", "dport", "9"]);
+
+    sluice(&pin, &lab.b, &["upgrade"]);
+    assert!(stamp.exists(), "upgrade records the program's features");
+    sluice(
+        &pin,
+        &lab.b,
+        &["rule", "add", "drop", "tcp", "flags", "rst"],
+    );
+    // The program judges by the flags: a reset is dropped by the rule, a
+    // SYN passes.
+    let b4 = lab.b_v4.to_string();
+    let a4 = lab.a_v4.to_string();
+    for (flags, want) in [("rst", "drop/rule"), ("syn", "pass/default")] {
+        let e = sluice_json(
+            &pin,
+            &lab.b,
+            &[
+                "explain", "--json", "tcp", "src", &a4, "dst", &b4, "dport", "80", "flags", flags,
+            ],
+        );
+        assert_eq!(
+            format!(
+                "{}/{}",
+                e["verdict"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or("?")
+            ),
+            want,
+            "{e}"
+        );
+    }
+    assert_eq!(ping(&lab.a, IpAddr::V4(lab.b_v4), 2), 2, "pings pass");
 }

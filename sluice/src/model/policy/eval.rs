@@ -50,7 +50,9 @@ impl Probe {
     pub fn from_ssh_connection(value: &str) -> Option<Self> {
         let mut it = value.split_whitespace();
         let src = it.next()?.parse().ok()?;
-        let sport = it.next()?.parse().ok()?;
+        // A client port that does not parse only costs the guard its
+        // knowledge of the port, not the whole probe.
+        let sport = it.next()?.parse().ok();
         let dst = it.next()?.parse().ok()?;
         let dport = it.next()?.parse().ok()?;
         Some(Self {
@@ -59,7 +61,7 @@ impl Probe {
             dst,
             proto: 6,
             dport: Some(dport),
-            sport: Some(sport),
+            sport,
         })
     }
 }
@@ -96,8 +98,9 @@ fn rule_matches(r: &RuleSpec, p: &Probe, tcp_flags: u8) -> bool {
     if let Some((lo, hi)) = r.sport {
         let matches = match p.sport {
             Some(s) => (lo..=hi).contains(&s),
-            // Unknown client port of a connection that has ports.
-            None if p.dport.is_some() => r.action == Verdict::Drop,
+            // Unknown client port of a connection that has ports: a rule
+            // that would drop may match it, one that would not may not.
+            None if p.dport.is_some() => r.action == Verdict::Drop && !r.audit,
             None => false,
         };
         if !matches {
@@ -116,19 +119,27 @@ fn rule_matches(r: &RuleSpec, p: &Probe, tcp_flags: u8) -> bool {
     r.src.is_none_or(|n| n.contains(&p.src)) && r.dst.is_none_or(|n| n.contains(&p.dst))
 }
 
-/// The verdict and reason, plus what decided it, for messages: for TCP the
-/// first of the connection's packets (SYN, ACK, ACK with data) that is not
-/// passed, else the SYN's.
+/// The verdict and reason, plus what decided it, for messages. For TCP,
+/// the connection's packets are judged (its SYN, from any client port: a
+/// reconnect gets a new one; then its ACKs, with or without data, from the
+/// probe's port): the first that is dropped, else the first audited, else
+/// the SYN's.
 pub fn judge(policy: &Policy, p: &Probe) -> (Verdict, Reason, String) {
     if p.proto != 6 {
         return judge_packet(policy, p, 0);
     }
-    let mut verdicts = CONNECTION_FLAGS.iter().map(|f| judge_packet(policy, p, *f));
-    let first = verdicts.next().expect("three packets");
-    if first.0 != Verdict::Pass {
-        return first;
-    }
-    verdicts.find(|v| v.0 != Verdict::Pass).unwrap_or(first)
+    let reconnect = Probe {
+        sport: None,
+        ..p.clone()
+    };
+    let verdicts: Vec<_> = CONNECTION_FLAGS
+        .iter()
+        .map(|f| judge_packet(policy, if *f == 0x02 { &reconnect } else { p }, *f))
+        .collect();
+    let first = |v: Verdict| verdicts.iter().find(|x| x.0 == v).cloned();
+    first(Verdict::Drop)
+        .or_else(|| first(Verdict::Audit))
+        .unwrap_or_else(|| verdicts[0].clone())
 }
 
 /// One packet of the connection: `tcp_flags` is its TCP flags byte (0 for
@@ -229,6 +240,14 @@ mod tests {
         // Resets only: a connection's own packets pass.
         p.rules = vec![rule("drop tcp flags rst dport 22")];
         assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Pass);
+        // An audited SYN does not hide the ACKs' drop.
+        p.rules = vec![
+            rule("audit drop tcp syn dport 22"),
+            rule("drop tcp dport 22"),
+        ];
+        let (v, _, why) = judge(&p, &probe("198.18.0.1", 22));
+        assert_eq!(v, Verdict::Drop, "{why}");
+        assert!(why.contains("'drop tcp dport 22'"), "{why}");
     }
 
     #[test]
@@ -237,10 +256,25 @@ mod tests {
         p.rules.push(rule("drop tcp sport 1024-65535 dport 22"));
         // Any client port: the drop rule may match.
         assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Drop);
+        // The session's own port outside the range: its packets pass, but a
+        // reconnect (any port) would not.
         let mut known = probe("198.18.0.1", 22);
         known.sport = Some(1000);
-        assert_eq!(judge(&p, &known).0, Verdict::Pass);
+        assert_eq!(judge_packet(&p, &known, 0x10).0, Verdict::Pass);
+        assert_eq!(judge(&p, &known).0, Verdict::Drop);
         known.sport = Some(50022);
+        assert_eq!(judge_packet(&p, &known, 0x10).0, Verdict::Drop);
+        // An audit rule on any client port does not hide a drop after it.
+        p.rules = vec![
+            rule("audit drop tcp sport 1-65535 dport 22"),
+            rule("drop tcp dport 22"),
+        ];
+        assert_eq!(judge(&p, &probe("198.18.0.1", 22)).0, Verdict::Drop);
+        // A reconnect comes from a new port: a drop rule on other client
+        // ports refuses even a known session port outside it.
+        p.rules = vec![rule("drop tcp syn sport 1024-65535 dport 22")];
+        let mut known = probe("198.18.0.1", 22);
+        known.sport = Some(1000);
         assert_eq!(judge(&p, &known).0, Verdict::Drop);
         // A pass rule on some client ports does not save unknown ones.
         p.rules = vec![rule("pass tcp sport 1024-65535 dport 22")];
@@ -253,6 +287,8 @@ mod tests {
         let p = Probe::from_ssh_connection("198.18.0.1 50022 198.18.0.2 22").unwrap();
         assert_eq!(p.dport, Some(22));
         assert_eq!(p.sport, Some(50022));
+        let p = Probe::from_ssh_connection("198.18.0.1 x 198.18.0.2 22").unwrap();
+        assert_eq!((p.sport, p.dport), (None, Some(22)));
         assert_eq!(p.src, "198.18.0.1".parse::<IpAddr>().unwrap());
         assert!(Probe::from_ssh_connection("garbage").is_none());
     }

@@ -668,6 +668,11 @@ impl RuleSpec {
         if self.tcp_flags.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
             return Err(bad("flags only applies to tcp"));
         }
+        if self.tcp_flags.is_some()
+            && self.rate.is_some_and(|r| r.kind == RateKind::SynGuard)
+        {
+            return Err(bad("syn-guard matches SYNs: flags do not apply"));
+        }
         if self.tcp_flags.is_some() && self.syn {
             return Err(bad(
                 "syn and flags do not mix: syn is flags syn/syn,ack,rst; write that instead",
@@ -1104,6 +1109,7 @@ mod tests {
             "drop tcp flags /",
             "drop udp flags syn",
             "drop tcp syn flags syn",
+            "syn-guard 10/s flags rst",
             "drop tcp flags rst flags fin",
             "drop proto 0",
             "drop 0",
