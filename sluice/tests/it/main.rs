@@ -21,6 +21,7 @@ mod compat;
 mod ddos;
 mod ddos_e2e;
 mod differential;
+mod docs;
 mod e2e_attach;
 mod e2e_netns;
 mod escalation;

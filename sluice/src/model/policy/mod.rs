@@ -668,9 +668,7 @@ impl RuleSpec {
         if self.tcp_flags.is_some() && !matches!(self.proto, None | Some(IPPROTO_TCP)) {
             return Err(bad("flags only applies to tcp"));
         }
-        if self.tcp_flags.is_some()
-            && self.rate.is_some_and(|r| r.kind == RateKind::SynGuard)
-        {
+        if self.tcp_flags.is_some() && self.rate.is_some_and(|r| r.kind == RateKind::SynGuard) {
             return Err(bad("syn-guard matches SYNs: flags do not apply"));
         }
         if self.tcp_flags.is_some() && self.syn {
