@@ -807,8 +807,20 @@ async fn detach_iface(
 }
 
 /// `GET /v1/lb`: services, backends, health, counters.
-async fn get_lb(State(core): State<Shared>) -> Result<Json<LbView>, ApiError> {
-    with_core(&core, |c| Ok(c.lb_view()?)).await.map(Json)
+#[derive(Debug, serde::Deserialize)]
+struct LbQuery {
+    /// Count open connections (walks the connection table); default true.
+    active: Option<bool>,
+}
+
+async fn get_lb(
+    State(core): State<Shared>,
+    Query(q): Query<LbQuery>,
+) -> Result<Json<LbView>, ApiError> {
+    let walk = q.active.unwrap_or(true);
+    with_core(&core, move |c| Ok(c.lb_view(walk)?))
+        .await
+        .map(Json)
 }
 
 /// `POST /v1/lb/change`: one change to the services.

@@ -1527,7 +1527,12 @@ impl Core {
     }
 
     /// The LB as `sluice lb list` shows it, with the checker's last errors.
-    pub fn lb_view(&self) -> Result<crate::engine::lb_view::LbView, DataplaneError> {
+    /// The LB as listed; `walk_active`: count open connections (walks the
+    /// connection table).
+    pub fn lb_view(
+        &self,
+        walk_active: bool,
+    ) -> Result<crate::engine::lb_view::LbView, DataplaneError> {
         let last_error = |k: &MemberKey| {
             self.checker
                 .as_ref()
@@ -1539,6 +1544,7 @@ impl Core {
             Some(&self.desired.services),
             &last_error,
             crate::engine::lb_view::default_probe_netns(&self.desired.interfaces).as_deref(),
+            walk_active,
         )
     }
 

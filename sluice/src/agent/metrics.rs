@@ -298,7 +298,7 @@ fn lb_metrics(r: &mut Registry, core: &Core) {
     if core.desired.services.is_empty() {
         return;
     }
-    let Ok(view) = core.lb_view() else {
+    let Ok(view) = core.lb_view(true) else {
         return;
     };
     let svc_packets: Family<Labels, Counter> = Family::default();

@@ -347,7 +347,13 @@ pub fn direct(root: &PinRoot, args: &LbArgs, out: &output::Out) -> Result<(), Lb
         .into());
     }
     let Some(op) = change_of(&args.command)? else {
-        out.lb(&crate::engine::lb_view::view(root, None, &|_| None, None)?);
+        out.lb(&crate::engine::lb_view::view(
+            root,
+            None,
+            &|_| None,
+            None,
+            true,
+        )?);
         return Ok(());
     };
     if let LbOp::ServiceAdd { service } = &op

@@ -107,6 +107,8 @@ impl Reader {
             self.by.name()
         )))?;
         let flow_stats = optional(self.get("/v1/flows/stats"))?;
+        // Without the walk of the connection table (too slow to repeat).
+        let lb = optional(self.get("/v1/lb?active=false"))?;
         Ok(Sample {
             at,
             unix_ns,
@@ -116,6 +118,7 @@ impl Reader {
             top_limit: self.limit,
             flow_stats,
             events,
+            lb,
         })
     }
 }

@@ -100,6 +100,7 @@ pub fn view(
     services: Option<&[crate::model::lb::LbService]>,
     last_error: &dyn Fn(&MemberKey) -> Option<String>,
     probe_netns: Option<&str>,
+    walk_active: bool,
 ) -> Result<LbView, crate::dataplane::DataplaneError> {
     use crate::dataplane::lb as maps;
     let state = super::lb::read(root)?;
@@ -108,7 +109,13 @@ pub fn view(
         root,
         state.iter().flat_map(|s| s.members.iter().map(|m| m.slot)),
     )?;
-    let (active, walked) = maps::active_connections(root)?;
+    // Counting open connections walks the whole connection table (about a
+    // second at 1M entries): skipped for views refreshed often (`top`).
+    let (active, walked) = if walk_active {
+        maps::active_connections(root)?
+    } else {
+        Default::default()
+    };
     let sock_loaded = crate::dataplane::sock::is_loaded(root);
     let sockets = if sock_loaded {
         crate::dataplane::sock_lb::backend_sockets(

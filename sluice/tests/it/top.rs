@@ -49,9 +49,12 @@ struct Sender {
 
 impl Sender {
     fn start(lab: &Lab) -> Sender {
+        Self::start_to(lab, SocketAddr::new(IpAddr::V4(lab.b_v4), 40_000))
+    }
+
+    fn start_to(lab: &Lab, target: SocketAddr) -> Sender {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let target = SocketAddr::new(IpAddr::V4(lab.b_v4), 40_000);
         let thread = lab.a.spawn(move || {
             let sock = UdpSocket::bind("0.0.0.0:0").expect("bind UDP sender");
             let start = Instant::now();
@@ -229,6 +232,73 @@ fn top_shows_drops_by_reason_and_the_top_source() {
         assert_eq!(snap["top_by"], "bytes");
         assert_eq!(snap["sources"][0]["addr"], src.to_string(), "{snap}");
     }
+    drop(sender);
+}
+
+/// A UDP service on `b` balancing to `a` itself: `top` shows the service
+/// and its backend with their rates, and the LB's events both ways.
+#[test]
+fn top_shows_each_service_and_backend_with_rates() {
+    let lab = Lab::new("toplb");
+    let env = AgentEnv::new("toplb");
+    env.write_config(&format!(
+        "{}{}",
+        interface_toml(&lab.b, &lab.b_if),
+        policy_toml("pass", &[], &[])
+    ));
+    let _agent = AgentProc::start(&env, &[]);
+    let vip = "198.19.0.40";
+    lab.a.exec_ok([
+        "ip",
+        "route",
+        "add",
+        &format!("{vip}/32"),
+        "via",
+        &lab.b_v4.to_string(),
+    ]);
+    lab.b.exec_ok(["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    env.cli_ok(&[
+        "lb",
+        "service",
+        "add",
+        &format!("{vip}:40000/udp"),
+        "--backend",
+        &format!("{}:9", lab.a_v4),
+    ]);
+    let sender = Sender::start_to(&lab, SocketAddr::new(vip.parse().unwrap(), 40_000));
+    let mut snap = Value::Null;
+    wait_until(
+        "top shows the backend's packets per second",
+        Duration::from_secs(15),
+        || {
+            snap = env.cli_json(&["top", "--once", "--json", "--interval", "0.5"]);
+            snap["services"][1]["pps"].as_f64().is_some_and(|p| p > 0.0)
+        },
+    );
+    let rows = snap["services"].as_array().expect("services");
+    assert_eq!(rows.len(), 2, "{snap}");
+    assert_eq!(rows[0]["service"], format!("{vip}:40000/udp"), "{snap}");
+    assert!(rows[0]["backend"].is_null(), "{snap}");
+    assert_eq!(rows[0]["state"], "nat", "{snap}");
+    assert_eq!(rows[1]["backend"], format!("{}:9", lab.a_v4), "{snap}");
+    assert_eq!(rows[1]["state"], "active", "{snap}");
+    assert!(num(&rows[0]["pps"], "service pps") > 0.0, "{snap}");
+    let sent_on: f64 = snap["lb_events"]
+        .as_array()
+        .expect("lb_events")
+        .iter()
+        .filter(|e| ["tx", "redirect", "to_stack"].contains(&e["name"].as_str().unwrap_or("")))
+        .map(|e| e["per_sec"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(sent_on > 0.0, "requests sent on to the backend: {snap}");
+    let out = env.cli_ok(&["top", "--once", "--interval", "0.5"]);
+    let text = stdout(&out);
+    assert!(text.contains("SERVICE / BACKEND"), "{text}");
+    assert!(text.contains(&format!("  {}:9", lab.a_v4)), "{text}");
+    assert!(
+        text.contains("replies back to clients (reverse NAT)"),
+        "{text}"
+    );
     drop(sender);
 }
 

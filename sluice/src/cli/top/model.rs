@@ -12,6 +12,7 @@ use crate::{
         flows::{FlowStats, TopAddr, TopReport},
     },
     dataplane::{Status, stats::Stats},
+    engine::lb_view::LbView,
 };
 
 /// What to rank the top sources and destinations by.
@@ -49,6 +50,26 @@ pub struct Sample {
     pub flow_stats: Option<FlowStats>,
     /// `None`: the agent does not serve its event counters.
     pub events: Option<EventsBody>,
+    /// The load balancer's services and events (`None`: not served).
+    pub lb: Option<LbView>,
+}
+
+/// A load-balanced service, or one of its backends, with rates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LbTraffic {
+    pub service: String,
+    /// `None` on the service's own row.
+    pub backend: Option<String>,
+    /// The service's mode (`nat`, `dsr`, `vxlan`), or the backend's state
+    /// (`active`, `draining`, `down`).
+    pub state: String,
+    pub pps: Option<f64>,
+    pub bps: Option<f64>,
+    /// New connections per second.
+    pub cps: Option<f64>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
 }
 
 /// Packets and bytes of one row, with their rates.
@@ -160,6 +181,69 @@ pub struct Snapshot {
     /// The dataplane's event counters, in the kernel's order.
     pub events: Vec<Event>,
     pub agent_events: Option<AgentEvents>,
+    /// Each service, then its backends: traffic towards the backends
+    /// (`None`: the agent does not serve the LB view).
+    pub services: Option<Vec<LbTraffic>>,
+    /// The LB's events with rates, both directions: requests sent on (`tx`,
+    /// `redirect`, `to_stack`), replies translated back to the VIP at TC
+    /// egress (`reverse_nat`), drops (`no_neighbour`, ...).
+    pub lb_events: Vec<Event>,
+}
+
+/// The services' and backends' rows, with rates against `prev`.
+fn lb_rows(prev: Option<&LbView>, cur: &LbView, secs: Option<f64>) -> Vec<LbTraffic> {
+    let mut rows = Vec::new();
+    let rate = |before: Option<u64>, now: u64, scale: u64| {
+        secs.zip(before)
+            .map(|(s, b)| per_sec(delta(b, now) * scale, s))
+    };
+    for s in &cur.services {
+        let ps = prev.and_then(|p| p.services.iter().find(|x| x.service == s.service));
+        rows.push(LbTraffic {
+            service: s.service.clone(),
+            backend: None,
+            state: s.mode.clone(),
+            pps: rate(ps.map(|p| p.packets), s.packets, 1),
+            bps: rate(ps.map(|p| p.bytes), s.bytes, 8),
+            cps: rate(ps.map(|p| p.connections), s.connections, 1),
+            packets: s.packets,
+            bytes: s.bytes,
+            connections: s.connections,
+        });
+        for b in &s.backends {
+            let pb = ps.and_then(|p| p.backends.iter().find(|x| x.backend == b.backend));
+            rows.push(LbTraffic {
+                service: s.service.clone(),
+                backend: Some(b.backend.clone()),
+                state: b.state.clone(),
+                pps: rate(pb.map(|p| p.packets), b.packets, 1),
+                bps: rate(pb.map(|p| p.bytes), b.bytes, 8),
+                cps: rate(pb.map(|p| p.connections), b.connections, 1),
+                packets: b.packets,
+                bytes: b.bytes,
+                connections: b.connections,
+            });
+        }
+    }
+    rows
+}
+
+fn lb_events(prev: Option<&LbView>, cur: &LbView, secs: Option<f64>) -> Vec<Event> {
+    cur.events
+        .iter()
+        .map(|(name, total)| Event {
+            name: name.clone(),
+            total: *total,
+            per_sec: secs.zip(prev).map(|(s, p)| {
+                let before = p
+                    .events
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, v)| *v);
+                per_sec(delta(before, *total), s)
+            }),
+        })
+        .collect()
 }
 
 /// The change of a counter, counting from zero if it went down (a reset).
@@ -454,6 +538,13 @@ pub fn compute(prev: Option<&Sample>, cur: &Sample, by: By, show: usize) -> Snap
         flow_records,
         events,
         agent_events,
+        services: cur
+            .lb
+            .as_ref()
+            .map(|l| lb_rows(prev.and_then(|p| p.lb.as_ref()), l, secs)),
+        lb_events: cur.lb.as_ref().map_or_else(Vec::new, |l| {
+            lb_events(prev.and_then(|p| p.lb.as_ref()), l, secs)
+        }),
     }
 }
 
@@ -547,11 +638,70 @@ mod tests {
             top_limit: 10,
             flow_stats: None,
             events: None,
+            lb: None,
         }
     }
 
     fn verdict<'a>(s: &'a Snapshot, name: &str) -> &'a Traffic {
         s.verdicts.iter().find(|v| v.name == name).unwrap()
+    }
+
+    fn lb(packets: u64, conns: u64, reverse: u64) -> LbView {
+        use crate::engine::lb_view::{BackendRow, ServiceRow};
+        LbView {
+            services: vec![ServiceRow {
+                service: "198.19.0.10:80/tcp".into(),
+                mode: "nat".into(),
+                health_check: None,
+                packets,
+                bytes: packets * 100,
+                connections: conns,
+                socket: false,
+                backends: vec![BackendRow {
+                    backend: "198.18.11.2:8080".into(),
+                    weight: 1,
+                    state: "active".into(),
+                    health: "unchecked".into(),
+                    health_error: None,
+                    table_slots: 65537,
+                    packets,
+                    bytes: packets * 100,
+                    connections: conns,
+                    active: 0,
+                    sockets: 0,
+                }],
+            }],
+            events: vec![("reverse_nat".into(), reverse)],
+            ..LbView::default()
+        }
+    }
+
+    #[test]
+    fn services_and_backends_get_rates_and_replies_their_own() {
+        let mut a = sample(10, stats(&[]));
+        a.lb = Some(lb(100, 10, 80));
+        let mut b = sample(12, stats(&[]));
+        b.lb = Some(lb(300, 30, 280));
+        let first = compute(None, &a, By::Packets, 10);
+        let rows = first.services.as_ref().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].pps, None, "no rates from one reading");
+        let s = compute(Some(&a), &b, By::Packets, 10);
+        let rows = s.services.as_ref().unwrap();
+        assert_eq!(rows[0].backend, None);
+        assert_eq!(rows[1].backend.as_deref(), Some("198.18.11.2:8080"));
+        assert_eq!(rows[1].pps, Some(100.0));
+        assert_eq!(rows[1].bps, Some(100.0 * 100.0 * 8.0));
+        assert_eq!(rows[1].cps, Some(10.0));
+        let replies = s
+            .lb_events
+            .iter()
+            .find(|e| e.name == "reverse_nat")
+            .unwrap();
+        assert_eq!(replies.per_sec, Some(100.0));
+        // An agent without the LB view: no services at all.
+        let none = compute(None, &sample(1, stats(&[])), By::Packets, 10);
+        assert!(none.services.is_none() && none.lb_events.is_empty());
     }
 
     #[test]

@@ -105,6 +105,63 @@ fn talker_rows(list: &[Talker]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Each service, then its backends (indented), with rates.
+fn service_rows(list: &[super::model::LbTraffic]) -> Vec<Vec<String>> {
+    list.iter()
+        .map(|t| {
+            vec![
+                match &t.backend {
+                    None => t.service.clone(),
+                    Some(b) => format!("  {b}"),
+                },
+                t.state.clone(),
+                rate(t.pps),
+                bits(t.bps),
+                rate(t.cps),
+                t.packets.to_string(),
+                bytes(t.bytes),
+                t.connections.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const SERVICE_HEADER: [&str; 8] = [
+    "SERVICE / BACKEND",
+    "STATE",
+    "PPS",
+    "BIT/S",
+    "CONN/S",
+    "PACKETS",
+    "BYTES",
+    "CONNS",
+];
+
+/// The LB in both directions: requests sent on to backends (XDP_TX,
+/// redirect, the stack) and replies translated back to the VIP (TC
+/// egress), with the drops that have a name.
+fn lb_line(s: &Snapshot) -> Option<String> {
+    if s.lb_events.is_empty() {
+        return None;
+    }
+    let ev = |n: &str| {
+        s.lb_events
+            .iter()
+            .find(|e| e.name == n)
+            .map_or_else(|| "-".to_string(), |e| rate(e.per_sec))
+    };
+    Some(format!(
+        "to backends: tx {}/s, redirect {}/s, to stack {}/s; replies back to clients (reverse NAT): {}/s; \
+         dropped: no neighbour {}/s, egress not attached {}/s",
+        ev("tx"),
+        ev("redirect"),
+        ev("to_stack"),
+        ev("reverse_nat"),
+        ev("no_neighbour"),
+        ev("egress_not_attached"),
+    ))
+}
+
 fn occupancy_rows(s: &Snapshot) -> Vec<Vec<String>> {
     s.occupancy
         .iter()
@@ -228,6 +285,13 @@ pub fn plain(s: &Snapshot, header: &str) -> String {
             ),
         }
     }
+    if let Some(services) = s.services.as_ref().filter(|l| !l.is_empty()) {
+        out.push('\n');
+        table(&mut out, &SERVICE_HEADER, &service_rows(services));
+        if let Some(l) = lb_line(s) {
+            let _ = writeln!(out, "lb: {l}");
+        }
+    }
     out.push('\n');
     table(
         &mut out,
@@ -333,13 +397,42 @@ fn draw_frame(f: &mut Frame, s: &Snapshot, area: Rect) {
             .max(1),
     );
     let lower = table_height(s.occupancy.len()).max(5);
-    let [upper_area, talkers_area, lower_area, _] = Layout::vertical([
+    let services = s.services.as_ref().filter(|l| !l.is_empty());
+    // The services' table and the LB line, when there are services.
+    let lb = services.map_or(0, |l| table_height(l.len()) + 1);
+    let [upper_area, talkers_area, lb_area, lower_area, _] = Layout::vertical([
         Constraint::Length(upper),
         Constraint::Length(talkers),
+        Constraint::Length(lb),
         Constraint::Length(lower),
         Constraint::Min(0),
     ])
     .areas(area);
+    if let Some(list) = services {
+        let [table_area, line_area] =
+            Layout::vertical([Constraint::Min(0), Constraint::Length(1)]).areas(lb_area);
+        f.render_widget(
+            tui_table(
+                "Load balancer (towards the backends)",
+                &SERVICE_HEADER,
+                service_rows(list),
+                &[
+                    Constraint::Min(22),
+                    Constraint::Length(8),
+                    Constraint::Length(7),
+                    Constraint::Length(10),
+                    Constraint::Length(7),
+                    Constraint::Length(10),
+                    Constraint::Length(9),
+                    Constraint::Length(8),
+                ],
+            ),
+            table_area,
+        );
+        if let Some(l) = lb_line(s) {
+            f.render_widget(Paragraph::new(l), line_area);
+        }
+    }
 
     let [traffic_area, events_area] =
         Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)])
@@ -447,7 +540,7 @@ mod tests {
 
     use super::*;
     use crate::cli::top::model::{
-        AgentEvents, Event, FlowRecords, Occupancy, ReasonTraffic, Traffic,
+        AgentEvents, Event, FlowRecords, LbTraffic, Occupancy, ReasonTraffic, Traffic,
     };
 
     fn traffic(name: &str, pps: f64, packets: u64) -> Traffic {
@@ -519,6 +612,42 @@ mod tests {
                 deny_expirations: 0,
                 temporary_denies: 1,
             }),
+            services: Some(vec![
+                LbTraffic {
+                    service: "198.19.0.10:80/tcp".into(),
+                    backend: None,
+                    state: "nat".into(),
+                    pps: Some(30.0),
+                    bps: Some(24_000.0),
+                    cps: Some(3.0),
+                    packets: 300,
+                    bytes: 30_000,
+                    connections: 30,
+                },
+                LbTraffic {
+                    service: "198.19.0.10:80/tcp".into(),
+                    backend: Some("198.18.11.2:8080".into()),
+                    state: "draining".into(),
+                    pps: Some(30.0),
+                    bps: Some(24_000.0),
+                    cps: Some(3.0),
+                    packets: 300,
+                    bytes: 30_000,
+                    connections: 30,
+                },
+            ]),
+            lb_events: vec![
+                Event {
+                    name: "to_stack".into(),
+                    total: 300,
+                    per_sec: Some(30.0),
+                },
+                Event {
+                    name: "reverse_nat".into(),
+                    total: 250,
+                    per_sec: Some(25.0),
+                },
+            ],
         }
     }
 
@@ -557,6 +686,11 @@ mod tests {
             "syn_challenges",
             "lost 7",
             "agent: escalated sources",
+            "Load balancer (towards the backends)",
+            "198.19.0.10:80/tcp",
+            "  198.18.11.2:8080",
+            "draining",
+            "replies back to clients (reverse NAT): 25.0/s",
             "q: quit",
         ] {
             assert!(s.contains(want), "{want:?} missing from the screen:\n{s}");
@@ -598,6 +732,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flow records: read 2000"), "{text}");
+        let backend = text
+            .lines()
+            .find(|l| l.starts_with("  198.18.11.2:8080"))
+            .unwrap_or_else(|| panic!("no backend row:\n{text}"));
+        assert!(
+            backend.contains("draining")
+                && backend.contains("3.0")
+                && backend.contains("24.0 kb/s"),
+            "{backend}"
+        );
+        assert!(
+            text.contains("lb: to backends: tx -/s, redirect -/s, to stack 30.0/s; replies back to clients (reverse NAT): 25.0/s"),
+            "{text}"
+        );
         assert!(
             text.contains("sampled pass 1 in 100, drop 1 in 1, audit none"),
             "{text}"
