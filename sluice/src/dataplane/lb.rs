@@ -263,6 +263,32 @@ fn counters_of(
     Ok(out)
 }
 
+/// Zeroes the per-CPU counters of `slots` in `name` (a service id or
+/// backend slot handed out anew must not start from its last owner's).
+fn zero_counters(root: &PinRoot, name: &'static str, slots: &[u32]) -> Result<(), DataplaneError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let mut m: PerCpuArray<MapData, LbCounter> = typed(root, name)?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Io {
+        what: what.to_string(),
+        source,
+    })?;
+    for slot in slots {
+        let zeros = aya::maps::PerCpuValues::try_from(vec![LbCounter::default(); cpus])
+            .map_err(|e| DataplaneError::map_err("write", name, e))?;
+        m.set(*slot, zeros, 0)
+            .map_err(|e| DataplaneError::map_err("write", name, e))?;
+    }
+    Ok(())
+}
+
+/// Zeroes the counters of service ids and backend slots handed out anew.
+pub fn zero_new(root: &PinRoot, ids: &[u32], slots: &[u32]) -> Result<(), DataplaneError> {
+    zero_counters(root, map_names::LB_SVC_STATS, ids)?;
+    zero_counters(root, map_names::LB_BE_STATS, slots)
+}
+
 /// Counters of the given service ids.
 pub fn service_counters(
     root: &PinRoot,

@@ -339,7 +339,10 @@ pub fn set_word(root: &PinRoot, name: &'static str, value: u64) -> Result<(), Da
 /// maps, as the build that pinned it recorded (`PROGRAM_FEATURES`): a
 /// build whose maps have the same layout but whose program reads more of
 /// them. A change that needs a feature the pinned program lacks is refused
-/// until `sluice upgrade` (the agent upgrades on start).
+/// until `sluice upgrade` (the agent upgrades on start). The record names
+/// the program it describes (its id in the high 32 bits): a program pinned
+/// by a build that writes no record (an older one, a downgrade) leaves a
+/// record that no longer matches, which reads as no features.
 pub const PROGRAM_FEATURES: &str = "PROGRAM_FEATURES";
 /// Rules with source ports (`RULE_F_SPORT`) and TCP flags
 /// (`RULE_F_TCP_FLAGS`); a program without it would read them as rules
@@ -348,13 +351,30 @@ pub const FEATURE_RULE_PORTS_FLAGS: u64 = 1 << 0;
 /// Every feature of this build's program.
 pub const THIS_BUILD_FEATURES: u64 = FEATURE_RULE_PORTS_FLAGS;
 
-/// Records that the program just pinned is this build's.
-pub fn stamp_program(root: &PinRoot) -> Result<(), DataplaneError> {
-    set_word(root, PROGRAM_FEATURES, THIS_BUILD_FEATURES)
+fn pinned_program_id(root: &PinRoot) -> Option<u32> {
+    aya::programs::ProgramInfo::from_pin(root.prog())
+        .ok()
+        .map(|i| i.id())
 }
 
-/// The features of the pinned program (none recorded: the first release's).
+/// Records that the program pinned now is this build's.
+pub fn stamp_program(root: &PinRoot) -> Result<(), DataplaneError> {
+    let id = pinned_program_id(root).ok_or_else(|| DataplaneError::Io {
+        what: format!("reading {}", root.prog().display()),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    set_word(
+        root,
+        PROGRAM_FEATURES,
+        u64::from(id) << 32 | THIS_BUILD_FEATURES,
+    )
+}
+
+/// The features of the pinned program: none when no record names it.
 #[must_use]
 pub fn program_features(root: &PinRoot) -> u64 {
-    word(root, PROGRAM_FEATURES).unwrap_or(0)
+    match (word(root, PROGRAM_FEATURES), pinned_program_id(root)) {
+        (Some(w), Some(id)) if w >> 32 == u64::from(id) => w & 0xffff_ffff,
+        _ => 0,
+    }
 }

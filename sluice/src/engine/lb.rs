@@ -141,6 +141,10 @@ pub fn apply(
         .map(|(_, v)| v.id)
         .collect();
     let mut ids: Vec<u32> = Vec::with_capacity(services.len());
+    // Ids and slots handed out anew: their counters start from zero, not
+    // from their last owner's.
+    let mut new_ids: Vec<u32> = Vec::new();
+    let mut new_slots: Vec<u32> = Vec::new();
     for s in services {
         let key = service_key(&s.id);
         let id = match current.get(&key) {
@@ -151,6 +155,7 @@ pub fn apply(
                     .ok_or(LbError::TooManyServices { max: MAX_SERVICES })?;
                 used_ids.insert(id);
                 report.services_added += 1;
+                new_ids.push(id);
                 id
             }
         };
@@ -197,6 +202,7 @@ pub fn apply(
                             .ok_or(LbError::TooManyBackends { max: MAX_BACKENDS })?,
                     };
                     slot_of.insert(k, slot);
+                    new_slots.push(slot);
                     slot
                 }
             };
@@ -206,6 +212,9 @@ pub fn apply(
         members.push(m);
     }
     drop(free);
+    // No table names the new ids and slots yet: no packet is counted
+    // against them before this.
+    dataplane::lb::zero_new(root, &new_ids, &new_slots)?;
 
     // 1. Backends the tables will name.
     for (m, &id) in members.iter().zip(&ids) {

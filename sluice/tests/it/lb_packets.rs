@@ -2242,3 +2242,36 @@ fn capped_reopen_does_not_split_a_connection() {
         "the ACK after the reopening SYN went elsewhere than the SYN"
     );
 }
+
+/// A service removed and another added in its place gets its id and its
+/// backend slots, but not their counters: they start from zero.
+#[test]
+fn reused_service_ids_and_backend_slots_start_from_zero() {
+    let sb = new_sandbox();
+    apply(&sb, &[svc(SVC_WEB, Mode::Nat, &["198.18.1.2:8080"])]);
+    for sport in 41_000..41_010u16 {
+        run(
+            &sb,
+            &tcp_frame(CLIENT4.into(), VIP4.into(), sport, 80, SYN, b"x"),
+        );
+    }
+    let old = svc_id(&sb, SVC_WEB);
+    let c = lbmaps::service_counters(sb.root(), [old].into_iter()).unwrap()[&old];
+    assert_eq!(c.packets, 10);
+    apply(&sb, &[]);
+    let other = "198.18.0.11:80/tcp";
+    apply(&sb, &[svc(other, Mode::Nat, &["198.18.1.3:8080"])]);
+    let id = svc_id(&sb, other);
+    assert_eq!(id, old, "the freed id is handed out again");
+    let c = lbmaps::service_counters(sb.root(), [id].into_iter()).unwrap()[&id];
+    assert_eq!(
+        (c.packets, c.bytes, c.conns),
+        (0, 0, 0),
+        "the new service's counters"
+    );
+    let be = lbmaps::backend_counters(sb.root(), 0..16).unwrap();
+    assert!(
+        be.values().all(|c| c.packets == 0),
+        "no backend slot keeps the old backend's packets: {be:?}"
+    );
+}

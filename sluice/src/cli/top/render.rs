@@ -399,7 +399,11 @@ fn draw_frame(f: &mut Frame, s: &Snapshot, area: Rect) {
     let lower = table_height(s.occupancy.len()).max(5);
     let services = s.services.as_ref().filter(|l| !l.is_empty());
     // The services' table and the LB line, when there are services.
-    let lb = services.map_or(0, |l| table_height(l.len()) + 1);
+    // At most a third of the screen; what does not fit is summed up in a
+    // last row.
+    let lb = services.map_or(0, |l| {
+        table_height(l.len()).min((area.height / 3).max(5)) + 1
+    });
     let [upper_area, talkers_area, lb_area, lower_area, _] = Layout::vertical([
         Constraint::Length(upper),
         Constraint::Length(talkers),
@@ -411,11 +415,18 @@ fn draw_frame(f: &mut Frame, s: &Snapshot, area: Rect) {
     if let Some(list) = services {
         let [table_area, line_area] =
             Layout::vertical([Constraint::Min(0), Constraint::Length(1)]).areas(lb_area);
+        let fit = usize::from(table_area.height.saturating_sub(3));
+        let mut rows = service_rows(list);
+        if rows.len() > fit && fit > 0 {
+            let more = rows.len() - (fit - 1);
+            rows.truncate(fit - 1);
+            rows.push(vec![format!("... {more} more rows (sluice lb list)")]);
+        }
         f.render_widget(
             tui_table(
                 "Load balancer (towards the backends)",
                 &SERVICE_HEADER,
-                service_rows(list),
+                rows,
                 &[
                     Constraint::Min(22),
                     Constraint::Length(8),
@@ -695,6 +706,21 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want:?} missing from the screen:\n{s}");
         }
+    }
+
+    #[test]
+    fn many_backends_leave_room_for_the_other_panels() {
+        let mut snap = snapshot();
+        let row = snap.services.as_ref().unwrap()[1].clone();
+        snap.services
+            .as_mut()
+            .unwrap()
+            .extend(std::iter::repeat_n(row, 60));
+        let mut t = Terminal::new(TestBackend::new(140, 48)).unwrap();
+        t.draw(|f| draw(f, Some(&snap), "agent", None)).unwrap();
+        let s = screen(&t);
+        assert!(s.contains("more rows (sluice lb list)"), "{s}");
+        assert!(s.contains("Maps") && s.contains("deny ipv4"), "{s}");
     }
 
     #[test]
