@@ -680,18 +680,11 @@ impl Flows {
             .iter()
             .flat_map(|s| s.members.iter())
             .map(|m| {
-                let state = if m.down {
-                    "down"
-                } else if m.draining {
-                    "draining"
-                } else {
-                    "active"
-                };
                 (
                     m.slot,
                     BackendTag {
                         backend: Arc::from(m.backend.to_string()),
-                        state,
+                        state: m.state_name(),
                     },
                 )
             })

@@ -271,16 +271,7 @@ pub fn explain(
                 service: s.id.to_string(),
                 mode: s.mode.name().to_string(),
                 backend: member.map(|m| m.backend.to_string()),
-                backend_state: member.map(|m| {
-                    if m.down {
-                        "down"
-                    } else if m.draining {
-                        "draining"
-                    } else {
-                        "active"
-                    }
-                    .to_string()
-                }),
+                backend_state: member.map(|m| m.state_name().to_string()),
             });
         }
         let lb = out.lb.clone();

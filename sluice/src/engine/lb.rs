@@ -87,6 +87,20 @@ pub struct MemberState {
     pub table_slots: usize,
 }
 
+impl MemberState {
+    /// `down` (health checks), `draining` (no new connections) or `active`.
+    #[must_use]
+    pub const fn state_name(&self) -> &'static str {
+        if self.down {
+            "down"
+        } else if self.draining {
+            "draining"
+        } else {
+            "active"
+        }
+    }
+}
+
 /// A service as the kernel holds it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceState {

@@ -157,14 +157,7 @@ pub fn view(
                 BackendRow {
                     backend: m.backend.to_string(),
                     weight: m.weight,
-                    state: if m.down {
-                        "down"
-                    } else if m.draining {
-                        "draining"
-                    } else {
-                        "active"
-                    }
-                    .into(),
+                    state: m.state_name().into(),
                     health: health.into(),
                     health_error: if m.down {
                         last_error(&(s.id, m.backend))

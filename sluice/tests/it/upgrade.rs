@@ -6,7 +6,10 @@
 use std::net::IpAddr;
 
 use crate::support::{
-    cli::{expect_one_line_error, sluice, sluice_json, sluice_output, status_json_attachment},
+    cli::{
+        expect_one_line_error, explained_class, sluice, sluice_json, sluice_output,
+        status_json_attachment,
+    },
     netns::{Lab, PinRoot, ping},
 };
 
@@ -137,15 +140,7 @@ fn rules_an_older_program_would_misread_wait_for_the_upgrade() {
                 "explain", "--json", "tcp", "src", &a4, "dst", &b4, "dport", "80", "flags", flags,
             ],
         );
-        assert_eq!(
-            format!(
-                "{}/{}",
-                e["verdict"].as_str().unwrap_or("?"),
-                e["reason"].as_str().unwrap_or("?")
-            ),
-            want,
-            "{e}"
-        );
+        assert_eq!(explained_class(&e), want, "{e}");
     }
     assert_eq!(ping(&lab.a, IpAddr::V4(lab.b_v4), 2), 2, "pings pass");
 }

@@ -51,6 +51,15 @@ pub fn sluice(pin: &PinRoot, ns: &Netns, args: &[&str]) -> Output {
     out
 }
 
+/// `VERDICT/REASON` of an `explain --json` answer, as `stats` keys classes.
+pub fn explained_class(e: &Value) -> String {
+    format!(
+        "{}/{}",
+        e["verdict"].as_str().unwrap_or("?"),
+        e["reason"].as_str().unwrap_or("?")
+    )
+}
+
 /// Parses a command's stdout as JSON (`what` names the command in a failure).
 pub fn parse_json(what: &str, out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
